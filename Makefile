@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` runs the main job, `make test` runs the tests.
+# Each creates .venv and installs what it needs (torch pinned through constraints.txt).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: demo test test-all lint bench-overhead clean
+
+$(BIN)/amptrain-core: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[plot]'
+	touch $@
+
+$(BIN)/amptrain-dev: $(BIN)/amptrain-core
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/amptrain-core
+	$(BIN)/amptrain demo
+
+test: $(BIN)/amptrain-dev
+	$(BIN)/python -m pytest -q
+
+test-all: $(BIN)/amptrain-dev
+	$(BIN)/python -m pytest -q -m 'not gpu'
+
+lint: $(BIN)/amptrain-dev
+	$(BIN)/ruff check amptrain tests benchmarks
+	$(BIN)/ruff format --check amptrain tests benchmarks
+
+bench-overhead: $(BIN)/amptrain-core
+	$(BIN)/python benchmarks/loop_overhead.py
+
+clean:
+	rm -rf $(VENV) runs

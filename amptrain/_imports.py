@@ -1,0 +1,53 @@
+"""One registry of optional dependencies and one helper that explains how to install them.
+
+`find_spec` imports nothing, so `import amptrain` stays light: optuna, wandb, lightning,
+transformers, matplotlib and pandas are imported only where they are used.
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+
+def _available(name: str) -> bool:
+    try:
+        return find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+MATPLOTLIB_AVAILABLE = _available("matplotlib")
+OPTUNA_AVAILABLE = _available("optuna")
+WANDB_AVAILABLE = _available("wandb")
+LIGHTNING_AVAILABLE = _available("lightning") or _available("pytorch_lightning")
+TRANSFORMERS_AVAILABLE = _available("transformers")
+PANDAS_AVAILABLE = _available("pandas")
+
+_FLAGS = {
+    "matplotlib": "MATPLOTLIB_AVAILABLE",
+    "optuna": "OPTUNA_AVAILABLE",
+    "wandb": "WANDB_AVAILABLE",
+    "lightning": "LIGHTNING_AVAILABLE",
+    "transformers": "TRANSFORMERS_AVAILABLE",
+    "pandas": "PANDAS_AVAILABLE",
+}
+
+
+def requires(package: str, extra: str, feature: str, instead: str | None = None) -> None:
+    """Raise a helpful `ModuleNotFoundError` when an optional package is missing.
+
+    Args:
+        package: The import name, one of the registry's keys.
+        extra: The amptrain extra that installs it.
+        feature: What the user asked for, in words.
+        instead: An alternative that works without the package, if there is one.
+
+    Raises:
+        ModuleNotFoundError: If the package is not installed.
+    """
+    if globals()[_FLAGS[package]]:
+        return
+    message = f"{package} is required for {feature}; install with: pip install 'amptrain[{extra}]'"
+    if instead:
+        message += f" (or {instead})"
+    raise ModuleNotFoundError(message, name=package)

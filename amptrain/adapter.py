@@ -1,0 +1,121 @@
+"""Call any causal language model and get logits and the next-token loss from whatever it returns.
+
+A model's forward takes token ids `[B, T]` and returns logits `[B, T, V]` in one of four forms,
+checked in this order: a `Tensor`; a tuple or list whose first element is a tensor; a mapping
+with a `"logits"` key; an object with a `.logits` attribute (Hugging Face `ModelOutput`). The
+loss is computed here from the logits, so every model is trained on the same objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amptrain.errors import DataError, ModelError
+
+IGNORE_INDEX = -100
+
+
+def extract_logits(outputs: object) -> torch.Tensor:
+    """Return the logits tensor from a model's output.
+
+    Raises:
+        ModelError: If no tensor of logits can be found; the message names the type seen.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise ModelError(
+        f"cannot find logits in a model output of type {type(outputs).__name__}: return a "
+        "Tensor [B, T, V], a tuple whose first element is the logits, a dict with a 'logits' "
+        "key, or an object with a .logits attribute"
+    )
+
+
+def next_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy and the number of correct predictions.
+
+    Position t predicts label t+1. Labels equal to `ignore_index` count for neither.
+
+    Returns:
+        `(loss_sum, n_correct)`, both scalar tensors; divide by the count of
+        non-ignored labels for means. Summing lets gradient accumulation weight every
+        token equally, whatever the padding of each micro-batch.
+    """
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    flat = logits.reshape(-1, logits.size(-1))
+    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index, reduction="sum")
+    with torch.no_grad():
+        hits = (flat.argmax(-1) == targets.reshape(-1)) & (targets.reshape(-1) != ignore_index)
+    return loss, hits.sum()
+
+
+def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
+    """The number of positions that `next_token_loss` scores."""
+    return int((labels[:, 1:] != ignore_index).sum())
+
+
+@torch.no_grad()
+def probe_vocab(model: nn.Module, context: int, device: torch.device, source: str) -> int:
+    """Run one dry-run forward on token 0 and return the vocabulary size V it predicts.
+
+    Token 0 is valid for every vocabulary, so no out-of-range id can reach an embedding
+    kernel before the data has been checked against V.
+
+    Raises:
+        ModelError: If the forward fails or the output is not floating-point `[1, context, V]`;
+            the message names the model source and the shape seen.
+    """
+    ids = torch.zeros(1, context, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = model(ids)
+    except Exception as exc:  # the user's model: show its error under a short header
+        raise ModelError(
+            f"model {source} failed on a dry-run batch of shape [1, {context}]: "
+            f"{type(exc).__name__}: {exc}. If its context is shorter than {context}, "
+            "lower --context"
+        ) from exc
+    finally:
+        model.train(was_training)
+    try:
+        logits = extract_logits(outputs)
+    except ModelError as exc:
+        raise ModelError(f"model {source}: {exc}") from None
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != (1, context):
+        raise ModelError(
+            f"model {source} returned logits of shape {list(logits.shape)} for input "
+            f"[1, {context}]; expected [B, T, V] = [1, {context}, vocab_size]"
+        )
+    if not logits.is_floating_point():
+        raise ModelError(f"model {source} returned logits of dtype {logits.dtype}; need floats")
+    return int(logits.shape[-1])
+
+
+def check_token_range(ids: torch.Tensor, vocab_size: int, what: str) -> None:
+    """Refuse token ids outside `[0, vocab_size)` before any kernel sees them.
+
+    Raises:
+        DataError: Naming the first bad id, its (row, position) and the vocabulary size.
+    """
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        row, pos = (int(i) for i in bad.nonzero()[0])
+        raise DataError(
+            f"{what} has token id {int(ids[row, pos])} at (row {row}, position {pos}), outside "
+            f"the model's vocabulary [0, {vocab_size}); use a tokenizer that matches the model, "
+            "or a model with a larger vocab_size"
+        )

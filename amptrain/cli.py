@@ -1,0 +1,181 @@
+"""The `amptrain` command: argparse subcommands, one handler each.
+
+Handlers import their workflow lazily, so `amptrain --help` answers fast and needs no extra.
+Settings come from the built-in defaults, then an optional `--config run.json` (for example a
+previous run's `config.json`), then the flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from amptrain.errors import AmptrainError, NonFiniteError
+
+# Flag -> (TrainConfig or FitOptions field, type, help). "fit." marks loop options.
+_TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--model": ("model", str, "tiny-gpt, path/to/file.py:Name, or a local Hugging Face dir"),
+    "--model-kwargs": ("model_kwargs", json.loads, "JSON object of model constructor arguments"),
+    "--data": ("data", str, "builtin (standard-library corpus), a text file, or a folder"),
+    "--tokenizer": ("tokenizer", str, "a local tokenizer.json (default: UTF-8 bytes)"),
+    "--context": ("context", int, "tokens per training block"),
+    "--val-fraction": ("val_fraction", float, "fraction of blocks held out for validation"),
+    "--precision": ("precision", str, "fp32, tf32, fp16, bf16, auto, or bf16-mixed/16-mixed/..."),
+    "--device": ("device", str, "auto, cpu, cuda, cuda:1, ..."),
+    "--out": ("out", str, "folder for run directories"),
+    "--max-steps": ("fit.max_steps", int, "optimizer steps"),
+    "--batch-size": ("fit.batch_size", int, "blocks per micro-batch"),
+    "--grad-accum": ("fit.grad_accum", int, "micro-batches per optimizer step"),
+    "--lr": ("fit.lr", float, "peak learning rate"),
+    "--warmup": ("fit.warmup", float, "fraction of steps in linear warm-up"),
+    "--weight-decay": ("fit.weight_decay", float, "AdamW weight decay on matrices"),
+    "--clip-norm": ("fit.clip_norm", float, "gradient-norm clip; 0 disables clipping"),
+    "--eval-every": ("fit.eval_every", int, "evaluate every N optimizer steps"),
+    "--eval-batches": ("fit.eval_batches", int, "validation batches per evaluation"),
+    "--log-every": ("fit.log_every", int, "write step metrics every N steps"),
+    "--seed": ("fit.seed", int, "seed of initial weights, data split and batch order"),
+    "--max-nonfinite": ("fit.max_nonfinite", int, "stop after N consecutive non-finite steps"),
+}
+# tiny-gpt size flags, mapped into model_kwargs.
+_GPT_FLAGS = {
+    "--layers": "n_layer", "--width": "n_embd", "--heads": "n_head", "--dropout": "dropout",
+}  # fmt: skip
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, (_, kind, help_text) in _TRAIN_FLAGS.items():
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+    for flag, field in _GPT_FLAGS.items():
+        kind = float if field == "dropout" else int
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"tiny-gpt {field}")
+    parser.add_argument("--config", type=Path, help="a JSON config (e.g. a run's config.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Defaults, then `--config`, then explicit flags: a validated `TrainConfig`."""
+    from amptrain.config import TrainConfig
+
+    values: dict[str, Any] = {"fit": {}}
+    if args.config is not None:
+        loaded = json.loads(args.config.read_text(encoding="utf-8"))
+        loaded.pop("environment", None)
+        values = {**loaded, "fit": dict(loaded.get("fit", {}))}
+    given = vars(args)
+    for flag, (field, _, _) in _TRAIN_FLAGS.items():
+        name = flag[2:].replace("-", "_")
+        if name in given:
+            value = given[name]
+            if field == "fit.clip_norm" and value == 0:
+                value = None
+            if field.startswith("fit."):
+                values["fit"][field[4:]] = value
+            else:
+                values[field] = value
+    sizes = {f: given[flag[2:]] for flag, f in _GPT_FLAGS.items() if flag[2:] in given}
+    if sizes:
+        if values.get("model", "tiny-gpt") != "tiny-gpt":
+            raise AmptrainError(
+                f"--layers/--width/--heads/--dropout size the built-in tiny-gpt only; for "
+                f"{values['model']} pass --model-kwargs"
+            )
+        values["model_kwargs"] = {**values.get("model_kwargs", {}), **sizes}
+    return TrainConfig.from_dict(values)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from amptrain.train import run_training
+
+    cfg = config_from_args(args)
+    run = run_training(cfg, sinks=_progress(args, cfg.fit.max_steps, "train"))
+    _print_summary(run)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from amptrain.demo import run_demo
+
+    run_demo(out=args.out, max_steps=args.max_steps, progress=not args.no_progress)
+    return 0
+
+
+def _progress(args: argparse.Namespace, total: int, what: str) -> list:
+    if args.no_progress:
+        return []
+    from amptrain.metrics.console import ProgressSink
+
+    return [ProgressSink(total, what)]
+
+
+def _print_summary(run: Any) -> None:
+    from amptrain.metrics.console import summary_table
+
+    r = run.result
+    rows = {
+        "precision": f"{r.precision} ({r.reason})",
+        "steps (skipped)": f"{r.steps} ({r.skipped_steps})",
+        "val loss: first -> final": f"{r.initial_val_loss:.4f} -> {r.final_val_loss:.4f}",
+        "val accuracy": r.final_val_accuracy,
+        "best val loss (step)": f"{r.best_val_loss:.4f} ({r.best_step})",
+        "tokens/s": f"{r.tokens_per_s:,.0f}",
+        f"peak memory MB ({r.mem_source})": r.peak_mem_mb,
+    }
+    console = _console(stdout=True)
+    console.print(summary_table("amptrain train", rows))
+    console.print(f"run directory: {run.run_dir}", soft_wrap=True, highlight=False)
+
+
+def _console(stdout: bool = False) -> Any:
+    from amptrain.metrics.console import Console, stderr_console
+
+    return Console() if stdout else stderr_console()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `amptrain`."""
+    parser = argparse.ArgumentParser(
+        prog="amptrain", description="Train your own transformer with mixed precision."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="fine-tune a model with fp32/tf32/fp16/bf16")
+    _add_train_flags(train)
+    train.set_defaults(func=_run_train)
+    demo = sub.add_parser("demo", help="train the built-in model on the built-in corpus")
+    demo.add_argument("--out", default="runs", help="folder for run directories")
+    demo.add_argument("--max-steps", type=int, default=None, help="override the demo's steps")
+    demo.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    demo.set_defaults(func=_run_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, 1 for a run that had to stop)."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except NonFiniteError as exc:
+        print(f"amptrain: training stopped: {exc}", file=sys.stderr)
+        return 1
+    except (AmptrainError, ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as exc:
+        print(f"amptrain: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("amptrain")
+    logger.handlers[:] = [RichHandler(console=_console(), show_path=False, show_time=False)]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Run settings as dataclasses with a docstring under each field, validated on construction.
+
+`FitOptions` holds what the training loop needs and is what `amptrain.fit(**options)` checks;
+`TrainConfig` adds what the `train` command builds (model, data, output) and is what
+`config.json` stores, so a run can be repeated with `amptrain train --config config.json`.
+Every bad value is refused here, naming the field and the limit, before a model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from amptrain.errors import ConfigError
+
+
+def _check(ok: bool, field: str, value: object, limit: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is invalid: it must be {limit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """Settings of the training loop."""
+
+    max_steps: int = 200
+    """Optimizer steps to run (each is `grad_accum` micro-batches)."""
+    batch_size: int = 16
+    """Blocks per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr * min_lr_ratio."""
+    warmup: float = 0.05
+    """Fraction of max_steps spent in linear warm-up."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to biases or norms)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    clip_norm: float | None = 1.0
+    """Clip the unscaled gradient norm to this; None disables clipping."""
+    eval_every: int = 50
+    """Evaluate every this many optimizer steps, and always at the end."""
+    eval_batches: int = 8
+    """Validation batches per evaluation."""
+    log_every: int = 1
+    """Write step metrics every this many optimizer steps."""
+    seed: int = 0
+    """Seed of the batch order (and, in the CLI, of model initialisation)."""
+    max_nonfinite: int = 25
+    """Stop after this many consecutive non-finite steps (each one is skipped and counted)."""
+    ignore_index: int = -100
+    """Label value that the loss and accuracy ignore."""
+
+    def __post_init__(self) -> None:
+        for field in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
+                      "log_every", "max_nonfinite"):  # fmt: skip
+            value = getattr(self, field)
+            least = 0 if field == "max_steps" else 1
+            _check(_is_int(value) and value >= least, field, value, f"an integer >= {least}")
+        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
+        _check(_finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
+               self.min_lr_ratio, "in [0, 1]")  # fmt: skip
+        _check(_finite(self.warmup) and 0 <= self.warmup < 1, "warmup", self.warmup,
+               "a fraction in [0, 1)")  # fmt: skip
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+               self.weight_decay, "a finite number >= 0")  # fmt: skip
+        betas = tuple(self.betas)
+        _check(len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas), "betas",
+               self.betas, "two numbers in [0, 1)")  # fmt: skip
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+        clip = self.clip_norm
+        _check(clip is None or (_finite(clip) and clip > 0), "clip_norm", clip,
+               "a finite number > 0, or None for no clipping")  # fmt: skip
+
+    @property
+    def warmup_steps(self) -> int:
+        """Warm-up length in optimizer steps."""
+        return int(round(self.warmup * self.max_steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything `amptrain train` needs to build and run a training job."""
+
+    model: str = "tiny-gpt"
+    """`tiny-gpt`, `path/to/file.py:Name`, or a local Hugging Face model directory."""
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    """Keyword arguments for the model; for tiny-gpt: n_layer, n_embd, n_head, dropout."""
+    data: str = "builtin"
+    """`builtin` (the standard-library corpus), a text file, or a folder of text files."""
+    tokenizer: str | None = None
+    """A local `tokenizer.json`; None for UTF-8 byte tokens."""
+    context: int = 128
+    """Tokens per training block."""
+    val_fraction: float = 0.1
+    """Fraction of blocks held out for validation."""
+    precision: str = "auto"
+    """fp32, tf32, fp16, bf16, auto, or a Lightning alias such as bf16-mixed."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`..."""
+    out: str = "runs"
+    """Folder in which the run directory is created."""
+    fit: FitOptions = dataclasses.field(default_factory=FitOptions)
+    """Settings of the training loop."""
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.context) and self.context >= 2, "context", self.context,
+               "an integer >= 2")  # fmt: skip
+        _check(_finite(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction",
+               self.val_fraction, "in (0, 1)")  # fmt: skip
+        if not isinstance(self.model_kwargs, dict):
+            raise ConfigError(f"model_kwargs must be a JSON object, got {self.model_kwargs!r}")
+        if isinstance(self.fit, dict):
+            object.__setattr__(self, "fit", FitOptions(**self.fit))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Rebuild from `to_dict()` output; unknown keys are refused by name."""
+        return cls(**_known(cls, values, "config"))
+
+
+def _known(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where} has unknown keys {unknown}; known keys: {sorted(names)}")
+    if "fit" in values and isinstance(values["fit"], dict):
+        values = {**values, "fit": FitOptions(**_known(FitOptions, values["fit"], "fit"))}
+    return values
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,392 @@
+"""The training loop: `fit()` runs optimizer steps over seeded batches; `evaluate()` scores blocks.
+
+One optimizer step is `train_step()`, a linear function to read top to bottom: forward under
+autocast, backward through the precision's scaler, unscale, measure and clip the gradient norm,
+step (or skip a non-finite step), update the loss scale, zero the gradients. The scheduler steps
+only after a real optimizer step. Rank-specific work is confined to the batch source and the
+sinks, so `torchrun` support adds a sampler and rank checks rather than a second loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from amptrain import data as data_mod
+from amptrain.adapter import (
+    check_token_range,
+    count_targets,
+    extract_logits,
+    next_token_loss,
+    probe_vocab,
+)
+from amptrain.callbacks import Callback, emit
+from amptrain.config import FitOptions
+from amptrain.errors import NonFiniteError
+from amptrain.metrics.meters import Throughput, peak_memory_mb
+from amptrain.metrics.sinks import Sink
+from amptrain.metrics.tracker import Tracker
+from amptrain.optim import make_optimizer, make_scheduler
+from amptrain.precision import Precision, resolve
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+log = logging.getLogger("amptrain")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Counters of a run; everything a resume needs besides the tensors."""
+
+    step: int = 0
+    """Optimizer steps taken, skipped ones included."""
+    batches: int = 0
+    """Micro-batches consumed: the position in the seeded batch order."""
+    tokens: int = 0
+    """Target tokens trained on."""
+    skipped_steps: int = 0
+    """Steps skipped because the gradient norm was inf or NaN."""
+    consecutive_nonfinite: int = 0
+    """Non-finite steps in a row; training stops at FitOptions.max_nonfinite."""
+    last_finite_loss: float = math.nan
+    """Training loss of the most recent finite step."""
+    last_finite_step: int = -1
+    """Step number of that loss."""
+    should_stop: bool = False
+    """A callback sets this to end training after the current step."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What one optimizer step reports."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    stepped: bool
+    tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """The record of a finished run."""
+
+    precision: str
+    reason: str
+    device: str
+    steps: int
+    skipped_steps: int
+    tokens: int
+    train_time_s: float
+    tokens_per_s: float
+    final_train_loss: float
+    initial_val_loss: float | None
+    final_val_loss: float | None
+    final_val_accuracy: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    loss_scale: float
+    peak_mem_mb: float
+    mem_source: str
+    history: tuple[dict[str, Any], ...] = dataclasses.field(repr=False, default=())
+
+    def to_dict(self, history: bool = False) -> dict[str, Any]:
+        """Plain values; the per-step history only when asked for."""
+        out = dataclasses.asdict(self)
+        if not history:
+            out.pop("history")
+        return out
+
+
+def train_step(
+    model: nn.Module,
+    window: Sequence[Batch],
+    precision: Precision,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    opts: FitOptions,
+) -> StepOutput:
+    """One optimizer step over the micro-batches of `window` (gradient accumulation)."""
+    n_targets = sum(count_targets(y, opts.ignore_index) for _, y in window)
+    lr = optimizer.param_groups[0]["lr"]
+    total = torch.zeros((), device=window[0][0].device)
+    for x, y in window:
+        with precision.autocast():
+            logits = extract_logits(model(x))
+            loss_sum, _ = next_token_loss(logits, y, opts.ignore_index)
+        # Normalise by the whole window's token count: every token weighs the same, so
+        # accumulating A batches of B equals one batch of A*B.
+        precision.backward(loss_sum / n_targets)
+        total += loss_sum.detach()
+    precision.unscale_(optimizer)  # clipping must see the true (unscaled) gradients
+    norm = _grad_norm(model, opts.clip_norm)
+    # One host sync per optimizer step: the non-finite policy must decide before stepping
+    # (GradScaler.step makes the same sync to read its found-inf flag).
+    grad_norm = norm.item()
+    stepped = math.isfinite(grad_norm)
+    if stepped:
+        precision.step(optimizer)
+        scheduler.step()  # never after a skipped step, so the schedule counts real updates
+    precision.update()  # backs the loss scale off when unscale_ found inf/NaN
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutput((total / n_targets).item(), grad_norm, lr, stepped, n_targets)
+
+
+def _grad_norm(model: nn.Module, clip_norm: float | None) -> torch.Tensor:
+    """The total gradient norm before clipping; clips in place when `clip_norm` is set."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    blocks: data_mod.Blocks,
+    precision: Precision,
+    batch_size: int,
+    max_batches: int | None = None,
+    ignore_index: int = -100,
+) -> dict[str, float]:
+    """Token-weighted loss, perplexity and accuracy on `blocks`, in fixed order, under autocast."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, hits, count = 0.0, 0, 0
+    n = len(blocks) if max_batches is None else min(len(blocks), max_batches * batch_size)
+    for start in range(0, n, batch_size):
+        x = blocks.inputs[start : start + batch_size].to(device, non_blocking=True)
+        y = blocks.labels[start : start + batch_size].to(device, non_blocking=True)
+        with precision.autocast():
+            loss, correct = next_token_loss(extract_logits(model(x)), y, ignore_index)
+        loss_sum += loss.item()
+        hits += int(correct)
+        count += count_targets(y, ignore_index)
+    model.train(was_training)
+    mean = loss_sum / max(count, 1)
+    return {
+        "val/loss": mean,
+        "val/perplexity": math.exp(mean) if mean < 700 else math.inf,
+        "val/accuracy": hits / max(count, 1),
+    }
+
+
+def fit(
+    model: nn.Module,
+    train: object,
+    val: object | None = None,
+    *,
+    precision: str | Precision = "auto",
+    sinks: Iterable[Sink] = (),
+    callbacks: Iterable[Callback] = (),
+    source: str = "model",
+    **options: Any,
+) -> FitResult:
+    """Train `model` in place on `train` with the given precision; evaluate on `val`.
+
+    The model trains on the device its parameters are on. Before any training kernel runs,
+    the options are validated, the model is probed with one dry-run forward to learn its
+    vocabulary size, and every token id of the data is checked against it.
+
+    Args:
+        model: Any module mapping token ids `[B, T]` to logits `[B, T, V]` (see `adapter`).
+        train: `Blocks`, a 2-D integer tensor, a list of token lists, or a dict with `input_ids`.
+        val: The same kinds; None skips evaluation.
+        precision: `fp32`, `tf32`, `fp16`, `bf16`, `auto`, a Lightning alias, or a `Precision`.
+        sinks: Where metrics go, besides the returned history.
+        callbacks: `Callback` objects.
+        source: How to name the model in error messages (e.g. its file and symbol).
+        **options: `FitOptions` fields: `max_steps`, `batch_size`, `lr`, `grad_accum`...
+
+    Returns:
+        A `FitResult` with the final and best figures and the metric history.
+
+    Raises:
+        ConfigError, DataError, ModelError, PrecisionError: For bad input, before training.
+        NonFiniteError: After `max_nonfinite` consecutive non-finite steps.
+    """
+    opts = FitOptions(**options)
+    device = next(model.parameters()).device
+    prec = resolve(precision, device)
+    train_b, val_b = _checked_data(model, train, val, device, source, opts.ignore_index)
+    optimizer = make_optimizer(model, opts)
+    scheduler = make_scheduler(optimizer, opts)
+    tracker, state = Tracker(), TrainState()
+    sinks, callbacks = [tracker, *sinks], list(callbacks)
+    torch.manual_seed(opts.seed)  # dropout and other in-model randomness repeat for a seed
+    model.train()
+    with prec.activate():
+        emit(callbacks, "on_fit_start", state)
+        try:
+            train_time = _run(model, train_b, val_b, prec, optimizer, scheduler, opts,
+                              state, sinks, callbacks)  # fmt: skip
+        finally:
+            emit(callbacks, "on_fit_end", state)
+            for sink in sinks:
+                sink.close()
+    return _result(prec, state, tracker, train_time)
+
+
+def _checked_data(
+    model: nn.Module,
+    train: object,
+    val: object | None,
+    device: torch.device,
+    source: str,
+    ignore_index: int,
+) -> tuple[data_mod.Blocks, data_mod.Blocks | None]:
+    train_b = data_mod.as_blocks(train, name="training data")
+    val_b = None if val is None else data_mod.as_blocks(val, name="validation data")
+    vocab = probe_vocab(model, train_b.context, device, source)
+    for blocks in (train_b, val_b):
+        if blocks is not None:
+            check_token_range(blocks.inputs, vocab, blocks.name)
+            labels = blocks.labels.masked_fill(blocks.labels == ignore_index, 0)
+            check_token_range(labels, vocab, f"{blocks.name} labels")
+    return train_b, val_b
+
+
+def _run(
+    model: nn.Module,
+    train_b: data_mod.Blocks,
+    val_b: data_mod.Blocks | None,
+    prec: Precision,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    opts: FitOptions,
+    state: TrainState,
+    sinks: Sequence[Sink],
+    callbacks: Sequence[Callback],
+) -> float:
+    """Steps until `max_steps` or a stop request; returns the seconds spent training."""
+    device = next(model.parameters()).device
+    batches = data_mod.batches(train_b, opts.batch_size, opts.seed, start=state.batches)
+    if val_b is not None and state.step == 0:
+        _eval_and_log(model, val_b, prec, opts, state, sinks, callbacks)
+    clock = _now(device)
+    meter, train_time = Throughput(clock), 0.0
+    while state.step < opts.max_steps and not state.should_stop:
+        window = [_to_device(next(batches), device) for _ in range(opts.grad_accum)]
+        out = train_step(model, window, prec, optimizer, scheduler, opts)
+        state.step, state.batches = state.step + 1, state.batches + opts.grad_accum
+        state.tokens += out.tokens
+        meter.update(out.tokens)
+        _count_nonfinite(out, prec, state)
+        metrics = _step_metrics(out, prec, state)
+        last = state.step == opts.max_steps
+        if state.step % opts.log_every == 0 or last or not out.stepped:
+            metrics.update(meter.compute(_now(device)))
+            metrics.update(_memory(device))
+            _log(sinks, metrics, state.step)
+        if state.consecutive_nonfinite >= opts.max_nonfinite:
+            raise _nonfinite_error(prec, state)
+        emit(callbacks, "on_step_end", state, metrics)
+        if val_b is not None and (state.step % opts.eval_every == 0 or last or state.should_stop):
+            train_time += _now(device) - clock
+            _eval_and_log(model, val_b, prec, opts, state, sinks, callbacks)
+            clock = _now(device)
+            meter = Throughput(clock)
+    return train_time + _now(device) - clock
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # otherwise the clock measures only kernel queuing
+    return time.perf_counter()
+
+
+def _memory(device: torch.device) -> dict[str, Any]:
+    peak, source = peak_memory_mb(device)
+    return {"mem/peak_mb": peak, "mem/source": source}
+
+
+def _step_metrics(out: StepOutput, prec: Precision, state: TrainState) -> dict[str, Any]:
+    return {
+        "train/loss": out.loss,
+        "train/lr": out.lr,
+        "train/grad_norm": out.grad_norm,
+        "amp/loss_scale": prec.loss_scale,
+        "amp/skipped_steps": state.skipped_steps,
+    }
+
+
+def _log(sinks: Sequence[Sink], metrics: Mapping[str, Any], step: int) -> None:
+    for sink in sinks:
+        sink.log(metrics, step)
+
+
+def _count_nonfinite(out: StepOutput, prec: Precision, state: TrainState) -> None:
+    """Track finite and skipped steps for the non-finite policy."""
+    if out.stepped and math.isfinite(out.loss):
+        state.consecutive_nonfinite = 0
+        state.last_finite_loss, state.last_finite_step = out.loss, state.step
+        return
+    state.skipped_steps += not out.stepped
+    state.consecutive_nonfinite += 1
+    log.info(
+        "step %d: non-finite gradient norm (%s); optimizer step skipped, loss scale now %g",
+        state.step, out.grad_norm, prec.loss_scale,
+    )  # fmt: skip
+
+
+def _nonfinite_error(prec: Precision, state: TrainState) -> NonFiniteError:
+    first = state.step - state.consecutive_nonfinite + 1
+    return NonFiniteError(
+        f"{state.consecutive_nonfinite} consecutive non-finite steps (steps {first}-"
+        f"{state.step}); loss scale fell to {prec.loss_scale:g}; last finite loss "
+        f"{state.last_finite_loss:.4f} at step {state.last_finite_step}. Try a lower --lr, "
+        "--precision bf16, or `amptrain doctor` to find the overflowing layer"
+    )
+
+
+def _eval_and_log(
+    model: nn.Module,
+    val_b: data_mod.Blocks,
+    prec: Precision,
+    opts: FitOptions,
+    state: TrainState,
+    sinks: Sequence[Sink],
+    callbacks: Sequence[Callback],
+) -> None:
+    metrics = evaluate(model, val_b, prec, opts.batch_size, opts.eval_batches, opts.ignore_index)
+    _log(sinks, metrics, state.step)
+    emit(callbacks, "on_eval_end", state, metrics)
+
+
+def _result(prec: Precision, state: TrainState, tracker: Tracker, train_time: float) -> FitResult:
+    steps = [r for r in tracker.records if "train/loss" in r]
+    evals = tracker.evaluations()
+    best = tracker.best("val/loss")
+    peak, source = peak_memory_mb(prec.device)
+    return FitResult(
+        precision=prec.name,
+        reason=prec.reason,
+        device=str(prec.device),
+        steps=state.step,
+        skipped_steps=state.skipped_steps,
+        tokens=state.tokens,
+        train_time_s=train_time,
+        tokens_per_s=state.tokens / train_time if train_time > 0 else 0.0,
+        final_train_loss=steps[-1]["train/loss"] if steps else math.nan,
+        initial_val_loss=evals[0]["val/loss"] if evals else None,
+        final_val_loss=evals[-1]["val/loss"] if evals else None,
+        final_val_accuracy=evals[-1]["val/accuracy"] if evals else None,
+        best_val_loss=best["val/loss"] if best else None,
+        best_step=best["step"] if best else None,
+        loss_scale=prec.loss_scale,
+        peak_mem_mb=peak,
+        mem_source=source,
+        history=tuple(tracker.records),
+    )

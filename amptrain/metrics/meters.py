@@ -1,0 +1,63 @@
+"""Pure meters: averages, throughput and peak memory. No I/O, so they test with fake clocks."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+class AverageMeter:
+    """A running weighted mean."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0.0
+
+    def update(self, value: float, n: float = 1.0) -> None:
+        """Add `value` with weight `n`."""
+        self.total += value * n
+        self.count += n
+
+    @property
+    def mean(self) -> float:
+        """The weighted mean so far (nan before any update)."""
+        return self.total / self.count if self.count else float("nan")
+
+
+class Throughput:
+    """Tokens per second and seconds per step over the window since the last `compute()`.
+
+    The caller passes the times; on CUDA it must synchronise before reading the clock, or
+    the time measures only how fast kernels were queued.
+    """
+
+    def __init__(self, start: float) -> None:
+        self._t0 = start
+        self._tokens = 0
+        self._steps = 0
+
+    def update(self, tokens: int, steps: int = 1) -> None:
+        """Count work done since the window opened."""
+        self._tokens += tokens
+        self._steps += steps
+
+    def compute(self, now: float) -> dict[str, float]:
+        """Close the window at `now`, return its rates and open a new one."""
+        elapsed = max(now - self._t0, 1e-12)
+        out = {
+            "perf/tokens_per_s": self._tokens / elapsed,
+            "perf/step_time_s": elapsed / max(self._steps, 1),
+        }
+        self._t0, self._tokens, self._steps = now, 0, 0
+        return out
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory so far and its source: the CUDA allocator, or the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda-allocator"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / (2**20 if sys.platform == "darwin" else 2**10), "process-rss"

@@ -1,0 +1,73 @@
+"""Run directories and atomic writes.
+
+Every file amptrain writes whole goes to a temporary file in the same directory, is flushed and
+fsynced, then renamed over the target, so a crash leaves the old file or the new one, never half
+of one. Streams (metrics.jsonl, metrics.csv) are appended and flushed line by line instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def create_run_dir(root: str | Path, command: str) -> Path:
+    """Create `root/<command>-<YYYYmmdd-HHMMSS>` (with a numeric suffix if it exists)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", command):
+        raise ValueError(f"run command name {command!r} must be lowercase letters, digits, - or _")
+    root = Path(root)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        path = root / (f"{command}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            path.mkdir(mode=0o755)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a new run directory under {root}")
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
+    """Write `payload` to `path` atomically (temporary file in the same directory, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON, atomically; non-finite floats become null."""
+    text = json.dumps(_finite_or_none(obj), indent=2, sort_keys=False) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """`torch.save` atomically; keep to tensors and plain containers so `weights_only` loads it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj

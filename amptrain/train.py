@@ -1,0 +1,135 @@
+"""The `train` workflow: build model and data from a `TrainConfig`, run `fit`, write the run.
+
+The run directory holds `config.json` (enough to rerun with `amptrain train --config`),
+`metrics.jsonl`, `metrics.csv`, `summary.json`, `model.pt` (a state dict that loads with
+`torch.load(..., weights_only=True)`) and, with the `plot` extra, `loss.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from amptrain import data
+from amptrain._imports import MATPLOTLIB_AVAILABLE
+from amptrain.config import TrainConfig
+from amptrain.errors import ConfigError
+from amptrain.loop import FitResult, fit
+from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
+from amptrain.models import ModelSpec, build_model
+from amptrain.precision import Precision, resolve
+from amptrain.runs import atomic_torch_save, atomic_write_json, create_run_dir
+
+log = logging.getLogger("amptrain")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    """A finished `train` run: its result and where its files are."""
+
+    result: FitResult
+    run_dir: Path
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else CPU; other names must exist on this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device={name!r} is not a device ({exc}); try cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use --device cpu")
+    return device
+
+
+def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Precision]:
+    """Resolve the precision, load and split the data, and build the model on its device.
+
+    Everything that can be refused is checked here, before any training kernel runs.
+    """
+    device = pick_device(cfg.device)
+    precision = resolve(cfg.precision, device)
+    tokenizer = _tokenizer(cfg)
+    blocks = data.load(cfg.data, cfg.context, tokenizer)
+    train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.model == "tiny-gpt":
+        kwargs.setdefault("block_size", cfg.context)
+    torch.manual_seed(cfg.fit.seed)  # the same seed gives the same initial weights
+    model = build_model(ModelSpec(cfg.model, kwargs), tokenizer.vocab_size).to(device)
+    return model, train, val, precision
+
+
+def _tokenizer(cfg: TrainConfig) -> data.ByteTokenizer | data.JsonTokenizer:
+    if cfg.tokenizer:
+        return data.JsonTokenizer(cfg.tokenizer)
+    hf_tokenizer = Path(cfg.model) / "tokenizer.json"
+    if cfg.model != "tiny-gpt" and hf_tokenizer.is_file():
+        log.info("using the model directory's tokenizer %s", hf_tokenizer)
+        return data.JsonTokenizer(hf_tokenizer)
+    return data.ByteTokenizer()
+
+
+def run_training(
+    cfg: TrainConfig, *, sinks: list[Sink] | None = None, command: str = "train"
+) -> TrainRun:
+    """Run the whole `train` job and write its run directory.
+
+    Args:
+        cfg: The validated configuration.
+        sinks: Extra sinks (the console progress bar, W&B...), closed when training ends.
+        command: Prefix of the run directory's name.
+    """
+    model, train, val, precision = prepare(cfg)
+    run_dir = create_run_dir(cfg.out, command)
+    atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "environment": environment()})
+    log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
+    files: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl"), CsvSink(run_dir / "metrics.csv")]
+    result = fit(
+        model, train, val, precision=precision, sinks=[*files, *(sinks or [])],
+        source=cfg.model, **dataclasses.asdict(cfg.fit),
+    )  # fmt: skip
+    atomic_torch_save(model.state_dict(), run_dir / "model.pt")
+    atomic_write_json(run_dir / "summary.json", summary(result, cfg, model))
+    if MATPLOTLIB_AVAILABLE:
+        from amptrain.plotting import plot_training
+
+        plot_training(result.history, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
+    else:
+        log.info("loss.png skipped: install amptrain[plot] for plots")
+    return TrainRun(result, run_dir)
+
+
+def summary(result: FitResult, cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
+    """The figures of `summary.json`."""
+    return {
+        "model": cfg.model,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "data": cfg.data,
+        **result.to_dict(),
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, so a result can be traced to where it was measured."""
+    from amptrain.precision import cpu_bf16_features
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_bf16_features": list(cpu_bf16_features()),
+        "cuda": torch.version.cuda,
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
