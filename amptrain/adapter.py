@@ -43,23 +43,25 @@ def extract_logits(outputs: object) -> torch.Tensor:
 
 def next_token_loss(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy and the number of correct predictions.
+) -> torch.Tensor:
+    """Summed next-token cross-entropy: position t predicts label t+1; `ignore_index` is skipped.
 
-    Position t predicts label t+1. Labels equal to `ignore_index` count for neither.
-
-    Returns:
-        `(loss_sum, n_correct)`, both scalar tensors; divide by the count of
-        non-ignored labels for means. Summing lets gradient accumulation weight every
-        token equally, whatever the padding of each micro-batch.
+    Divide by `count_targets` for the mean. Summing lets gradient accumulation weight every
+    token equally, whatever the padding of each micro-batch.
     """
-    logits = logits[:, :-1].float()
+    flat = logits[:, :-1].float().reshape(-1, logits.size(-1))
+    targets = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(flat, targets, ignore_index=ignore_index, reduction="sum")
+
+
+@torch.no_grad()
+def next_token_hits(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """How many next-token predictions (argmax) equal their non-ignored label."""
+    predicted = logits[:, :-1].argmax(-1)
     targets = labels[:, 1:]
-    flat = logits.reshape(-1, logits.size(-1))
-    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index, reduction="sum")
-    with torch.no_grad():
-        hits = (flat.argmax(-1) == targets.reshape(-1)) & (targets.reshape(-1) != ignore_index)
-    return loss, hits.sum()
+    return ((predicted == targets) & (targets != ignore_index)).sum()
 
 
 def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:

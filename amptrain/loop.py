@@ -24,6 +24,7 @@ from amptrain.adapter import (
     check_token_range,
     count_targets,
     extract_logits,
+    next_token_hits,
     next_token_loss,
     probe_vocab,
 )
@@ -120,7 +121,7 @@ def train_step(
     for x, y in window:
         with precision.autocast():
             logits = extract_logits(model(x))
-            loss_sum, _ = next_token_loss(logits, y, opts.ignore_index)
+            loss_sum = next_token_loss(logits, y, opts.ignore_index)
         # Normalise by the whole window's token count: every token weighs the same, so
         # accumulating A batches of B equals one batch of A*B.
         precision.backward(loss_sum / n_targets)
@@ -166,9 +167,9 @@ def evaluate(
         x = blocks.inputs[start : start + batch_size].to(device, non_blocking=True)
         y = blocks.labels[start : start + batch_size].to(device, non_blocking=True)
         with precision.autocast():
-            loss, correct = next_token_loss(extract_logits(model(x)), y, ignore_index)
-        loss_sum += loss.item()
-        hits += int(correct)
+            logits = extract_logits(model(x))
+            loss_sum += next_token_loss(logits, y, ignore_index).item()
+        hits += int(next_token_hits(logits, y, ignore_index))
         count += count_targets(y, ignore_index)
     model.train(was_training)
     mean = loss_sum / max(count, 1)

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from amptrain.adapter import check_token_range, extract_logits, next_token_loss, probe_vocab
+from amptrain.adapter import (
+    check_token_range,
+    extract_logits,
+    next_token_hits,
+    next_token_loss,
+    probe_vocab,
+)
 from amptrain.errors import DataError, ModelError
 
 LOGITS = torch.randn(2, 5, 7)
@@ -53,8 +59,8 @@ def test_next_token_loss_shifts_and_ignores_padding():
     logits = torch.zeros(1, 4, 3)
     logits[0, 0, 1] = logits[0, 1, 2] = 10.0  # predicts 1 after pos 0, 2 after pos 1
     labels = torch.tensor([[0, 1, 2, -100]])
-    loss, hits = next_token_loss(logits, labels)
-    assert int(hits) == 2
+    loss = next_token_loss(logits, labels)
+    assert int(next_token_hits(logits, labels)) == 2
     assert loss.item() < 1e-3  # the padded last target contributes nothing
 
 

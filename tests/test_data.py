@@ -95,3 +95,22 @@ def test_batch_larger_than_data_is_refused():
     blocks = data.as_blocks(torch.zeros(4, 8, dtype=torch.long))
     with pytest.raises(DataError, match=r"batch_size=8 is larger than the 4 training blocks"):
         next(data.batches(blocks, 8, seed=0))
+
+
+def test_tokenizer_json_encodes_the_text(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    words = ["<unk>", "the", "quick", "brown", "fox"]
+    tok = tokenizers.Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    )
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("the quick brown fox jumps " * 8)
+    tokenizer = data.JsonTokenizer(tmp_path / "tokenizer.json")
+    blocks = data.load(tmp_path / "text", 4, tokenizer)
+    assert tokenizer.vocab_size == 5
+    assert blocks.inputs[0].tolist() == [1, 2, 3, 4]
+    assert blocks.inputs[1].tolist() == [0, 1, 2, 3]  # "jumps" is unknown

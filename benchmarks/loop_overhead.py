@@ -1,0 +1,145 @@
+"""How much does `amptrain.fit` cost over a bare, hand-written PyTorch loop?
+
+Both runners train the same model (fresh, same seed), on the same batches, in the same
+precision, with the same AdamW groups, clipping and learning rate; the bare loop has no
+scheduler, metrics, sinks or non-finite policy. Runs are interleaved (bare/fit, then
+fit/bare the next round) so machine drift hits both alike. Warm-up steps are excluded; the
+figure is tokens/s at the median step time of the timed steps, stamped at the end of every
+step (for `fit`, from a callback, so its per-step bookkeeping is inside the measurement).
+The ratio is fit over bare: the median of the per-round paired ratios, and the ratio of the
+medians.
+
+    python benchmarks/loop_overhead.py [--rounds 9] [--steps 25] [--warmup 5] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import amptrain
+from amptrain import data
+from amptrain.config import FitOptions
+from amptrain.models import GPTConfig, TinyGPT
+from amptrain.optim import make_optimizer
+from amptrain.precision import cpu_bf16_features, resolve
+
+
+class Stamp(amptrain.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step_end(self, state, metrics) -> None:
+        self.times.append(time.perf_counter())
+
+
+def bare_loop(model, blocks, precision, opts, steps):
+    """The loop a person writes by hand: autocast forward, loss, backward, clip, step."""
+    prec = resolve(precision, "cpu")
+    optimizer = make_optimizer(model, opts)
+    batches = data.batches(blocks, opts.batch_size, opts.seed)
+    stamps = []
+    for _ in range(steps):
+        x, _ = next(batches)
+        with prec.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)).float(), x[:, 1:].reshape(-1)
+            )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_norm, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    return stamps
+
+
+def fit_loop(model, blocks, precision, opts, steps):
+    stamp = Stamp()
+    amptrain.fit(
+        model, blocks, precision=precision, callbacks=[stamp], max_steps=steps,
+        batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed, warmup=0.0, min_lr_ratio=1.0,
+    )  # fmt: skip
+    return stamp.times
+
+
+def tokens_per_s(stamps, warmup, tokens_per_step):
+    """Tokens over the median step time: robust to a brief stall of a shared machine."""
+    timed = stamps[warmup:]
+    step_times = [b - a for a, b in zip(timed, timed[1:])]
+    return tokens_per_step / statistics.median(step_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    cfg = GPTConfig()  # the built-in default: 4 layers x 256, context 128
+    blocks = data.load("builtin", cfg.block_size)
+    opts = FitOptions(batch_size=16, lr=1e-3)
+    tokens_per_step = opts.batch_size * (cfg.block_size - 1)
+    runners = {"bare": bare_loop, "fit": fit_loop}
+    rates = {(p, r): [] for p in args.precisions.split(",") for r in runners}
+    for round_ in range(args.rounds):
+        order = list(runners) if round_ % 2 == 0 else list(reversed(runners))
+        for precision in args.precisions.split(","):
+            for name in order:
+                torch.manual_seed(0)
+                model = TinyGPT(cfg)
+                stamps = runners[name](model, blocks, precision, opts, args.steps)
+                rates[precision, name].append(tokens_per_s(stamps, args.warmup, tokens_per_step))
+        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU bf16 features: {', '.join(cpu_bf16_features()) or 'none'}")  # fmt: skip
+    header = f"{'precision':<10}{'bare tok/s (min-max)':>28}{'fit tok/s (min-max)':>28}"
+    print(f"{header}{'paired ratio':>14}{'ratio of medians':>18}")
+    results = []
+    for precision in args.precisions.split(","):
+        bare, fit = rates[precision, "bare"], rates[precision, "fit"]
+        paired = [f / b for f, b in zip(fit, bare)]
+        row = {
+            "precision": precision,
+            "bare_tokens_per_s_median": statistics.median(bare),
+            "fit_tokens_per_s_median": statistics.median(fit),
+            "bare_range": [min(bare), max(bare)],
+            "fit_range": [min(fit), max(fit)],
+            "ratio_of_medians": statistics.median(fit) / statistics.median(bare),
+            "paired_ratio_median": statistics.median(paired),
+            "paired_ratios": paired,
+        }
+        results.append(row)
+        print(
+            f"{precision:<10}"
+            f"{row['bare_tokens_per_s_median']:>10,.0f} ({min(bare):,.0f}-{max(bare):,.0f})"
+            f"{row['fit_tokens_per_s_median']:>10,.0f} ({min(fit):,.0f}-{max(fit):,.0f})"
+            f"{row['paired_ratio_median']:>14.3f}{row['ratio_of_medians']:>18.3f}"
+        )
+    if args.out:
+        meta = {
+            "benchmark": "loop_overhead",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_bf16_features": list(cpu_bf16_features()),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "args": {k: str(v) for k, v in vars(args).items()},
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
