@@ -41,15 +41,18 @@ _TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--seed": ("fit.seed", int, "seed of initial weights, data split and batch order"),
     "--max-nonfinite": ("fit.max_nonfinite", int, "stop after N consecutive non-finite steps"),
 }
+# Flags of `train` that `bench` does not take: it sets steps, evaluation and precisions itself.
+_BENCH_SKIPS = ("--max-steps", "--eval-every", "--log-every", "--max-nonfinite", "--precision")
 # tiny-gpt size flags, mapped into model_kwargs.
 _GPT_FLAGS = {
     "--layers": "n_layer", "--width": "n_embd", "--heads": "n_head", "--dropout": "dropout",
 }  # fmt: skip
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for flag, (_, kind, help_text) in _TRAIN_FLAGS.items():
-        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+        if flag not in skip:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
     for flag, field in _GPT_FLAGS.items():
         kind = float if field == "dropout" else int
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"tiny-gpt {field}")
@@ -97,6 +100,21 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    from amptrain.bench_report import console_table, run_bench
+
+    cfg = config_from_args(args)
+    precisions = args.precisions.split(",") if args.precisions else None
+    report, run_dir = run_bench(
+        cfg, precisions=precisions, steps=args.steps, warmup=args.warmup_steps,
+        repeats=args.repeats, quality_tol=args.quality_tol, memory=not args.no_memory,
+    )  # fmt: skip
+    console = _console(stdout=True)
+    console.print(console_table(report))
+    console.print(f"report: {run_dir / 'report.md'}", soft_wrap=True, highlight=False)
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from amptrain.demo import run_demo
 
@@ -112,19 +130,24 @@ def _progress(args: argparse.Namespace, total: int, what: str) -> list:
     return [ProgressSink(total, what)]
 
 
-def _print_summary(run: Any) -> None:
-    from amptrain.metrics.console import summary_table
-
+def train_summary_rows(run: Any) -> dict[str, object]:
+    """The figures of a finished training run, by name."""
     r = run.result
-    rows = {
+    return {
         "precision": f"{r.precision} ({r.reason})",
         "steps (skipped)": f"{r.steps} ({r.skipped_steps})",
         "val loss: first -> final": f"{r.initial_val_loss:.4f} -> {r.final_val_loss:.4f}",
-        "val accuracy": r.final_val_accuracy,
+        "val accuracy": round(r.final_val_accuracy, 4),
         "best val loss (step)": f"{r.best_val_loss:.4f} ({r.best_step})",
         "tokens/s": f"{r.tokens_per_s:,.0f}",
-        f"peak memory MB ({r.mem_source})": r.peak_mem_mb,
+        f"peak memory MB ({r.mem_source})": round(r.peak_mem_mb, 1),
     }
+
+
+def _print_summary(run: Any) -> None:
+    from amptrain.metrics.console import summary_table
+
+    rows = train_summary_rows(run)
     console = _console(stdout=True)
     console.print(summary_table("amptrain train", rows))
     console.print(f"run directory: {run.run_dir}", soft_wrap=True, highlight=False)
@@ -146,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a model with fp32/tf32/fp16/bf16")
     _add_train_flags(train)
     train.set_defaults(func=_run_train)
+    bench = sub.add_parser("bench", help="benchmark precisions side by side on your model")
+    _add_train_flags(bench, skip=_BENCH_SKIPS)
+    bench.add_argument("--precisions", help="comma-separated arms (default: all the device serves)")
+    bench.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    bench.add_argument(
+        "--warmup-steps", type=int, default=5, help="untimed steps starting each run"
+    )
+    bench.add_argument("--repeats", type=int, default=3, help="interleaved runs per arm")
+    bench.add_argument("--quality-tol", type=float, default=0.02,
+                       help="relative val-loss difference from fp32 still counted ok")  # fmt: skip
+    bench.add_argument("--no-memory", action="store_true", help="skip the per-arm memory runs")
+    bench.set_defaults(func=_run_bench)
     demo = sub.add_parser("demo", help="train the built-in model on the built-in corpus")
     demo.add_argument("--out", default="runs", help="folder for run directories")
     demo.add_argument("--max-steps", type=int, default=None, help="override the demo's steps")

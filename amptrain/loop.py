@@ -217,7 +217,7 @@ def fit(
     opts = FitOptions(**options)
     device = next(model.parameters()).device
     prec = resolve(precision, device)
-    train_b, val_b = _checked_data(model, train, val, device, source, opts.ignore_index)
+    train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index)
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
     tracker, state = Tracker(), TrainState()
@@ -236,7 +236,7 @@ def fit(
     return _result(prec, state, tracker, train_time)
 
 
-def _checked_data(
+def check_data(
     model: nn.Module,
     train: object,
     val: object | None,
@@ -244,6 +244,7 @@ def _checked_data(
     source: str,
     ignore_index: int,
 ) -> tuple[data_mod.Blocks, data_mod.Blocks | None]:
+    """Convert the data to blocks and check every id against the model's probed vocabulary."""
     train_b = data_mod.as_blocks(train, name="training data")
     val_b = None if val is None else data_mod.as_blocks(val, name="validation data")
     vocab = probe_vocab(model, train_b.context, device, source)

@@ -233,7 +233,7 @@ def _explicit_reason(name: str, device: torch.device) -> str:
     if name == "bf16" and kind == "cpu" and not cpu_bf16_features():
         return "requested: this CPU has no AMX-BF16 or AVX512-BF16, so bf16 is emulated and slow"
     if name == "fp16" and kind == "cpu":
-        return "requested: fp16 autocast with GradScaler('cpu'); correct, but slow on CPU"
+        return "requested: fp16 autocast with GradScaler('cpu')"
     if name == "fp16":
         return "requested: fp16 autocast with dynamic loss scaling"
     return "requested"

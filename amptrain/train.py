@@ -35,6 +35,9 @@ class TrainRun:
 
     result: FitResult
     run_dir: Path
+    model: nn.Module = dataclasses.field(repr=False, default=None)
+    train: data.Blocks = dataclasses.field(repr=False, default=None)
+    val: data.Blocks = dataclasses.field(repr=False, default=None)
 
 
 def pick_device(name: str) -> torch.device:
@@ -105,7 +108,7 @@ def run_training(
         plot_training(result.history, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
     else:
         log.info("loss.png skipped: install amptrain[plot] for plots")
-    return TrainRun(result, run_dir)
+    return TrainRun(result, run_dir, model, train, val)
 
 
 def summary(result: FitResult, cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
