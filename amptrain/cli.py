@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from amptrain.errors import AmptrainError, NonFiniteError
+from amptrain.errors import AmptrainError, Interrupted, NonFiniteError
 
 # Flag -> (TrainConfig or FitOptions field, type, help). "fit." marks loop options.
 _TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -40,9 +40,12 @@ _TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--log-every": ("fit.log_every", int, "write step metrics every N steps"),
     "--seed": ("fit.seed", int, "seed of initial weights, data split and batch order"),
     "--max-nonfinite": ("fit.max_nonfinite", int, "stop after N consecutive non-finite steps"),
+    "--checkpoint-every": ("fit.checkpoint_every", int, "checkpoint every N steps (0: at the end)"),
+    "--keep-last": ("fit.keep_last", int, "complete checkpoints to keep"),
 }
 # Flags of `train` that `bench` does not take: it sets steps, evaluation and precisions itself.
-_BENCH_SKIPS = ("--max-steps", "--eval-every", "--log-every", "--max-nonfinite", "--precision")
+_BENCH_SKIPS = ("--max-steps", "--eval-every", "--log-every", "--max-nonfinite", "--precision",
+                "--checkpoint-every", "--keep-last")  # fmt: skip
 # tiny-gpt size flags, mapped into model_kwargs.
 _GPT_FLAGS = {
     "--layers": "n_layer", "--width": "n_embd", "--heads": "n_head", "--dropout": "dropout",
@@ -95,7 +98,18 @@ def _run_train(args: argparse.Namespace) -> int:
     from amptrain.train import run_training
 
     cfg = config_from_args(args)
-    run = run_training(cfg, sinks=_progress(args, cfg.fit.max_steps, "train"))
+    if args.resume:
+        given = [f for f in _TRAIN_FLAGS if f[2:].replace("-", "_") in vars(args) and f != "--out"]
+        given += [f for f in _GPT_FLAGS if f[2:] in vars(args)]
+        if given or args.config:
+            raise AmptrainError(
+                f"--resume continues a run with the settings in its config.json; leave out "
+                f"{', '.join(given) or '--config'}"
+            )
+    run = run_training(
+        cfg, sinks=_progress(args, cfg.fit.max_steps, "train"), resume=args.resume,
+        allow_new_scaler=args.allow_new_scaler,
+    )  # fmt: skip
     _print_summary(run)
     return 0
 
@@ -168,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a model with fp32/tf32/fp16/bf16")
     _add_train_flags(train)
+    train.add_argument("--resume", help="auto (newest run under --out), a run or checkpoint dir")
+    train.add_argument("--allow-new-scaler", action="store_true",
+                       help="resume fp16 from a checkpoint without GradScaler state")  # fmt: skip
     train.set_defaults(func=_run_train)
     bench = sub.add_parser("bench", help="benchmark precisions side by side on your model")
     _add_train_flags(bench, skip=_BENCH_SKIPS)
@@ -198,6 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as exc:
         print(f"amptrain: training stopped: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        out = getattr(args, "out", None) or "runs"
+        hint = f"; resume with: amptrain train --resume auto --out {out}" if exc.checkpoint else ""
+        print(f"amptrain: {exc}{hint}", file=sys.stderr)
+        return exc.exit_code
     except (AmptrainError, ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"amptrain: error: {exc}", file=sys.stderr)
         return 2

@@ -54,12 +54,16 @@ class FitOptions:
     """Stop after this many consecutive non-finite steps (each one is skipped and counted)."""
     ignore_index: int = -100
     """Label value that the loss and accuracy ignore."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps (0: only at the end and when interrupted)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted after a newer one is complete."""
 
     def __post_init__(self) -> None:
         for field in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
-                      "log_every", "max_nonfinite"):  # fmt: skip
+                      "log_every", "max_nonfinite", "checkpoint_every", "keep_last"):  # fmt: skip
             value = getattr(self, field)
-            least = 0 if field == "max_steps" else 1
+            least = 0 if field in ("max_steps", "checkpoint_every") else 1
             _check(_is_int(value) and value >= least, field, value, f"an integer >= {least}")
         _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")

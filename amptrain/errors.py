@@ -30,3 +30,16 @@ class PrecisionError(AmptrainError, ValueError):
 
 class NonFiniteError(AmptrainError, RuntimeError):
     """Training stopped after too many consecutive non-finite steps."""
+
+
+class Interrupted(AmptrainError):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: object) -> None:
+        import signal
+
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint directory"
+        super().__init__(f"stopped by {name} after step {step}; {where}")

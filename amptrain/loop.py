@@ -9,16 +9,21 @@ sinks, so `torchrun` support adds a sampler and rank checks rather than a second
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from amptrain import checkpoint
 from amptrain import data as data_mod
 from amptrain.adapter import (
     check_token_range,
@@ -29,8 +34,9 @@ from amptrain.adapter import (
     probe_vocab,
 )
 from amptrain.callbacks import Callback, emit
+from amptrain.checkpoint import Checkpoint
 from amptrain.config import FitOptions
-from amptrain.errors import NonFiniteError
+from amptrain.errors import Interrupted, NonFiniteError
 from amptrain.metrics.meters import Throughput, peak_memory_mb
 from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
@@ -62,6 +68,8 @@ class TrainState:
     """Step number of that loss."""
     should_stop: bool = False
     """A callback sets this to end training after the current step."""
+    stop_signal: int = 0
+    """The signal (SIGINT 2, SIGTERM 15) that asked training to stop; 0 if none."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +197,12 @@ def fit(
     sinks: Iterable[Sink] = (),
     callbacks: Iterable[Callback] = (),
     source: str = "model",
+    checkpoint_dir: str | Path | None = None,
+    resume: Checkpoint | None = None,
+    allow_new_scaler: bool = False,
+    history: Sequence[dict[str, Any]] = (),
+    handle_signals: bool = False,
+    checkpoint_meta: dict[str, Any] | None = None,
     **options: Any,
 ) -> FitResult:
     """Train `model` in place on `train` with the given precision; evaluate on `val`.
@@ -205,6 +219,13 @@ def fit(
         sinks: Where metrics go, besides the returned history.
         callbacks: `Callback` objects.
         source: How to name the model in error messages (e.g. its file and symbol).
+        checkpoint_dir: Save checkpoints here every `checkpoint_every` steps, at the end, and
+            when interrupted; None saves nothing.
+        resume: A loaded checkpoint to continue from, bit for bit.
+        allow_new_scaler: Resume fp16 from a checkpoint without GradScaler state.
+        history: Metric records of the run before `resume`, for the result's summary.
+        handle_signals: On SIGINT/SIGTERM finish the step, checkpoint, raise `Interrupted`.
+        checkpoint_meta: JSON values stored in every checkpoint's trainer.json (config hash).
         **options: `FitOptions` fields: `max_steps`, `batch_size`, `lr`, `grad_accum`...
 
     Returns:
@@ -212,7 +233,9 @@ def fit(
 
     Raises:
         ConfigError, DataError, ModelError, PrecisionError: For bad input, before training.
+        CheckpointError: If `resume` does not fit this model or precision.
         NonFiniteError: After `max_nonfinite` consecutive non-finite steps.
+        Interrupted: After a handled signal, once the checkpoint is saved.
     """
     opts = FitOptions(**options)
     device = next(model.parameters()).device
@@ -221,19 +244,63 @@ def fit(
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
     tracker, state = Tracker(), TrainState()
-    sinks, callbacks = [tracker, *sinks], list(callbacks)
+    tracker.records.extend(history)
     torch.manual_seed(opts.seed)  # dropout and other in-model randomness repeat for a seed
+    if resume is not None:
+        checkpoint.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
+    run = _Loop(model, train_b, val_b, prec, optimizer, scheduler, opts, state, [tracker, *sinks],
+                list(callbacks), checkpoint_dir, checkpoint_meta or {})  # fmt: skip
     model.train()
-    with prec.activate():
-        emit(callbacks, "on_fit_start", state)
+    with prec.activate(), _signals(state, handle_signals):
+        emit(run.callbacks, "on_fit_start", state)
         try:
-            train_time = _run(model, train_b, val_b, prec, optimizer, scheduler, opts,
-                              state, sinks, callbacks)  # fmt: skip
+            train_time = _run(run)
         finally:
-            emit(callbacks, "on_fit_end", state)
-            for sink in sinks:
+            emit(run.callbacks, "on_fit_end", state)
+            for sink in run.sinks:
                 sink.close()
+    if state.stop_signal:
+        raise Interrupted(state.stop_signal, state.step, run.last_checkpoint)
     return _result(prec, state, tracker, train_time)
+
+
+@dataclasses.dataclass
+class _Loop:
+    """Everything one training run works on."""
+
+    model: nn.Module
+    train: data_mod.Blocks
+    val: data_mod.Blocks | None
+    prec: Precision
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    opts: FitOptions
+    state: TrainState
+    sinks: list[Sink]
+    callbacks: list[Callback]
+    checkpoint_dir: str | Path | None
+    checkpoint_meta: dict[str, Any]
+    last_checkpoint: Path | None = None
+
+
+@contextlib.contextmanager
+def _signals(state: TrainState, enabled: bool) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a second SIGINT aborts)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if state.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        state.stop_signal, state.should_stop = signum, True
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def check_data(
@@ -256,47 +323,57 @@ def check_data(
     return train_b, val_b
 
 
-def _run(
-    model: nn.Module,
-    train_b: data_mod.Blocks,
-    val_b: data_mod.Blocks | None,
-    prec: Precision,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    opts: FitOptions,
-    state: TrainState,
-    sinks: Sequence[Sink],
-    callbacks: Sequence[Callback],
-) -> float:
+def _run(run: _Loop) -> float:
     """Steps until `max_steps` or a stop request; returns the seconds spent training."""
+    model, opts, state = run.model, run.opts, run.state
     device = next(model.parameters()).device
-    batches = data_mod.batches(train_b, opts.batch_size, opts.seed, start=state.batches)
-    if val_b is not None and state.step == 0:
-        _eval_and_log(model, val_b, prec, opts, state, sinks, callbacks)
+    batches = data_mod.batches(run.train, opts.batch_size, opts.seed, start=state.batches)
+    if run.val is not None and state.step == 0:
+        _eval_and_log(run)
     clock = _now(device)
     meter, train_time = Throughput(clock), 0.0
     while state.step < opts.max_steps and not state.should_stop:
         window = [_to_device(next(batches), device) for _ in range(opts.grad_accum)]
-        out = train_step(model, window, prec, optimizer, scheduler, opts)
+        out = train_step(model, window, run.prec, run.optimizer, run.scheduler, opts)
         state.step, state.batches = state.step + 1, state.batches + opts.grad_accum
         state.tokens += out.tokens
         meter.update(out.tokens)
-        _count_nonfinite(out, prec, state)
-        metrics = _step_metrics(out, prec, state)
+        _count_nonfinite(out, run.prec, state)
+        metrics = _step_metrics(out, run.prec, state)
         last = state.step == opts.max_steps
         if state.step % opts.log_every == 0 or last or not out.stepped:
             metrics.update(meter.compute(_now(device)))
             metrics.update(_memory(device))
-            _log(sinks, metrics, state.step)
+            _log(run.sinks, metrics, state.step)
         if state.consecutive_nonfinite >= opts.max_nonfinite:
-            raise _nonfinite_error(prec, state)
-        emit(callbacks, "on_step_end", state, metrics)
-        if val_b is not None and (state.step % opts.eval_every == 0 or last or state.should_stop):
+            raise _nonfinite_error(run.prec, state)
+        emit(run.callbacks, "on_step_end", state, metrics)
+        due = opts.checkpoint_every and state.step % opts.checkpoint_every == 0
+        stop = last or state.should_stop
+        # A signal may come with a short grace period: checkpoint at once, evaluate later.
+        evaluate_now = state.step % opts.eval_every == 0 or last
+        if run.val is not None and (evaluate_now or (stop and not state.stop_signal)):
             train_time += _now(device) - clock
-            _eval_and_log(model, val_b, prec, opts, state, sinks, callbacks)
+            _eval_and_log(run)
             clock = _now(device)
             meter = Throughput(clock)
+        if run.checkpoint_dir is not None and (due or stop):
+            _save_checkpoint(run)
     return train_time + _now(device) - clock
+
+
+def _save_checkpoint(run: _Loop) -> None:
+    tensors, counters = checkpoint.capture(
+        run.model, run.optimizer, run.scheduler, run.prec, run.state
+    )
+    run.last_checkpoint = checkpoint.save(
+        run.checkpoint_dir,
+        run.state.step,
+        tensors,
+        {**counters, **run.checkpoint_meta},
+        run.opts.keep_last,
+    )
+    log.debug("checkpoint %s saved", run.last_checkpoint)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -353,18 +430,12 @@ def _nonfinite_error(prec: Precision, state: TrainState) -> NonFiniteError:
     )
 
 
-def _eval_and_log(
-    model: nn.Module,
-    val_b: data_mod.Blocks,
-    prec: Precision,
-    opts: FitOptions,
-    state: TrainState,
-    sinks: Sequence[Sink],
-    callbacks: Sequence[Callback],
-) -> None:
-    metrics = evaluate(model, val_b, prec, opts.batch_size, opts.eval_batches, opts.ignore_index)
-    _log(sinks, metrics, state.step)
-    emit(callbacks, "on_eval_end", state, metrics)
+def _eval_and_log(run: _Loop) -> None:
+    opts = run.opts
+    metrics = evaluate(run.model, run.val, run.prec, opts.batch_size, opts.eval_batches,
+                       opts.ignore_index)  # fmt: skip
+    _log(run.sinks, metrics, run.state.step)
+    emit(run.callbacks, "on_eval_end", run.state, metrics)
 
 
 def _result(prec: Precision, state: TrainState, tracker: Tracker, train_time: float) -> FitResult:

@@ -8,6 +8,7 @@ The run directory holds `config.json` (enough to rerun with `amptrain train --co
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import platform
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import data
+from amptrain import checkpoint, data
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig
 from amptrain.errors import ConfigError
@@ -24,7 +25,7 @@ from amptrain.loop import FitResult, fit
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
 from amptrain.models import ModelSpec, build_model
 from amptrain.precision import Precision, resolve
-from amptrain.runs import atomic_torch_save, atomic_write_json, create_run_dir
+from amptrain.runs import atomic_torch_save, atomic_write_bytes, atomic_write_json, create_run_dir
 
 log = logging.getLogger("amptrain")
 
@@ -82,23 +83,47 @@ def _tokenizer(cfg: TrainConfig) -> data.ByteTokenizer | data.JsonTokenizer:
 
 
 def run_training(
-    cfg: TrainConfig, *, sinks: list[Sink] | None = None, command: str = "train"
+    cfg: TrainConfig,
+    *,
+    sinks: list[Sink] | None = None,
+    command: str = "train",
+    resume: str | None = None,
+    allow_new_scaler: bool = False,
 ) -> TrainRun:
     """Run the whole `train` job and write its run directory.
 
     Args:
-        cfg: The validated configuration.
+        cfg: The validated configuration (with `resume`, the run's own config.json wins).
         sinks: Extra sinks (the console progress bar, W&B...), closed when training ends.
         command: Prefix of the run directory's name.
+        resume: `auto` (the newest run under `cfg.out` with a complete checkpoint), a run
+            directory, or a checkpoint directory; None starts a new run.
+        allow_new_scaler: Resume fp16 from a checkpoint that has no GradScaler state.
+
+    Raises:
+        Interrupted: After SIGINT/SIGTERM, once the checkpoint is saved.
     """
-    model, train, val, precision = prepare(cfg)
-    run_dir = create_run_dir(cfg.out, command)
-    atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "environment": environment()})
+    ckpt, history = None, []
+    if resume is None:
+        model, train, val, precision = prepare(cfg)
+        run_dir = create_run_dir(cfg.out, command)
+        atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "environment": environment()})
+    else:
+        run_dir, ckpt = find_resume(cfg.out, resume, command)
+        cfg = TrainConfig.from_dict(_saved_config(run_dir))
+        _check_config_hash(cfg, ckpt)
+        model, train, val, precision = prepare(cfg)
+        history = truncate_metrics(run_dir, ckpt.trainer["step"])
+        log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, ckpt.trainer["step"])
+    checkpoint.clean_temporaries(run_dir / "checkpoints")
     log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
     files: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl"), CsvSink(run_dir / "metrics.csv")]
     result = fit(
         model, train, val, precision=precision, sinks=[*files, *(sinks or [])],
-        source=cfg.model, **dataclasses.asdict(cfg.fit),
+        source=cfg.model, checkpoint_dir=run_dir / "checkpoints", resume=ckpt,
+        allow_new_scaler=allow_new_scaler, history=history, handle_signals=True,
+        checkpoint_meta={"config_hash": checkpoint.config_hash(cfg.to_dict())},
+        **dataclasses.asdict(cfg.fit),
     )  # fmt: skip
     atomic_torch_save(model.state_dict(), run_dir / "model.pt")
     atomic_write_json(run_dir / "summary.json", summary(result, cfg, model))
@@ -109,6 +134,68 @@ def run_training(
     else:
         log.info("loss.png skipped: install amptrain[plot] for plots")
     return TrainRun(result, run_dir, model, train, val)
+
+
+def find_resume(out: str | Path, resume: str, command: str) -> tuple[Path, checkpoint.Checkpoint]:
+    """The run directory and loaded checkpoint that `--resume` names.
+
+    Raises:
+        FileNotFoundError: If nothing to resume is found.
+        CheckpointError: If an explicitly named checkpoint is incomplete, corrupt or unsafe.
+    """
+    if resume == "auto":
+        for run_dir in sorted(Path(out).glob(f"{command}-*"), reverse=True):
+            path = checkpoint.latest(run_dir / "checkpoints")
+            if path is not None:
+                return run_dir, checkpoint.load(path)
+        raise FileNotFoundError(f"--resume auto: no {command} run under {out} has a checkpoint")
+    path = Path(resume)
+    if (path / "checkpoints").is_dir():
+        newest = checkpoint.latest(path / "checkpoints")
+        if newest is None:
+            raise FileNotFoundError(f"--resume {path}: the run has no complete checkpoint")
+        return path, checkpoint.load(newest)
+    ckpt = checkpoint.load(path)  # FileNotFoundError or CheckpointError naming the path
+    return path.parent.parent, ckpt
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume {run_dir}: its config.json is missing")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved.pop("environment", None)
+    return saved
+
+
+def _check_config_hash(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:
+    expected = ckpt.trainer.get("config_hash")
+    if expected and expected != checkpoint.config_hash(cfg.to_dict()):
+        raise checkpoint.CheckpointError(
+            f"checkpoint {ckpt.path} belongs to other settings than its run's config.json "
+            "(config hash differs); resume it with the config it was trained with"
+        )
+
+
+def truncate_metrics(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """Keep only metric records up to `step` (what the checkpoint covers); return them."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by the interruption
+            continue
+        if record.get("step", 0) <= step:
+            records.append(record)
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    (run_dir / "metrics.csv").unlink(missing_ok=True)
+    csv_sink = CsvSink(run_dir / "metrics.csv")
+    for record in records:
+        csv_sink.log({k: v for k, v in record.items() if k != "step"}, record["step"])
+    csv_sink.close()
+    return records
 
 
 def summary(result: FitResult, cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:

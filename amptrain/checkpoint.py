@@ -1,0 +1,311 @@
+"""Checkpoints that resume exactly and load safely.
+
+A checkpoint is a directory `checkpoints/step-000120/` holding `model.pt`, `optimizer.pt`,
+`scheduler.pt`, `scaler.pt` and `rng.pt` (tensors and plain containers only, so everything
+loads with `torch.load(..., weights_only=True)`), `trainer.json` (counters, data position,
+config hash, format version) and `manifest.json` (size and sha256 of every file), written last.
+It is assembled in a temporary directory beside its final place and renamed into place, so a
+crash leaves either the whole checkpoint or none. A checkpoint whose files do not match its
+manifest is incomplete or corrupt and is never loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from amptrain.errors import AmptrainError
+
+log = logging.getLogger("amptrain")
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"step-(\d{9})")
+_TRANSIENT = ("should_stop", "stop_signal")  # requests of the moment, not state to resume
+_TENSOR_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt")
+
+
+class CheckpointError(AmptrainError, RuntimeError):
+    """A checkpoint cannot be written, or cannot be trusted or used for this run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: where it was, its counters, and its tensors (weights-only loaded)."""
+
+    path: Path
+    trainer: dict[str, Any]
+    tensors: dict[str, Any]
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short stable hash of a run's settings."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, as tensors and plain values."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved; a missing source is an error, never silently skipped."""
+    missing = [k for k in ("python", "numpy", "torch") if k not in state]
+    if missing:
+        raise CheckpointError(f"rng.pt lacks the generator state of {missing}; cannot resume")
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
+        log.warning("rng.pt has no CUDA generator state; CUDA randomness will not repeat exactly")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(
+    root: str | Path,
+    step: int,
+    tensors: dict[str, Any],
+    trainer: dict[str, Any],
+    keep_last: int = 3,
+) -> Path:
+    """Write checkpoint `root/step-<step>` atomically, then delete all but the newest `keep_last`.
+
+    Args:
+        root: The run's `checkpoints/` directory.
+        step: The global optimizer step the state belongs to.
+        tensors: `{"model": ..., "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": ...}`.
+        trainer: JSON-ready counters; the format version is added.
+        keep_last: Complete checkpoints to keep; older ones go only after this one is complete.
+
+    Raises:
+        CheckpointError: If any write fails (disk full, permission...); the directory is named,
+            the previous checkpoints are untouched and nothing is reported as saved.
+    """
+    root = Path(root)
+    final = root / f"step-{step:09d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700)
+        payloads = {f"{name}.pt": _serialize(value, name) for name, value in tensors.items()}
+        payloads["trainer.json"] = json.dumps({**trainer, "format_version": FORMAT_VERSION},
+                                              indent=2).encode()  # fmt: skip
+        for name, payload in payloads.items():
+            _write(tmp / name, payload)
+        manifest = {name: {"size": len(p), "sha256": hashlib.sha256(p).hexdigest()}
+                    for name, p in payloads.items()}  # fmt: skip
+        _write(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())  # last
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {final.name} in {root}: {exc.strerror or exc}; "
+            "earlier checkpoints are untouched"
+        ) from exc
+    _rotate(root, keep_last)
+    return final
+
+
+def _serialize(value: Any, name: str) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)  # in memory first: a failing payload never touches the disk
+    return buffer.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rotate(root: Path, keep_last: int) -> None:
+    complete = [p for p in list_checkpoints(root) if verify(p) is None]
+    for old in complete[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_temporaries(root: str | Path) -> None:
+    """Remove `.tmp-*` directories a killed save left behind."""
+    for tmp in Path(root).glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint directories under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name))
+
+
+def verify(path: Path) -> str | None:
+    """None if every file matches the manifest, else what is wrong."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest.json ({exc})"
+    for name, meta in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != meta["size"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {meta['size']}"
+        if _sha256(file) != meta["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Load one checkpoint directory after checking it against its manifest.
+
+    Raises:
+        FileNotFoundError: If the path does not exist.
+        CheckpointError: If it is incomplete, corrupt, of a newer format, or holds anything
+            but tensors and plain containers (it is never unpickled freely).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {problem}")
+    trainer = json.loads((path / "trainer.json").read_text())
+    if trainer.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {trainer['format_version']}; this amptrain "
+            f"reads up to {FORMAT_VERSION}: upgrade amptrain"
+        )
+    tensors = {}
+    for name in _TENSOR_FILES:
+        tensors[name[:-3]] = safe_torch_load(path / name)
+    return Checkpoint(path, trainer, tensors)
+
+
+def safe_torch_load(path: Path) -> Any:
+    """`torch.load` with `weights_only=True`: tensors and plain containers only, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects that weights_only=True does not allow "
+            f"(loading it would run arbitrary code). Details: {str(exc).splitlines()[0]}"
+        ) from None
+    except RuntimeError as exc:  # e.g. PytorchStreamReader failed reading zip archive
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def latest(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root`; skipped broken ones are logged by name."""
+    candidates = list_checkpoints(root)
+    for path in reversed(candidates):
+        problem = verify(path)
+        if problem is None:
+            return path
+        older = [p.name for p in candidates if p < path]
+        log.warning(
+            "checkpoint %s incomplete/corrupt (%s), using %s",
+            path.name, problem, older[-1] if older else "none",
+        )  # fmt: skip
+    return None
+
+
+def restore_module(model: nn.Module, state: dict[str, Any], where: Path) -> None:
+    """`load_state_dict`, with a readable error listing differences of keys and shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]  # fmt: skip
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint {where} does not fit this model: missing keys {missing[:10]}, "
+            f"unexpected keys {unexpected[:10]}, shape mismatches {shapes[:10]}"
+        )
+    model.load_state_dict(state)
+
+
+def capture(model, optimizer, scheduler, precision, state) -> tuple[dict, dict]:
+    """The tensors and counters of a training run, ready for `save`."""
+    tensors = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": precision.state_dict(),
+        "rng": rng_state(),
+    }
+    counters = {k: v for k, v in dataclasses.asdict(state).items() if k not in _TRANSIENT}
+    return tensors, {**counters, "precision": precision.name}
+
+
+def restore(
+    ckpt: Checkpoint, model, optimizer, scheduler, precision, state, allow_new_scaler: bool = False
+) -> None:
+    """Put a checkpoint back into fresh training objects, so the run continues bit for bit."""
+    t = ckpt.tensors
+    scaler = t["scaler"]
+    if precision.scaler.is_enabled() and not scaler.get("enabled"):
+        if not allow_new_scaler:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} was trained in {scaler.get('name', 'another precision')} "
+                f"and has no GradScaler state for {precision.name}; resume in "
+                f"{scaler.get('name')} or pass --allow-new-scaler to start a fresh loss scale"
+            )
+        log.warning("resuming %s with a fresh GradScaler (allow_new_scaler)", precision.name)
+    else:
+        precision.load_state_dict(scaler)
+    restore_module(model, t["model"], ckpt.path)
+    optimizer.load_state_dict(t["optimizer"])
+    scheduler.load_state_dict(t["scheduler"])
+    set_rng_state(t["rng"])
+    for field in dataclasses.fields(state):
+        if field.name in ckpt.trainer and field.name not in _TRANSIENT:
+            setattr(state, field.name, ckpt.trainer[field.name])
