@@ -40,12 +40,16 @@ _TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--log-every": ("fit.log_every", int, "write step metrics every N steps"),
     "--seed": ("fit.seed", int, "seed of initial weights, data split and batch order"),
     "--max-nonfinite": ("fit.max_nonfinite", int, "stop after N consecutive non-finite steps"),
+    "--init-scale": ("fit.init_scale", float, "fp16: first loss scale of the GradScaler"),
+    "--growth-interval": ("fit.growth_interval", int, "fp16: finite steps before scale growth"),
     "--checkpoint-every": ("fit.checkpoint_every", int, "checkpoint every N steps (0: at the end)"),
     "--keep-last": ("fit.keep_last", int, "complete checkpoints to keep"),
 }
 # Flags of `train` that `bench` does not take: it sets steps, evaluation and precisions itself.
-_BENCH_SKIPS = ("--max-steps", "--eval-every", "--log-every", "--max-nonfinite", "--precision",
-                "--checkpoint-every", "--keep-last")  # fmt: skip
+_BENCH_SKIPS = (
+    "--max-steps", "--eval-every", "--log-every", "--max-nonfinite", "--precision",
+    "--checkpoint-every", "--keep-last", "--init-scale", "--growth-interval",
+)  # fmt: skip
 # tiny-gpt size flags, mapped into model_kwargs.
 _GPT_FLAGS = {
     "--layers": "n_layer", "--width": "n_embd", "--heads": "n_head", "--dropout": "dropout",

@@ -54,6 +54,14 @@ class FitOptions:
     """Stop after this many consecutive non-finite steps (each one is skipped and counted)."""
     ignore_index: int = -100
     """Label value that the loss and accuracy ignore."""
+    init_scale: float = 65536.0
+    """fp16: the GradScaler's first loss scale."""
+    growth_factor: float = 2.0
+    """fp16: the loss scale is multiplied by this after `growth_interval` finite steps."""
+    backoff_factor: float = 0.5
+    """fp16: the loss scale is multiplied by this after a step with inf/NaN gradients."""
+    growth_interval: int = 2000
+    """fp16: finite steps in a row before the loss scale grows."""
     checkpoint_every: int = 0
     """Save a checkpoint every this many steps (0: only at the end and when interrupted)."""
     keep_last: int = 3
@@ -61,7 +69,8 @@ class FitOptions:
 
     def __post_init__(self) -> None:
         for field in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
-                      "log_every", "max_nonfinite", "checkpoint_every", "keep_last"):  # fmt: skip
+                      "log_every", "max_nonfinite", "checkpoint_every", "keep_last",
+                      "growth_interval"):  # fmt: skip
             value = getattr(self, field)
             least = 0 if field in ("max_steps", "checkpoint_every") else 1
             _check(_is_int(value) and value >= least, field, value, f"an integer >= {least}")
@@ -77,9 +86,21 @@ class FitOptions:
         _check(len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas), "betas",
                self.betas, "two numbers in [0, 1)")  # fmt: skip
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+        _check(_finite(self.init_scale) and self.init_scale > 0, "init_scale", self.init_scale,
+               "a finite number > 0")  # fmt: skip
+        _check(_finite(self.growth_factor) and self.growth_factor > 1, "growth_factor",
+               self.growth_factor, "a finite number > 1")  # fmt: skip
+        _check(_finite(self.backoff_factor) and 0 < self.backoff_factor < 1, "backoff_factor",
+               self.backoff_factor, "in (0, 1)")  # fmt: skip
         clip = self.clip_norm
         _check(clip is None or (_finite(clip) and clip > 0), "clip_norm", clip,
                "a finite number > 0, or None for no clipping")  # fmt: skip
+
+    @property
+    def scaler_options(self) -> dict[str, float]:
+        """The GradScaler settings, as keyword arguments."""
+        names = ("init_scale", "growth_factor", "backoff_factor", "growth_interval")
+        return {name: getattr(self, name) for name in names}
 
     @property
     def warmup_steps(self) -> int:

@@ -239,7 +239,7 @@ def fit(
     """
     opts = FitOptions(**options)
     device = next(model.parameters()).device
-    prec = resolve(precision, device)
+    prec = resolve(precision, device, **opts.scaler_options)
     train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index)
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)

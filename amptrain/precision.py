@@ -90,13 +90,15 @@ class Precision:
     precision is fp16, so checkpoints and telemetry have one shape for every precision.
     """
 
-    def __init__(self, name: str, device: torch.device, reason: str) -> None:
+    def __init__(
+        self, name: str, device: torch.device, reason: str, **scaler_options: float
+    ) -> None:
         assert name in NAMES, name
         self.name = name
         self.device = device
         self.reason = reason
         self.dtype = _LOW_DTYPE.get(name, torch.float32)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16", **scaler_options)
 
     def __repr__(self) -> str:
         return f"Precision({self.name!r}, device={str(self.device)!r}, reason={self.reason!r})"
@@ -162,13 +164,19 @@ class Precision:
             self.scaler.load_state_dict(state)
 
 
-def resolve(requested: str | Precision = "auto", device: str | torch.device = "cpu") -> Precision:
+def resolve(
+    requested: str | Precision = "auto",
+    device: str | torch.device = "cpu",
+    **scaler_options: float,
+) -> Precision:
     """Resolve a precision name for a device into a `Precision`, or refuse it with the reason.
 
     Args:
         requested: `fp32`, `tf32`, `fp16`, `bf16`, `auto`, or a Lightning alias such as
             `bf16-mixed`. A `Precision` is returned unchanged.
         device: The device the model trains on.
+        **scaler_options: `GradScaler` settings (`init_scale`, `growth_factor`,
+            `backoff_factor`, `growth_interval`), used by fp16.
 
     Returns:
         The resolved precision; `.reason` says why it was chosen.
@@ -191,8 +199,8 @@ def resolve(requested: str | Precision = "auto", device: str | torch.device = "c
         )
     if name == "auto":
         name, reason = _auto(device)
-        return Precision(name, device, reason)
-    return Precision(name, device, _explicit_reason(name, device))
+        return Precision(name, device, reason, **scaler_options)
+    return Precision(name, device, _explicit_reason(name, device), **scaler_options)
 
 
 def _auto(device: torch.device) -> tuple[str, str]:

@@ -60,7 +60,7 @@ def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Prec
     Everything that can be refused is checked here, before any training kernel runs.
     """
     device = pick_device(cfg.device)
-    precision = resolve(cfg.precision, device)
+    precision = resolve(cfg.precision, device, **cfg.fit.scaler_options)
     tokenizer = _tokenizer(cfg)
     blocks = data.load(cfg.data, cfg.context, tokenizer)
     train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)

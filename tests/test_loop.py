@@ -248,3 +248,30 @@ def test_evaluate_restores_training_mode_and_grad_state(model, train_val):
     metrics = loop.evaluate(model, train_val[1], prec, batch_size=4)
     assert model.training and torch.is_grad_enabled()
     assert metrics["val/perplexity"] == pytest.approx(math.exp(metrics["val/loss"]))
+
+
+def test_loss_scale_follows_growth_and_backoff_exactly(model, train_val):
+    """F9: with growth_interval=1, scale = init * growth**unskipped * backoff**skipped."""
+    inject = InjectInf(model, bad_steps={2, 5})
+    result = amptrain.fit(model, train_val[0], precision="fp16", callbacks=[inject], max_steps=6,
+                          batch_size=8, init_scale=256.0, growth_factor=2.0, backoff_factor=0.25,
+                          growth_interval=1)  # fmt: skip
+    assert result.skipped_steps == 2
+    assert result.loss_scale == 256.0 * 2.0**4 * 0.25**2
+    scales = [r["amp/loss_scale"] for r in result.history if "amp/loss_scale" in r]
+    assert scales == [512.0, 128.0, 256.0, 512.0, 128.0, 256.0]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("growth_factor", 1.0),
+        ("backoff_factor", 1.0),
+        ("backoff_factor", 0.0),
+        ("growth_interval", 0),
+        ("init_scale", math.inf),
+    ],
+)
+def test_bad_scaler_settings_are_refused(field, value):
+    with pytest.raises(ConfigError, match=f"{field}="):
+        FitOptions(**{field: value})

@@ -1,0 +1,228 @@
+"""Resume equality (F1), scaler state (F8), NaN after unscale (F11), accumulation (F12), B5."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import pattern_blocks, tiny_model
+
+import amptrain
+from amptrain import checkpoint, loop
+from amptrain.checkpoint import CheckpointError
+from amptrain.cli import main
+from amptrain.precision import resolve
+
+ARGS = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch-size",
+        "4", "--eval-every", "4", "--checkpoint-every", "3", "--dropout", "0.1",
+        "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(chr(97 + (i * 7) % 26) for i in range(6000)))
+    return path
+
+
+def _sigterm_at(monkeypatch, step):
+    """Send this process a real SIGTERM at the end of `step`, from inside the loop."""
+    original = loop.emit
+
+    def emit(callbacks, hook, *args):
+        original(callbacks, hook, *args)
+        if hook == "on_step_end" and args[0].step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop, "emit", emit)
+
+
+def _final_state(out):
+    (run,) = out.iterdir()
+    ckpt = checkpoint.load(checkpoint.latest(run / "checkpoints"))
+    return run, ckpt
+
+
+def _assert_bitwise_equal(a, b):
+    def flat(obj, prefix=""):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from flat(v, f"{prefix}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from flat(v, f"{prefix}/{i}")
+        else:
+            yield prefix, obj
+
+    left, right = dict(flat(a)), dict(flat(b))
+    assert left.keys() == right.keys()
+    for key, x in left.items():
+        y = right[key]
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), key
+        else:
+            assert x == y, key
+
+
+@pytest.mark.parametrize(("seed", "precision"), [(0, "fp32"), (1, "fp32"), (2, "fp32"),
+                                                 (3, "bf16")])  # fmt: skip
+def test_sigterm_then_resume_equals_an_uninterrupted_run(
+    seed, precision, tmp_path, corpus, monkeypatch, capsys
+):
+    steps = 10
+    k = random.Random(seed).randint(2, steps - 2)
+    common = ["train", "--data", str(corpus), "--precision", precision, "--seed", str(seed),
+              "--max-steps", str(steps), *ARGS]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "straight")]) == 0
+
+    _sigterm_at(monkeypatch, k)
+    assert main([*common, "--out", str(tmp_path / "cut")]) == 143
+    err = capsys.readouterr().err
+    assert f"SIGTERM after step {k}" in err and "--resume auto" in err
+    (run,) = (tmp_path / "cut").iterdir()
+    assert checkpoint.latest(run / "checkpoints").name == f"step-{k:09d}"
+    monkeypatch.undo()
+    assert main(["train", "--resume", "auto", "--out", str(tmp_path / "cut"), "--no-progress"]) == 0
+
+    run_a, a = _final_state(tmp_path / "straight")
+    run_b, b = _final_state(tmp_path / "cut")
+    assert a.trainer["step"] == b.trainer["step"] == steps
+    for part in ("model", "optimizer", "scheduler", "scaler", "rng"):
+        _assert_bitwise_equal(a.tensors[part], b.tensors[part])
+    summary_a = json.loads((run_a / "summary.json").read_text())
+    summary_b = json.loads((run_b / "summary.json").read_text())
+    for key in ("final_val_loss", "final_train_loss", "initial_val_loss", "best_val_loss"):
+        assert summary_a[key] == summary_b[key], key
+    lines = (run_b / "metrics.jsonl").read_text().splitlines()
+    steps_logged = [json.loads(x)["step"] for x in lines if "train/loss" in x]
+    assert steps_logged == list(range(1, steps + 1))  # no repeats, no gaps
+
+
+@pytest.mark.slow
+def test_sigterm_from_outside_exits_143_and_resumes(tmp_path, corpus):
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "amptrain", "train", "--data", str(corpus), "--max-steps",
+           "100000", "--out", str(out), *ARGS]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob("*/checkpoints/step-*")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "resume with: amptrain train --resume auto" in err
+
+
+def test_scaler_state_round_trips_into_a_differently_built_scaler():
+    source = resolve("fp16", "cpu")
+    scaler = source.scaler
+    scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    scaler._scale.fill_(1024.0)
+    scaler._growth_tracker.fill_(7)
+    state = source.state_dict()
+    for lazy in (True, False):
+        target = resolve("fp16", "cpu")
+        target.scaler = torch.amp.GradScaler("cpu", init_scale=2.0, growth_factor=3.0,
+                                             backoff_factor=0.25, growth_interval=5)  # fmt: skip
+        if not lazy:
+            target.scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+        target.load_state_dict(state)
+        got = target.scaler.state_dict()
+        assert got == scaler.state_dict()
+        assert got["scale"] == 1024.0 and got["_growth_tracker"] == 7
+
+
+def test_nan_injected_after_unscale_is_caught_and_params_stay_finite(monkeypatch, train_val):
+    model = tiny_model()
+    prec = resolve("fp16", "cpu")
+    original = prec.unscale_
+    calls = []
+
+    def unscale_then_poison(optimizer):
+        original(optimizer)
+        calls.append(1)
+        if len(calls) == 2:
+            next(model.parameters()).grad.fill_(math.nan)
+
+    monkeypatch.setattr(prec, "unscale_", unscale_then_poison)
+    result = amptrain.fit(model, train_val[0], precision=prec, max_steps=4, batch_size=8)
+    assert result.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("accum", [1, 2, 3])
+def test_accumulation_with_a_scaler_steps_once_per_window(accum, monkeypatch):
+    prec = resolve("fp16", "cpu")
+    counts = {"step": 0, "update": 0}
+    for name in counts:
+        original = getattr(prec.scaler, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(prec.scaler, name, spy)
+    # 10 blocks, batch 4: 2 batches per epoch, fewer than accum=3; 10 is not divisible by 3.
+    result = amptrain.fit(tiny_model(), pattern_blocks(10), precision=prec, max_steps=5,
+                          batch_size=4, grad_accum=accum)  # fmt: skip
+    assert counts == {"step": 5, "update": 5}
+    assert result.steps == 5
+
+
+def _checkpoint_of(tmp_path, precision, **overrides):
+    model = tiny_model(**overrides)
+    amptrain.fit(model, pattern_blocks(16), precision=precision, max_steps=2, batch_size=4,
+                 checkpoint_dir=tmp_path / precision)  # fmt: skip
+    return checkpoint.load(checkpoint.latest(tmp_path / precision))
+
+
+def test_fp16_resume_from_a_bf16_checkpoint_offers_allow_new_scaler(tmp_path):
+    ckpt = _checkpoint_of(tmp_path, "bf16")
+    with pytest.raises(CheckpointError, match="--allow-new-scaler"):
+        amptrain.fit(tiny_model(), pattern_blocks(16), precision="fp16", max_steps=4,
+                     batch_size=4, resume=ckpt)  # fmt: skip
+    result = amptrain.fit(tiny_model(), pattern_blocks(16), precision="fp16", max_steps=4,
+                          batch_size=4, resume=ckpt, allow_new_scaler=True)  # fmt: skip
+    assert result.steps == 4 and result.loss_scale == 65536.0
+
+
+def test_resume_into_a_changed_model_lists_the_differences(tmp_path):
+    ckpt = _checkpoint_of(tmp_path, "fp32")
+    with pytest.raises(CheckpointError, match=r"shape mismatches \['wte.weight: checkpoint"):
+        amptrain.fit(tiny_model(n_embd=32), pattern_blocks(16), precision="fp32", max_steps=4,
+                     batch_size=4, resume=ckpt)  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"missing keys \['blocks.2"):
+        amptrain.fit(tiny_model(n_layer=3), pattern_blocks(16), precision="fp32", max_steps=4,
+                     batch_size=4, resume=ckpt)  # fmt: skip
+
+
+def test_missing_path_and_newer_format_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        checkpoint.load(tmp_path / "nowhere")
+    ckpt = _checkpoint_of(tmp_path, "fp32")
+    trainer = json.loads((ckpt.path / "trainer.json").read_text())
+    trainer["format_version"] = checkpoint.FORMAT_VERSION + 1
+    payload = json.dumps(trainer).encode()
+    (ckpt.path / "trainer.json").write_bytes(payload)
+    manifest = json.loads((ckpt.path / "manifest.json").read_text())
+    import hashlib
+
+    manifest["trainer.json"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    (ckpt.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="format version 2.*upgrade amptrain"):
+        checkpoint.load(ckpt.path)
+
+
+def test_resume_refuses_extra_flags(tmp_path, corpus, capsys):
+    code = main(["train", "--resume", "auto", "--lr", "0.1", "--out", str(tmp_path)])
+    assert code == 2 and "leave out --lr" in capsys.readouterr().err
+    code = main(["train", "--resume", "auto", "--out", str(tmp_path / "empty")])
+    assert code == 2 and "no train run under" in capsys.readouterr().err
