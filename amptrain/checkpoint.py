@@ -193,7 +193,17 @@ def verify(path: Path) -> str | None:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
         return f"unreadable manifest.json ({exc})"
+    if not isinstance(manifest, dict):
+        return "manifest.json is not a JSON object"
+    unlisted = sorted({*_TENSOR_FILES, "trainer.json"} - set(manifest))
+    if unlisted:
+        return f"manifest.json does not list {unlisted}"
     for name, meta in manifest.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            return f"manifest.json names {name!r}, outside the checkpoint directory"
+        if not (isinstance(meta, dict) and isinstance(meta.get("size"), int)
+                and isinstance(meta.get("sha256"), str)):  # fmt: skip
+            return f"manifest.json entry {name!r} is malformed"
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
@@ -273,17 +283,34 @@ def restore_module(model: nn.Module, state: dict[str, Any], where: Path) -> None
     model.load_state_dict(state)
 
 
-def capture(model, optimizer, scheduler, precision, state) -> tuple[dict, dict]:
-    """The tensors and counters of a training run, ready for `save`."""
+def capture(model, optimizer, scheduler, precision, state, rngs=None) -> tuple[dict, dict]:
+    """The tensors and counters of a training run, ready for `save`.
+
+    `rngs` is every rank's `rng_state()` in rank order (this process's alone by default).
+    """
     tensors = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": precision.state_dict(),
-        "rng": rng_state(),
+        "rng": {"ranks": rngs if rngs is not None else [rng_state()]},
     }
     counters = {k: v for k, v in dataclasses.asdict(state).items() if k not in _TRANSIENT}
     return tensors, {**counters, "precision": precision.name}
+
+
+def _rank_rng(saved: dict[str, Any], where: Path) -> dict[str, Any]:
+    from amptrain.distributed import world
+
+    rank, size = world()
+    ranks = saved.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != size:
+        found = len(ranks) if isinstance(ranks, list) else "no"
+        raise CheckpointError(
+            f"{where}/rng.pt holds {found} per-rank generator states and this run has {size} "
+            "rank(s); resume with the world size it was saved with"
+        )
+    return ranks[rank]
 
 
 def restore(
@@ -305,7 +332,7 @@ def restore(
     restore_module(model, t["model"], ckpt.path)
     optimizer.load_state_dict(t["optimizer"])
     scheduler.load_state_dict(t["scheduler"])
-    set_rng_state(t["rng"])
+    set_rng_state(_rank_rng(t["rng"], ckpt.path))
     for field in dataclasses.fields(state):
         if field.name in ckpt.trainer and field.name not in _TRANSIENT:
             setattr(state, field.name, ckpt.trainer[field.name])

@@ -8,8 +8,12 @@ previous run's `config.json`), then the flags given on the command line.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import importlib.util
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,8 +103,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from amptrain import distributed
     from amptrain.train import run_training
 
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        return _launch(args)
     cfg = config_from_args(args)
     if args.resume:
         given = [f for f in _TRAIN_FLAGS if f[2:].replace("-", "_") in vars(args) and f != "--out"]
@@ -110,12 +117,37 @@ def _run_train(args: argparse.Namespace) -> int:
                 f"--resume continues a run with the settings in its config.json; leave out "
                 f"{', '.join(given) or '--config'}"
             )
-    run = run_training(
-        cfg, sinks=_progress(args, cfg.fit.max_steps, "train"), resume=args.resume,
-        allow_new_scaler=args.allow_new_scaler,
-    )  # fmt: skip
-    _print_summary(run)
+    distributed.init_from_env()
+    try:
+        progress = _progress(args, cfg.fit.max_steps, "train") if distributed.is_main() else []
+        run = run_training(
+            cfg, sinks=progress, resume=args.resume, allow_new_scaler=args.allow_new_scaler
+        )
+        if distributed.is_main():
+            _print_summary(run)
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """`--nproc N`: run the same command in N processes through torch's elastic launcher.
+
+    `--standalone` keeps the rendezvous on localhost with a free port.
+    """
+    import subprocess
+
+    argv, skip = [], False
+    for token in args.argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            argv.append(token)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={args.nproc}", "-m", "amptrain", *argv]  # fmt: skip
+    return subprocess.call(launcher)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -131,6 +163,31 @@ def _run_bench(args: argparse.Namespace) -> int:
     console.print(console_table(report))
     console.print(f"report: {run_dir / 'report.md'}", soft_wrap=True, highlight=False)
     return 0
+
+
+# Workflows in their own modules. Each module defines `SKIP_TRAIN_FLAGS` (train flags it does
+# not take), `add_cli_arguments(parser)` and `cli_main(args, cfg) -> int`, and imports its
+# optional dependencies inside functions, so building this parser stays light.
+_WORKFLOWS = {
+    "search": ("amptrain.search", "search hyperparameters and precision with Optuna"),
+    "compare": ("amptrain.compare", "compare the model with a same-size or pretrained baseline"),
+    "doctor": ("amptrain.doctor", "find the layer that overflows or diverges in fp16/bf16"),
+}
+
+
+def _add_workflows(sub: Any) -> None:
+    for name, (module_name, help_text) in _WORKFLOWS.items():
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        parser = sub.add_parser(name, help=help_text)
+        _add_train_flags(parser, skip=module.SKIP_TRAIN_FLAGS)
+        module.add_cli_arguments(parser)
+        parser.set_defaults(func=functools.partial(_run_workflow, module))
+
+
+def _run_workflow(module: Any, args: argparse.Namespace) -> int:
+    return module.cli_main(args, config_from_args(args))
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -187,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a model with fp32/tf32/fp16/bf16")
     _add_train_flags(train)
     train.add_argument("--resume", help="auto (newest run under --out), a run or checkpoint dir")
+    train.add_argument("--nproc", type=int, default=1,
+                       help="processes on this machine (DDP through torch's launcher)")  # fmt: skip
     train.add_argument("--allow-new-scaler", action="store_true",
                        help="resume fp16 from a checkpoint without GradScaler state")  # fmt: skip
     train.set_defaults(func=_run_train)
@@ -202,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="relative val-loss difference from fp32 still counted ok")  # fmt: skip
     bench.add_argument("--no-memory", action="store_true", help="skip the per-arm memory runs")
     bench.set_defaults(func=_run_bench)
+    _add_workflows(sub)
     demo = sub.add_parser("demo", help="train the built-in model on the built-in corpus")
     demo.add_argument("--out", default="runs", help="folder for run directories")
     demo.add_argument("--max-steps", type=int, default=None, help="override the demo's steps")
@@ -212,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, 1 for a run that had to stop)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     _setup_logging(args.verbose)
     try:
         return args.func(args)
@@ -222,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted as exc:
         out = getattr(args, "out", None) or "runs"
         hint = f"; resume with: amptrain train --resume auto --out {out}" if exc.checkpoint else ""
-        print(f"amptrain: {exc}{hint}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"amptrain: {exc}{hint}", file=sys.stderr)
         return exc.exit_code
     except (AmptrainError, ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"amptrain: error: {exc}", file=sys.stderr)
@@ -234,7 +297,10 @@ def _setup_logging(verbose: bool) -> None:
 
     logger = logging.getLogger("amptrain")
     logger.handlers[:] = [RichHandler(console=_console(), show_path=False, show_time=False)]
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    level = logging.DEBUG if verbose else logging.INFO
+    if int(os.environ.get("RANK", "0")) != 0:
+        level = logging.WARNING  # the other ranks speak only when something is wrong
+    logger.setLevel(level)
     logger.propagate = False
 
 

@@ -235,26 +235,34 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def batches(
-    blocks: Blocks, batch_size: int, seed: int, start: int = 0
+    blocks: Blocks,
+    batch_size: int,
+    seed: int,
+    start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless seeded batches of `(inputs, labels)`, starting at global batch number `start`.
 
     Each epoch is a fresh permutation; the last partial batch of an epoch is dropped, so every
     batch has the same shape. Position `start` is reached without replaying earlier batches,
-    which makes resuming exact and cheap.
+    which makes resuming exact and cheap. With several ranks, global batch b is
+    `batch_size * world_size` blocks of the permutation and rank r takes its r-th slice, so
+    the ranks together see exactly what one process with the global batch would.
     """
-    n = len(blocks)
-    if batch_size > n:
+    n, global_batch = len(blocks), batch_size * world_size
+    if global_batch > n:
         raise DataError(
-            f"batch_size={batch_size} is larger than the {n} training blocks of {blocks.name}; "
-            f"lower --batch-size to {n} or less, or add data"
+            f"batch_size={batch_size} x {world_size} process(es) is larger than the {n} "
+            f"training blocks of {blocks.name}; lower --batch-size, or add data"
         )
-    per_epoch = n // batch_size
+    per_epoch = n // global_batch
     epoch, index = divmod(start, per_epoch)
     while True:
         order = epoch_order(n, seed, epoch)
         for b in range(index, per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
+            first = b * global_batch + rank * batch_size
+            idx = order[first : first + batch_size]
             yield blocks.inputs[idx], blocks.labels[idx]
         epoch, index = epoch + 1, 0
 

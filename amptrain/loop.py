@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from amptrain import checkpoint
+from amptrain import checkpoint, distributed
 from amptrain import data as data_mod
 from amptrain.adapter import (
     check_token_range,
@@ -122,17 +123,26 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     opts: FitOptions,
 ) -> StepOutput:
-    """One optimizer step over the micro-batches of `window` (gradient accumulation)."""
-    n_targets = sum(count_targets(y, opts.ignore_index) for _, y in window)
+    """One optimizer step over the micro-batches of `window` (gradient accumulation).
+
+    Under DDP `model` is the wrapped module: micro-batches before the last skip the
+    gradient all-reduce (`no_sync`), and the loss is normalised by the token count of all
+    ranks, so N ranks with batch B train exactly like one process with batch N*B.
+    """
+    _, world_size = distributed.world()
+    local_targets = sum(count_targets(y, opts.ignore_index) for _, y in window)
+    (n_targets,) = distributed.all_reduce([float(local_targets)])
     lr = optimizer.param_groups[0]["lr"]
     total = torch.zeros((), device=window[0][0].device)
-    for x, y in window:
-        with precision.autocast():
+    for i, (x, y) in enumerate(window):
+        defer_sync = isinstance(model, DDP) and i < len(window) - 1
+        with model.no_sync() if defer_sync else contextlib.nullcontext(), precision.autocast():
             logits = extract_logits(model(x))
             loss_sum = next_token_loss(logits, y, opts.ignore_index)
-        # Normalise by the whole window's token count: every token weighs the same, so
-        # accumulating A batches of B equals one batch of A*B.
-        precision.backward(loss_sum / n_targets)
+            # Normalise by the whole window's token count: every token weighs the same, so
+            # accumulating A batches of B equals one batch of A*B. DDP averages over ranks,
+            # hence the world size.
+            precision.backward(loss_sum * (world_size / n_targets))
         total += loss_sum.detach()
     precision.unscale_(optimizer)  # clipping must see the true (unscaled) gradients
     norm = _grad_norm(model, opts.clip_norm)
@@ -145,7 +155,8 @@ def train_step(
         scheduler.step()  # never after a skipped step, so the schedule counts real updates
     precision.update()  # backs the loss scale off when unscale_ found inf/NaN
     optimizer.zero_grad(set_to_none=True)
-    return StepOutput((total / n_targets).item(), grad_norm, lr, stepped, n_targets)
+    (loss,) = distributed.all_reduce([total.item()])
+    return StepOutput(loss / n_targets, grad_norm, lr, stepped, int(n_targets))
 
 
 def _grad_norm(model: nn.Module, clip_norm: float | None) -> torch.Tensor:
@@ -165,13 +176,19 @@ def evaluate(
     max_batches: int | None = None,
     ignore_index: int = -100,
 ) -> dict[str, float]:
-    """Token-weighted loss, perplexity and accuracy on `blocks`, in fixed order, under autocast."""
+    """Token-weighted loss, perplexity and accuracy on `blocks`, in fixed order, under autocast.
+
+    Under torch.distributed the batches are shared out over the ranks and the sums reduced,
+    so every rank returns the same figures.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     loss_sum, hits, count = 0.0, 0, 0
-    n = len(blocks) if max_batches is None else min(len(blocks), max_batches * batch_size)
-    for start in range(0, n, batch_size):
+    rank, world_size = distributed.world()
+    per_eval = batch_size * world_size  # the global batch, as in training
+    n = len(blocks) if max_batches is None else min(len(blocks), max_batches * per_eval)
+    for start in range(rank * batch_size, n, world_size * batch_size):  # sharded over ranks
         x = blocks.inputs[start : start + batch_size].to(device, non_blocking=True)
         y = blocks.labels[start : start + batch_size].to(device, non_blocking=True)
         with precision.autocast():
@@ -180,6 +197,7 @@ def evaluate(
         hits += int(next_token_hits(logits, y, ignore_index))
         count += count_targets(y, ignore_index)
     model.train(was_training)
+    loss_sum, hits, count = distributed.all_reduce([loss_sum, float(hits), float(count)])
     mean = loss_sum / max(count, 1)
     return {
         "val/loss": mean,
@@ -248,8 +266,12 @@ def fit(
     torch.manual_seed(opts.seed)  # dropout and other in-model randomness repeat for a seed
     if resume is not None:
         checkpoint.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
-    run = _Loop(model, train_b, val_b, prec, optimizer, scheduler, opts, state, [tracker, *sinks],
-                list(callbacks), checkpoint_dir, checkpoint_meta or {})  # fmt: skip
+        _check_world_size(resume)
+    rank, world_size = distributed.world()
+    sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
+    meta = {**(checkpoint_meta or {}), "world_size": world_size}
+    run = _Loop(model, _wrap(model, world_size), train_b, val_b, prec, optimizer, scheduler, opts,
+                state, sinks, list(callbacks), checkpoint_dir, meta)  # fmt: skip
     model.train()
     with prec.activate(), _signals(state, handle_signals):
         emit(run.callbacks, "on_fit_start", state)
@@ -264,11 +286,29 @@ def fit(
     return _result(prec, state, tracker, train_time)
 
 
+def _wrap(model: nn.Module, world_size: int) -> nn.Module:
+    """The module the training step calls: DDP-wrapped under torch.distributed."""
+    if world_size == 1:
+        return model
+    device = next(model.parameters()).device
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _check_world_size(ckpt: Checkpoint) -> None:
+    saved, (_, now) = ckpt.trainer.get("world_size", 1), distributed.world()
+    if saved != now:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {ckpt.path} was written by {saved} process(es) and this run has {now}; "
+            f"the data position depends on the world size, so resume with --nproc {saved}"
+        )
+
+
 @dataclasses.dataclass
 class _Loop:
     """Everything one training run works on."""
 
     model: nn.Module
+    net: nn.Module  # what the step calls: `model`, or its DDP wrapper
     train: data_mod.Blocks
     val: data_mod.Blocks | None
     prec: Precision
@@ -327,14 +367,16 @@ def _run(run: _Loop) -> float:
     """Steps until `max_steps` or a stop request; returns the seconds spent training."""
     model, opts, state = run.model, run.opts, run.state
     device = next(model.parameters()).device
-    batches = data_mod.batches(run.train, opts.batch_size, opts.seed, start=state.batches)
+    rank, world_size = distributed.world()
+    batches = data_mod.batches(run.train, opts.batch_size, opts.seed, start=state.batches,
+                               rank=rank, world_size=world_size)  # fmt: skip
     if run.val is not None and state.step == 0:
         _eval_and_log(run)
     clock = _now(device)
     meter, train_time = Throughput(clock), 0.0
     while state.step < opts.max_steps and not state.should_stop:
         window = [_to_device(next(batches), device) for _ in range(opts.grad_accum)]
-        out = train_step(model, window, run.prec, run.optimizer, run.scheduler, opts)
+        out = train_step(run.net, window, run.prec, run.optimizer, run.scheduler, opts)
         state.step, state.batches = state.step + 1, state.batches + opts.grad_accum
         state.tokens += out.tokens
         meter.update(out.tokens)
@@ -348,6 +390,9 @@ def _run(run: _Loop) -> float:
         if state.consecutive_nonfinite >= opts.max_nonfinite:
             raise _nonfinite_error(run.prec, state)
         emit(run.callbacks, "on_step_end", state, metrics)
+        if world_size > 1:  # a signal or callback on any rank stops every rank at this step
+            stop, signum = distributed.all_reduce([state.should_stop, state.stop_signal], "max")
+            state.should_stop, state.stop_signal = bool(stop), int(signum)
         due = opts.checkpoint_every and state.step % opts.checkpoint_every == 0
         stop = last or state.should_stop
         # A signal may come with a short grace period: checkpoint at once, evaluate later.
@@ -363,17 +408,19 @@ def _run(run: _Loop) -> float:
 
 
 def _save_checkpoint(run: _Loop) -> None:
-    tensors, counters = checkpoint.capture(
-        run.model, run.optimizer, run.scheduler, run.prec, run.state
-    )
-    run.last_checkpoint = checkpoint.save(
-        run.checkpoint_dir,
-        run.state.step,
-        tensors,
-        {**counters, **run.checkpoint_meta},
-        run.opts.keep_last,
-    )
-    log.debug("checkpoint %s saved", run.last_checkpoint)
+    """Rank 0 writes, with every rank's RNG state; the others wait for it."""
+    rngs = distributed.gather(checkpoint.rng_state())
+    path = None
+    if distributed.is_main():
+        tensors, counters = checkpoint.capture(
+            run.model, run.optimizer, run.scheduler, run.prec, run.state, rngs
+        )
+        path = checkpoint.save(
+            run.checkpoint_dir, run.state.step, tensors, {**counters, **run.checkpoint_meta},
+            run.opts.keep_last,
+        )  # fmt: skip
+        log.debug("checkpoint %s saved", path)
+    run.last_checkpoint = distributed.broadcast(path)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -388,6 +435,7 @@ def _now(device: torch.device) -> float:
 
 def _memory(device: torch.device) -> dict[str, Any]:
     peak, source = peak_memory_mb(device)
+    (peak,) = distributed.all_reduce([peak], "max")  # the rank that needs the most
     return {"mem/peak_mb": peak, "mem/source": source}
 
 

@@ -24,7 +24,7 @@ def create_run_dir(root: str | Path, command: str) -> Path:
         raise ValueError(f"run command name {command!r} must be lowercase letters, digits, - or _")
     root = Path(root)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True, mode=0o755)
     for n in range(1000):
         path = root / (f"{command}-{stamp}" + (f"-{n}" if n else ""))
         try:

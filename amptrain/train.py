@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint, data
+from amptrain import checkpoint, data, distributed
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig
 from amptrain.errors import ConfigError
@@ -42,7 +43,13 @@ class TrainRun:
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else CPU; other names must exist on this machine."""
+    """`auto` is CUDA when available, else CPU; other names must exist on this machine.
+
+    Under torchrun, CUDA means this rank's GPU (LOCAL_RANK).
+    """
+    if distributed.launched_by_torchrun() and name in ("auto", "cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -103,21 +110,29 @@ def run_training(
     Raises:
         Interrupted: After SIGINT/SIGTERM, once the checkpoint is saved.
     """
-    ckpt, history = None, []
+    ckpt, history, main = None, [], distributed.is_main()
     if resume is None:
         model, train, val, precision = prepare(cfg)
-        run_dir = create_run_dir(cfg.out, command)
-        atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "environment": environment()})
+        run_dir = create_run_dir(cfg.out, command) if main else None
+        run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
+        if main:
+            config = {**cfg.to_dict(), "environment": environment()}
+            atomic_write_json(run_dir / "config.json", config)
     else:
         run_dir, ckpt = find_resume(cfg.out, resume, command)
         cfg = TrainConfig.from_dict(_saved_config(run_dir))
         _check_config_hash(cfg, ckpt)
         model, train, val, precision = prepare(cfg)
-        history = truncate_metrics(run_dir, ckpt.trainer["step"])
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 edits the run
+        if main:
+            history = truncate_metrics(run_dir, ckpt.trainer["step"])
         log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, ckpt.trainer["step"])
-    checkpoint.clean_temporaries(run_dir / "checkpoints")
+    if main:
+        checkpoint.clean_temporaries(run_dir / "checkpoints")
     log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
-    files: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl"), CsvSink(run_dir / "metrics.csv")]
+    files: list[Sink] = []
+    if main:  # only rank 0 writes files
+        files = [JsonlSink(run_dir / "metrics.jsonl"), CsvSink(run_dir / "metrics.csv")]
     result = fit(
         model, train, val, precision=precision, sinks=[*files, *(sinks or [])],
         source=cfg.model, checkpoint_dir=run_dir / "checkpoints", resume=ckpt,
@@ -125,6 +140,8 @@ def run_training(
         checkpoint_meta={"config_hash": checkpoint.config_hash(cfg.to_dict())},
         **dataclasses.asdict(cfg.fit),
     )  # fmt: skip
+    if not main:
+        return TrainRun(result, run_dir, model, train, val)
     atomic_torch_save(model.state_dict(), run_dir / "model.pt")
     atomic_write_json(run_dir / "summary.json", summary(result, cfg, model))
     if MATPLOTLIB_AVAILABLE:

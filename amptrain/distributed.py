@@ -1,0 +1,102 @@
+"""torch.distributed glue for the loop: the process group and the few collectives it needs.
+
+The process group comes from torchrun's environment; the collectives are sums, maxima, an
+agreed stop, gathered RNG states and a broadcast of rank 0's run directory.
+
+Everything here is a no-op in a single process, so the loop calls it unconditionally.
+torch.distributed is for trusted networks only; `amptrain train --nproc N` binds its
+rendezvous to localhost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("amptrain")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """True on rank 0, the rank that writes files and prints."""
+    return world()[0] == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher) set WORLD_SIZE > 1 for this process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env() -> torch.device | None:
+    """Join the process group torchrun describes; returns this rank's device (None if single).
+
+    The backend is NCCL when CUDA is available, gloo otherwise.
+    """
+    if not launched_by_torchrun() or dist.is_initialized():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=dt.timedelta(minutes=10))
+    log.debug("rank %d of %d on %s (%s)", dist.get_rank(), dist.get_world_size(), device, backend)
+    return device
+
+
+def shutdown() -> None:
+    """Leave the process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Sum or max a few numbers across ranks (float64, one collective)."""
+    if world()[1] == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def gather(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` on rank 0 (a list by rank); None on the other ranks."""
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    out = [None] * size if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank."""
+    if world()[1] > 1:
+        dist.barrier()
