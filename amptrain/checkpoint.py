@@ -124,20 +124,21 @@ def save(
     root = Path(root)
     final = root / f"step-{step:09d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    # Serialise everything in memory first: a failing payload never touches the disk.
+    payloads = {f"{name}.pt": _serialize(value) for name, value in tensors.items()}
+    payloads["trainer.json"] = json.dumps({**trainer, "format_version": FORMAT_VERSION},
+                                          indent=2).encode()  # fmt: skip
+    manifest = {name: {"size": len(p), "sha256": hashlib.sha256(p).hexdigest()}
+                for name, p in payloads.items()}  # fmt: skip
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(mode=0o700)
-        payloads = {f"{name}.pt": _serialize(value, name) for name, value in tensors.items()}
-        payloads["trainer.json"] = json.dumps({**trainer, "format_version": FORMAT_VERSION},
-                                              indent=2).encode()  # fmt: skip
         for name, payload in payloads.items():
             _write(tmp / name, payload)
-        manifest = {name: {"size": len(p), "sha256": hashlib.sha256(p).hexdigest()}
-                    for name, p in payloads.items()}  # fmt: skip
         _write(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())  # last
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(root)
     except OSError as exc:
@@ -150,10 +151,21 @@ def save(
     return final
 
 
-def _serialize(value: Any, name: str) -> bytes:
+def _serialize(value: Any) -> bytes:
     buffer = io.BytesIO()
-    torch.save(value, buffer)  # in memory first: a failing payload never touches the disk
+    torch.save(value, buffer)
     return buffer.getvalue()
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory so that its `step-*` name is never left half-deleted.
+
+    The rename is atomic; a kill during the deletion leaves a `.tmp-step-*` directory, which
+    `clean_temporaries` removes at the next start.
+    """
+    doomed = path.with_name(f".tmp-{path.name}-old-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -167,7 +179,7 @@ def _fsync_dir(path: Path) -> None:
 def _rotate(root: Path, keep_last: int) -> None:
     complete = [p for p in list_checkpoints(root) if verify(p) is None]
     for old in complete[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
 
 
 def clean_temporaries(root: str | Path) -> None:
