@@ -1,10 +1,9 @@
-"""The training loop: `fit()` runs optimizer steps over seeded batches; `evaluate()` scores blocks.
+"""The training loop: `fit()` runs optimizer steps over seeded batches.
 
-One optimizer step is `train_step()`, a linear function to read top to bottom: forward under
-autocast, backward through the precision's scaler, unscale, measure and clip the gradient norm,
-step (or skip a non-finite step), update the loss scale, zero the gradients. The scheduler steps
-only after a real optimizer step. Rank-specific work is confined to the batch source and the
-sinks, so `torchrun` support adds a sampler and rank checks rather than a second loop.
+It validates the input before any kernel runs, then repeats `step.train_step()` with the
+bookkeeping around it: metrics to the sinks, the non-finite policy, evaluation, checkpoints,
+callbacks and signals. Rank-specific work is confined to the batch source, the sinks and
+rank 0's checkpoint writes, so the same loop runs under `torchrun`.
 """
 
 from __future__ import annotations
@@ -26,14 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amptrain import checkpoint, distributed
 from amptrain import data as data_mod
-from amptrain.adapter import (
-    check_token_range,
-    count_targets,
-    extract_logits,
-    next_token_hits,
-    next_token_loss,
-    probe_vocab,
-)
+from amptrain.adapter import check_token_range, probe_vocab
 from amptrain.callbacks import Callback, emit
 from amptrain.checkpoint import Checkpoint
 from amptrain.config import FitOptions
@@ -43,8 +35,9 @@ from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
 from amptrain.optim import make_optimizer, make_scheduler
 from amptrain.precision import Precision, resolve
+from amptrain.step import Batch, StepOutput, evaluate, train_step
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+__all__ = ["FitResult", "TrainState", "check_data", "evaluate", "fit", "train_step"]
 
 log = logging.getLogger("amptrain")
 
@@ -71,17 +64,6 @@ class TrainState:
     """A callback sets this to end training after the current step."""
     stop_signal: int = 0
     """The signal (SIGINT 2, SIGTERM 15) that asked training to stop; 0 if none."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOutput:
-    """What one optimizer step reports."""
-
-    loss: float
-    grad_norm: float
-    lr: float
-    stepped: bool
-    tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,97 +95,6 @@ class FitResult:
         if not history:
             out.pop("history")
         return out
-
-
-def train_step(
-    model: nn.Module,
-    window: Sequence[Batch],
-    precision: Precision,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    opts: FitOptions,
-) -> StepOutput:
-    """One optimizer step over the micro-batches of `window` (gradient accumulation).
-
-    Under DDP `model` is the wrapped module: micro-batches before the last skip the
-    gradient all-reduce (`no_sync`), and the loss is normalised by the token count of all
-    ranks, so N ranks with batch B train exactly like one process with batch N*B.
-    """
-    _, world_size = distributed.world()
-    local_targets = sum(count_targets(y, opts.ignore_index) for _, y in window)
-    (n_targets,) = distributed.all_reduce([float(local_targets)])
-    lr = optimizer.param_groups[0]["lr"]
-    total = torch.zeros((), device=window[0][0].device)
-    for i, (x, y) in enumerate(window):
-        defer_sync = isinstance(model, DDP) and i < len(window) - 1
-        with model.no_sync() if defer_sync else contextlib.nullcontext(), precision.autocast():
-            logits = extract_logits(model(x))
-            loss_sum = next_token_loss(logits, y, opts.ignore_index)
-            # Normalise by the whole window's token count: every token weighs the same, so
-            # accumulating A batches of B equals one batch of A*B. DDP averages over ranks,
-            # hence the world size.
-            precision.backward(loss_sum * (world_size / n_targets))
-        total += loss_sum.detach()
-    precision.unscale_(optimizer)  # clipping must see the true (unscaled) gradients
-    norm = _grad_norm(model, opts.clip_norm)
-    # One host sync per optimizer step: the non-finite policy must decide before stepping
-    # (GradScaler.step makes the same sync to read its found-inf flag).
-    grad_norm = norm.item()
-    stepped = math.isfinite(grad_norm)
-    if stepped:
-        precision.step(optimizer)
-        scheduler.step()  # never after a skipped step, so the schedule counts real updates
-    precision.update()  # backs the loss scale off when unscale_ found inf/NaN
-    optimizer.zero_grad(set_to_none=True)
-    (loss,) = distributed.all_reduce([total.item()])
-    return StepOutput(loss / n_targets, grad_norm, lr, stepped, int(n_targets))
-
-
-def _grad_norm(model: nn.Module, clip_norm: float | None) -> torch.Tensor:
-    """The total gradient norm before clipping; clips in place when `clip_norm` is set."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if clip_norm is not None:
-        return torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
-    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    blocks: data_mod.Blocks,
-    precision: Precision,
-    batch_size: int,
-    max_batches: int | None = None,
-    ignore_index: int = -100,
-) -> dict[str, float]:
-    """Token-weighted loss, perplexity and accuracy on `blocks`, in fixed order, under autocast.
-
-    Under torch.distributed the batches are shared out over the ranks and the sums reduced,
-    so every rank returns the same figures.
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_sum, hits, count = 0.0, 0, 0
-    rank, world_size = distributed.world()
-    per_eval = batch_size * world_size  # the global batch, as in training
-    n = len(blocks) if max_batches is None else min(len(blocks), max_batches * per_eval)
-    for start in range(rank * batch_size, n, world_size * batch_size):  # sharded over ranks
-        x = blocks.inputs[start : start + batch_size].to(device, non_blocking=True)
-        y = blocks.labels[start : start + batch_size].to(device, non_blocking=True)
-        with precision.autocast():
-            logits = extract_logits(model(x))
-            loss_sum += next_token_loss(logits, y, ignore_index).item()
-        hits += int(next_token_hits(logits, y, ignore_index))
-        count += count_targets(y, ignore_index)
-    model.train(was_training)
-    loss_sum, hits, count = distributed.all_reduce([loss_sum, float(hits), float(count)])
-    mean = loss_sum / max(count, 1)
-    return {
-        "val/loss": mean,
-        "val/perplexity": math.exp(mean) if mean < 700 else math.inf,
-        "val/accuracy": hits / max(count, 1),
-    }
 
 
 def fit(
