@@ -187,7 +187,7 @@ def test_grad_norm_is_unscaled_and_pre_clip(train_val):
                            clip_norm=1e-3)  # fmt: skip
         norms[precision] = res.history[-1]["train/grad_norm"]
     assert norms["fp32"] > 1e-3  # logged before clipping
-    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=1e-2)  # not multiplied by the scale
+    assert norms["fp16"] == pytest.approx(norms["fp32"], abs=1e-3)  # unscaled: F13 tolerance
 
 
 def test_token_ids_beyond_the_vocabulary_fail_before_training(model):

@@ -35,6 +35,18 @@ class Flat(nn.Module):
         return self.emb(ids).sum(-1)
 
 NOT_A_MODEL = 3
+
+class Plain:
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+class IntLogits(nn.Module):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, 4)
+
+    def forward(self, ids):
+        return torch.zeros(ids.size(0), ids.size(1), 32, dtype=torch.long)
 """
 
 
@@ -63,13 +75,25 @@ def test_missing_file_names_the_path(tmp_path):
 
 
 def test_missing_symbol_lists_what_the_file_has(model_file):
-    with pytest.raises(ModelError, match=r"no symbol 'Missing'.*Flat, Net, make_net"):
+    with pytest.raises(ModelError, match=r"no symbol .Missing.*Flat, IntLogits, Net, make_net"):
         build_model(ModelSpec(f"{model_file}:Missing"), 32)
 
 
 def test_symbol_that_is_not_a_model(model_file):
     with pytest.raises(ModelError, match="not a class or function"):
         build_model(ModelSpec(f"{model_file}:NOT_A_MODEL"), 32)
+
+
+def test_a_class_that_is_not_a_module_is_refused(model_file):
+    with pytest.raises(ModelError, match=r"Plain returned a Plain, not a torch nn.Module"):
+        build_model(ModelSpec(f"{model_file}:Plain"), 32)
+
+
+def test_integer_logits_are_refused_with_their_dtype(model_file):
+    spec = f"{model_file}:IntLogits"
+    with pytest.raises(ModelError, match=rf"{spec} returned logits of dtype torch.int64"):
+        amptrain.fit(build_model(ModelSpec(spec), 32), pattern_blocks(8), source=spec,
+                     max_steps=1, batch_size=4)  # fmt: skip
 
 
 def test_wrong_output_shape_names_file_symbol_and_shape(model_file):
