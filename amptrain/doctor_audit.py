@@ -1,0 +1,155 @@
+"""The doctor's audit of a training set-up, and the fp32 wrapper that `--fix` applies.
+
+`audit` takes one real optimizer step on a copy and reports the dtypes of parameters,
+gradients and optimizer state, whether autocast lowers matmuls, the scaler, TF32 flags and
+whether bf16 is fast here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from amptrain.adapter import count_targets, extract_logits, next_token_loss
+from amptrain.config import FitOptions
+from amptrain.doctor_probe import ROOT, _copy, _floats, _map
+from amptrain.doctor_report import (
+    Audit,
+)
+from amptrain.errors import ModelError
+from amptrain.optim import make_optimizer
+from amptrain.precision import Precision, cpu_bf16_features, resolve
+
+log = logging.getLogger("amptrain")
+
+
+def _bf16_speed(device: torch.device) -> tuple[bool, str]:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        fast = major >= 8
+        return fast, f"compute capability {major}.{minor}" + ("" if fast else ": bf16 needs 8.0+")
+    if device.type == "cpu":
+        features = cpu_bf16_features()
+        if features:
+            return True, f"this CPU has {' and '.join(features)}"
+        return False, "this CPU has no AMX-BF16 or AVX512-BF16: bf16 is emulated and slow"
+    return False, f"no bf16 rule for device type {device.type!r}"
+
+
+def _tf32_flags() -> dict[str, str]:
+    return {
+        "torch.backends.cuda.matmul.fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+        "torch.backends.cudnn.conv.fp32_precision": torch.backends.cudnn.conv.fp32_precision,
+        "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision(),
+    }
+
+
+def _dtypes(tensors: Iterator[torch.Tensor]) -> dict[str, int]:
+    return dict(Counter(str(t.dtype)[6:] for t in tensors))
+
+
+def audit(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    precision: str | Precision = "auto",
+    lr: float = 1e-3,
+    ignore_index: int = -100,
+) -> Audit:
+    """One real AdamW step on a copy of `model` under `precision`, and what it used.
+
+    Args:
+        model: The model as the user has it (its own dtypes); it is not changed.
+        batch: `(inputs, labels)` on the model's device.
+        precision: The precision trained with (a name or a `Precision`).
+        lr: Learning rate of the step.
+        ignore_index: Label value the loss ignores.
+
+    Returns:
+        An `Audit`: dtypes of parameters, gradients and optimizer state, output dtypes of every
+        nn.Linear/conv call under autocast, the scaler, TF32 flags, whether bf16 is fast here.
+        A failing step (a half-precision model under fp16 AMP) is recorded in `step_error`.
+    """
+    device = next(model.parameters()).device
+    given = resolve(precision, device)
+    prec = resolve(given.name, device, init_scale=given.loss_scale)  # a fresh scaler
+    work = _copy(model).train()
+    optimizer = make_optimizer(work, FitOptions(lr=lr))
+    matmuls: Counter = Counter()
+    kinds = (nn.Linear, nn.modules.conv._ConvNd)
+    handles = [m.register_forward_hook(lambda mod, args, out: matmuls.update(_dtypes(_floats(out))))
+               for m in work.modules() if isinstance(m, kinds)]  # fmt: skip
+    step_error, x, y = None, *batch
+    try:
+        with prec.activate():
+            with prec.autocast():
+                loss = next_token_loss(extract_logits(work(x)), y, ignore_index)
+            prec.backward(loss / max(count_targets(y, ignore_index), 1))
+            grads = _dtypes(p.grad for p in work.parameters() if p.grad is not None)
+            prec.unscale_(optimizer)  # the GradScaler refuses fp16 gradients here
+            prec.step(optimizer)
+            prec.update()
+    except (ValueError, RuntimeError) as exc:
+        step_error = f"{type(exc).__name__}: {exc}"
+        grads = _dtypes(p.grad for p in work.parameters() if p.grad is not None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    state = (v for s in optimizer.state.values() for k, v in s.items() if k != "step")
+    fast, why = _bf16_speed(device)
+    return Audit(
+        prec.name, given.reason, str(device), _dtypes(work.parameters()), grads,
+        _dtypes(v for v in state if isinstance(v, torch.Tensor)), dict(matmuls),
+        prec.scaler.is_enabled(), prec.loss_scale, step_error, _tf32_flags(), fast, why,
+    )  # fmt: skip
+
+
+class Float32(nn.Module):
+    """Runs the wrapped module in fp32 under a disabled autocast region (the `--fix` wrapper)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner.float()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Cast floating inputs to fp32, then call the module with autocast off."""
+        args, kwargs = _map((args, kwargs), lambda t: t.float())
+        tensors = _floats((args, kwargs)) or list(self.inner.parameters())
+        device_type = tensors[0].device.type if tensors else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            return self.inner(*args, **kwargs)
+
+
+def wrap_fp32(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """Make the named modules of `model` run in fp32 under a disabled autocast region.
+
+    This changes `model` in place (pass a `copy.deepcopy` to keep the original); the wrapped
+    modules' parameters are cast to fp32 and move under `<name>.inner` in the state dict.
+
+    Args:
+        model: The model to change.
+        names: Module names as `model.named_modules()` gives them; `(model)` wraps it whole.
+
+    Returns:
+        `model`, or a `Float32` around it when `(model)` is named.
+
+    Raises:
+        ModelError: If a name is not a module of `model`.
+    """
+    if ROOT in names or "" in names:
+        return Float32(model)
+    for name in sorted(names, key=lambda n: -n.count(".")):  # deepest first: paths stay valid
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, Float32(parent.get_submodule(child)))
+        except AttributeError:
+            known = [n for n, _ in model.named_modules() if n][:8]
+            raise ModelError(
+                f"wrap_fp32: {name!r} is not a module of the model; modules are named like {known}"
+            ) from None
+    return model
