@@ -120,6 +120,10 @@ def _run_train(args: argparse.Namespace) -> int:
     distributed.init_from_env()
     try:
         progress = _progress(args, cfg.fit.max_steps, "train") if distributed.is_main() else []
+        if args.wandb is not None and distributed.is_main():
+            from amptrain.metrics.wandb_sink import WandbSink
+
+            progress.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out))
         run = run_training(
             cfg, sinks=progress, resume=args.resume, allow_new_scaler=args.allow_new_scaler
         )
@@ -248,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="processes on this machine (DDP through torch's launcher)")  # fmt: skip
     train.add_argument("--allow-new-scaler", action="store_true",
                        help="resume fp16 from a checkpoint without GradScaler state")  # fmt: skip
+    train.add_argument("--wandb", nargs="?", const="amptrain", default=None, metavar="PROJECT",
+                       help="also log to Weights & Biases (project, default amptrain); "
+                       "honours WANDB_MODE=offline")  # fmt: skip
     train.set_defaults(func=_run_train)
     bench = sub.add_parser("bench", help="benchmark precisions side by side on your model")
     _add_train_flags(bench, skip=_BENCH_SKIPS)

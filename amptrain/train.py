@@ -130,6 +130,11 @@ def run_training(
     if main:
         checkpoint.clean_temporaries(run_dir / "checkpoints")
     log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
+    for sink in sinks or []:  # sinks that keep a run config (W&B) learn the resolved precision
+        if hasattr(sink, "log_config"):
+            sink.log_config({**cfg.to_dict(), "environment": environment(),
+                             "precision_requested": cfg.precision, "precision": precision.name,
+                             "precision_reason": precision.reason})  # fmt: skip
     files: list[Sink] = []
     if main:  # only rank 0 writes files
         files = [JsonlSink(run_dir / "metrics.jsonl"), CsvSink(run_dir / "metrics.csv")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -10,6 +12,15 @@ from amptrain.models import GPTConfig, TinyGPT
 
 VOCAB = 32
 CONTEXT = 16
+
+
+@pytest.fixture(autouse=True)
+def _restore_amptrain_logger():
+    """The CLI sets up the "amptrain" logger for a terminal; undo it so caplog sees records."""
+    logger = logging.getLogger("amptrain")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
 @pytest.fixture(autouse=True)

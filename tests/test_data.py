@@ -93,7 +93,7 @@ def test_batches_resume_at_any_position_without_replay():
 
 def test_batch_larger_than_data_is_refused():
     blocks = data.as_blocks(torch.zeros(4, 8, dtype=torch.long))
-    with pytest.raises(DataError, match=r"batch_size=8 x 1 process\(es\) is larger than the 4 training"):
+    with pytest.raises(DataError, match=r"batch_size=8 x 1 process\(es\) is larger than the 4"):
         next(data.batches(blocks, 8, seed=0))
 
 
