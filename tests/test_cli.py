@@ -125,5 +125,7 @@ def test_python_dash_m_works(tmp_path, corpus):
 def test_demo_learns_the_builtin_corpus(tmp_path):
     from amptrain.demo import run_demo
 
-    run = run_demo(out=tmp_path, max_steps=120, progress=False)
+    run, report = run_demo(out=tmp_path, max_steps=120, progress=False, bench_steps=8,
+                           bench_repeats=1)  # fmt: skip
     assert run.result.final_val_loss < 0.6 * run.result.initial_val_loss
+    assert report.arm("bf16").status == "ok" and (run.run_dir / "report.md").exists()

@@ -1,0 +1,264 @@
+"""Show and save a search: progress bar, console table, trials.csv, best.json, config.json, plots.
+
+This is the presentation side of `amptrain.search` (as `bench_report` is of `bench`), with the
+`amptrain search` command's flow (`run_cli`). The plots (optimisation history, parameter
+importances, parallel coordinates) are Optuna's matplotlib ones, drawn with the `plot` extra;
+importances are skipped, with a log line, while too few trials are complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+from amptrain._imports import MATPLOTLIB_AVAILABLE
+from amptrain.config import TrainConfig
+from amptrain.errors import ConfigError
+from amptrain.runs import atomic_write_bytes, atomic_write_json
+from amptrain.search import SearchResult, redact, run_search
+
+log = logging.getLogger("amptrain")
+
+_METRICS = ("precision", "steps", "tokens", "tokens_per_s", "final_val_accuracy",
+            "final_train_loss", "skipped_steps", "loss_scale", "train_time_s")  # fmt: skip
+
+
+class SearchProgress:
+    """A progress bar over trials, with the best value so far; a no-op when not enabled."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self._progress = None
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        from amptrain.metrics.console import stderr_console
+
+        self._progress = Progress(
+            TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=stderr_console(),
+        )  # fmt: skip
+        self._task = self._progress.add_task("search", total=total, best="")
+        self._progress.start()
+
+    def update(self, done: int, best: float | None) -> None:
+        """Show `done` trials and the best value."""
+        if self._progress is not None:
+            text = "" if best is None else f"best val loss {best:.4f}"
+            self._progress.update(self._task, completed=done, best=text)
+
+    def close(self) -> None:
+        """Stop the live display."""
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    if isinstance(value, float):
+        return format(value, spec)
+    return "-" if value is None else str(value)
+
+
+_SHORT = {"batch_size": "batch", "grad_accum": "accum", "weight_decay": "wd",
+          "precision": "prec", "clip_norm": "clip", "warmup": "warm"}  # fmt: skip
+
+
+def console_table(result: SearchResult, rows: int = 10) -> Table:
+    """The best trials, some others and the baseline (`*`): state, loss, settings, tokens/s.
+
+    A trial stopped by the pruner shows where (`PRUNED 2/4`); the reasons of other stopped or
+    failed trials are listed under the table, and every reason is in trials.csv.
+    """
+    states = [t.state for t in result.trials]
+    counts = ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
+    done = sorted((t for t in result.trials if t.state == "COMPLETE"), key=lambda t: t.value)
+    shown = done[:rows] + [t for t in result.trials if t.state != "COMPLETE"][: rows // 2]
+    shown += [t for t in result.trials if t.baseline and t not in shown]
+    shown.sort(key=lambda t: (t.state != "COMPLETE", t.value or 0, t.number))
+    notes = [f"trial {t.number}: {t.reason[:100]}" for t in shown
+             if t.reason and not t.reason.startswith("pruned at")]  # fmt: skip
+    table = Table(title=f"amptrain search: study {result.study_name!r}, {counts}",
+                  caption="\n".join([*notes, _verdict(result)]), box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)  # fmt: skip
+    names = sorted({k for t in result.trials for k in t.params})
+    for header in ("trial", "state", "loss", *[_SHORT.get(n, n) for n in names], "tok/s"):
+        table.add_column(header)
+    for t in shown:
+        pruned_at = re.match(r"pruned at step (\d+/\d+)", t.reason or "")
+        state = f"{t.state} {pruned_at.group(1)}" if pruned_at else t.state
+        settings = [_fmt(t.params.get(n), ".2e" if n == "lr" else ".2g") for n in names]
+        table.add_row(f"{t.number}{'*' if t.baseline else ''}", state, _fmt(t.value, ".4f"),
+                      *settings, _fmt(t.metrics.get("tokens_per_s"), ".0f"))  # fmt: skip
+    return table
+
+
+def _verdict(result: SearchResult) -> str:
+    if result.best_value is None:
+        return "no trial completed"
+    text = f"val loss of the best trial {result.best_number}: {result.best_value:.4f}"
+    if result.baseline_value is not None:
+        change = result.best_value / result.baseline_value - 1
+        text += (f"; of the base settings (trial {result.baseline_number}*): "
+                 f"{result.baseline_value:.4f} ({change:+.1%})")  # fmt: skip
+    return text
+
+
+def write_outputs(result: SearchResult, run_dir: str | Path) -> Path:
+    """Write config.json, trials.csv, best.json and (with the plot extra) the plots."""
+    from amptrain.train import environment
+
+    run_dir = Path(run_dir)
+    atomic_write_json(run_dir / "config.json", {
+        "study_name": result.study_name, "storage": result.storage, "n_trials": result.n_trials,
+        **result.settings, "environment": environment(),
+    })  # fmt: skip
+    atomic_write_bytes(run_dir / "trials.csv", trials_csv(result).encode())
+    best = next((t for t in result.trials if t.number == result.best_number), None)
+    atomic_write_json(run_dir / "best.json", {
+        "study_name": result.study_name, "objectives": list(result.objectives),
+        "n_trials": result.n_trials, "number": result.best_number, "value": result.best_value,
+        "values": result.best_values, "params": result.best_params,
+        "metrics": None if best is None else best.metrics, "command": result.best_command,
+        "baseline": {"number": result.baseline_number, "value": result.baseline_value},
+    })  # fmt: skip
+    if MATPLOTLIB_AVAILABLE and result.study is not None:
+        plot_search(result, run_dir)
+    elif not MATPLOTLIB_AVAILABLE:
+        log.info("search plots skipped: install amptrain[plot] for plots")
+    return run_dir
+
+
+def trials_csv(result: SearchResult) -> str:
+    """One row per trial: number, state, value(s), each parameter, reason, duration, figures."""
+    names = sorted({k for t in result.trials for k in t.params})
+    extra = [f"value_{o}" for o in result.objectives[1:]]
+    figures = [m for m in _METRICS if m not in names]  # a searched precision is a column already
+    fields = ["number", "state", "value", *extra, *names, "reason", "duration_s", "baseline",
+              "counted", *figures]  # fmt: skip
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    for t in result.trials:
+        row = {"number": t.number, "state": t.state, "value": t.value, "reason": t.reason,
+               "duration_s": t.duration_s, "baseline": t.baseline, "counted": t.counted,
+               **{k: t.metrics.get(k) for k in figures}, **t.params}  # fmt: skip
+        row.update(zip(extra, (t.values or ())[1:]))
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def plot_search(result: SearchResult, run_dir: str | Path) -> list[Path]:
+    """history.png, importances.png and parallel.png from the study; returns those written."""
+    from amptrain.plotting import _pyplot, _save
+
+    plt = _pyplot()
+    import optuna.visualization.matplotlib as ov
+
+    run_dir, study = Path(run_dir), result.study
+    target = {"target": lambda t: t.values[0], "target_name": "val loss"}
+    done = [t for t in result.trials if t.state == "COMPLETE"]
+    plots = [("history.png", ov.plot_optimization_history),
+             ("parallel.png", ov.plot_parallel_coordinate)]  # fmt: skip
+    if len(done) >= 2 and len(result.best_params or {}) >= 1:
+        plots.insert(1, ("importances.png", ov.plot_param_importances))
+    else:
+        log.info("importances.png skipped: %d complete trial(s), need 2", len(done))
+    written = []
+    for name, draw in plots:
+        # Optuna's plots switch the global style to ggplot; keep that inside this block.
+        with plt.style.context("default"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning of optuna's matplotlib API
+            try:
+                axes = draw(study, **target)
+            except (ValueError, RuntimeError) as exc:  # e.g. importances of constant values
+                log.info("%s skipped: %s", name, exc)
+                continue
+        written.append(_save(getattr(axes, "figure", None) or plt.gcf(), run_dir / name))
+    return written
+
+
+def run_cli(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    """The `amptrain search` command: search, write the run directory, print the table."""
+    import optuna
+
+    from amptrain import search_space
+    from amptrain.cli import _console
+
+    if not args.verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name, run_dir = _study_dir(args.study_name, Path(cfg.out))
+    storage = _storage_arg(args.storage) or str(run_dir / "journal.log")
+    space: Any = args.space
+    fixed = [n for n in search_space.PARAMS if n in vars(args)]
+    if space is None and fixed:  # train flags given on the command line are not searched
+        space = {k: v for k, v in _default_space(cfg).items() if k not in fixed}
+    try:
+        result = run_search(
+            cfg, space=space, n_trials=args.trials, steps=args.budget_steps,
+            tokens=args.budget_tokens, objectives=args.objectives.split(","),
+            pruner=args.pruner, study_name=name, storage=storage, workers=args.workers,
+            baseline=not args.no_baseline, progress=not args.no_progress,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        where = f" --storage {redact(args.storage)}" if args.storage else ""
+        print(f"amptrain: search interrupted; resume it with the same flags and --study-name "
+              f"{name}{where}", file=sys.stderr)  # fmt: skip
+        return 130
+    write_outputs(result, run_dir)
+    console = _console(stdout=True)
+    console.print(console_table(result))
+    if result.best_command:
+        console.print(f"best trial as a training run: {result.best_command}", soft_wrap=True,
+                      highlight=False)  # fmt: skip
+    console.print(f"run directory: {run_dir}", soft_wrap=True, highlight=False)
+    return 0
+
+
+def _default_space(cfg: TrainConfig) -> dict[str, Any]:
+    from amptrain.bench import default_precisions
+    from amptrain.search_space import default_space
+    from amptrain.train import pick_device
+
+    return default_space(default_precisions(pick_device(cfg.device)))
+
+
+def _study_dir(name: str | None, out: Path) -> tuple[str, Path]:
+    """The study name and its run directory `out/search-NAME` (not created here)."""
+    if name is not None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+            raise ConfigError(f"--study-name {name!r}: use letters, digits, '.', '_' or '-'")
+        return name, out / f"search-{name}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        name = stamp + (f"-{n}" if n else "")
+        if not (out / f"search-{name}").exists():
+            return name, out / f"search-{name}"
+    raise FileExistsError(f"could not find a free search directory name under {out}")
+
+
+def _storage_arg(value: str | None) -> str | None:
+    """`--storage`; `env:VAR` reads the URL from $VAR, keeping the password off the command line."""
+    if value is None or not value.startswith("env:"):
+        return value
+    url = os.environ.get(value[4:])
+    if not url:
+        raise ConfigError(f"--storage {value}: the environment variable {value[4:]} is not set")
+    return url
