@@ -167,50 +167,6 @@ def _train_once(
     return _Run([b - a for a, b in zip(stamps, stamps[1:])], result, init_digest, batch_digest)
 
 
-def _memory_cuda(template, train, val, precision, opts) -> tuple[float, float, str]:
-    device = next(template.parameters()).device
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    _train_once(template, train, val, precision, opts)
-    peak = torch.cuda.max_memory_allocated(device)
-    reserved = torch.cuda.max_memory_reserved(device)
-    source = f"cuda-allocator (peak reserved {reserved / 2**20:.0f} MB)"
-    return peak / 2**20, (peak - before) / 2**20, source
-
-
-def _memory_worker(conn, template, train, val, precision, opts) -> None:
-    torch.set_num_threads(1)  # OpenMP thread pools do not survive fork; speed is not measured here
-    try:
-        base = hardware.reset_peak_rss()
-        _train_once(template, train, val, precision, opts)
-        peak = hardware.peak_rss_mb()
-        conn.send((peak, None if base is None or peak is None else peak - base))
-    except BaseException as exc:  # report, never hang the parent
-        conn.send(exc)
-    finally:
-        conn.close()
-
-
-def _memory_cpu(template, train, val, precision, opts, timeout: float = 600.0):
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    worker = ctx.Process(target=_memory_worker, args=(child, template, train, val, precision, opts))
-    worker.start()
-    child.close()
-    got = parent.recv() if parent.poll(timeout) else TimeoutError("memory worker timed out")
-    worker.join(5)
-    if worker.is_alive():
-        worker.kill()
-    if isinstance(got, BaseException):
-        raise got
-    peak, delta = got
-    return peak, delta, "process-rss: peak-RSS increment of a forked worker process"
-
-
 def _aggregate(runs: Sequence[_Run], warmup: int, tokens_per_step: int) -> dict[str, Any]:
     timed = [run.step_times[max(warmup - 1, 0) :] for run in runs]
     pooled = sorted(t for times in timed for t in times)
@@ -363,9 +319,10 @@ def _check_fair(rows: Sequence[ArmResult]) -> None:
 def _with_memory(row, model, train, val, opts, device) -> ArmResult:
     if row.status != "ok":
         return row
-    measure = _memory_cuda if device.type == "cuda" else _memory_cpu
     try:
-        peak, delta, source = measure(model, train, val, row.precision, opts)
+        peak, delta, source = hardware.measure_memory(
+            device, lambda: _train_once(model, train, val, row.precision, opts)
+        )
     except torch.OutOfMemoryError as exc:
         return dataclasses.replace(row, status="oom", error=f"out of memory: {exc}")
     except Exception as exc:

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import inspect
 import logging
 import math
-import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -594,40 +592,13 @@ def _score_memory(side: _Side, prec: Precision, run: _Settings, device) -> tuple
 
 
 def _peak_mb(device: torch.device, work: Callable[[], object]) -> tuple[float | None, str]:
-    """Peak memory increment of `work`: allocator peak on CUDA, a forked worker's RSS on CPU."""
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        work()
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20, "cuda-allocator"
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    worker = ctx.Process(target=_peak_worker, args=(child, work))
-    worker.start()
-    child.close()
-    got = parent.recv() if parent.poll(600) else "timed out"
-    worker.join(5)
-    if worker.is_alive():
-        worker.kill()
-    if not isinstance(got, float):
-        log.warning("compare: memory not measured: %s", got)
-        return None, f"not measured: {got}"
-    return got, "process-rss: peak-RSS increment of a forked worker"
-
-
-def _peak_worker(conn: Any, work: Callable[[], object]) -> None:
-    torch.set_num_threads(1)  # OpenMP thread pools do not survive fork; speed is not measured
+    """Peak memory increment of `work`, measured in isolation (see `hardware.measure_memory`)."""
     try:
-        base = hardware.reset_peak_rss()
-        work()
-        peak = hardware.peak_rss_mb()
-        conn.send("no /proc here" if base is None or peak is None else float(peak - base))
-    except BaseException as exc:  # report, never hang the parent
-        conn.send(f"{type(exc).__name__}: {exc}")
-    finally:
-        conn.close()
+        _, delta, source = hardware.measure_memory(device, work)
+    except Exception as exc:  # memory is a side figure: report it missing, keep the comparison
+        log.warning("compare: memory not measured: %s", exc)
+        return None, f"not measured: {exc}"
+    return delta, source
 
 
 def _settings(run: _Settings, device: torch.device) -> dict[str, Any]:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
+import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -128,3 +132,56 @@ def _status_mb(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise OSError(f"{field} not in /proc/self/status")
+
+
+def measure_memory(
+    device: torch.device, work: Callable[[], object], timeout: float = 600.0
+) -> tuple[float | None, float | None, str]:
+    """Peak memory of `work`, measured in isolation: `(peak_mb, increment_mb, source)`.
+
+    On CUDA: the allocator's peak after a reset, and its increment over what was allocated
+    before. On CPU: `work` runs in a forked worker process (one thread; speed is not measured
+    there) whose freed heap is returned to the OS first, so the increment of its peak RSS is
+    what `work` itself needed.
+
+    Raises:
+        Exception: Whatever `work` raised (in the worker, on CPU), or TimeoutError.
+    """
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        work()
+        peak, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved()
+        source = f"cuda-allocator (peak reserved {reserved / 2**20:.0f} MB)"
+        return peak / 2**20, (peak - before) / 2**20, source
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    worker = ctx.Process(target=_memory_worker, args=(child, work))
+    worker.start()
+    child.close()
+    got = parent.recv() if parent.poll(timeout) else TimeoutError("memory worker timed out")
+    worker.join(5)
+    if worker.is_alive():
+        worker.kill()
+    if isinstance(got, BaseException):
+        raise got
+    peak, delta = got
+    return peak, delta, "process-rss: peak-RSS increment of a forked worker process"
+
+
+def _memory_worker(conn: Any, work: Callable[[], object]) -> None:
+    torch.set_num_threads(1)  # OpenMP thread pools do not survive fork
+    try:
+        base = reset_peak_rss()
+        work()
+        peak = peak_rss_mb()
+        conn.send((peak, None if base is None or peak is None else peak - base))
+    except BaseException as exc:  # report, never hang the parent
+        try:
+            conn.send(exc)
+        except Exception:  # an exception that does not pickle
+            conn.send(RuntimeError(f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
