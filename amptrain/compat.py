@@ -1,7 +1,7 @@
 """The original tier-3 API (`test_fine_tuning`, ...) as thin mappings over amptrain's core.
 
 Notebooks written against the original Colab toolkit run unchanged: the names, signatures and
-return keys are the original ones (see `seed-system.md`); the work is done by `amptrain.fit`,
+return keys are the original ones; the work is done by `amptrain.fit`,
 `amptrain.bench.bench`, `amptrain.search.search` and `amptrain.compare.compare`. The
 original's defects are not carried over, which changes behaviour as follows:
 
