@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import logging
 import math
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +26,6 @@ from amptrain import hardware
 from amptrain.adapter import (
     IGNORE_INDEX,
     check_token_range,
-    count_targets,
-    extract_logits,
-    next_token_loss,
     probe_vocab,
 )
 from amptrain.compare_report import (
@@ -42,6 +36,18 @@ from amptrain.compare_report import (
     paired_stats,
     text_verdict,
 )
+from amptrain.compare_text import (
+    MAX_WINDOW,
+    REFERENCES,
+    _encode,
+    _latency_ms,
+    _tokenizer_name,
+    _window,
+    check_baseline_dir,
+    load_baseline,
+    score_tokens,
+    text_windows,
+)
 from amptrain.config import FitOptions
 from amptrain.data import ByteTokenizer
 from amptrain.errors import ConfigError, DataError, ModelError
@@ -51,9 +57,13 @@ from amptrain.precision import Precision, resolve
 
 log = logging.getLogger("amptrain")
 
-REFERENCES = ("tiny-gpt", "gpt2")
+__all__ = [
+    "MAX_WINDOW", "REFERENCES", "CompareReport", "ModelInfo", "SeedRecord", "Shape",
+    "TextScore", "check_baseline_dir", "compare", "gpt_parameters", "load_baseline",
+    "score_tokens", "size_reference", "text_windows",
+]  # fmt: skip
+
 DEFAULT_STEPS = 50
-MAX_WINDOW = 1024
 METRICS = (("val_loss", True), ("val_perplexity", True), ("val_accuracy", False),
            ("tokens_per_s", False))  # fmt: skip
 Factory = Callable[[], nn.Module]
@@ -175,88 +185,6 @@ def size_reference(target: int, vocab: int, context: int, layers: int | None = N
     if close and layers is None:
         return min(close, key=lambda s: abs(math.log(s.n_embd / s.n_layer / 64)))
     return min(candidates, key=lambda s: (abs(s.parameters - target), s.n_layer))
-
-
-def text_windows(n_tokens: int, window: int) -> list[tuple[int, int, int]]:
-    """Windows `(start, end, first_scored)` that score every token but the first exactly once.
-
-    Each window after the first ends half a window later and scores only its new tokens, so
-    they are predicted with at least half a window of context. All windows have the same
-    length, `min(window, n_tokens)`, so they batch.
-    """
-    stride, spans, done = max(1, window // 2), [], 1
-    while done < n_tokens:
-        end = min(done + stride if spans else window, n_tokens)
-        spans.append((max(0, end - window), end, done))
-        done = end
-    return spans
-
-
-@torch.no_grad()
-def score_tokens(
-    model: nn.Module, ids: torch.Tensor, window: int, precision: Precision, batch_size: int = 8
-) -> tuple[float, int]:
-    """Summed next-token cross-entropy (nats) of a 1-D token stream, and the tokens scored."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    spans, total, count = text_windows(ids.numel(), window), 0.0, 0
-    for i in range(0, len(spans), batch_size):
-        group = spans[i : i + batch_size]
-        x = torch.stack([ids[s:e] for s, e, _ in group]).to(device)
-        y = x.clone()
-        for row, (start, _, first) in enumerate(group):
-            y[row, : first - start] = IGNORE_INDEX  # context only, scored by an earlier window
-        with precision.autocast():
-            logits = extract_logits(model(x))
-        total += float(next_token_loss(logits, y))
-        count += count_targets(y)
-    model.train(was_training)
-    return total, count
-
-
-def check_baseline_dir(path: str | Path) -> Path:
-    """The baseline directory, if it exists and holds a model's config.json.
-
-    Raises:
-        FileNotFoundError: If the directory does not exist.
-        ModelError: If it holds no config.json.
-    """
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"baseline directory not found: {path}; pass a local Hugging Face model directory "
-            f"(config.json, weights, tokenizer) or one of {', '.join(REFERENCES)}"
-        )
-    if not (path / "config.json").is_file():
-        raise ModelError(
-            f"baseline {path} holds no model: config.json is missing (save one with "
-            "model.save_pretrained(dir) and tokenizer.save_pretrained(dir))"
-        )
-    return path
-
-
-def load_baseline(path: str | Path) -> tuple[nn.Module, Any]:
-    """Load a local Hugging Face causal LM and its tokenizer, never from the network.
-
-    Raises:
-        FileNotFoundError: If the directory does not exist.
-        ModelError: If it holds no config.json or tokenizer, or loading fails.
-    """
-    path = check_baseline_dir(path)
-    from amptrain._imports import requires
-
-    requires("transformers", "hf", f"the pretrained baseline {path}", "use --baseline tiny-gpt")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(
-            f"loading the baseline model and tokenizer in {path} failed: {exc}"
-        ) from exc
-    return model, tokenizer
 
 
 def compare(
@@ -522,59 +450,6 @@ class _Side:
         return TextScore(role, self.name, _tokenizer_name(self.tokenizer),
                          nats / (math.log(2) * n_bytes), nats, self.ids.numel(), scored, n_bytes,
                          self.window, latency, latency / window_kb)  # fmt: skip
-
-
-def _encode(tokenizer: Any, text: str) -> torch.Tensor:
-    if hasattr(tokenizer, "backend_tokenizer"):  # Hugging Face: no BOS/EOS, no length warning
-        ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
-    elif "add_special_tokens" in inspect.signature(tokenizer.encode).parameters:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    else:
-        ids = tokenizer.encode(text)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _tokenizer_name(tokenizer: Any) -> str:
-    if isinstance(tokenizer, ByteTokenizer):
-        return "bytes"
-    name = getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "name", None)
-    size = (
-        len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", "?")
-    )
-    return f"{name or type(tokenizer).__name__} ({size} tokens)"
-
-
-def _window(model: nn.Module, fallback: int | None) -> int:
-    cfg = getattr(model, "config", None)
-    for attr in ("block_size", "n_positions", "max_position_embeddings"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 1:
-            return min(value, MAX_WINDOW)
-    if fallback is None:
-        raise ConfigError(f"cannot tell the context of {type(model).__name__}: pass context=")
-    return fallback
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # otherwise the clock measures only kernel queuing
-
-
-@torch.no_grad()
-def _latency_ms(model: nn.Module, x: torch.Tensor, prec: Precision, iters: int) -> float:
-    was_training = model.training
-    model.eval()
-    times = []
-    for i in range(3 + max(iters, 1)):
-        _sync(x.device)
-        start = time.perf_counter()
-        with prec.autocast():
-            model(x)
-        _sync(x.device)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    model.train(was_training)
-    return statistics.median(times) * 1e3
 
 
 def _train_memory(factory: Factory, train_b, run: _Settings, device) -> tuple[float | None, str]:
