@@ -25,34 +25,36 @@ inside functions only, so `amptrain --help` stays light.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
 import logging
-import math
-import os
-import re
-import socket
-import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from amptrain import search_space
-from amptrain.callbacks import Callback
 from amptrain.config import FitOptions, TrainConfig
-from amptrain.errors import ConfigError, NonFiniteError
+from amptrain.errors import ConfigError
+from amptrain.search_study import (
+    OBJECTIVES,
+    PRUNERS,
+    _best,
+    _best_value,
+    _count,
+    _counted,
+    _enqueue_baseline,
+    _fail_orphans,
+    _open_study,
+    _optimize,
+    _settings,
+    _spawn,
+    redact,
+)
+
+__all__ = ["OBJECTIVES", "PRUNERS", "SearchResult", "TrialRecord", "redact", "run_search", "search"]
 
 log = logging.getLogger("amptrain")
 
-OBJECTIVES = {"val_loss": "minimize", "tokens_per_s": "maximize"}
-PRUNERS = ("median", "hyperband", "none")
-REPORTS = 4  # evaluations per trial reported to the pruner, at 1/4, 2/4, 3/4 and 4/4 of the budget
 DEFAULT_BUDGET_STEPS = 32  # the default budget: this many steps' tokens at the base batch size
-SKIP_STORM = 0.25  # stop a trial once more than this fraction of its steps were skipped
-SCALE_FLOOR = 1.0  # ... or once the fp16 loss scale fell below this (1.0 for other precisions)
-INTERRUPTED = "interrupted"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,29 +130,6 @@ class _Job:
     factory: Callable[[], Any] | None = None
     train: Any = None
     val: Any = None
-
-
-def redact(url: str) -> str:
-    """`url` with any password shown as `***`: `postgresql://user:***@host/db`.
-
-    The password is everything between the user name's colon and the last `@`, so a password
-    with a stray `@` or `/` is hidden whole; `password=`/`pwd=` query values are hidden too.
-    File paths come back unchanged.
-    """
-    text = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:).*@([^@]*)$", r"\1***@\2", str(url))
-    return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", text)
-
-
-def _scrub(text: str, url: str) -> str:
-    """`text` with every secret that `redact` hides in `url` replaced by `***`."""
-    from urllib.parse import unquote
-
-    found = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:(.*)@[^@]*$", url)
-    secrets = [found.group(1)] if found else []
-    secrets += re.findall(r"(?i)[?&](?:password|passwd|pwd)=([^&]*)", url)
-    for secret in filter(None, secrets):
-        text = text.replace(secret, "***").replace(unquote(secret), "***")
-    return text
 
 
 def search(
@@ -336,279 +315,6 @@ def _execute(job: _Job, workers: int, baseline: bool, progress: bool) -> SearchR
         log.warning("%d trial(s) short of %d; run the search again to finish them", short,
                     job.n_trials)  # fmt: skip
     return _result(study, job)
-
-
-def _storage(spec: str | None) -> Any:
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    if spec is None:
-        return optuna.storages.InMemoryStorage()
-    if "://" not in spec:
-        Path(spec).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(spec))
-    try:  # a heartbeat lets the study fail (and so replace) the trial of a machine that died
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(spec, heartbeat_interval=60, grace_period=180)
-    except Exception as exc:  # noqa: BLE001 - the driver's message may quote the URL
-        raise ConfigError(f"cannot open the study storage {redact(spec)}: "
-                          f"{_scrub(str(exc), spec)}") from None  # fmt: skip
-
-
-def _open_study(job: _Job, worker: int) -> Any:
-    import optuna
-
-    directions = [OBJECTIVES[o] for o in job.objectives]
-    study = optuna.create_study(storage=_storage(job.storage), study_name=job.study_name,
-                                directions=directions, load_if_exists=True,
-                                pruner=_pruner(job))  # fmt: skip
-    settings = _settings(job)
-    saved = study.user_attrs.get("settings")
-    if saved is None:
-        study.set_user_attr("settings", settings)
-    elif saved != settings:
-        changed = sorted(k for k in settings if settings[k] != saved.get(k))
-        raise ConfigError(
-            f"study {job.study_name!r} in {redact(job.storage or 'memory')} was run with other "
-            f"{', '.join(changed)}; resume it with the same settings, or use a new study name"
-        )
-    # Seeded by position as well, so a resumed study or a second worker does not repeat the
-    # random start-up samples of the first.
-    study.sampler = optuna.samplers.TPESampler(
-        seed=job.seed + 1000 * len(study.trials) + worker,
-        n_startup_trials=max(3, min(10, job.n_trials // 3)),
-    )
-    return study
-
-
-def _pruner(job: _Job) -> Any:
-    import optuna
-
-    if not isinstance(job.pruner, str):
-        return job.pruner
-    if job.pruner == "none" or len(job.objectives) > 1:  # Optuna prunes single objectives only
-        return optuna.pruners.NopPruner()
-    if job.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=REPORTS)
-    # Not before half the budget: early losses say more about warm-up than about the settings.
-    return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, job.n_trials // 4)),
-                                       n_warmup_steps=REPORTS // 2)  # fmt: skip
-
-
-def _settings(job: _Job) -> dict[str, Any]:
-    """What makes trials comparable; a resumed study must have the same."""
-    base = {k: v for k, v in job.base.to_dict().items() if k not in ("out", "device")}
-    settings = {
-        "base": base, "space": {n: dataclasses.asdict(d) for n, d in job.dims.items()},
-        "budget_steps": job.budget_steps, "budget_tokens": job.budget_tokens,
-        "eval_blocks": job.eval_blocks, "objectives": list(job.objectives),
-    }  # fmt: skip
-    return json.loads(json.dumps(settings, default=str))
-
-
-def _enqueue_baseline(study: Any, job: _Job) -> None:
-    from amptrain.precision import resolve
-
-    names = [n for n, d in job.dims.items() if d.searched]
-    params = search_space.base_values(job.base, names)
-    if "precision" in params:
-        params["precision"] = resolve(params["precision"], job.device).name
-    outside = [n for n in names if not job.dims[n].contains(params[n])]
-    if outside:
-        log.info("no baseline trial: the base value of %s is outside the space", ", ".join(outside))
-        return
-    study.enqueue_trial(params, user_attrs={"baseline": True})
-
-
-def _fail_orphans(study: Any) -> None:
-    """Fail (with reason `interrupted`) RUNNING trials whose worker on this host is gone."""
-    from optuna.trial import TrialState
-
-    host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = str(trial.user_attrs.get("worker", ""))
-        where, _, pid = owner.rpartition(":")
-        if where == host and pid.isdigit() and not _alive(int(pid)):
-            reason = f"{INTERRUPTED}: its worker {owner} ended during the trial"
-            study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _counted(trial: Any) -> bool:
-    """Trials with an outcome count towards `n_trials`; interrupted ones are replaced."""
-    state = trial.state.name
-    if state == "FAIL":
-        reason = trial.user_attrs.get("reason")
-        return reason is not None and not str(reason).startswith(INTERRUPTED)
-    return state in ("COMPLETE", "PRUNED")
-
-
-def _count(study: Any) -> int:
-    return sum(_counted(t) for t in study.get_trials(deepcopy=False))
-
-
-def _best(study: Any) -> Any:
-    """The COMPLETE trial of lowest validation loss (on the Pareto front when multi-objective)."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    return min(done, key=lambda t: t.values[0]) if done else None
-
-
-def _best_value(study: Any) -> float | None:
-    best = _best(study)
-    return None if best is None else best.values[0]
-
-
-def _optimize(study: Any, job: _Job, n: int, callbacks: Sequence[Callable]) -> None:
-    def stop_when_done(study: Any, trial: Any) -> None:
-        if _count(study) >= job.n_trials:  # other processes may have finished the study
-            study.stop()
-
-    study.optimize(lambda trial: _objective(trial, job), n_trials=n, catch=job.catch,
-                   callbacks=[stop_when_done, *callbacks])  # fmt: skip
-
-
-def _spawn(job: _Job, n: int, workers: int, tick: Callable[[], None]) -> None:
-    """Run `n` trials in `workers` fresh processes on the study, while this one shows progress."""
-    import multiprocessing
-
-    import optuna
-    import torch
-
-    # spawn, not fork: a forked child would inherit torch's thread pools and the study's locks.
-    ctx = multiprocessing.get_context("spawn")
-    threads = max(1, torch.get_num_threads() // workers)
-    shares = [n // workers + (i < n % workers) for i in range(workers)]
-    verbosity = optuna.logging.get_verbosity()
-    procs = [ctx.Process(target=_worker, args=(job, share, i + 1, threads, verbosity))
-             for i, share in enumerate(shares) if share]  # fmt: skip
-    for proc in procs:
-        proc.start()
-    try:
-        while any(p.is_alive() for p in procs):
-            tick()
-            time.sleep(0.5)
-    except BaseException:
-        for proc in procs:  # their trials stay RUNNING; a resumed study fails and replaces them
-            proc.terminate()
-        raise
-    finally:
-        for proc in procs:
-            proc.join()
-    tick()
-    failed = [p.exitcode for p in procs if p.exitcode]
-    if failed:
-        log.warning("%d of %d worker processes exited with an error (codes %s)", len(failed),
-                    len(procs), failed)  # fmt: skip
-
-
-def _worker(job: _Job, n: int, index: int, threads: int, verbosity: int) -> None:
-    import optuna
-    import torch
-
-    torch.set_num_threads(threads)  # the workers share the cores
-    optuna.logging.set_verbosity(verbosity)
-    with contextlib.suppress(KeyboardInterrupt):  # the trial is already marked interrupted
-        _optimize(_open_study(job, worker=index), job, n, [])
-
-
-def _objective(trial: Any, job: _Job) -> float | tuple[float, ...]:
-    """Train one sampled configuration; return its objective values, or prune or fail it."""
-    import optuna
-
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    watch = _Watch(trial, prune=len(job.objectives) == 1)
-    values: tuple[float, ...] | None = None
-    try:
-        result = _train(trial, job, watch)
-    except NonFiniteError as exc:
-        watch.reason = f"unstable: {exc}"
-    except KeyboardInterrupt:
-        trial.set_user_attr("reason", f"{INTERRUPTED}: KeyboardInterrupt")
-        raise
-    except Exception as exc:
-        trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}"[:500])
-        raise
-    else:
-        trial.set_user_attr("metrics", _metrics(result))
-        figures = {"val_loss": result.final_val_loss, "tokens_per_s": result.tokens_per_s}
-        values = tuple(math.nan if figures[o] is None else figures[o] for o in job.objectives)
-    if values is not None and not all(math.isfinite(v) for v in values):
-        why = f"non-finite objective {values}" + (f" ({watch.reason})" if watch.reason else "")
-        trial.set_user_attr("reason", why)
-        values = tuple(math.nan for _ in values)  # Optuna stores NaN (not inf) as FAIL
-    elif watch.reason:
-        trial.set_user_attr("reason", watch.reason)
-        raise optuna.TrialPruned(watch.reason)
-    return values[0] if len(values) == 1 else values
-
-
-class _Watch(Callback):
-    """Reports the validation loss to the trial for pruning; stops an unstable run early."""
-
-    def __init__(self, trial: Any, prune: bool) -> None:
-        self.trial, self.prune, self.steps = trial, prune, 1
-        self.reason: str | None = None
-
-    def on_step_end(self, state: Any, metrics: Any) -> None:
-        """Stop on a storm of skipped steps or a collapsed loss scale."""
-        if self.reason is None and state.skipped_steps > SKIP_STORM * self.steps:
-            self.reason = (f"unstable: {state.skipped_steps} of {state.step} steps skipped "
-                           "(inf/NaN gradients)")  # fmt: skip
-        elif self.reason is None and metrics.get("amp/loss_scale", SCALE_FLOOR) < SCALE_FLOOR:
-            self.reason = f"unstable: the loss scale collapsed to {metrics['amp/loss_scale']:g}"
-        state.should_stop = state.should_stop or self.reason is not None
-
-    def on_eval_end(self, state: Any, metrics: Any) -> None:
-        """Report at a fraction of the budget (1..REPORTS), so trials compare at equal shares."""
-        if state.step == 0 or self.reason is not None or not self.prune:
-            return
-        self.trial.report(metrics["val/loss"], max(1, round(REPORTS * state.step / self.steps)))
-        if self.trial.should_prune():
-            loss = metrics["val/loss"]
-            self.reason = f"pruned at step {state.step}/{self.steps}: val loss {loss:.4f}"
-            state.should_stop = True
-
-
-def _train(trial: Any, job: _Job, watch: _Watch) -> Any:
-    """Sample a config, build a fresh model and data for it, train with exactly its options."""
-    from amptrain.data import Blocks
-    from amptrain.loop import fit
-
-    cfg = search_space.apply(job.base, search_space.sample(trial, job.dims))
-    cfg = search_space.budgeted(cfg, job.budget_steps, job.budget_tokens, job.block_targets,
-                                job.eval_blocks, REPORTS)  # fmt: skip
-    trial.set_user_attr("config", cfg.to_dict())
-    watch.steps = cfg.fit.max_steps
-    if job.factory is None:
-        from amptrain.train import prepare
-
-        model, train, val, precision = prepare(cfg)
-    else:
-        model, train, val, precision = job.factory(), job.train, job.val, cfg.precision
-    val = Blocks(val.inputs[: job.eval_blocks], val.labels[: job.eval_blocks], val.name)
-    return fit(model, train, val, precision=precision, callbacks=[watch], source=cfg.model,
-               **dataclasses.asdict(cfg.fit))  # fmt: skip
-
-
-def _metrics(result: Any) -> dict[str, Any]:
-    keep = ("precision", "steps", "skipped_steps", "tokens", "tokens_per_s", "train_time_s",
-            "final_train_loss", "final_val_loss", "final_val_accuracy", "loss_scale",
-            "peak_mem_mb")  # fmt: skip
-    figures = {k: v for k, v in result.to_dict().items() if k in keep}
-    # The first step's learning rate shows that lr, warm-up and budget reached the scheduler.
-    lrs = [r["train/lr"] for r in result.history if "train/lr" in r]
-    return {**figures, "first_lr": lrs[0] if lrs else None}
 
 
 def _result(study: Any, job: _Job) -> SearchResult:
