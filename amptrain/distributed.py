@@ -57,8 +57,13 @@ def init_from_env() -> torch.device | None:
 
 
 def shutdown() -> None:
-    """Leave the process group, if any."""
+    """Leave the process group, if any, once every rank is done.
+
+    Rank 0 still writes files after the others have finished; tearing the group down under it
+    can abort the process that hosts the rendezvous store.
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
