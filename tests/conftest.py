@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 import pytest
@@ -66,3 +68,34 @@ def model():
 @pytest.fixture
 def train_val():
     return pattern_blocks(48, seed=0), pattern_blocks(16, seed=1)
+
+
+def save_tiny_gpt2(path, text: str):
+    """Save a tiny GPT-2 and its own byte-level BPE tokenizer (trained on `text`) to `path`,
+    laid out like a Hugging Face Hub download. Needs transformers and tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    bpe.train_from_iterator([text], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer), n_positions=64,
+                        bos_token_id=None, eos_token_id=None)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def rewrite_manifest_entry(ckpt_dir, name: str) -> None:
+    """Make a checkpoint's manifest agree with an edited file, as whoever can write the folder
+    (a bug, or an attacker) could."""
+    manifest_path = ckpt_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    data = (ckpt_dir / name).read_bytes()
+    manifest[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest_path.write_text(json.dumps(manifest, indent=2))

@@ -8,7 +8,6 @@ directory, and a resumed run that continues the same batches and random draws bi
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import pattern_blocks, tiny_model
+from conftest import pattern_blocks, rewrite_manifest_entry, tiny_model
 
 import amptrain
 from amptrain import checkpoint
@@ -76,15 +75,6 @@ def assert_loads_as(path: Path, step: int) -> None:
     ckpt = checkpoint.load(path)
     assert ckpt.trainer["step"] == step
     assert torch.equal(ckpt.tensors["model"]["w"], torch.full((8,), float(step)))
-
-
-def rewrite_manifest_entry(ckpt_dir: Path, name: str) -> None:
-    """Make the manifest agree with an edited file, as if it had been saved that way."""
-    manifest_path = ckpt_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    data = (ckpt_dir / name).read_bytes()
-    manifest[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    manifest_path.write_text(json.dumps(manifest, indent=2))
 
 
 class _Exploding:

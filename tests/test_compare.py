@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, pattern_blocks, tiny_model
+from conftest import VOCAB, pattern_blocks, save_tiny_gpt2, tiny_model
 from torch import nn
 
 from amptrain import compare_report
@@ -35,23 +35,7 @@ BUDGET = dict(steps=3, batch_size=8, eval_batches=2, precision="fp32", memory=Fa
 def baseline_dir(tmp_path_factory):
     """A tiny GPT-2 and its own byte-level BPE tokenizer, saved like a Hub download."""
     pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    bpe.train_from_iterator([TRAIN_TEXT], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer), n_positions=64,
-                        bos_token_id=None, eos_token_id=None)  # fmt: skip
-    path = tmp_path_factory.mktemp("baseline")
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_gpt2(tmp_path_factory.mktemp("baseline"), TRAIN_TEXT)
 
 
 def hand_bits_per_byte(logits: torch.Tensor, ids: list[int], text: str) -> float:

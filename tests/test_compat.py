@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from conftest import VOCAB, pattern_blocks, tiny_model
+from conftest import VOCAB, pattern_blocks, save_tiny_gpt2, tiny_model
 
 from amptrain import compat
 from amptrain.bench import ArmResult, BenchReport
@@ -55,21 +55,7 @@ def amptrain_warnings():
 def distilgpt2(tmp_path, monkeypatch):
     """A tiny GPT-2 with its own BPE tokenizer in ./distilgpt2, as the original name expects."""
     pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    bpe.train_from_iterator(["def f(x):\n    return x + 1\n" * 20], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer),
-                        n_positions=64, bos_token_id=None, eos_token_id=None)  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "distilgpt2")
-    tokenizer.save_pretrained(tmp_path / "distilgpt2")
+    save_tiny_gpt2(tmp_path / "distilgpt2", "def f(x):\n    return x + 1\n" * 20)
     monkeypatch.chdir(tmp_path)
     return tmp_path / "distilgpt2"
 

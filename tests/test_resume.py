@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import pattern_blocks, tiny_model
+from conftest import pattern_blocks, rewrite_manifest_entry, tiny_model
 
 import amptrain
 from amptrain import checkpoint, loop
@@ -212,11 +212,7 @@ def test_missing_path_and_newer_format_are_refused(tmp_path):
     trainer["format_version"] = checkpoint.FORMAT_VERSION + 1
     payload = json.dumps(trainer).encode()
     (ckpt.path / "trainer.json").write_bytes(payload)
-    manifest = json.loads((ckpt.path / "manifest.json").read_text())
-    import hashlib
-
-    manifest["trainer.json"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-    (ckpt.path / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest_entry(ckpt.path, "trainer.json")
     with pytest.raises(CheckpointError, match="format version 2.*upgrade amptrain"):
         checkpoint.load(ckpt.path)
 

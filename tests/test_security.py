@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pattern_blocks, tiny_model
+from conftest import pattern_blocks, rewrite_manifest_entry, tiny_model
 
 import amptrain
 from amptrain import checkpoint, train
@@ -62,15 +62,6 @@ def _fit_checkpoints(root: Path, precision: str = "fp32", max_steps: int = 2) ->
     return root
 
 
-def _rewrite_manifest(step_dir: Path, name: str) -> None:
-    """Make the manifest match the file again, as an attacker who can write the folder would."""
-    manifest_path = step_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    payload = (step_dir / name).read_bytes()
-    manifest[name] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-
-
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """A real checkpoint root written by `fit` (read-only use: copy before tampering)."""
@@ -112,7 +103,7 @@ def test_an_untampered_copy_loads(step_dir):
 @pytest.mark.parametrize("name", TENSOR_FILES)
 def test_s1_code_in_any_checkpoint_file_is_refused_not_run(step_dir, marker, name, kind):
     PAYLOADS[kind](step_dir / name, marker)
-    _rewrite_manifest(step_dir, name)
+    rewrite_manifest_entry(step_dir, name)
     assert checkpoint.verify(step_dir) is None  # the manifest no longer protects us
     with pytest.raises(CheckpointError, match="weights_only") as info:
         checkpoint.load(step_dir)
@@ -192,7 +183,7 @@ def test_s1_cli_resume_of_a_tampered_checkpoint_exits_nonzero_without_running_it
     run = Path(shutil.copytree(cli_run, out / cli_run.name))
     step_dir = checkpoint.latest(run / "checkpoints")
     _zip_payload(step_dir / name, marker)
-    _rewrite_manifest(step_dir, name)
+    rewrite_manifest_entry(step_dir, name)
     resume = {"checkpoint": str(step_dir), "run": str(run), "auto": "auto"}[target]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     code = main(["train", "--resume", resume, "--out", str(out), "--no-progress"])

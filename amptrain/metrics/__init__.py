@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from amptrain.metrics.meters import AverageMeter, Throughput, peak_memory_mb
+from amptrain.metrics.meters import Throughput, peak_memory_mb
 from amptrain.metrics.sinks import METRIC_NAMES, CsvSink, JsonlSink, MemorySink, Sink
 from amptrain.metrics.tracker import Tracker
 
 __all__ = [
     "METRIC_NAMES",
-    "AverageMeter",
     "CsvSink",
     "JsonlSink",
     "MemorySink",

@@ -1,4 +1,4 @@
-"""Pure meters: averages, throughput and peak memory. No I/O, so they test with fake clocks."""
+"""Pure meters: throughput and peak memory. No I/O, so they test with fake clocks."""
 
 from __future__ import annotations
 
@@ -6,24 +6,6 @@ import resource
 import sys
 
 import torch
-
-
-class AverageMeter:
-    """A running weighted mean."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.count = 0.0
-
-    def update(self, value: float, n: float = 1.0) -> None:
-        """Add `value` with weight `n`."""
-        self.total += value * n
-        self.count += n
-
-    @property
-    def mean(self) -> float:
-        """The weighted mean so far (nan before any update)."""
-        return self.total / self.count if self.count else float("nan")
 
 
 class Throughput:
