@@ -8,6 +8,8 @@ loss is computed here from the logits, so every model is trained on the same obj
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -39,6 +41,35 @@ def extract_logits(outputs: object) -> torch.Tensor:
         "Tensor [B, T, V], a tuple whose first element is the logits, a dict with a 'logits' "
         "key, or an object with a .logits attribute"
     )
+
+
+def forward_logits(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Call `model` on `ids` and return its logits, passing next-token targets when it takes them.
+
+    A forward with a `targets` parameter (nanoGPT, minGPT) returns logits for every position
+    only when targets are given, so they are passed by keyword: `targets[:, t]` is the label
+    of position t+1, and -1 (their `ignore_index`) where there is none. Its own loss is not
+    used: amptrain computes the same loss for every model, so metrics stay comparable.
+    """
+    if not takes_targets(type(getattr(model, "module", model))):  # unwrap DDP
+        return extract_logits(model(ids))
+    return extract_logits(model(ids, targets=shifted_targets(labels)))
+
+
+@functools.cache
+def takes_targets(model_class: type) -> bool:
+    """Whether the class's forward names a `targets` parameter (not merely `**kwargs`)."""
+    try:
+        return "targets" in inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def shifted_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """nanoGPT-style targets: the next label at each position, -1 where none is known."""
+    targets = torch.full_like(labels, -1)
+    targets[:, :-1] = labels[:, 1:].masked_fill(labels[:, 1:] == ignore_index, -1)
+    return targets
 
 
 def next_token_loss(
@@ -84,7 +115,9 @@ def probe_vocab(model: nn.Module, context: int, device: torch.device, source: st
     was_training = model.training
     model.eval()
     try:
-        outputs = model(ids)
+        logits = forward_logits(model, ids, ids)
+    except ModelError as exc:
+        raise ModelError(f"model {source}: {exc}") from None
     except Exception as exc:  # the user's model: show its error under a short header
         raise ModelError(
             f"model {source} failed on a dry-run batch of shape [1, {context}]: "
@@ -93,14 +126,17 @@ def probe_vocab(model: nn.Module, context: int, device: torch.device, source: st
         ) from exc
     finally:
         model.train(was_training)
-    try:
-        logits = extract_logits(outputs)
-    except ModelError as exc:
-        raise ModelError(f"model {source}: {exc}") from None
     if logits.dim() != 3 or tuple(logits.shape[:2]) != (1, context):
+        hint = ""
+        if logits.dim() == 3 and logits.shape[1] < context:
+            hint = (
+                " (fewer positions than given: a forward that returns the last position only "
+                "unless given targets, as nanoGPT's does, must name a `targets` parameter, "
+                "which amptrain then fills)"
+            )
         raise ModelError(
             f"model {source} returned logits of shape {list(logits.shape)} for input "
-            f"[1, {context}]; expected [B, T, V] = [1, {context}, vocab_size]"
+            f"[1, {context}]; expected [B, T, V] = [1, {context}, vocab_size]{hint}"
         )
     if not logits.is_floating_point():
         raise ModelError(f"model {source} returned logits of dtype {logits.dtype}; need floats")

@@ -21,7 +21,7 @@ from torch import nn
 from amptrain.adapter import (
     IGNORE_INDEX,
     count_targets,
-    extract_logits,
+    forward_logits,
     next_token_loss,
 )
 from amptrain.data import ByteTokenizer
@@ -67,7 +67,7 @@ def score_tokens(
         for row, (start, _, first) in enumerate(group):
             y[row, : first - start] = IGNORE_INDEX  # context only, scored by an earlier window
         with precision.autocast():
-            logits = extract_logits(model(x))
+            logits = forward_logits(model, x, y)
         total += float(next_token_loss(logits, y))
         count += count_targets(y)
     model.train(was_training)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain.adapter import count_targets, extract_logits, next_token_loss
+from amptrain.adapter import count_targets, forward_logits, next_token_loss
 from amptrain.config import FitOptions
 from amptrain.doctor_probe import ROOT, _copy, _floats, _map
 from amptrain.doctor_report import (
@@ -87,7 +87,7 @@ def audit(
     try:
         with prec.activate():
             with prec.autocast():
-                loss = next_token_loss(extract_logits(work(x)), y, ignore_index)
+                loss = next_token_loss(forward_logits(work, x, y), y, ignore_index)
             prec.backward(loss / max(count_targets(y, ignore_index), 1))
             grads = _dtypes(p.grad for p in work.parameters() if p.grad is not None)
             prec.unscale_(optimizer)  # the GradScaler refuses fp16 gradients here

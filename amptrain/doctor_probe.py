@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain.adapter import count_targets, extract_logits, next_token_loss
+from amptrain.adapter import count_targets, forward_logits, next_token_loss
 from amptrain.doctor_report import (
     FP16_SUBNORMAL,
     FP16_TINY,
@@ -311,7 +311,7 @@ def _pass(
     grad_mode = torch.enable_grad() if backward else torch.no_grad()
     with _seeded(setup.seed, x.device), rec.attached(model), grad_mode:
         with autocast:
-            logits = extract_logits(model(x))
+            logits = forward_logits(model, x, y)
             targets = max(count_targets(y, setup.ignore_index), 1)
             loss = next_token_loss(logits, y, setup.ignore_index) / targets
         if backward:

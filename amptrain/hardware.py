@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain.adapter import extract_logits
+from amptrain.adapter import forward_logits
 
 # Dense (no sparsity) peak TFLOP/s by precision, from the vendors' datasheets (SXM parts).
 DATASHEET_TFLOPS = {
@@ -86,7 +86,7 @@ def train_flops_per_token(model: nn.Module, ids: torch.Tensor) -> tuple[float, s
 
     counter = FlopCounterMode(display=False)
     with counter:
-        extract_logits(model(ids)).float().sum().backward()
+        forward_logits(model, ids, ids).float().sum().backward()
     model.zero_grad(set_to_none=True)
     total = counter.get_total_flops()
     if total > 0:

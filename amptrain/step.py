@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amptrain import data as data_mod
 from amptrain import distributed
-from amptrain.adapter import count_targets, extract_logits, next_token_hits, next_token_loss
+from amptrain.adapter import count_targets, forward_logits, next_token_hits, next_token_loss
 from amptrain.config import FitOptions
 from amptrain.precision import Precision
 
@@ -60,7 +60,7 @@ def train_step(
     for i, (x, y) in enumerate(window):
         defer_sync = isinstance(model, DDP) and i < len(window) - 1
         with model.no_sync() if defer_sync else contextlib.nullcontext(), precision.autocast():
-            logits = extract_logits(model(x))
+            logits = forward_logits(model, x, y)
             loss_sum = next_token_loss(logits, y, opts.ignore_index)
             # Normalise by the whole window's token count: every token weighs the same, so
             # accumulating A batches of B equals one batch of A*B. DDP averages over ranks,
@@ -115,7 +115,7 @@ def evaluate(
         x = blocks.inputs[start : start + batch_size].to(device, non_blocking=True)
         y = blocks.labels[start : start + batch_size].to(device, non_blocking=True)
         with precision.autocast():
-            logits = extract_logits(model(x))
+            logits = forward_logits(model, x, y)
             loss_sum += next_token_loss(logits, y, ignore_index).item()
         hits += int(next_token_hits(logits, y, ignore_index))
         count += count_targets(y, ignore_index)
