@@ -23,8 +23,9 @@ from amptrain.errors import AmptrainError, Interrupted, NonFiniteError
 
 # Flag -> (TrainConfig or FitOptions field, type, help). "fit." marks loop options.
 _TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--model": ("model", str, "tiny-gpt, path/to/file.py:Name, or a local Hugging Face dir"),
+    "--model": ("model", str, "tiny-gpt, file.py:Name, a run directory, or a Hugging Face dir"),
     "--model-kwargs": ("model_kwargs", json.loads, "JSON object of model constructor arguments"),
+    "--init-from": ("init_from", str, "start from the weights of a run, checkpoint or model.pt"),
     "--data": ("data", str, "builtin (standard-library corpus), a text file, or a folder"),
     "--tokenizer": ("tokenizer", str, "a local tokenizer.json (default: UTF-8 bytes)"),
     "--context": ("context", int, "tokens per training block"),
@@ -75,6 +76,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """Defaults, then `--config`, then explicit flags: a validated `TrainConfig`."""
     from amptrain.config import TrainConfig
 
+    return TrainConfig.from_dict(given_values(args))
+
+
+def given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings `--config` and the explicit flags give, nested like `TrainConfig.to_dict()`."""
     values: dict[str, Any] = {"fit": {}}
     if args.config is not None:
         loaded = json.loads(args.config.read_text(encoding="utf-8"))
@@ -99,7 +105,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
                 f"{values['model']} pass --model-kwargs"
             )
         values["model_kwargs"] = {**values.get("model_kwargs", {}), **sizes}
-    return TrainConfig.from_dict(values)
+    if "context" not in values and "model" in values:
+        from amptrain.models.trained import run_config
+
+        saved = run_config(values["model"])  # a trained run as the model: its own context
+        if saved is not None:
+            values["context"] = saved["context"]
+    return values
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -109,14 +121,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not distributed.launched_by_torchrun():
         return _launch(args)
     cfg = config_from_args(args)
-    if args.resume:
-        given = [f for f in _TRAIN_FLAGS if f[2:].replace("-", "_") in vars(args) and f != "--out"]
-        given += [f for f in _GPT_FLAGS if f[2:] in vars(args)]
-        if given or args.config:
-            raise AmptrainError(
-                f"--resume continues a run with the settings in its config.json; leave out "
-                f"{', '.join(given) or '--config'}"
-            )
+    given = given_values(args) if args.resume else None
     distributed.init_from_env()
     try:
         progress = _progress(args, cfg.fit.max_steps, "train") if distributed.is_main() else []
@@ -124,9 +129,8 @@ def _run_train(args: argparse.Namespace) -> int:
             from amptrain.metrics.wandb_sink import WandbSink
 
             progress.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out))
-        run = run_training(
-            cfg, sinks=progress, resume=args.resume, allow_new_scaler=args.allow_new_scaler
-        )
+        run = run_training(cfg, sinks=progress, resume=args.resume, given=given,
+                           allow_new_scaler=args.allow_new_scaler)  # fmt: skip
         if distributed.is_main():
             _print_summary(run)
     finally:
@@ -176,6 +180,8 @@ _WORKFLOWS = {
     "search": ("amptrain.search", "search hyperparameters and precision with Optuna"),
     "compare": ("amptrain.compare", "compare the model with a same-size or pretrained baseline"),
     "doctor": ("amptrain.doctor", "find the layer that overflows or diverges in fp16/bf16"),
+    "eval": ("amptrain.eval_run", "score a model or a trained run on a corpus"),
+    "generate": ("amptrain.generate", "sample text from a model or a trained run"),
 }
 
 

@@ -378,12 +378,9 @@ def _model_factory(cfg: TrainConfig, model: Any) -> Any:
     from amptrain.models import ModelSpec, build_model
     from amptrain.train import _tokenizer
 
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.model == "tiny-gpt":
-        kwargs.setdefault("block_size", cfg.context)
-    spec, vocab = ModelSpec(cfg.model, kwargs), _tokenizer(cfg).vocab_size
+    spec, vocab = ModelSpec(cfg.model, dict(cfg.model_kwargs)), _tokenizer(cfg).vocab_size
     device = next(model.parameters()).device
-    return lambda: build_model(spec, vocab).to(device)
+    return lambda: build_model(spec, vocab, cfg.context).to(device)
 
 
 def _held_out(cfg: TrainConfig, eval_bytes: int) -> tuple[Any, Any, Any, str, Any]:
@@ -408,9 +405,7 @@ def _held_out(cfg: TrainConfig, eval_bytes: int) -> tuple[Any, Any, Any, str, An
     ids = torch.tensor(tokenizer.encode(text[: len(text) - len(held_out)]), dtype=torch.long)
     blocks = data.pack(ids, cfg.context, f"{cfg.data} without its last {eval_bytes} bytes")
     train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.model == "tiny-gpt":
-        kwargs.setdefault("block_size", cfg.context)
     torch.manual_seed(cfg.fit.seed)
-    model = build_model(ModelSpec(cfg.model, kwargs), tokenizer.vocab_size).to(device)
+    model = build_model(ModelSpec(cfg.model, dict(cfg.model_kwargs)), tokenizer.vocab_size,
+                        cfg.context).to(device)  # fmt: skip
     return model, train, val, held_out, tokenizer

@@ -54,6 +54,10 @@ class FitOptions:
     """Stop after this many consecutive non-finite steps (each one is skipped and counted)."""
     ignore_index: int = -100
     """Label value that the loss and accuracy ignore."""
+    labels_shifted: bool = False
+    """Labels given with the data are already the next tokens (`labels[:, t]` is the target of
+    position t, as nanoGPT's `get_batch` returns them); by default they are aligned with the
+    inputs, and data whose labels look shifted is refused."""
     init_scale: float = 65536.0
     """fp16: the GradScaler's first loss scale."""
     growth_factor: float = 2.0
@@ -113,9 +117,11 @@ class TrainConfig:
     """Everything `amptrain train` needs to build and run a training job."""
 
     model: str = "tiny-gpt"
-    """`tiny-gpt`, `path/to/file.py:Name`, or a local Hugging Face model directory."""
+    """`tiny-gpt`, `path/to/file.py:Name`, a run directory, or a local Hugging Face directory."""
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     """Keyword arguments for the model; for tiny-gpt: n_layer, n_embd, n_head, dropout."""
+    init_from: str | None = None
+    """Start from these weights: a run directory, a checkpoint directory or a `model.pt`."""
     data: str = "builtin"
     """`builtin` (the standard-library corpus), a text file, or a folder of text files."""
     tokenizer: str | None = None

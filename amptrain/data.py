@@ -62,6 +62,10 @@ class ByteTokenizer:
         """Token ids of `text`."""
         return list(text.encode("utf-8"))
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids; bytes that are not valid UTF-8 become U+FFFD."""
+        return bytes(ids).decode("utf-8", errors="replace")
+
 
 class JsonTokenizer:
     """A local Hugging Face `tokenizer.json` (needs the `hf` extra)."""
@@ -84,6 +88,10 @@ class JsonTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`."""
         return self._tok.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids."""
+        return self._tok.decode(list(ids))
 
 
 def builtin_corpus_files() -> list[Path]:
@@ -150,13 +158,17 @@ def pack(stream: torch.Tensor, context: int, name: str) -> Blocks:
     return Blocks(inputs, inputs.clone(), name)
 
 
-def as_blocks(data: object, context: int | None = None, name: str = "data") -> Blocks:
+def as_blocks(
+    data: object, context: int | None = None, name: str = "data", labels_shifted: bool = False
+) -> Blocks:
     """Turn Python data into `Blocks`.
 
     Accepts `Blocks`; a 2-D integer tensor `[N, T]` (rows are blocks); a 1-D integer tensor
     (a token stream, packed into blocks of `context`); a list of token-id lists (padded to the
     longest with token 0, padding ignored by the loss); or a dict with `input_ids` and optional
-    `labels`.
+    `labels`. Labels are aligned with the inputs (amptrain shifts them); with
+    `labels_shifted=True` they are taken as next-token targets and re-aligned, the last
+    target of each row being dropped.
 
     Raises:
         TypeError: For non-integer tensors or unsupported types, naming the type or dtype.
@@ -173,6 +185,10 @@ def as_blocks(data: object, context: int | None = None, name: str = "data") -> B
             raise DataError(
                 f"{name}: labels shape {list(labels.shape)} != input_ids shape {list(inputs.shape)}"
             )
+        if labels_shifted:
+            labels = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], 1)
+        elif "labels" in data:
+            _refuse_shifted_labels(inputs, labels, name)
         return _checked(Blocks(inputs, labels, name))
     if isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple)):
         return _checked(_pad_rows(data, name))
@@ -182,6 +198,25 @@ def as_blocks(data: object, context: int | None = None, name: str = "data") -> B
             raise DataError(f"{name} is a 1-D token stream; pass context= to cut it into blocks")
         return pack(ids, context, name)
     return _checked(Blocks(ids, ids.clone(), name))
+
+
+def _refuse_shifted_labels(inputs: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+    """Refuse labels that are the inputs moved left by one.
+
+    Shifting them again would train the model to predict two tokens ahead, in silence.
+    """
+    x, y = inputs[:64], labels[:64]  # the first rows decide, as a first batch would
+    if x.dim() != 2 or x.size(1) < 2:
+        return
+    known = y[:, :-1] != IGNORE_INDEX
+    shifted = bool(known.any()) and bool((y[:, :-1] == x[:, 1:])[known].all())
+    if shifted and not torch.equal(x, y):
+        raise DataError(
+            f"{name}: labels are the input_ids shifted left by one (labels[:, t] == "
+            "input_ids[:, t+1]), but amptrain shifts labels itself, so the model would learn "
+            "to predict two tokens ahead; pass labels equal to input_ids, or labels_shifted=True "
+            "to use them as next-token targets"
+        )
 
 
 def _int_tensor(value: object, what: str) -> torch.Tensor:

@@ -33,7 +33,8 @@ from amptrain.errors import Interrupted, NonFiniteError
 from amptrain.metrics.meters import Throughput, peak_memory_mb
 from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
-from amptrain.optim import make_optimizer, make_scheduler
+from amptrain.models.limits import check_context
+from amptrain.optim import lr_factor, make_optimizer, make_scheduler
 from amptrain.precision import Precision, resolve
 from amptrain.step import Batch, StepOutput, evaluate, train_step
 
@@ -149,7 +150,8 @@ def fit(
     opts = FitOptions(**options)
     device = next(model.parameters()).device
     prec = resolve(precision, device, **opts.scaler_options)
-    train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index)
+    train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index,
+                                opts.batch_size, opts.labels_shifted)  # fmt: skip
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
     tracker, state = Tracker(), TrainState()
@@ -158,6 +160,8 @@ def fit(
     if resume is not None:
         checkpoint.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
         _check_world_size(resume)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # an extended run's
+            group["lr"] = base * lr_factor(scheduler.last_epoch, opts)  # schedule, from now on
     rank, world_size = distributed.world()
     sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
     meta = {**(checkpoint_meta or {}), "world_size": world_size}
@@ -241,10 +245,19 @@ def check_data(
     device: torch.device,
     source: str,
     ignore_index: int,
+    batch_size: int = 1,
+    labels_shifted: bool = False,
 ) -> tuple[data_mod.Blocks, data_mod.Blocks | None]:
-    """Convert the data to blocks and check every id against the model's probed vocabulary."""
-    train_b = data_mod.as_blocks(train, name="training data")
-    val_b = None if val is None else data_mod.as_blocks(val, name="validation data")
+    """Convert the data to blocks and check them against the model before any work.
+
+    The context must fit the model's positions and the memory, and every id must be inside
+    the model's probed vocabulary.
+    """
+    train_b = data_mod.as_blocks(train, name="training data", labels_shifted=labels_shifted)
+    val_b = None
+    if val is not None:
+        val_b = data_mod.as_blocks(val, name="validation data", labels_shifted=labels_shifted)
+    check_context(model, train_b.context, batch_size, device, source)
     vocab = probe_vocab(model, train_b.context, device, source)
     for blocks in (train_b, val_b):
         if blocks is not None:

@@ -25,7 +25,10 @@ from amptrain.errors import ConfigError
 from amptrain.loop import FitResult, fit
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
 from amptrain.models import ModelSpec, build_model
+from amptrain.models.limits import check_context
+from amptrain.models.trained import load_into, run_config, run_tokenizer
 from amptrain.precision import Precision, resolve
+from amptrain.resume_config import resumed_config
 from amptrain.runs import atomic_torch_save, atomic_write_bytes, atomic_write_json, create_run_dir
 
 log = logging.getLogger("amptrain")
@@ -71,17 +74,23 @@ def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Prec
     tokenizer = _tokenizer(cfg)
     blocks = data.load(cfg.data, cfg.context, tokenizer)
     train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.model == "tiny-gpt":
-        kwargs.setdefault("block_size", cfg.context)
     torch.manual_seed(cfg.fit.seed)  # the same seed gives the same initial weights
-    model = build_model(ModelSpec(cfg.model, kwargs), tokenizer.vocab_size).to(device)
+    spec = ModelSpec(cfg.model, dict(cfg.model_kwargs))
+    model = build_model(spec, tokenizer.vocab_size, cfg.context)
+    if cfg.init_from:
+        load_into(model, cfg.init_from)
+    model = model.to(device)
+    check_context(model, cfg.context, cfg.fit.batch_size, device, cfg.model)
     return model, train, val, precision
 
 
 def _tokenizer(cfg: TrainConfig) -> data.ByteTokenizer | data.JsonTokenizer:
     if cfg.tokenizer:
         return data.JsonTokenizer(cfg.tokenizer)
+    saved = run_config(cfg.model)
+    if saved is not None:  # a run directory as the model: the tokenizer it trained with
+        path = run_tokenizer(saved)
+        return data.JsonTokenizer(path) if path else data.ByteTokenizer()
     hf_tokenizer = Path(cfg.model) / "tokenizer.json"
     if cfg.model != "tiny-gpt" and hf_tokenizer.is_file():
         log.info("using the model directory's tokenizer %s", hf_tokenizer)
@@ -95,6 +104,7 @@ def run_training(
     sinks: list[Sink] | None = None,
     command: str = "train",
     resume: str | None = None,
+    given: dict[str, Any] | None = None,
     allow_new_scaler: bool = False,
 ) -> TrainRun:
     """Run the whole `train` job and write its run directory.
@@ -105,6 +115,8 @@ def run_training(
         command: Prefix of the run directory's name.
         resume: `auto` (the newest run under `cfg.out` with a complete checkpoint), a run
             directory, or a checkpoint directory; None starts a new run.
+        given: With `resume`, the settings the command gave explicitly: they must equal the
+            run's, except a larger `max_steps`, which extends it (see `resume_config`).
         allow_new_scaler: Resume fp16 from a checkpoint that has no GradScaler state.
 
     Raises:
@@ -120,12 +132,16 @@ def run_training(
             atomic_write_json(run_dir / "config.json", config)
     else:
         run_dir, ckpt = find_resume(cfg.out, resume, command)
-        cfg = TrainConfig.from_dict(_saved_config(run_dir))
-        _check_config_hash(cfg, ckpt)
+        saved = TrainConfig.from_dict(_saved_config(run_dir))
+        _check_config_hash(saved, ckpt)
+        cfg = resumed_config(saved, given or {}, ckpt.trainer["step"])
         model, train, val, precision = prepare(cfg)
         distributed.barrier()  # every rank has read the checkpoint before rank 0 edits the run
         if main:
             history = truncate_metrics(run_dir, ckpt.trainer["step"])
+            if cfg != saved:  # extended: config.json says what the run now is
+                config = {**cfg.to_dict(), "environment": environment()}
+                atomic_write_json(run_dir / "config.json", config)
         log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, ckpt.trainer["step"])
     if main:
         checkpoint.clean_temporaries(run_dir / "checkpoints")
@@ -142,7 +158,8 @@ def run_training(
         model, train, val, precision=precision, sinks=[*files, *(sinks or [])],
         source=cfg.model, checkpoint_dir=run_dir / "checkpoints", resume=ckpt,
         allow_new_scaler=allow_new_scaler, history=history, handle_signals=True,
-        checkpoint_meta={"config_hash": checkpoint.config_hash(cfg.to_dict())},
+        checkpoint_meta={"config_hash": checkpoint.config_hash(cfg.to_dict()),
+                         "max_steps": cfg.fit.max_steps},
         **dataclasses.asdict(cfg.fit),
     )  # fmt: skip
     if not main:
@@ -192,6 +209,9 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
 
 def _check_config_hash(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:
     expected = ckpt.trainer.get("config_hash")
+    # An extended run's config.json has the new max_steps before its first new checkpoint.
+    steps = ckpt.trainer.get("max_steps", cfg.fit.max_steps)
+    cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, max_steps=steps))
     if expected and expected != checkpoint.config_hash(cfg.to_dict()):
         raise checkpoint.CheckpointError(
             f"checkpoint {ckpt.path} belongs to other settings than its run's config.json "

@@ -19,6 +19,8 @@ import amptrain
 from amptrain import checkpoint, loop
 from amptrain.checkpoint import CheckpointError
 from amptrain.cli import main
+from amptrain.config import FitOptions
+from amptrain.optim import lr_factor
 from amptrain.precision import resolve
 
 ARGS = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch-size",
@@ -90,7 +92,10 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(
     (run,) = (tmp_path / "cut").iterdir()
     assert checkpoint.latest(run / "checkpoints").name == f"step-{k:09d}"
     monkeypatch.undo()
-    assert main(["train", "--resume", "auto", "--out", str(tmp_path / "cut"), "--no-progress"]) == 0
+    # The command as it was, plus --resume (even seeds); or --resume alone (odd seeds).
+    again = [*common, "--out", str(tmp_path / "cut"), "--resume", "auto"]
+    short = ["train", "--resume", "auto", "--out", str(tmp_path / "cut"), "--no-progress"]
+    assert main(again if seed % 2 == 0 else short) == 0
 
     run_a, a = _final_state(tmp_path / "straight")
     run_b, b = _final_state(tmp_path / "cut")
@@ -217,8 +222,33 @@ def test_missing_path_and_newer_format_are_refused(tmp_path):
         checkpoint.load(ckpt.path)
 
 
-def test_resume_refuses_extra_flags(tmp_path, corpus, capsys):
-    code = main(["train", "--resume", "auto", "--lr", "0.1", "--out", str(tmp_path)])
-    assert code == 2 and "leave out --lr" in capsys.readouterr().err
+def test_resume_refuses_differing_flags_by_name(tmp_path, corpus, capsys):
+    common = ["train", "--data", str(corpus), "--max-steps", "2", "--out", str(tmp_path), *ARGS]
+    assert main(common) == 0
+    code = main([*common, "--lr", "0.1", "--precision", "bf16", "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--lr (the run has 0.001, the command gives 0.1)" in err
+    assert "--precision (the run has 'auto', the command gives 'bf16')" in err
     code = main(["train", "--resume", "auto", "--out", str(tmp_path / "empty")])
     assert code == 2 and "no train run under" in capsys.readouterr().err
+
+
+def test_a_larger_max_steps_extends_a_finished_run(tmp_path, corpus, capsys):
+    common = ["train", "--data", str(corpus), "--precision", "fp32", "--out",
+              str(tmp_path / "runs"), "--warmup", "0", *ARGS]  # fmt: skip
+    assert main([*common, "--max-steps", "4"]) == 0
+    assert main([*common, "--max-steps", "3", "--resume", "auto"]) == 2
+    assert "can only be extended: give --max-steps 4 or more" in capsys.readouterr().err
+    assert main([*common, "--max-steps", "7", "--resume", "auto"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "config.json").read_text())["fit"]["max_steps"] == 7
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["train/lr"] for r in records if "train/lr" in r}
+    assert sorted(lrs) == list(range(1, 8))  # no repeats, no gaps
+    # The schedule is recomputed for 7 steps: step 5 (index 4) is where a 7-step run has it,
+    # above the 4-step run's last learning rate.
+    opts = FitOptions(max_steps=7, warmup=0.0)
+    assert lrs[5] == pytest.approx(1e-3 * lr_factor(4, opts))
+    assert lrs[5] > lrs[4]
+    assert checkpoint.latest(run / "checkpoints").name == f"step-{7:09d}"

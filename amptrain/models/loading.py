@@ -1,7 +1,7 @@
 """Build the model a run asks for.
 
-The sources are the built-in `tiny-gpt`, a user file `path.py:Name`, or a local Hugging Face
-causal-LM directory.
+The sources are the built-in `tiny-gpt`, a user file `path.py:Name`, an amptrain run directory
+(its model with its final weights), or a local Hugging Face causal-LM directory.
 
 A model file is Python that runs with the user's privileges, so it is imported only when named
 explicitly, and its resolved path and sha256 are logged first. Nothing found inside a
@@ -11,17 +11,16 @@ checkpoint is ever imported.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.util
-import inspect
 import logging
-import sys
 from pathlib import Path
 
 from torch import nn
 
 from amptrain.errors import ModelError
+from amptrain.models.construct import call_constructor
 from amptrain.models.tiny_gpt import GPTConfig, TinyGPT
+from amptrain.models.trained import load_into, run_config
+from amptrain.models.user_file import import_symbol
 
 log = logging.getLogger("amptrain")
 
@@ -39,22 +38,27 @@ class ModelSpec:
 
     @property
     def kind(self) -> str:
-        """`builtin`, `file` or `hf`."""
+        """`builtin`, `file`, `run` (an amptrain run directory) or `hf`."""
         if self.name == BUILTIN:
             return "builtin"
         path, _, _ = self.name.rpartition(":")
-        if path.endswith(".py"):
+        if path.endswith(".py") or self.name.endswith(".py"):
             return "file"
+        if run_config(self.name) is not None:
+            return "run"
         if Path(self.name).is_dir():
             return "hf"
         raise ModelError(
             f"--model {self.name!r} is not understood: use 'tiny-gpt', 'path/to/file.py:Name' "
-            "(a class or factory in that file) or a local Hugging Face model directory"
+            "(a class or factory in that file), a run directory of amptrain train, or a local "
+            "Hugging Face model directory"
         )
 
 
-def build_model(spec: ModelSpec, vocab_size: int) -> nn.Module:
-    """Build the model; `vocab_size` fills a constructor's `vocab_size` argument when not given.
+def build_model(spec: ModelSpec, vocab_size: int, context: int | None = None) -> nn.Module:
+    """Build the model; `vocab_size` (and `context`, as `block_size`) fill what is not given.
+
+    See `construct.call_constructor` for how a file's class or factory is called.
 
     Raises:
         ModelError: If the file, symbol or directory cannot give an `nn.Module`.
@@ -62,65 +66,26 @@ def build_model(spec: ModelSpec, vocab_size: int) -> nn.Module:
     """
     kind = spec.kind
     if kind == "builtin":
-        kwargs = {"vocab_size": vocab_size, **spec.kwargs}
+        kwargs = {"vocab_size": vocab_size, **({"block_size": context} if context else {})}
+        kwargs.update(spec.kwargs)
         return TinyGPT(GPTConfig(**kwargs))
     if kind == "hf":
         return _load_hf(Path(spec.name))
-    path, _, symbol = spec.name.rpartition(":")
-    return _call_factory(_import_symbol(Path(path), symbol), spec, vocab_size)
+    if kind == "run":  # the run's own model source and context, then its final weights
+        saved = run_config(spec.name)
+        inner = ModelSpec(saved["model"], {**saved.get("model_kwargs", {}), **spec.kwargs})
+        return load_into(build_model(inner, vocab_size, saved["context"]), spec.name)
+    path, symbol = _split_file_spec(spec.name)
+    factory = import_symbol(Path(path), symbol)
+    return call_constructor(factory, spec.name, spec.kwargs, vocab_size, context)
 
 
-def _import_symbol(path: Path, symbol: str) -> object:
-    path = path.expanduser().resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    log.info("importing model file %s (sha256 %s); it runs with your privileges", path, digest)
-    module_name = f"amptrain_user_model_{digest[:12]}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[module_name]
-        raise ModelError(
-            f"importing model file {path} failed: {type(exc).__name__}: {exc} "
-            "(the traceback above is from that file)"
-        ) from exc
-    if not hasattr(module, symbol):
-        found = sorted(n for n, v in vars(module).items() if _is_model_like(v))
-        raise ModelError(
-            f"model file {path} has no symbol {symbol!r}; nn.Module classes and functions there: "
-            f"{', '.join(found) or 'none'}"
-        )
-    return getattr(module, symbol)
-
-
-def _is_model_like(value: object) -> bool:
-    is_module_class = inspect.isclass(value) and issubclass(value, nn.Module)
-    return is_module_class or (inspect.isfunction(value) and not value.__name__.startswith("_"))
-
-
-def _call_factory(factory: object, spec: ModelSpec, vocab_size: int) -> nn.Module:
-    if isinstance(factory, nn.Module):
-        return factory
-    if not callable(factory):
-        raise ModelError(f"{spec.name} is a {type(factory).__name__}, not a class or function")
-    kwargs = dict(spec.kwargs)
-    params = inspect.signature(factory).parameters
-    if "vocab_size" in params and "vocab_size" not in kwargs:
-        kwargs["vocab_size"] = vocab_size
-    try:
-        model = factory(**kwargs)
-    except TypeError as exc:
-        raise ModelError(
-            f"calling {spec.name} with {sorted(kwargs)} failed: {exc}; "
-            "pass its arguments with --model-kwargs '{\"name\": value}'"
-        ) from exc
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"{spec.name} returned a {type(model).__name__}, not a torch nn.Module")
-    return model
+def _split_file_spec(name: str) -> tuple[str, str | None]:
+    """`file.py:Name` -> (`file.py`, `Name`); `file.py` -> (`file.py`, None)."""
+    if name.endswith(".py"):
+        return name, None
+    path, _, symbol = name.rpartition(":")
+    return path, symbol
 
 
 def _load_hf(path: Path) -> nn.Module:

@@ -1,0 +1,88 @@
+"""The `eval` command: score a model (usually a trained run) on a corpus, in a chosen precision.
+
+With `--model runs/train-XYZ` the run's model, tokenizer and final weights are used. The
+corpus is `--data` when given (all of it), else the run's own validation split (the same
+seed and fraction it trained with). The figures are the token-weighted loss, perplexity and
+next-token accuracy, and bits per byte (the summed loss in bits over the UTF-8 bytes of the
+scored tokens), which compares models with different tokenizers. They go to `eval.json` in a
+new `eval-*` run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from amptrain.config import TrainConfig
+
+SKIP_TRAIN_FLAGS = (
+    "--init-from", "--val-fraction", "--max-steps", "--grad-accum", "--lr", "--warmup",
+    "--weight-decay", "--clip-norm", "--eval-every", "--eval-batches", "--log-every",
+    "--max-nonfinite", "--init-scale", "--growth-interval", "--checkpoint-every", "--keep-last",
+)  # fmt: skip
+"""Train flags `eval` does not take: it trains nothing."""
+
+
+def evaluate_model(cfg: TrainConfig, whole_data: bool) -> dict[str, Any]:
+    """Build the model and data of `cfg` and score the model; returns the figures.
+
+    Args:
+        cfg: The model, data, context, precision, device and batch size to use.
+        whole_data: Score every block of `cfg.data`; False scores the validation split.
+    """
+    from amptrain import data
+    from amptrain.step import evaluate
+    from amptrain.train import _tokenizer, prepare
+
+    model, train, val, precision = prepare(cfg)
+    blocks = data.load(cfg.data, cfg.context, _tokenizer(cfg)) if whole_data else val
+    scores = evaluate(model, blocks, precision, cfg.fit.batch_size, None, cfg.fit.ignore_index)
+    targets = blocks.labels[:, 1:]
+    scored = targets[targets != cfg.fit.ignore_index]
+    n_bytes = _utf8_bytes(_tokenizer(cfg), blocks.labels, cfg.fit.ignore_index)
+    total_nats = scores["val/loss"] * scored.numel()
+    return {
+        "model": cfg.model,
+        "data": cfg.data if whole_data else f"{cfg.data} (validation split)",
+        "precision": precision.name,
+        "precision_reason": precision.reason,
+        "blocks": len(blocks),
+        "tokens": int(scored.numel()),
+        "loss": scores["val/loss"],
+        "perplexity": scores["val/perplexity"],
+        "accuracy": scores["val/accuracy"],
+        "bits_per_byte": total_nats / math.log(2) / max(n_bytes, 1),
+    }
+
+
+def _utf8_bytes(tokenizer: Any, labels: Any, ignore_index: int) -> int:
+    """UTF-8 bytes of the scored tokens: each row's targets decoded back to text."""
+    from amptrain.data import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):  # one token, one byte (decoding could add U+FFFD)
+        return int((labels[:, 1:] != ignore_index).sum())
+    total = 0
+    for row in labels[:, 1:]:
+        ids = [int(i) for i in row if int(i) != ignore_index]
+        total += len(tokenizer.decode(ids).encode("utf-8"))
+    return total
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """`eval` takes the train flags that choose model, data and precision; nothing of its own."""
+
+
+def cli_main(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    """`amptrain eval`: score the model, print the figures, write `eval.json`."""
+    from amptrain.metrics.console import Console, summary_table
+    from amptrain.runs import atomic_write_json, create_run_dir
+
+    figures = evaluate_model(cfg, whole_data="data" in vars(args))
+    run_dir = create_run_dir(cfg.out, "eval")
+    atomic_write_json(Path(run_dir) / "eval.json", figures)
+    console = Console()
+    console.print(summary_table("amptrain eval", figures))
+    console.print(f"eval.json: {run_dir / 'eval.json'}", soft_wrap=True, highlight=False)
+    return 0
