@@ -95,6 +95,10 @@ def check_baseline_dir(path: str | Path) -> Path:
     return path
 
 
+# What AutoTokenizer reads; without one of them it would build an empty tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
+
+
 def load_baseline(path: str | Path) -> tuple[nn.Module, Any]:
     """Load a local Hugging Face causal LM and its tokenizer, never from the network.
 
@@ -103,6 +107,12 @@ def load_baseline(path: str | Path) -> tuple[nn.Module, Any]:
         ModelError: If it holds no config.json or tokenizer, or loading fails.
     """
     path = check_baseline_dir(path)
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelError(
+            f"the baseline directory {path} has no tokenizer (none of "
+            f"{', '.join(_TOKENIZER_FILES)}); save the model's with tokenizer.save_pretrained"
+            f"({str(path)!r})"
+        )
     from amptrain._imports import requires
 
     requires("transformers", "hf", f"the pretrained baseline {path}", "use --baseline tiny-gpt")

@@ -33,12 +33,15 @@ original's defects are not carried over, which changes behaviour as follows:
   is not modified; `fp16_results` holds the AMP arm (bf16 on CPU, see `amp_precision`).
 - `MetricsTracker`: perplexity is not clipped; accuracy with no valid label is nan; the GPU
   memory figure is the peak since the previous epoch; GPU utilisation (sampled at idle) is
-  gone; W&B logs at W&B's own step with `epoch` in the record.
+  not in the record; W&B logs at W&B's own step with `epoch` in the record.
 - `compute_effective_precision`: a bf16 request stays bf16 when `use_amp` is on; unknown
-  strings (`'16_true'`) and an fp16 request that Lightning would turn into bf16 are refused.
+  strings (`'16_true'`) and an fp16 request that Lightning would turn into bf16 are returned
+  as before, with a warning.
 - `AmpWandbCallback`: bf16 counts as AMP, loss scale and skipped steps come from the
   trainer's scaler, records carry `trainer/global_step`; it must be passed when the Trainer is
-  built. `test_hyperparameter_search` and `test_benchmark_comparison`: see their docstrings.
+  built. A trainer-like object called by hand gets the original's epoch record.
+  `test_hyperparameter_search` and `test_benchmark_comparison`: see their docstrings (a
+  baseline directory without tokenizer files is refused).
 """
 
 from __future__ import annotations

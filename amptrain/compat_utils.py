@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from amptrain._imports import WANDB_AVAILABLE, requires
-from amptrain.errors import PrecisionError
 from amptrain.metrics.tracker import Tracker
 
 log = logging.getLogger("amptrain")
@@ -123,16 +122,28 @@ class MetricsTracker(Tracker):
                 raise RuntimeError("wandb is not installed (pip install 'amptrain[wandb]')")
             import wandb
 
-            if wandb.run is None:
-                raise RuntimeError("there is no active run; call wandb.init() first")
-            # W&B's own step, with `epoch` in the record: an explicit step=epoch would go
-            # backwards against loggers that count optimizer steps, and W&B drops those.
-            wandb.run.log(row)
+            # The module function, as the original called it (and as tests patch it). W&B's
+            # own step, with `epoch` in the record: an explicit step=epoch would go backwards
+            # against loggers that count optimizer steps, and W&B drops those.
+            wandb.log(row)
         except Exception as exc:
             self._wandb_warned = True
             from amptrain.metrics.wandb_sink import scrub
 
             log.warning("W&B logging failed (%s); epochs stay in the tracker", scrub(str(exc)))
+
+    def _get_gpu_utilization(self) -> float:
+        """GPU utilisation in percent from `nvidia-smi` (the first GPU); 0.0 if unavailable."""
+        import subprocess
+
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=5, check=True,
+            ).stdout  # fmt: skip
+            return float(out.strip().splitlines()[0])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return 0.0
 
 
 def _finite(value: Any) -> bool:
@@ -151,25 +162,25 @@ def compute_effective_precision(
     | truthy | no | `'32'` (a bf16 request stays bf16) |
     | falsy, not None | any | `'32'` |
 
-    Raises:
-        PrecisionError: For a string Lightning does not know (the original's `'16_true'` is
-            `'16-true'`), or `'16'`/`'16-mixed'` with `use_amp=None` and no usable GPU, which
-            Lightning would silently turn into bf16.
+    Where the original returned a value it still does, with a warning when amptrain knows
+    the value will not do what it says: a string Lightning does not know (the original's
+    `'16_true'` is `'16-true'`), and `'16'`/`'16-mixed'` with `use_amp=None` and no usable
+    GPU, which Lightning silently turns into bf16.
     """
     requested = str(requested_precision)
-    if requested not in LIGHTNING_PRECISIONS:
-        raise PrecisionError(
-            f"requested_precision={requested_precision!r} is not a Lightning precision; valid: "
-            f"{', '.join(LIGHTNING_PRECISIONS)}"
-        )
     gpu = bool(cuda_available) and bool(use_gpu)
     if use_amp is None:
-        if requested in ("16", "16-mixed") and not gpu:
-            raise PrecisionError(
-                f"requested_precision={requested!r} without a usable GPU (cuda_available="
-                f"{cuda_available}, use_gpu={use_gpu}): Lightning would train bf16-mixed "
-                "instead; ask for 'bf16-mixed' or '32'"
-            )
+        if requested not in LIGHTNING_PRECISIONS:
+            log.warning(
+                "requested_precision=%r is not a Lightning precision and Lightning will refuse "
+                "it; valid: %s", requested, ", ".join(LIGHTNING_PRECISIONS),
+            )  # fmt: skip
+        elif requested in ("16", "16-mixed") and not gpu:
+            log.warning(
+                "requested_precision=%r without a usable GPU (cuda_available=%s, use_gpu=%s): "
+                "Lightning will train bf16-mixed instead; ask for 'bf16-mixed' or '32'",
+                requested, cuda_available, use_gpu,
+            )  # fmt: skip
         return requested
     if not use_amp:
         if requested in _BF16:
@@ -210,6 +221,39 @@ def _amp_wandb_callback() -> type:
             super().__init__(requested=precision)
             self.enabled, self.precision = bool(enabled), precision
             self._warned = False
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            """A Lightning fit: per-step logging at the global step (see `AmpMonitor`)."""
+            self._fitting = True
+            super().on_fit_start(trainer, pl_module)
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            """Log the original's record at `trainer.current_epoch`, outside a Lightning fit.
+
+            A trainer-like object called by hand gets what the original logged; inside a
+            Lightning fit the steps are already logged, so this does nothing.
+            """
+            if getattr(self, "_fitting", False) or not WANDB_AVAILABLE:
+                return
+            import wandb
+
+            if not wandb.run:
+                return
+            record: dict[str, Any] = {"amp/enabled": int(self.enabled),
+                                      "amp/precision": self.precision}  # fmt: skip
+            if self.enabled and self.precision in ("16", "16-mixed", "16_true"):
+                scale = self._get_loss_scale(trainer)
+                if scale is not None:
+                    record["amp/loss_scale"] = scale
+            self._guard(wandb.log, record, step=getattr(trainer, "current_epoch", None))
+
+        def _get_loss_scale(self, trainer: Any) -> float | None:
+            """`trainer.strategy.precision_plugin.scaler.get_scale()`, or None if absent."""
+            try:
+                scaler = trainer.strategy.precision_plugin.scaler
+                return None if scaler is None else float(scaler.get_scale())
+            except Exception:  # any missing link, as in the original
+                return None
 
         def emit_params(self, trainer: Any, params: dict[str, str]) -> None:
             """Put the effective precision into the W&B run config."""

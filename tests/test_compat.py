@@ -23,7 +23,7 @@ from amptrain.compat import (
     test_hyperparameter_search,
 )
 from amptrain.compat_bench import benchmark_dict
-from amptrain.errors import ConfigError, PrecisionError
+from amptrain.errors import ConfigError, ModelError
 from amptrain.precision import cpu_bf16_features
 
 FINE_TUNING_KEYS = {"loss_history", "grad_norm_history", "final_loss", "initial_loss",
@@ -198,20 +198,65 @@ def expected_precision(requested, use_amp, cuda, gpu):
 
 @pytest.mark.parametrize("requested", ["32", "16", "bf16", "16-mixed", "bf16-mixed"])
 @pytest.mark.parametrize("use_amp", [None, True, False, 0, 1])
-def test_compute_effective_precision_truth_table(requested, use_amp):
+def test_compute_effective_precision_truth_table(requested, use_amp, amptrain_warnings):
     for cuda in (True, False):
         for gpu in (True, False):
             args = (requested, use_amp, cuda, gpu)
-            if use_amp is None and requested in ("16", "16-mixed") and not (cuda and gpu):
-                with pytest.raises(PrecisionError, match="would train bf16-mixed"):
-                    compute_effective_precision(*args)
-                continue
+            amptrain_warnings.clear()
             assert compute_effective_precision(*args) == expected_precision(*args), args
+            # The original's value, and a word where Lightning will not do what it says.
+            cpu_fp16 = use_amp is None and requested in ("16", "16-mixed") and not (cuda and gpu)
+            assert bool(amptrain_warnings) == cpu_fp16, args
+            if cpu_fp16:
+                assert "will train bf16-mixed instead" in amptrain_warnings[0]
 
 
-def test_compute_effective_precision_refuses_the_misspelling():
-    with pytest.raises(PrecisionError, match="'16_true' is not a Lightning precision"):
-        compute_effective_precision("16_true", True, True, True)
+def test_compute_effective_precision_returns_the_misspelling_with_a_warning(amptrain_warnings):
+    assert compute_effective_precision("16_true", None, True, True) == "16_true"
+    assert "'16_true' is not a Lightning precision" in amptrain_warnings[0]
+    assert compute_effective_precision("16_true", True, True, True) == "16"
+    assert compute_effective_precision("16_true", False, False, False) == "32"
+
+
+def test_metrics_tracker_reaches_wandb_log_however_wandb_is_imported(monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    calls = []
+    monkeypatch.setattr(wandb, "log", lambda row, *a, **k: calls.append(row))
+    tracker = MetricsTracker(use_wandb=True)
+    tracker.log_epoch(0, {"loss": 1.0}, {"loss": 0.5}, 1e-3, 0.5, 0.1)
+    assert len(calls) == 1 and calls[0]["val/loss"] == 0.5 and calls[0]["epoch"] == 0
+    assert tracker._get_gpu_utilization() >= 0.0  # 0.0 without nvidia-smi, as the original
+
+
+def test_amp_wandb_callback_serves_a_duck_typed_trainer(monkeypatch):
+    pytest.importorskip("lightning")
+    wandb = pytest.importorskip("wandb")
+    import types
+
+    from amptrain.compat import AmpWandbCallback
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    plugin = types.SimpleNamespace(scaler=scaler)
+    trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(precision_plugin=plugin),
+                                    current_epoch=3)  # fmt: skip
+    calls = []
+    monkeypatch.setattr(wandb, "run", object())
+    monkeypatch.setattr(wandb, "log", lambda row, step=None: calls.append((row, step)))
+    callback = AmpWandbCallback(enabled=True, precision="16-mixed")
+    assert callback._get_loss_scale(trainer) == 512.0
+    assert callback._get_loss_scale(types.SimpleNamespace()) is None
+    callback.on_train_epoch_end(trainer, None)
+    assert calls == [({"amp/enabled": 1, "amp/precision": "16-mixed", "amp/loss_scale": 512.0}, 3)]
+
+
+def test_a_baseline_directory_without_a_tokenizer_is_refused_in_one_line(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from amptrain.compare_text import load_baseline
+
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "bare")
+    with pytest.raises(ModelError, match=r"bare has no tokenizer \(none of tokenizer.json"):
+        load_baseline(tmp_path / "bare")
 
 
 def test_hyperparameter_search_maps_the_original_space():

@@ -252,3 +252,16 @@ def test_a_larger_max_steps_extends_a_finished_run(tmp_path, corpus, capsys):
     assert lrs[5] == pytest.approx(1e-3 * lr_factor(4, opts))
     assert lrs[5] > lrs[4]
     assert checkpoint.latest(run / "checkpoints").name == f"step-{7:09d}"
+
+
+def test_an_extension_cut_before_its_first_checkpoint_resumes(tmp_path, corpus):
+    out = tmp_path / "runs"
+    common = ["train", "--data", str(corpus), "--precision", "fp32", "--out", str(out), *ARGS]
+    assert main([*common, "--max-steps", "4"]) == 0
+    (run,) = out.iterdir()
+    # What an extension writes first: config.json with the new total (its checkpoints come later).
+    config = json.loads((run / "config.json").read_text())
+    config["fit"]["max_steps"] = 6
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", "auto", "--out", str(out), "--no-progress"]) == 0
+    assert checkpoint.latest(run / "checkpoints").name == f"step-{6:09d}"
