@@ -70,6 +70,20 @@ def _utf8_bytes(tokenizer: Any, labels: Any, ignore_index: int) -> int:
     return total
 
 
+def _with_run_split(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """For a run as the model: its data, validation fraction and seed, so `val` is its split."""
+    import dataclasses
+
+    from amptrain.models.trained import run_config
+
+    saved = run_config(cfg.model)
+    if saved is None:
+        return cfg
+    seed = cfg.fit.seed if "seed" in given else saved["fit"]["seed"]
+    fit = dataclasses.replace(cfg.fit, seed=seed)
+    return dataclasses.replace(cfg, data=saved["data"], val_fraction=saved["val_fraction"], fit=fit)
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """`eval` takes the train flags that choose model, data and precision; nothing of its own."""
 
@@ -79,7 +93,10 @@ def cli_main(args: argparse.Namespace, cfg: TrainConfig) -> int:
     from amptrain.metrics.console import Console, summary_table
     from amptrain.runs import atomic_write_json, create_run_dir
 
-    figures = evaluate_model(cfg, whole_data="data" in vars(args))
+    whole_data = "data" in vars(args)
+    if not whole_data:
+        cfg = _with_run_split(cfg, vars(args))
+    figures = evaluate_model(cfg, whole_data)
     run_dir = create_run_dir(cfg.out, "eval")
     atomic_write_json(Path(run_dir) / "eval.json", figures)
     console = Console()

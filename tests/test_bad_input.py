@@ -30,7 +30,7 @@ def test_a_context_beyond_memory_is_refused_with_the_numbers(tmp_path, capsys):
     err = _refused(capsys, "train", "--context", "100000", "--batch-size", "64", "--max-steps",
                    "5", "--out", str(tmp_path), "--no-progress")  # fmt: skip
     assert "context 100000 with batch size 64 needs at least" in err
-    assert "GiB available; lower --context (about" in err
+    assert "GiB available; lower --context (at most about" in err
 
 
 @pytest.mark.slow

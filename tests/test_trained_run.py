@@ -55,6 +55,17 @@ def test_eval_scores_the_run_and_writes_eval_json(trained, corpus, tmp_path, cap
     assert "eval.json" in capsys.readouterr().out
 
 
+def test_eval_without_data_scores_the_runs_own_validation_split(trained, corpus, tmp_path):
+    assert main(["eval", "--model", str(trained), "--precision", "fp32", "--out",
+                 str(tmp_path)]) == 0  # fmt: skip
+    (path,) = tmp_path.glob("eval-*/eval.json")
+    figures = json.loads(path.read_text())
+    assert figures["data"] == f"{corpus} (validation split)"
+    summary = json.loads((trained / "summary.json").read_text())
+    # The same blocks as the run's last evaluation, so the same loss (up to summation order).
+    assert figures["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5)
+
+
 def test_generate_prints_a_seeded_continuation(trained, capsys):
     argv = ["generate", "--model", str(trained), "--prompt", "the quick", "--max-new-tokens",
             "12", "--temperature", "0.8", "--top-k", "5", "--seed", "3", "--precision",

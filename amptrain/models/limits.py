@@ -19,10 +19,11 @@ from amptrain.errors import ConfigError
 _POSITION_NAMES = ("block_size", "n_positions", "max_position_embeddings", "max_seq_len")
 _DEPTH_NAMES = ("n_layer", "num_hidden_layers", "n_layers")
 _WIDTH_NAMES = ("n_embd", "hidden_size", "d_model", "dim")
-# Values kept for backward per token, layer and unit of width in a GPT-style block (attention
-# inputs and outputs, the 4x MLP and its activation, two norms). Korthikanti et al. (2022)
-# count 34 bytes in 16-bit, i.e. 17 values; 16 keeps the estimate a lower bound.
-_FLOATS_PER_TOKEN_WIDTH = 16
+# Bytes kept for backward per token, layer and unit of width in a GPT-style block (attention
+# inputs and outputs, the 4x MLP and its activation, two norms): Korthikanti et al. (2022)
+# count 34 with 16-bit activations. 32 keeps the estimate a lower bound in every precision
+# (fp32 keeps about twice as much).
+_BYTES_PER_TOKEN_WIDTH = 32
 
 
 def declared_context(model: nn.Module) -> int | None:
@@ -31,12 +32,17 @@ def declared_context(model: nn.Module) -> int | None:
 
 
 def activation_bytes(model: nn.Module, batch_size: int, context: int) -> int | None:
-    """A lower bound on one micro-batch's training activations in fp32, or None if unknown."""
+    """A lower bound on one micro-batch's training activations, or None if unknown.
+
+    Unknown also when the model recomputes activations in backward (gradient checkpointing).
+    """
+    if getattr(model, "is_gradient_checkpointing", False):
+        return None
     depth = _config_int(model, _DEPTH_NAMES)
     width = _config_int(model, _WIDTH_NAMES)
     if depth is None or width is None:
         return None
-    return batch_size * context * depth * width * _FLOATS_PER_TOKEN_WIDTH * 4
+    return batch_size * context * depth * width * _BYTES_PER_TOKEN_WIDTH
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -79,7 +85,8 @@ def check_context(
     raise ConfigError(
         f"context {context} with batch size {batch_size} needs at least {need / 2**30:.1f} GiB "
         f"of activations for model {source}, and {device.type} has {have / 2**30:.1f} GiB "
-        f"available; lower --context (about {fits} fits at this batch size) or --batch-size"
+        f"available; lower --context (at most about {fits} could fit at this batch size) or "
+        "--batch-size"
     )
 
 
