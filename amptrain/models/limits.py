@@ -36,8 +36,12 @@ def activation_bytes(model: nn.Module, batch_size: int, context: int) -> int | N
 
     Unknown also when the model recomputes activations in backward (gradient checkpointing).
     """
-    if getattr(model, "is_gradient_checkpointing", False):
-        return None
+    # Hugging Face's flag; newer transformers deprecate the older name, so ask for it second.
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), flag) or flag in vars(model):
+            if getattr(model, flag):
+                return None
+            break
     depth = _config_int(model, _DEPTH_NAMES)
     width = _config_int(model, _WIDTH_NAMES)
     if depth is None or width is None:
