@@ -16,6 +16,7 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import hardware
+from amptrain import capability, hardware
 from amptrain.callbacks import Callback
 from amptrain.data import Blocks, as_blocks
 from amptrain.errors import ConfigError
 from amptrain.loop import FitResult, check_data, fit
-from amptrain.precision import NAMES, PrecisionError, normalize, resolve
+from amptrain.precision import NAMES, PrecisionError, explicit_reason, normalize, resolve
 
 log = logging.getLogger("amptrain")
 
@@ -39,7 +40,7 @@ class ArmResult:
     """One precision's figures. Fields that compare with fp32 are None for fp32 itself."""
 
     precision: str
-    status: str  # "ok", "failed" or "oom"
+    status: str  # "ok", "failed", "oom" or "skipped" (emulated here; see `error`)
     reason: str
     error: str | None = None
     step_ms: float | None = None
@@ -63,6 +64,7 @@ class ArmResult:
     scale_growths: int | None = None
     achieved_tflops: float | None = None
     probe_tflops: float | None = None
+    peak_source: str | None = None
     datasheet_tflops: float | None = None
     mfu_probe: float | None = None
     mfu_datasheet: float | None = None
@@ -81,6 +83,7 @@ class BenchReport:
     targets: dict[str, dict[str, Any]]
     settings: dict[str, Any]
     environment: dict[str, Any]
+    probe: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def arm(self, precision: str) -> ArmResult:
         """The row of one precision."""
@@ -92,15 +95,38 @@ class BenchReport:
 
 
 def default_precisions(device: torch.device) -> list[str]:
-    """Every precision the device serves: fp32, tf32 (CUDA), fp16, bf16."""
-    names = []
+    """fp32 and every other precision the device serves without emulating it (probe-measured)."""
+    return default_plan(_probe(device), device)[0]
+
+
+def _probe(device: torch.device) -> capability.Capabilities | None:
+    return capability.probe(device) if device.type in ("cpu", "cuda") else None
+
+
+def default_plan(
+    caps: capability.Capabilities | None, device: torch.device
+) -> tuple[list[str], dict[str, str]]:
+    """The default arms from the probe table, and a skip reason for each emulated precision."""
+    names, skipped = [], {}
     for name in NAMES:
         try:
-            resolve(name, device)
+            explicit_reason(name, device, caps)
         except PrecisionError:
             continue
-        names.append(name)
-    return names
+        if caps is not None and caps.emulated(name):
+            skipped[name] = skip_reason(caps, name)
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def skip_reason(caps: capability.Capabilities, name: str) -> str:
+    """Why a default arm set leaves out an emulated precision, and how to time it anyway."""
+    where = "this CPU" if caps.device_type == "cpu" else "this GPU"
+    return (
+        f"skipped: {name} matmuls run {1 / caps.ratio(name):.0f}x slower than fp32 on {where} "
+        f"({caps.figures(name)}); pass --precisions {name} to time it anyway"
+    )
 
 
 class _Recorder(Callback):
@@ -244,7 +270,7 @@ def bench(
         torch.manual_seed(seed)
         model = model()
     device = next(model.parameters()).device
-    arms = _arm_names(precisions, device)
+    arms, skipped = _arm_names(precisions, device)
     train_b, val_b = as_blocks(train, name="training data"), as_blocks(val, name="validation data")
     check_data(model, train_b, val_b, device, "model", -100)
     opts = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
@@ -270,18 +296,23 @@ def bench(
     if memory:
         mem_opts = {**opts, "max_steps": min(steps, 4), "eval_every": steps}
         rows = [_with_memory(row, model, train_b, val_b, mem_opts, device) for row in rows]
-    rows, flops = _with_mfu(rows, model, train_b, device)
+    rows, flops = _with_mfu(rows, model, train_b, device, batch_size)
     rows = _compare_to_fp32(rows, quality_tol)
     best, verdict = _verdict(rows, quality_tol)
+    rows += [ArmResult(name, "skipped", why, error=why) for name, why in skipped.items()]
     settings = dict(precisions=arms, steps=steps, warmup=warmup, repeats=repeats,
                     batch_size=batch_size, context=train_b.context, lr=lr, seed=seed,
                     eval_batches=eval_batches, quality_tol=quality_tol, **flops)  # fmt: skip
-    return BenchReport(tuple(rows), best, verdict, _targets(rows), settings, _environment(device))
+    caps = _probe(device)
+    return BenchReport(tuple(rows), best, verdict, _targets(rows), settings,
+                       _environment(device), caps.to_dict() if caps else {})  # fmt: skip
 
 
-def _arm_names(precisions: Sequence[str] | None, device: torch.device) -> list[str]:
+def _arm_names(
+    precisions: Sequence[str] | None, device: torch.device
+) -> tuple[list[str], dict[str, str]]:
     if precisions is None:
-        return default_precisions(device)
+        return default_plan(_probe(device), device)
     names = []
     for name in ["fp32", *precisions]:
         norm = normalize(name)
@@ -291,7 +322,7 @@ def _arm_names(precisions: Sequence[str] | None, device: torch.device) -> list[s
             names.append(norm)
     for name in names:
         resolve(name, device)  # refuse what the device cannot serve, before any work
-    return names
+    return names, {}
 
 
 def _free(device: torch.device) -> None:
@@ -301,7 +332,8 @@ def _free(device: torch.device) -> None:
 
 
 def _row(name, runs, error, warmup, tokens_per_step, device) -> ArmResult:
-    reason = resolve(name, device).reason
+    prec = resolve(name, device)
+    reason = prec.reason if prec.warning is None else f"timed as asked; {prec.warning}"
     if error is not None:
         return ArmResult(name, error[0], reason, error=error[1])
     return ArmResult(name, "ok", reason, **_aggregate(runs, warmup, tokens_per_step))
@@ -333,22 +365,25 @@ def _with_memory(row, model, train, val, opts, device) -> ArmResult:
     return dataclasses.replace(row, peak_mem_mb=peak, mem_mb=delta, mem_source=source)
 
 
-def _with_mfu(rows, model, train: Blocks, device) -> tuple[list[ArmResult], dict[str, Any]]:
+def _with_mfu(rows, model, train: Blocks, device, batch_size: int):
     probe_model = copy.deepcopy(model)
     ids = train.inputs[:2].to(device)
     flops_per_token, how = hardware.train_flops_per_token(probe_model, ids)
     del probe_model
+    tokens = batch_size * (train.context - 1)
     out = []
     for row in rows:
         if row.status != "ok":
             out.append(row)
             continue
         achieved = flops_per_token * row.tokens_per_s / 1e12
-        probe = hardware.probe_tflops(device, row.precision)
+        peak, source = hardware.peak_tflops(device, row.precision, model, tokens)
+        if achieved > peak:  # training outran every probe: the probe under-read, not MFU > 1
+            peak, source = achieved, f"training's own rate (the probe read {peak:.3g})"
         sheet = hardware.datasheet_tflops(device, row.precision)
         out.append(dataclasses.replace(
-            row, achieved_tflops=achieved, probe_tflops=probe, datasheet_tflops=sheet,
-            mfu_probe=achieved / probe if probe else None,
+            row, achieved_tflops=achieved, probe_tflops=peak, peak_source=source,
+            datasheet_tflops=sheet, mfu_probe=achieved / peak if peak else None,
             mfu_datasheet=achieved / sheet if sheet else None,
         ))  # fmt: skip
     return out, {"flops_per_token": flops_per_token, "flops_counted_how": how}
@@ -376,11 +411,19 @@ def _compare_to_fp32(rows: Sequence[ArmResult], tol: float) -> list[ArmResult]:
     return out
 
 
+# An arm whose step-time IQR spans more than this fraction of its median is too noisy to rank.
+MAX_SPREAD = 0.5
+
+
 def _verdict(rows: Sequence[ArmResult], tol: float) -> tuple[str | None, str]:
-    good = [r for r in rows if r.status == "ok" and r.quality_ok]
+    good = sorted((r for r in rows if r.status == "ok" and r.quality_ok),
+                  key=lambda r: r.tokens_per_s, reverse=True)  # fmt: skip
     if not good:
         return None, "no precision ran to completion with fp32 as the reference"
-    best = max(good, key=lambda r: r.tokens_per_s)
+    best = good[0]
+    noise = _inseparable(best, good[1]) if len(good) > 1 else None
+    if noise is not None:
+        return None, f"inconclusive: {noise}{_load_note()}; rerun on a quieter machine"
     if best.precision == "fp32":
         return "fp32", (
             f"fp32: no other precision was both faster and within {tol:.0%} of fp32's "
@@ -391,6 +434,31 @@ def _verdict(rows: Sequence[ArmResult], tol: float) -> tuple[str | None, str]:
         f"{best.step_ms:.1f} ms vs {best.step_ms * best.speedup_vs_fp32:.1f} ms), validation loss "
         f"{best.val_loss_rel_diff:+.2%} from fp32 (tolerance {tol:.0%})"
     )
+
+
+def _inseparable(a: ArmResult, b: ArmResult) -> str | None:
+    """Why the step times of two arms cannot be told apart, or None when they can."""
+    for arm in (a, b):
+        low, high = arm.step_ms_iqr
+        if high - low > MAX_SPREAD * arm.step_ms:
+            return (f"{arm.precision}'s step times spread too wide to rank (IQR {low:.1f}-"
+                    f"{high:.1f} ms around a median of {arm.step_ms:.1f} ms)")  # fmt: skip
+    for field, what in (("step_ms_iqr", "step-time IQRs"), ("repeat_ms_range", "repeat medians")):
+        (a_lo, a_hi), (b_lo, b_hi) = getattr(a, field), getattr(b, field)
+        if a_lo <= b_hi and b_lo <= a_hi:
+            return (f"the {what} of {a.precision} ({a_lo:.1f}-{a_hi:.1f} ms) and "
+                    f"{b.precision} ({b_lo:.1f}-{b_hi:.1f} ms) overlap")  # fmt: skip
+    return None
+
+
+def _load_note() -> str:
+    """The load average, where it is high enough to explain the noise."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    cpus = os.cpu_count() or 1
+    return f" (load average {load:.1f} on {cpus} CPUs)" if load > 0.75 * cpus else ""
 
 
 def _targets(rows: Sequence[ArmResult]) -> dict[str, dict[str, Any]]:
@@ -415,4 +483,5 @@ def _environment(device: torch.device) -> dict[str, Any]:
     env["device"] = str(device)
     env["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
     env["matmul_fp32_precision"] = torch.backends.cuda.matmul.fp32_precision
+    env["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return env

@@ -34,6 +34,8 @@ def _fmt(value: object, spec: str = ".3g", pct: bool = False) -> str:
 
 
 def _columns(a: ArmResult) -> list[str]:
+    if a.status == "skipped":
+        return [a.precision, a.error or "skipped", *["-"] * 9]
     if a.status != "ok":
         return [a.precision, f"{a.status.upper()}: {(a.error or '')[:80]}", *["-"] * 9]
     spread = f"{a.step_ms_iqr[0]:.1f}-{a.step_ms_iqr[1]:.1f}"
@@ -63,7 +65,8 @@ def console_table(report: BenchReport) -> Table:
     title = (f"amptrain bench on {env['device']} (torch {env['torch']}, "
              f"{env['cpu_threads']} threads): {s['repeats']} interleaved repeats x "
              f"{s['steps']} steps, {s['warmup']} warm-up")  # fmt: skip
-    table = Table(title=title, caption=f"verdict: {report.verdict}")
+    caption = f"verdict: {report.verdict}\n{probe_line(report.probe)}"
+    table = Table(title=title, caption=caption)
     table.add_column("", style="bold", overflow="fold")
     for arm in report.arms:
         table.add_column(arm.precision, overflow="fold")
@@ -71,6 +74,15 @@ def console_table(report: BenchReport) -> Table:
     for i, header in enumerate(HEADERS[1:], start=1):
         table.add_row(header, *[c[i] if i < len(c) else "" for c in cells])
     return table
+
+
+def probe_line(probe: dict) -> str:
+    """The capability probe in one line: "probe on AMD EPYC: fp32 0.07, bf16 0.18 TFLOP/s"."""
+    if not probe:
+        return "probe: none for this device"
+    speeds = ", ".join(f"{p} {v:.3g}" for p, v in probe["tflops"].items())
+    emulated = f"; emulated here: {', '.join(probe['emulated'])}" if probe["emulated"] else ""
+    return f"matmul probe on {probe['name']}: {speeds} TFLOP/s{emulated}"
 
 
 def write_report(report: BenchReport, run_dir: str | Path, preface: str = "") -> Path:
@@ -124,8 +136,11 @@ def markdown(report: BenchReport) -> str:
         f"seed {s['seed']}; identical initial weights and batches, checked by digest",
         f"- quality: validation loss on the same {s['eval_batches']} held-out batches; ok "
         f"within {s['quality_tol']:.0%} of fp32",
+        f"- {probe_line(report.probe)} (flags are hints: "
+        f"{', '.join(report.probe.get('hints', ())) or 'none'})",
         f"- model FLOPs per token {s['flops_per_token']:.4g}, {s['flops_counted_how']}; MFU "
-        "against a matmul probe of the same dtype (datasheet peak in bench.json where known)",
+        "against the best matmul probe of the same dtype, at the capability shape and the "
+        "model's own (datasheet peak in bench.json where known)",
         f"- memory: {next((a.mem_source for a in report.arms if a.mem_source), 'not measured')}",
     ]
     for arm in report.arms:

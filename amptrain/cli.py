@@ -264,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_run_train)
     bench = sub.add_parser("bench", help="benchmark precisions side by side on your model")
     _add_train_flags(bench, skip=_BENCH_SKIPS)
-    bench.add_argument("--precisions", help="comma-separated arms (default: all the device serves)")
+    bench.add_argument(
+        "--precisions",
+        help="comma-separated arms (default: fp32 and every precision not emulated here)",
+    )
     bench.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     bench.add_argument(
         "--warmup-steps", type=int, default=5, help="untimed steps starting each run"

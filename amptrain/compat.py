@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from amptrain import capability
 from amptrain import data as data_mod
 from amptrain._imports import PANDAS_AVAILABLE, WANDB_AVAILABLE
 from amptrain.adapter import probe_vocab
@@ -66,7 +67,7 @@ from amptrain.compat_bench import (
 from amptrain.compat_utils import MetricsTracker, compute_effective_precision
 from amptrain.errors import ConfigError
 from amptrain.loop import FitResult, evaluate, fit
-from amptrain.precision import Precision, cpu_bf16_features
+from amptrain.precision import Precision
 
 log = logging.getLogger("amptrain")
 
@@ -97,12 +98,14 @@ def amp_precision(use_amp: bool, device: torch.device) -> Precision:
         return Precision("fp32", device, "use_amp=False")
     if device.type == "cuda":
         return Precision("fp16", device, "use_amp=True on CUDA: fp16 autocast with GradScaler")
-    features = cpu_bf16_features() if device.type == "cpu" else ()
-    if features:
-        why = f"use_amp=True on a CPU with {' and '.join(features)}: bf16 autocast"
-        return Precision("bf16", device, why)
-    return Precision("fp32", device, f"use_amp=True, but {device.type} has no fast bf16 "
-                     "(no AMX-BF16/AVX512-BF16) and fp16 needs CUDA here: fp32")  # fmt: skip
+    if device.type != "cpu":
+        return Precision("fp32", device, f"use_amp=True, but {device.type} has no AMP rule: fp32")
+    caps = capability.probe(device)
+    if caps.clearly_faster("bf16"):
+        return Precision("bf16", device, f"use_amp=True on a CPU with fast bf16 "
+                         f"({caps.figures('bf16')}): bf16 autocast", caps)  # fmt: skip
+    return Precision("fp32", device, f"use_amp=True, but this CPU has no fast bf16 "
+                     f"({caps.figures('bf16')}) and fp16 needs CUDA here: fp32", caps)  # fmt: skip
 
 
 def model_vocab(model: nn.Module, config: Any, context: int) -> int:

@@ -2,7 +2,7 @@
 
 `audit` takes one real optimizer step on a copy and reports the dtypes of parameters,
 gradients and optimizer state, whether autocast lowers matmuls, the scaler, TF32 flags and
-whether bf16 is fast here.
+whether bf16 is fast here (capability probe table included).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from amptrain import capability
 from amptrain.adapter import count_targets, forward_logits, next_token_loss
 from amptrain.config import FitOptions
 from amptrain.doctor_probe import ROOT, _copy, _floats, _map
@@ -23,22 +24,21 @@ from amptrain.doctor_report import (
 )
 from amptrain.errors import ModelError
 from amptrain.optim import make_optimizer
-from amptrain.precision import Precision, cpu_bf16_features, resolve
+from amptrain.precision import Precision, resolve
 
 log = logging.getLogger("amptrain")
 
 
-def _bf16_speed(device: torch.device) -> tuple[bool, str]:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        fast = major >= 8
-        return fast, f"compute capability {major}.{minor}" + ("" if fast else ": bf16 needs 8.0+")
-    if device.type == "cpu":
-        features = cpu_bf16_features()
-        if features:
-            return True, f"this CPU has {' and '.join(features)}"
-        return False, "this CPU has no AMX-BF16 or AVX512-BF16: bf16 is emulated and slow"
-    return False, f"no bf16 rule for device type {device.type!r}"
+def _bf16_speed(device: torch.device) -> tuple[bool, str, dict | None]:
+    """Whether bf16 is fast here, by the capability probe, and the probe table."""
+    if device.type not in ("cpu", "cuda"):
+        return False, f"no bf16 rule for device type {device.type!r}", None
+    caps = capability.probe(device)
+    if caps.emulated("bf16"):
+        return False, f"bf16 is emulated here: {caps.figures('bf16')}", caps.to_dict()
+    fast = caps.clearly_faster("bf16")
+    verb = "is fast here" if fast else "is not clearly faster than fp32 here"
+    return fast, f"bf16 {verb}: {caps.figures('bf16')}", caps.to_dict()
 
 
 def _tf32_flags() -> dict[str, str]:
@@ -100,11 +100,11 @@ def audit(
         for handle in handles:
             handle.remove()
     state = (v for s in optimizer.state.values() for k, v in s.items() if k != "step")
-    fast, why = _bf16_speed(device)
+    fast, why, probe = _bf16_speed(device)
     return Audit(
         prec.name, given.reason, str(device), _dtypes(work.parameters()), grads,
         _dtypes(v for v in state if isinstance(v, torch.Tensor)), dict(matmuls),
-        prec.scaler.is_enabled(), prec.loss_scale, step_error, _tf32_flags(), fast, why,
+        prec.scaler.is_enabled(), prec.loss_scale, step_error, _tf32_flags(), fast, why, probe,
     )  # fmt: skip
 
 

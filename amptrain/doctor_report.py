@@ -103,6 +103,7 @@ class Audit:
     tf32: dict[str, str]
     bf16_fast: bool
     bf16_why: str
+    probe: dict[str, Any] | None = None  # capability.Capabilities.to_dict() of the device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,14 +255,50 @@ def console_tables(report: DoctorReport, rows: int = 12) -> list[Table]:
         findings.add_column(header, overflow="fold")
     for f in report.findings:
         findings.add_row(f.severity, f.module or "set-up", f.message, f.advice)
+    tables = [table, findings, *_probe_table(report.audit.probe)]
     if report.fix is None:
-        return [table, findings]
+        return tables
     fix = Table(title="--fix (a copy of the model; the original is unchanged)")
     fix.add_column("")
     fix.add_column("before -> after", overflow="fold")
     for key, value in _fix_rows(report.fix).items():
         fix.add_row(key, value)
-    return [table, findings, fix]
+    return [*tables, fix]
+
+
+def _probe_rows(probe: dict[str, Any]) -> list[list[str]]:
+    ratios = probe["ratio_vs_fp32"]
+    return [[p, f"{v:.3g}", f"{ratios[p]:.2f}x", "emulated" if p in probe["emulated"] else "ok"]
+            for p, v in probe["tflops"].items()]  # fmt: skip
+
+
+_PROBE_HEADERS = ("precision", "matmul TFLOP/s", "vs fp32", "here")
+
+
+def _probe_title(probe: dict[str, Any]) -> str:
+    m, k, n = probe["shape"]
+    hints = ", ".join(probe["hints"]) or "none"
+    return (f"matmul probe on {probe['name']} ({m}x{k}x{n}, {probe['threads']} threads; "
+            f"flags, a hint only: {hints})")  # fmt: skip
+
+
+def _probe_table(probe: dict[str, Any] | None) -> list[Table]:
+    if not probe:
+        return []
+    table = Table(title=_probe_title(probe))
+    for header in _PROBE_HEADERS:
+        table.add_column(header)
+    for row in _probe_rows(probe):
+        table.add_row(*row)
+    return [table]
+
+
+def _probe_lines(probe: dict[str, Any] | None) -> list[str]:
+    if not probe:
+        return []
+    lines = ["", f"## {_probe_title(probe)[0].upper()}{_probe_title(probe)[1:]}", ""]
+    lines += ["| " + " | ".join(_PROBE_HEADERS) + " |", "|" + "---|" * len(_PROBE_HEADERS)]
+    return lines + ["| " + " | ".join(row) + " |" for row in _probe_rows(probe)]
 
 
 def _fix_rows(x: FixResult) -> dict[str, str]:
@@ -302,7 +339,8 @@ def markdown(report: DoctorReport) -> str:
                            for d in report.ranking(precision)[:8])  # fmt: skip
         lines.append(f"- **{precision}**: {ranked}")
     lines += ["", "## Set-up audit (one real step)", "", f"- {a.precision}: {a.reason}"]
-    lines += [f"- {f.name}: {getattr(a, f.name)}" for f in dataclasses.fields(a)[3:]]
+    lines += [f"- {f.name}: {getattr(a, f.name)}" for f in dataclasses.fields(a)[3:-1]]
+    lines += _probe_lines(a.probe)
     lines += _fix_lines(report.fix) if report.fix is not None else []
     lines += ["", "## Conditions", "", f"- settings: {s}", f"- environment: {report.environment}"]
     return "\n".join(lines) + "\n"

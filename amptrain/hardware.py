@@ -1,20 +1,18 @@
 """What the hardware can do and what a model costs.
 
-A matmul peak probe per dtype, datasheet peaks of common GPUs, model FLOPs per token, and
-per-process peak memory on Linux.
+The MFU peak (the best of the capability probe and matmuls at the model's own shapes),
+datasheet peaks of common GPUs, model FLOPs per token, and per-process peak memory on Linux.
 
-The probe is the honest denominator for MFU on machines without a datasheet figure (CPUs);
+The peak is the honest denominator for MFU on machines without a datasheet figure (CPUs);
 the datasheet figure is shown beside it where the device is known.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import gc
 import multiprocessing
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from amptrain import capability
 from amptrain.adapter import forward_logits
 
 # Dense (no sparsity) peak TFLOP/s by precision, from the vendors' datasheets (SXM parts).
@@ -30,9 +29,6 @@ DATASHEET_TFLOPS = {
     "H100": {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
     "A100": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},
 }
-
-_PROBE_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
-                "bf16": torch.bfloat16}  # fmt: skip
 
 
 def datasheet_tflops(device: torch.device, precision: str) -> float | None:
@@ -46,34 +42,34 @@ def datasheet_tflops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-@functools.cache
-def probe_tflops(device: torch.device, precision: str, seconds: float = 0.5) -> float:
-    """Best measured TFLOP/s of a square matmul in the precision's dtype (TF32 on for tf32).
+def peak_tflops(
+    device: torch.device, precision: str, model: nn.Module, tokens: int, budget_s: float = 0.05
+) -> tuple[float, str]:
+    """The best matmul TFLOP/s seen in the precision: the capability probe, or the model's own.
 
-    Cached per process: the hardware does not change between calls.
+    The model's own nn.Linear shapes at `tokens` rows are probed too (an emulated precision is
+    left at the capability probe's figure: its big matmuls would take seconds), and the best of
+    all is the MFU denominator, with a line saying where it came from.
     """
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=_PROBE_DTYPE[precision])
-    b = torch.randn(n, n, device=device, dtype=_PROBE_DTYPE[precision])
-    tf32 = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
-    try:
-        a @ b  # warm-up: kernel selection, allocator
-        best, deadline = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            _sync(device)
-            start = time.perf_counter()
-            a @ b
-            _sync(device)
-            best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e12)
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = tf32
-    return best
+    caps = capability.probe(device)
+    best = caps.tflops.get(precision, 0.0)
+    source = f"capability probe {caps.shape[0]}x{caps.shape[1]}x{caps.shape[2]}"
+    if caps.emulated(precision):
+        return best, source + " (emulated here; model shapes not probed)"
+    for shape in _linear_shapes(model, tokens):
+        speed = capability.matmul_tflops(device, precision, shape, budget_s)
+        if speed > best:
+            best, source = (
+                speed,
+                f"matmul probe at the model's shape {shape[0]}x{shape[1]}x{shape[2]}",
+            )
+    return best, source
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _linear_shapes(model: nn.Module, tokens: int) -> list[tuple[int, int, int]]:
+    shapes = {(tokens, m.in_features, m.out_features) for m in model.modules()
+              if isinstance(m, nn.Linear)}  # fmt: skip
+    return sorted(shapes)[:8]
 
 
 def train_flops_per_token(model: nn.Module, ids: torch.Tensor) -> tuple[float, str]:

@@ -89,6 +89,8 @@ class FitResult:
     peak_mem_mb: float
     mem_source: str
     history: tuple[dict[str, Any], ...] = dataclasses.field(repr=False, default=())
+    precision_warning: str | None = None
+    precision_probe: dict[str, Any] | None = None
 
     def to_dict(self, history: bool = False) -> dict[str, Any]:
         """Plain values; the per-step history only when asked for."""
@@ -152,6 +154,7 @@ def fit(
     prec = resolve(precision, device, **opts.scaler_options)
     train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index,
                                 opts.batch_size, opts.labels_shifted)  # fmt: skip
+    prec.warn_if_emulated()  # before any training kernel, with the measured figures
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
     tracker, state = Tracker(), TrainState()
@@ -414,4 +417,6 @@ def _result(prec: Precision, state: TrainState, tracker: Tracker, train_time: fl
         peak_mem_mb=peak,
         mem_source=source,
         history=tuple(tracker.records),
+        precision_warning=prec.warning,
+        precision_probe=prec.probe_figures(),
     )

@@ -6,21 +6,26 @@ the gradient scaler is disabled and every call is a plain pass-through, so the l
 `if amp:` branches (Fabric's precision plugin and nanoGPT's `GradScaler(enabled=...)`).
 
 An explicit request is honoured or refused with its reason; it is never silently changed into
-another precision. `auto` picks bf16 where the device runs it natively, fp16 on older GPUs, and
-fp32 otherwise, and always says why.
+another precision. What a precision costs here is measured (`capability.probe`), not guessed
+from CPU flags: `auto` takes the fastest precision whose matmuls clearly beat fp32 and that is
+numerically safe by default (never fp16 on a CPU), and quotes the figures; a requested precision
+the device only emulates carries a `warning` that `fit` logs before the first step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import platform
+import logging
 from collections.abc import Iterator
 from contextlib import nullcontext
 
 import torch
 
+from amptrain import capability
+from amptrain.capability import Capabilities
 from amptrain.errors import PrecisionError
+
+log = logging.getLogger("amptrain")
 
 NAMES = ("fp32", "tf32", "fp16", "bf16")
 
@@ -43,6 +48,8 @@ _REFUSED = {
     "Use 'bf16' (bf16-mixed)",
 }
 
+_WARNED: set[tuple[str, str]] = set()
+
 _LOW_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -60,27 +67,9 @@ def normalize(name: str) -> str:
     raise PrecisionError(f"precision={name!r} is not accepted: {why}. Valid values: {valid}")
 
 
-@functools.cache
 def cpu_bf16_features() -> tuple[str, ...]:
-    """The CPU features that make bf16 autocast fast: AMX-BF16 and AVX512-BF16 (Linux only)."""
-    if platform.system() != "Linux":
-        return ()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return ()
-    return tuple(flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags)
-
-
-def _cuda_bf16_native(device: torch.device) -> bool:
-    major, _ = torch.cuda.get_device_capability(device)
-    return major >= 8
-
-
-def _cuda_name(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    """The CPU's bf16 flags (AMX-BF16, AVX512-BF16; Linux only): a hint, not the decision."""
+    return tuple(f for f in capability.cpu_flags() if f in ("amx_bf16", "avx512_bf16"))
 
 
 class Precision:
@@ -91,17 +80,36 @@ class Precision:
     """
 
     def __init__(
-        self, name: str, device: torch.device, reason: str, **scaler_options: float
+        self,
+        name: str,
+        device: torch.device,
+        reason: str,
+        probe: Capabilities | None = None,
+        **scaler_options: float,
     ) -> None:
         assert name in NAMES, name
         self.name = name
         self.device = device
         self.reason = reason
+        self.probe = probe
+        # Set when the device only emulates this precision: said once, before training.
+        self.warning = probe.slow_warning(name) if probe is not None else None
         self.dtype = _LOW_DTYPE.get(name, torch.float32)
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16", **scaler_options)
 
     def __repr__(self) -> str:
         return f"Precision({self.name!r}, device={str(self.device)!r}, reason={self.reason!r})"
+
+    def warn_if_emulated(self) -> None:
+        """Log `warning` once per process and device, so a benchmark's repeats say it once."""
+        key = (str(self.device), self.name)
+        if self.warning and key not in _WARNED:
+            _WARNED.add(key)
+            log.warning("%s", self.warning)
+
+    def probe_figures(self) -> dict | None:
+        """The measured matmul table this precision was decided on, for `summary.json`."""
+        return None if self.probe is None else self.probe.to_dict()
 
     @property
     def uses_autocast(self) -> bool:
@@ -197,26 +205,44 @@ def resolve(
             f"precision={requested!r} on device {str(device)!r}, but CUDA is not available "
             "here; train on 'cpu' (bf16 or fp16 autocast work there too)"
         )
+    caps = capability.probe(device) if device.type in ("cpu", "cuda") else None
     if name == "auto":
-        name, reason = _auto(device)
-        return Precision(name, device, reason, **scaler_options)
-    return Precision(name, device, _explicit_reason(name, device), **scaler_options)
+        name, reason = auto_choice(caps, device)
+        return Precision(name, device, reason, caps, **scaler_options)
+    return Precision(name, device, explicit_reason(name, device, caps), caps, **scaler_options)
 
 
-def _auto(device: torch.device) -> tuple[str, str]:
-    if device.type == "cuda":
-        if _cuda_bf16_native(device):
-            return "bf16", f"auto: {_cuda_name(device)} runs bf16 natively (no loss scaling needed)"
-        return "fp16", f"auto: {_cuda_name(device)} has no native bf16; fp16 with loss scaling"
-    if device.type == "cpu":
-        features = cpu_bf16_features()
-        if features:
-            return "bf16", f"auto: this CPU has {' and '.join(features)}, so bf16 autocast is fast"
-        return "fp32", "auto: this CPU has no AMX-BF16 or AVX512-BF16; bf16 would be emulated"
-    return "fp32", f"auto: no mixed-precision rule for device type {device.type!r}; using fp32"
+def auto_choice(caps: Capabilities | None, device: torch.device) -> tuple[str, str]:
+    """`auto`'s precision and reason, decided from the measured table `caps`.
+
+    CPU: bf16 when its matmuls clearly beat fp32's, else fp32; never fp16, whose loss scaling
+    is not worth its risk where bf16 or fp32 serve. CUDA: bf16 from compute capability 8.0,
+    else fp16 with loss scaling, unless the probe finds that choice no faster than fp32.
+    """
+    if caps is None:
+        return "fp32", f"auto: no mixed-precision rule for device type {device.type!r}; using fp32"
+    if caps.device_type == "cuda":
+        cc = caps.compute_capability or (0, 0)
+        name = "bf16" if cc >= (8, 0) else "fp16"
+        if caps.emulated(name) or not caps.clearly_faster(name):
+            return "fp32", f"auto: fp32, since {name} is not clearly faster: {caps.figures(name)}"
+        why = "runs bf16 natively (no loss scaling)" if name == "bf16" else "has no native bf16"
+        return name, f"auto: {caps.name} (sm_{cc[0]}{cc[1]}) {why}; {caps.figures(name)}"
+    if caps.clearly_faster("bf16"):
+        return "bf16", f"auto: bf16 is fastest: {caps.figures('bf16')}"
+    return "fp32", (
+        f"auto: fp32, since bf16 is not clearly faster ({caps.figures('bf16')}); "
+        "fp16 is never chosen on a CPU"
+    )
 
 
-def _explicit_reason(name: str, device: torch.device) -> str:
+def explicit_reason(name: str, device: torch.device, caps: Capabilities | None) -> str:
+    """The reason text of a requested precision, or the refusal when the device cannot serve it.
+
+    Raises:
+        PrecisionError: tf32 off Ampere-class CUDA, bf16 on CUDA before 8.0, or any lower
+            precision on a device that is neither CPU nor CUDA.
+    """
     kind = device.type
     if kind not in ("cpu", "cuda"):
         if name != "fp32":
@@ -225,23 +251,26 @@ def _explicit_reason(name: str, device: torch.device) -> str:
                 "or train on 'cuda' or 'cpu'"
             )
         return "requested"
-    if name == "tf32":
-        if kind != "cuda" or not _cuda_bf16_native(device):
-            where = "this CPU" if kind == "cpu" else _cuda_name(device)
-            raise PrecisionError(
-                f"precision='tf32' needs an NVIDIA GPU of compute capability 8.0 or newer, "
-                f"and {where} has no TF32 matmuls; use 'fp32' or 'bf16'"
-            )
-        return "requested: fp32 weights, TF32 tensor-core matmuls"
-    if name == "bf16" and kind == "cuda" and not _cuda_bf16_native(device):
+    cc = caps.compute_capability if caps is not None else None
+    where = "this CPU" if kind == "cpu" else f"{caps.name} (sm_{cc[0]}{cc[1]})"
+    if name == "tf32" and (kind != "cuda" or cc < (8, 0)):
         raise PrecisionError(
-            f"precision='bf16' needs compute capability 8.0 or newer, and {_cuda_name(device)} "
+            f"precision='tf32' needs an NVIDIA GPU of compute capability 8.0 or newer, "
+            f"and {where} has no TF32 matmuls; use 'fp32' or 'bf16'"
+        )
+    if name == "bf16" and kind == "cuda" and cc < (8, 0):
+        raise PrecisionError(
+            f"precision='bf16' needs compute capability 8.0 or newer, and {where} "
             "would only emulate it; use 'fp16' (autocast + GradScaler) or 'fp32'"
         )
-    if name == "bf16" and kind == "cpu" and not cpu_bf16_features():
-        return "requested: this CPU has no AMX-BF16 or AVX512-BF16, so bf16 is emulated and slow"
-    if name == "fp16" and kind == "cpu":
-        return "requested: fp16 autocast with GradScaler('cpu')"
-    if name == "fp16":
-        return "requested: fp16 autocast with dynamic loss scaling"
-    return "requested"
+    what = {
+        "fp32": "fp32",
+        "tf32": "fp32 weights, TF32 tensor-core matmuls",
+        "bf16": "bf16 autocast",
+        "fp16": f"fp16 autocast with GradScaler({kind!r})",
+    }[name]
+    if name == "fp32":
+        return "requested"
+    if caps is None:
+        return f"requested: {what}"
+    return f"requested: {what}; {caps.figures(name)}"

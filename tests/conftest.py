@@ -36,6 +36,19 @@ def _deterministic_cpu():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fake_probe(monkeypatch):
+    """Stand a capability table in for this machine's probe: `fake_probe(Capabilities(...))`."""
+    from amptrain import capability, precision
+
+    def use(table):
+        monkeypatch.setattr(capability, "probe", lambda device="cpu": table)
+        monkeypatch.setattr(precision, "_WARNED", set())
+        return table
+
+    return use
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -8,6 +8,7 @@ import torch
 from conftest import pattern_blocks, tiny_model
 from torch import nn
 
+from amptrain import capability
 from amptrain.bench import ArmResult, _check_fair, _train_once, bench, default_precisions
 from amptrain.bench_report import console_table, write_report
 from amptrain.cli import main
@@ -126,8 +127,10 @@ def test_bad_settings_are_refused_before_any_work():
         bench(tiny_model(), pattern_blocks(16), pattern_blocks(8), precisions=["tf32"])
 
 
-def test_default_arms_on_cpu():
-    assert default_precisions(torch.device("cpu")) == ["fp32", "fp16", "bf16"]
+def test_default_arms_on_cpu_are_fp32_and_what_this_cpu_does_not_emulate():
+    caps = capability.probe("cpu")
+    served = [p for p in ("fp16", "bf16") if not caps.emulated(p)]
+    assert default_precisions(torch.device("cpu")) == ["fp32", *served]
 
 
 def test_bench_command_writes_its_report(tmp_path, capsys):

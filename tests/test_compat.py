@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import VOCAB, pattern_blocks, save_tiny_gpt2, tiny_model
 
-from amptrain import compat
+from amptrain import capability
 from amptrain.bench import ArmResult, BenchReport
+from amptrain.capability import Capabilities
 from amptrain.compat import (
     MetricsTracker,
     builtin_samples,
@@ -24,7 +25,6 @@ from amptrain.compat import (
 )
 from amptrain.compat_bench import benchmark_dict
 from amptrain.errors import ConfigError, ModelError
-from amptrain.precision import cpu_bf16_features
 
 FINE_TUNING_KEYS = {"loss_history", "grad_norm_history", "final_loss", "initial_loss",
                     "training_time_seconds", "samples_per_second", "metrics_summary",
@@ -38,7 +38,7 @@ COMPARISON_KEYS = {"parameter_count", "inference_speed_ms", "perplexity", "basel
 SUMMARY_COLUMNS = ["epoch", "train/loss", "train/perplexity", "train/accuracy", "val/loss",
                    "val/perplexity", "val/accuracy", "learning_rate", "gradient_norm",
                    "epoch_duration"]  # fmt: skip
-AMP = "bf16" if cpu_bf16_features() else "fp32"
+AMP = "bf16" if capability.probe("cpu").clearly_faster("bf16") else "fp32"
 
 
 @pytest.fixture
@@ -98,8 +98,9 @@ def test_given_lists_of_tensors_are_stacked_or_padded():
         assert r["precision"] == "fp32" and r["amp_enabled"] is False
 
 
-def test_use_amp_says_why_it_falls_back_to_fp32(monkeypatch):
-    monkeypatch.setattr(compat, "cpu_bf16_features", lambda: ())
+def test_use_amp_says_why_it_falls_back_to_fp32(fake_probe):
+    fake_probe(Capabilities("cpu", "old CPU", (), {"fp32": 0.05, "bf16": 0.004, "fp16": 0.001},
+                            1, (256,) * 3, 0.1))  # fmt: skip
     r = test_fine_tuning(tiny_model(), None, train_data=pattern_blocks(16), n_epochs=1,
                          batch_size=8, use_amp=True)  # fmt: skip
     assert r["precision"] == "fp32" and "no fast bf16" in r["precision_reason"]

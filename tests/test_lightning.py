@@ -16,11 +16,10 @@ pl = pytest.importorskip("lightning.pytorch")
 from conftest import pattern_blocks, tiny_model  # noqa: E402
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
-from amptrain import _imports  # noqa: E402
+from amptrain import _imports, capability  # noqa: E402
 from amptrain.adapter import count_targets, next_token_loss  # noqa: E402
 from amptrain.errors import PrecisionError  # noqa: E402
 from amptrain.integrations.lightning import AmpMonitor, lightning_precision  # noqa: E402
-from amptrain.precision import cpu_bf16_features  # noqa: E402
 
 
 def make_module(base: type) -> object:
@@ -116,7 +115,9 @@ def test_lightning_precision_maps_names_and_says_why():
     assert name == "16-mixed" and "MixedPrecision('16-mixed', 'cpu'" in reason
     assert lightning_precision("bf16-mixed", "cpu")[0] == "bf16-mixed"
     auto, why = lightning_precision("auto", "cpu")
-    assert auto == ("bf16-mixed" if cpu_bf16_features() else "32-true") and why.startswith("auto")
+    assert auto == (
+        "bf16-mixed" if capability.probe("cpu").clearly_faster("bf16") else "32-true"
+    ) and why.startswith("auto")
     for bad in ("tf32", "16", "fp8"):
         with pytest.raises(PrecisionError):
             lightning_precision(bad, "cpu")

@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from amptrain import capability
 from amptrain import precision as P
+from amptrain.capability import Capabilities
 from amptrain.errors import PrecisionError
 
 
@@ -33,24 +35,10 @@ def test_unknown_precision_lists_valid_values(bad):
         assert valid in message
 
 
-def test_auto_picks_bf16_on_a_cpu_with_amx_and_says_why(monkeypatch):
-    monkeypatch.setattr(P, "cpu_bf16_features", lambda: ("amx_bf16", "avx512_bf16"))
+def test_auto_on_this_machine_follows_its_probe():
     chosen = P.resolve("auto", "cpu")
-    assert chosen.name == "bf16"
-    assert "amx_bf16" in chosen.reason
-
-
-def test_auto_on_this_machine_matches_its_cpu_flags():
-    chosen = P.resolve("auto", "cpu")
-    assert chosen.name == ("bf16" if P.cpu_bf16_features() else "fp32")
-    assert chosen.reason.startswith("auto:")
-
-
-def test_auto_falls_back_to_fp32_never_fp16_on_a_plain_cpu(monkeypatch):
-    monkeypatch.setattr(P, "cpu_bf16_features", lambda: ())
-    chosen = P.resolve("auto", "cpu")
-    assert chosen.name == "fp32"
-    assert "AVX512-BF16" in chosen.reason
+    assert chosen.name == ("bf16" if capability.probe("cpu").clearly_faster("bf16") else "fp32")
+    assert chosen.reason.startswith("auto:") and "TFLOP/s" in chosen.reason
 
 
 def test_explicit_fp16_on_cpu_is_honoured_with_a_real_scaler():
@@ -66,20 +54,21 @@ def test_tf32_on_cpu_is_refused_with_alternatives():
         P.resolve("tf32", "cpu")
 
 
-def test_bf16_on_a_pre_ampere_gpu_is_refused(monkeypatch):
+def test_bf16_on_a_pre_ampere_gpu_is_refused(monkeypatch, fake_probe):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(P, "_cuda_bf16_native", lambda device: False)
-    monkeypatch.setattr(P, "_cuda_name", lambda device: "Tesla T4 (sm_75)")
+    fake_probe(Capabilities("cuda", "Tesla T4", ("sm_75",), {"fp32": 8.0, "fp16": 65.0,
+               "bf16": 0.5, "tf32": 8.0}, 1, (4096,) * 3, 0.1, (7, 5)))  # fmt: skip
     with pytest.raises(PrecisionError, match="Tesla T4.*fp16"):
         P.resolve("bf16", "cuda")
     assert P.resolve("auto", "cuda").name == "fp16"
 
 
-def test_bf16_on_a_cpu_without_bf16_units_is_served_and_explained(monkeypatch):
-    monkeypatch.setattr(P, "cpu_bf16_features", lambda: ())
+def test_bf16_on_a_cpu_that_emulates_it_is_served_with_a_warning(fake_probe):
+    fake_probe(Capabilities("cpu", "old CPU", (), {"fp32": 0.05, "bf16": 0.004, "fp16": 0.001},
+                            1, (256,) * 3, 0.1))  # fmt: skip
     chosen = P.resolve("bf16", "cpu")
     assert chosen.name == "bf16"
-    assert "emulated" in chosen.reason
+    assert "emulated" in chosen.warning and "bf16 0.004 TFLOP/s vs fp32 0.05" in chosen.reason
 
 
 def test_bf16_autocast_really_runs_matmuls_in_bf16_and_fp32_does_nothing():
