@@ -290,7 +290,8 @@ def bench(
                 errors[name] = ("failed", f"{type(exc).__name__}: {exc}")
             _free(device)
     tokens_per_step = batch_size * (train_b.context - 1)
-    rows = [_row(name, runs[name], errors.get(name), warmup, tokens_per_step, device)
+    why = "timed as asked" if precisions is not None else "timed: not emulated here"
+    rows = [_row(name, runs[name], errors.get(name), warmup, tokens_per_step, device, why)
             for name in arms]  # fmt: skip
     _check_fair(rows)
     if memory:
@@ -331,9 +332,10 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _row(name, runs, error, warmup, tokens_per_step, device) -> ArmResult:
+def _row(name, runs, error, warmup, tokens_per_step, device, why) -> ArmResult:
     prec = resolve(name, device)
-    reason = prec.reason if prec.warning is None else f"timed as asked; {prec.warning}"
+    why = "timed: fp32 is the reference" if name == "fp32" else why
+    reason = f"{why}; {prec.warning or prec.reason}"
     if error is not None:
         return ArmResult(name, error[0], reason, error=error[1])
     return ArmResult(name, "ok", reason, **_aggregate(runs, warmup, tokens_per_step))

@@ -224,7 +224,7 @@ def train_summary_rows(run: Any) -> dict[str, object]:
         "val loss: first -> final": f"{r.initial_val_loss:.4f} -> {r.final_val_loss:.4f}",
         "val accuracy": round(r.final_val_accuracy, 4),
         "best val loss (step)": f"{r.best_val_loss:.4f} ({r.best_step})",
-        "tokens/s": f"{r.tokens_per_s:,.0f}",
+        "tokens/s (whole run, evaluation excluded)": f"{r.tokens_per_s:,.0f}",
         f"peak memory MB ({r.mem_source})": round(r.peak_mem_mb, 1),
     }
 

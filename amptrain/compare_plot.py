@@ -18,7 +18,7 @@ def plot_compare(report: Any, path: str | Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     if report.mode == "same-budget":
         _paired_losses(left, report)
-        _bars(right, report, "tokens_per_s", "train tokens/s (mean ± sd over seeds)")
+        _bars(right, report, "tokens_per_s", "train tokens/s (mean, bars: min-max over seeds)")
     else:
         names = [f"{s.role}\n{s.name[-30:]}" for s in report.scores]
         left.bar(names, [s.bits_per_byte for s in report.scores], color=["C0", "C1"])
@@ -51,7 +51,12 @@ def _paired_losses(ax: Any, report: Any) -> None:
 
 
 def _bars(ax: Any, report: Any, metric: str, title: str) -> None:
+    # The seeds' own range: a mean ± sd bar can reach below zero, which no run could.
     stat = report.stat(metric)
-    ax.bar(["custom", "reference"], [stat.custom_mean, stat.reference_mean],
-           yerr=[stat.custom_sd, stat.reference_sd], capsize=6, color=["C0", "C1"])  # fmt: skip
+    means = [stat.custom_mean, stat.reference_mean]
+    values = [[getattr(r, metric) for r in report.runs if r.role == role]
+              for role in ("custom", "reference")]  # fmt: skip
+    low = [m - min(v) for m, v in zip(means, values)]
+    high = [max(v) - m for m, v in zip(means, values)]
+    ax.bar(["custom", "reference"], means, yerr=[low, high], capsize=6, color=["C0", "C1"])
     ax.set(title=title)

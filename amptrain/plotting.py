@@ -52,12 +52,25 @@ def plot_bench(report: Any, path: str | Path) -> Path:
     ok = [a for a in report.arms if a.status == "ok"]
     fig, (ax_t, ax_m, ax_l) = plt.subplots(1, 3, figsize=(15, 4))
     names = [a.precision for a in ok]
-    ax_t.bar(names, [a.tokens_per_s for a in ok])
-    ax_t.set(title="throughput (median step)", ylabel="tokens/s")
+    tps = [a.tokens_per_s for a in ok]
+    # The bars span the step-time IQR, turned into tokens/s (a slow quartile is a low rate).
+    low = [t - t * a.step_ms / a.step_ms_iqr[1] for t, a in zip(tps, ok)]
+    high = [t * a.step_ms / a.step_ms_iqr[0] - t for t, a in zip(tps, ok)]
+    ax_t.bar(names, tps, yerr=[low, high], capsize=6)
+    ax_t.set(title="throughput (median step; bars: IQR)", ylabel="tokens/s")
     ax_m.bar(names, [a.mem_mb or 0 for a in ok])
     ax_m.set(title="memory per arm", ylabel="MB")
-    for a in ok:
-        ax_l.plot(range(1, len(a.loss_curve) + 1), a.loss_curve, label=a.precision)
+    styles = ("-", "--", ":", "-.")
+    for i, a in enumerate(ok):  # distinct dashes and markers: equal curves stay visible
+        every = max(len(a.loss_curve) // 10, 1)
+        ax_l.plot(
+            range(1, len(a.loss_curve) + 1),
+            a.loss_curve,
+            styles[i % 4],
+            marker="ox+^"[i % 4],
+            markevery=every,
+            label=a.precision,
+        )
     ax_l.set(title="training loss", xlabel="step", ylabel="loss (nats/token)")
     ax_l.legend()
     return _save(fig, path)

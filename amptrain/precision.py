@@ -229,7 +229,7 @@ def auto_choice(caps: Capabilities | None, device: torch.device) -> tuple[str, s
         why = "runs bf16 natively (no loss scaling)" if name == "bf16" else "has no native bf16"
         return name, f"auto: {caps.name} (sm_{cc[0]}{cc[1]}) {why}; {caps.figures(name)}"
     if caps.clearly_faster("bf16"):
-        return "bf16", f"auto: bf16 is fastest: {caps.figures('bf16')}"
+        return "bf16", f"auto: bf16, whose matmuls clearly beat fp32's: {caps.figures('bf16')}"
     return "fp32", (
         f"auto: fp32, since bf16 is not clearly faster ({caps.figures('bf16')}); "
         "fp16 is never chosen on a CPU"
@@ -263,14 +263,13 @@ def explicit_reason(name: str, device: torch.device, caps: Capabilities | None) 
             f"precision='bf16' needs compute capability 8.0 or newer, and {where} "
             "would only emulate it; use 'fp16' (autocast + GradScaler) or 'fp32'"
         )
+    if name == "fp32":
+        return "requested"
     what = {
-        "fp32": "fp32",
         "tf32": "fp32 weights, TF32 tensor-core matmuls",
         "bf16": "bf16 autocast",
         "fp16": f"fp16 autocast with GradScaler({kind!r})",
     }[name]
-    if name == "fp32":
-        return "requested"
     if caps is None:
         return f"requested: {what}"
     return f"requested: {what}; {caps.figures(name)}"

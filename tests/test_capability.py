@@ -125,6 +125,7 @@ def test_bench_skips_the_emulated_arm_unless_named(fake_probe):
     assert [(a.precision, a.status) for a in report.arms] == [
         ("fp32", "ok"), ("bf16", "ok"), ("fp16", "skipped")]  # fmt: skip
     assert "--precisions fp16" in report.arm("fp16").reason
+    assert report.arm("bf16").reason.startswith("timed: not emulated here; requested: bf16")
     assert report.probe["tflops"]["fp16"] == 0.001 and report.probe["emulated"] == ["fp16"]
     named = bench(model, train, val, precisions=["fp16"], **quick)
     assert named.arm("fp16").status == "ok"
@@ -139,3 +140,13 @@ def test_the_real_probe_is_quick_and_consistent():
     assert all(v > 0 for v in table.tflops.values())
     assert capability.probe("cpu") is table  # cached for the process
     assert table.to_dict()["ratio_vs_fp32"]["fp32"] == 1.0
+
+
+def test_search_offers_only_precisions_the_probe_finds_not_emulated(fake_probe):
+    from amptrain.bench import default_precisions
+    from amptrain.search_space import default_space
+
+    fake_probe(HARDWARE["amd-zen4"][0])
+    assert default_space(default_precisions(CPU))["precision"] == ["fp32", "bf16"]
+    fake_probe(HARDWARE["plain-cpu"][0])
+    assert default_space(default_precisions(CPU))["precision"] == ["fp32"]

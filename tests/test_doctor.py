@@ -196,8 +196,11 @@ def test_cli_doctor_writes_the_report(tmp_path, capsys):
     assert saved["settings"]["precisions"] == ["fp16", "bf16"] and saved["fix"]["wrapped"] == []
     assert {r["name"] for r in saved["layers"]} >= {"wte", "blocks.0.qkv", "lm_head"}
     assert "fixed_model" not in saved
+    assert set(saved["audit"]["probe"]["tflops"]) == {"fp32", "bf16", "fp16"}
     assert "## fp16 headroom per module" in (run / "report.md").read_text()
+    assert "| precision | matmul TFLOP/s | vs fp32 | here |" in (run / "report.md").read_text()
     if MATPLOTLIB_AVAILABLE:
         assert (run / "headroom.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "fp16 headroom" in printed and str(run / "report.md") in printed
+    assert "matmul probe on" in printed

@@ -49,7 +49,8 @@ class ProgressSink:
             return
         figures = (
             f"loss {metrics['train/loss']:.4f}  lr {metrics['train/lr']:.2e}  "
-            f"{metrics['perf/tokens_per_s']:,.0f} tok/s  scale {metrics['amp/loss_scale']:g}  "
+            f"{metrics['perf/tokens_per_s']:,.0f} tok/s (recent steps)  "
+            f"scale {metrics['amp/loss_scale']:g}  "
             f"skipped {metrics['amp/skipped_steps']}"
         )
         self._progress.update(self._task, completed=step, figures=figures)
