@@ -150,3 +150,13 @@ def test_search_offers_only_precisions_the_probe_finds_not_emulated(fake_probe):
     assert default_space(default_precisions(CPU))["precision"] == ["fp32", "bf16"]
     fake_probe(HARDWARE["plain-cpu"][0])
     assert default_space(default_precisions(CPU))["precision"] == ["fp32"]
+
+
+@pytest.mark.gpu
+def test_the_cuda_probe_sees_tensor_cores_and_auto_takes_bf16_from_sm80():
+    capability.clear_cache()
+    table = capability.probe("cuda")
+    assert set(table.tflops) == {"fp32", "tf32", "bf16", "fp16"} and table.seconds < 5.0
+    if table.compute_capability >= (8, 0):
+        assert table.clearly_faster("bf16") and table.clearly_faster("tf32")
+        assert P.resolve("auto", "cuda").name == "bf16"

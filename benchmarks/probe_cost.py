@@ -1,0 +1,66 @@
+"""What does the capability probe cost, and how steady are its figures and decisions?
+
+Runs the probe `--runs` times from scratch (the process cache cleared each time) at the
+current thread count and reports, per precision, the median TFLOP/s with its range, the
+median wall time of a whole probe with its range, and how often each decision (`auto`,
+emulated precisions) came out the same. Run it alone on the machine: a loaded machine makes
+multi-threaded matmuls wait for each other, and the figures then measure the load.
+
+    python benchmarks/probe_cost.py [--runs 9] [--threads N] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+from amptrain import capability
+from amptrain.precision import auto_choice
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    tables = []
+    for _ in range(args.runs):
+        capability.clear_cache()
+        tables.append(capability.probe(cpu))
+    decisions = collections.Counter(
+        (auto_choice(t, cpu)[0], tuple(p for p in t.tflops if t.emulated(p))) for t in tables
+    )
+    result = {
+        "cpu": capability.cpu_model(),
+        "flags": list(capability.cpu_flags()),
+        "threads": args.threads,
+        "load_average_1min": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "probe_seconds": spread([t.seconds for t in tables]),
+        "tflops": {p: spread([t.tflops[p] for t in tables]) for p in tables[0].tflops},
+        "decisions (auto, emulated): runs": {str(k): v for k, v in decisions.items()},
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
