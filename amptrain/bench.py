@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import capability, hardware
+from amptrain import bench_verdict, capability, hardware
 from amptrain.callbacks import Callback
 from amptrain.data import Blocks, as_blocks
 from amptrain.errors import ConfigError
@@ -299,8 +299,8 @@ def bench(
         rows = [_with_memory(row, model, train_b, val_b, mem_opts, device) for row in rows]
     rows, flops = _with_mfu(rows, model, train_b, device, batch_size)
     rows = _compare_to_fp32(rows, quality_tol)
-    best, verdict = _verdict(rows, quality_tol)
-    rows += [ArmResult(name, "skipped", why, error=why) for name, why in skipped.items()]
+    best, verdict = bench_verdict.verdict(rows, quality_tol)
+    rows += [ArmResult(name, "skipped", text, error=text) for name, text in skipped.items()]
     settings = dict(precisions=arms, steps=steps, warmup=warmup, repeats=repeats,
                     batch_size=batch_size, context=train_b.context, lr=lr, seed=seed,
                     eval_batches=eval_batches, quality_tol=quality_tol, **flops)  # fmt: skip
@@ -411,56 +411,6 @@ def _compare_to_fp32(rows: Sequence[ArmResult], tol: float) -> list[ArmResult]:
             quality_ok=abs(rel) <= tol,
         ))  # fmt: skip
     return out
-
-
-# An arm whose step-time IQR spans more than this fraction of its median is too noisy to rank.
-MAX_SPREAD = 0.5
-
-
-def _verdict(rows: Sequence[ArmResult], tol: float) -> tuple[str | None, str]:
-    good = sorted((r for r in rows if r.status == "ok" and r.quality_ok),
-                  key=lambda r: r.tokens_per_s, reverse=True)  # fmt: skip
-    if not good:
-        return None, "no precision ran to completion with fp32 as the reference"
-    best = good[0]
-    noise = _inseparable(best, good[1]) if len(good) > 1 else None
-    if noise is not None:
-        return None, f"inconclusive: {noise}{_load_note()}; rerun on a quieter machine"
-    if best.precision == "fp32":
-        return "fp32", (
-            f"fp32: no other precision was both faster and within {tol:.0%} of fp32's "
-            "validation loss"
-        )
-    return best.precision, (
-        f"{best.precision}: {best.speedup_vs_fp32:.2f}x fp32's tokens/s (median step "
-        f"{best.step_ms:.1f} ms vs {best.step_ms * best.speedup_vs_fp32:.1f} ms), validation loss "
-        f"{best.val_loss_rel_diff:+.2%} from fp32 (tolerance {tol:.0%})"
-    )
-
-
-def _inseparable(a: ArmResult, b: ArmResult) -> str | None:
-    """Why the step times of two arms cannot be told apart, or None when they can."""
-    for arm in (a, b):
-        low, high = arm.step_ms_iqr
-        if high - low > MAX_SPREAD * arm.step_ms:
-            return (f"{arm.precision}'s step times spread too wide to rank (IQR {low:.1f}-"
-                    f"{high:.1f} ms around a median of {arm.step_ms:.1f} ms)")  # fmt: skip
-    for field, what in (("step_ms_iqr", "step-time IQRs"), ("repeat_ms_range", "repeat medians")):
-        (a_lo, a_hi), (b_lo, b_hi) = getattr(a, field), getattr(b, field)
-        if a_lo <= b_hi and b_lo <= a_hi:
-            return (f"the {what} of {a.precision} ({a_lo:.1f}-{a_hi:.1f} ms) and "
-                    f"{b.precision} ({b_lo:.1f}-{b_hi:.1f} ms) overlap")  # fmt: skip
-    return None
-
-
-def _load_note() -> str:
-    """The load average, where it is high enough to explain the noise."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return ""
-    cpus = os.cpu_count() or 1
-    return f" (load average {load:.1f} on {cpus} CPUs)" if load > 0.75 * cpus else ""
 
 
 def _targets(rows: Sequence[ArmResult]) -> dict[str, dict[str, Any]]:

@@ -9,7 +9,8 @@ from conftest import pattern_blocks, tiny_model
 from torch import nn
 
 from amptrain import capability
-from amptrain.bench import ArmResult, _inseparable, bench
+from amptrain.bench import ArmResult, bench
+from amptrain.bench_verdict import inseparable
 from amptrain.capability import Capabilities
 
 QUICK = dict(steps=8, warmup=1, repeats=1, batch_size=2, eval_batches=1, memory=False)
@@ -51,9 +52,9 @@ def test_overlapping_or_separated_ranges_decide_whether_arms_can_be_ranked():
     fp32 = arm("fp32", 100.0, (95.0, 105.0), (98.0, 104.0))
     fast = arm("bf16", 70.0, (68.0, 73.0), (69.0, 71.0))
     close = arm("bf16", 97.0, (94.0, 99.0), (96.0, 99.0))
-    assert _inseparable(fast, fp32) is None
-    assert "overlap" in _inseparable(close, fp32)
-    assert "repeat medians" in _inseparable(arm("bf16", 80, (79, 81), (80, 99)), fp32)
+    assert inseparable(fast, fp32) is None
+    assert "overlap" in inseparable(close, fp32)
+    assert "repeat medians" in inseparable(arm("bf16", 80, (79, 81), (80, 99)), fp32)
 
 
 def test_mfu_stays_at_or_below_one_when_the_probe_under_reads(fake_probe, monkeypatch):
