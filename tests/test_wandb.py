@@ -94,6 +94,16 @@ def history_and_config(run_dir: Path) -> tuple[dict[int, dict], dict]:
     return history, config
 
 
+def settled_history(run_dir: Path, ready) -> tuple[dict[int, dict], dict]:
+    """`history_and_config` once `ready(history)` holds: W&B's writer may still be flushing."""
+    for _ in range(100):
+        history, config = history_and_config(run_dir)
+        if ready(history):
+            break
+        time.sleep(0.1)
+    return history, config
+
+
 def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
@@ -161,7 +171,7 @@ def test_a_shared_run_keeps_its_owner_and_loses_no_record(wandb_env, amptrain_lo
         batch_size=8)  # fmt: skip
     run.log({"other/metric": 2.0})  # still open: the sink did not finish it
     run.finish()
-    history, config = history_and_config(offline_run(wandb_env))
+    history, config = settled_history(offline_run(wandb_env), lambda h: len(h) >= 4)
     ours = sorted(r["global_step"] for r in history.values() if "train/loss" in r)
     assert ours == [1, 2, 3] and config["precision"] == "fp32"
     assert amptrain_log.warnings() == []
