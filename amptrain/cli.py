@@ -48,6 +48,12 @@ _TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--growth-interval": ("fit.growth_interval", int, "fp16: finite steps before scale growth"),
     "--checkpoint-every": ("fit.checkpoint_every", int, "checkpoint every N steps (0: at the end)"),
     "--keep-last": ("fit.keep_last", int, "complete checkpoints to keep"),
+    "--optimizer-impl": (
+        "fit.optimizer_impl",
+        str,
+        "AdamW kernel: auto (fused), fused, foreach, for-loop",
+    ),
+    "--attention": ("fit.attention", str, "SDPA backend: auto (measured), default, math"),
 }
 # Flags of `train` that `bench` does not take: it sets steps, evaluation and precisions itself.
 _BENCH_SKIPS = (
