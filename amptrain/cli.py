@@ -73,6 +73,8 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     for flag, field in _GPT_FLAGS.items():
         kind = float if field == "dropout" else int
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"tiny-gpt {field}")
+    parser.add_argument("--compile", action="store_true", default=argparse.SUPPRESS,
+                        help="compile the model in place (torch.compile)")  # fmt: skip
     parser.add_argument("--config", type=Path, help="a JSON config (e.g. a run's config.json)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
@@ -97,6 +99,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
                 values["fit"][field[4:]] = value
             else:
                 values[field] = value
+    if given.get("compile"):
+        values["fit"]["compile"] = True
     sizes = {f: given[flag[2:]] for flag, f in _GPT_FLAGS.items() if flag[2:] in given}
     if sizes:
         if values.get("model", "tiny-gpt") != "tiny-gpt":

@@ -30,6 +30,7 @@ from amptrain.attention import AttentionPlan
 from amptrain.attention import plan as plan_attention
 from amptrain.callbacks import Callback, emit
 from amptrain.checkpoint import Checkpoint
+from amptrain.compiling import compile_in_place
 from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
 from amptrain.metrics.meters import Throughput, peak_memory_mb
@@ -89,8 +90,8 @@ class FitResult:
     loss_scale: float
     peak_mem_mb: float
     mem_source: str
-    fast_path: dict[str, str] = dataclasses.field(default_factory=dict)
-    """The step's kernels and why: optimizer implementation, attention backend, loss."""
+    fast_path: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The step's kernels and why: optimizer, attention backend, loss, compilation (seconds)."""
     history: tuple[dict[str, Any], ...] = dataclasses.field(repr=False, default=())
 
     def to_dict(self, history: bool = False) -> dict[str, Any]:
@@ -162,10 +163,7 @@ def fit(
     if resume is not None:
         checkpoint.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
         _check_world_size(resume)
-    attn = _attention_plan(model, train_b, prec, opts, resume)
-    fast_path = {**describe(optimizer), "attention": attn.backend, "attention_reason": attn.reason,
-                 "loss": "chunked fp32 cross-entropy (amptrain.losses)"}  # fmt: skip
-    log.info("fast path: %s", fast_path)
+    attn, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume)
     rank, world_size = distributed.world()
     sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
     meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend}
@@ -183,6 +181,27 @@ def fit(
     if state.stop_signal:
         raise Interrupted(state.stop_signal, state.step, run.last_checkpoint)
     return dataclasses.replace(_result(prec, state, tracker, train_time), fast_path=fast_path)
+
+
+def _fast_path(
+    model: nn.Module,
+    train_b: data_mod.Blocks,
+    prec: Precision,
+    optimizer: torch.optim.Optimizer,
+    opts: FitOptions,
+    resume: Checkpoint | None,
+) -> tuple[AttentionPlan, dict[str, Any]]:
+    """The attention plan, the model compiled when asked, and the record of both."""
+    attn = _attention_plan(model, train_b, prec, opts, resume)
+    fast_path: dict[str, Any] = {
+        **describe(optimizer), "attention": attn.backend, "attention_reason": attn.reason,
+        "loss": "chunked fp32 cross-entropy (amptrain.losses)", "compiled": opts.compile,
+    }  # fmt: skip
+    if opts.compile:
+        sample = train_b.inputs[: opts.batch_size].to(next(model.parameters()).device)
+        fast_path["compile_s"] = compile_in_place(model, prec, sample, attn.context)
+    log.info("fast path: %s", fast_path)
+    return attn, fast_path
 
 
 def _attention_plan(

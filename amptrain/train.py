@@ -159,7 +159,7 @@ def run_training(
     return TrainRun(result, run_dir, model, train, val)
 
 
-def _record_fast_path(path: Path, fast_path: dict[str, str]) -> None:
+def _record_fast_path(path: Path, fast_path: dict[str, Any]) -> None:
     """Add the kernels the run used (decided inside `fit`) to its config.json's environment."""
     config = json.loads(path.read_text(encoding="utf-8"))
     config.setdefault("environment", {})["fast_path"] = fast_path
