@@ -208,7 +208,9 @@ def transformers_trainer(job: Job, precision: str):
             bf16=precision == "bf16", logging_strategy="no", save_strategy="no", report_to=[],
             disable_tqdm=True, dataloader_num_workers=0, seed=job.seed, max_grad_norm=1.0,
         )  # fmt: skip
-        trainer = transformers.Trainer(model=WithLoss(), args=args, train_dataset=data)
+        trainer = transformers.Trainer(
+            model=WithLoss(), args=args, train_dataset=data, callbacks=[Stamp()]
+        )
         trainer.train()
     return stamps, model
 
