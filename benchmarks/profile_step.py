@@ -20,9 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import peers_arms  # noqa: E402
 
 
-def profiled(
-    arm: str, job: peers_arms.Job, precision: str, warmup: int
-) -> dict[str, tuple[int, float]]:
+def profiled(arm: str, job: peers_arms.Job, precision: str) -> dict[str, tuple[int, float]]:
     """{op: (calls, self CPU ms)} of one run of `arm`, after an unprofiled warm-up run."""
     peers_arms.ARMS[arm](peers_arms.JOBS["quick"], precision)  # load kernels, allocator, caches
     with profile(activities=[ProfilerActivity.CPU]) as prof:

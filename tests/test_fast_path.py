@@ -156,3 +156,15 @@ def test_compile_in_place_keeps_checkpoint_keys_and_trains_alike(train_val):
 def test_compile_must_be_a_boolean():
     with pytest.raises(ConfigError, match="compile='yes' is invalid"):
         FitOptions(compile="yes")
+
+
+def test_a_resumed_fit_is_still_fused_and_keeps_its_attention_backend(tmp_path, train_val):
+    from amptrain import checkpoint
+
+    opts = dict(precision="fp32", batch_size=4, checkpoint_dir=tmp_path)
+    amptrain.fit(tiny_model(), train_val[0], max_steps=2, **opts)
+    ckpt = checkpoint.load(checkpoint.latest(tmp_path))
+    assert ckpt.trainer["attention"] == "default"
+    resumed = amptrain.fit(tiny_model(), train_val[0], max_steps=3, resume=ckpt, **opts)
+    assert resumed.fast_path["optimizer_impl"] == "fused"
+    assert resumed.fast_path["attention_reason"].startswith("resumed")
