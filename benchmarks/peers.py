@@ -3,7 +3,8 @@
 Arms (see `peers_arms.py`): `plain` (hand-written loop, torch's default AdamW,
 `F.cross_entropy` on `.float()` logits), `amptrain` (its defaults), Lightning's Trainer,
 Accelerate, the transformers Trainer (its own default optimizer), and with `--ablation` the
-plain loop with each of amptrain's levers alone plus amptrain with each lever off. Every run
+plain loop with each of amptrain's levers alone, amptrain with each lever off, and amptrain
+with `compile=True` (its compile time is outside the timed steps). Every run
 is a fresh process (no shared caches or allocator state); rounds are interleaved and the
 order of the arms rotates each round, so machine drift hits all alike. Per arm and precision:
 median tokens/s over rounds with min-max, the ratio to the plain loop, peak RSS of the

@@ -228,6 +228,7 @@ ARMS = {
     "plain+all": lambda job, p: plain(job, p, fused=True, chunked=True, math_attn=True),
     "amptrain-for-loop-adamw": lambda job, p: amptrain_fit(job, p, optimizer_impl="for-loop"),
     "amptrain-default-attention": lambda job, p: amptrain_fit(job, p, attention="default"),
+    "amptrain-compile": lambda job, p: amptrain_fit(job, p, compile=True),
 }
 PEERS = ("plain", "amptrain", "lightning", "accelerate", "transformers")
 ABLATION = tuple(a for a in ARMS if a not in PEERS)
