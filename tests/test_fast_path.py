@@ -168,3 +168,18 @@ def test_a_resumed_fit_is_still_fused_and_keeps_its_attention_backend(tmp_path, 
     resumed = amptrain.fit(tiny_model(), train_val[0], max_steps=3, resume=ckpt, **opts)
     assert resumed.fast_path["optimizer_impl"] == "fused"
     assert resumed.fast_path["attention_reason"].startswith("resumed")
+
+
+def test_cli_flags_reach_the_fit_options():
+    from amptrain.cli import build_parser, config_from_args
+
+    argv = ["train", "--compile", "--optimizer-impl", "for-loop", "--attention", "math"]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert (cfg.fit.compile, cfg.fit.optimizer_impl, cfg.fit.attention) == (
+        True,
+        "for-loop",
+        "math",
+    )
+    assert config_from_args(build_parser().parse_args(["train"])).fit.compile is False
+    with pytest.raises(ConfigError, match="attention='flash' is invalid"):
+        config_from_args(build_parser().parse_args(["train", "--attention", "flash"]))
