@@ -13,10 +13,10 @@ import inspect
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from amptrain.errors import DataError, ModelError
+from amptrain.losses import next_token_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -78,11 +78,10 @@ def next_token_loss(
     """Summed next-token cross-entropy: position t predicts label t+1; `ignore_index` is skipped.
 
     Divide by `count_targets` for the mean. Summing lets gradient accumulation weight every
-    token equally, whatever the padding of each micro-batch.
+    token equally, whatever the padding of each micro-batch. Computed in fp32 by the chunked
+    kernel of `amptrain.losses`, which never builds an fp32 copy of the logits.
     """
-    flat = logits[:, :-1].float().reshape(-1, logits.size(-1))
-    targets = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(flat, targets, ignore_index=ignore_index, reduction="sum")
+    return next_token_cross_entropy(logits, labels, ignore_index)
 
 
 @torch.no_grad()

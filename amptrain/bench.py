@@ -235,6 +235,7 @@ def bench(
     eval_batches: int = 8,
     quality_tol: float = 0.02,
     memory: bool = True,
+    compile: bool = False,
 ) -> BenchReport:
     """Benchmark precisions side by side on one model and one batch sequence.
 
@@ -255,6 +256,7 @@ def bench(
         quality_tol: An arm's quality is ok when its validation loss is within this relative
             difference of fp32's.
         memory: Measure each arm's memory in isolation (one more short run per arm).
+        compile: Time compiled arms (`fit(compile=True)`; compilation is outside the timing).
 
     Returns:
         A `BenchReport`; failed arms are rows with `status` "failed" or "oom".
@@ -274,7 +276,7 @@ def bench(
     train_b, val_b = as_blocks(train, name="training data"), as_blocks(val, name="validation data")
     check_data(model, train_b, val_b, device, "model", -100)
     opts = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                eval_every=steps, eval_batches=eval_batches)  # fmt: skip
+                eval_every=steps, eval_batches=eval_batches, compile=compile)  # fmt: skip
     runs: dict[str, list[_Run]] = {name: [] for name in arms}
     errors: dict[str, tuple[str, str]] = {}
     for repeat in range(repeats):

@@ -168,6 +168,7 @@ def run_bench(
         model, train, val, precisions=precisions, steps=steps, warmup=warmup, repeats=repeats,
         batch_size=cfg.fit.batch_size, lr=cfg.fit.lr, seed=cfg.fit.seed,
         eval_batches=cfg.fit.eval_batches, quality_tol=quality_tol, memory=memory,
+        compile=cfg.fit.compile,
     )  # fmt: skip
     run_dir = run_dir or create_run_dir(cfg.out, "bench")
     atomic_write_json(run_dir / "config.json", cfg.to_dict())

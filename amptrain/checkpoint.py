@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from amptrain.errors import AmptrainError
+from amptrain.optim import load_state_keeping_impl
 
 log = logging.getLogger("amptrain")
 
@@ -342,7 +343,7 @@ def restore(
     else:
         precision.load_state_dict(scaler)
     restore_module(model, t["model"], ckpt.path)
-    optimizer.load_state_dict(t["optimizer"])
+    load_state_keeping_impl(optimizer, t["optimizer"])  # still fused after a resume
     scheduler.load_state_dict(t["scheduler"])
     set_rng_state(_rank_rng(t["rng"], ckpt.path))
     for field in dataclasses.fields(state):

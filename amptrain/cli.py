@@ -49,6 +49,12 @@ _TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--growth-interval": ("fit.growth_interval", int, "fp16: finite steps before scale growth"),
     "--checkpoint-every": ("fit.checkpoint_every", int, "checkpoint every N steps (0: at the end)"),
     "--keep-last": ("fit.keep_last", int, "complete checkpoints to keep"),
+    "--optimizer-impl": (
+        "fit.optimizer_impl",
+        str,
+        "AdamW kernel: auto (fused), fused, foreach, for-loop",
+    ),
+    "--attention": ("fit.attention", str, "SDPA backend: auto (measured), default, math"),
 }
 # Flags of `train` that `bench` does not take: it sets steps, evaluation and precisions itself.
 _BENCH_SKIPS = (
@@ -68,6 +74,8 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     for flag, field in _GPT_FLAGS.items():
         kind = float if field == "dropout" else int
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"tiny-gpt {field}")
+    parser.add_argument("--compile", action="store_true", default=argparse.SUPPRESS,
+                        help="compile the model in place (torch.compile)")  # fmt: skip
     parser.add_argument("--config", type=Path, help="a JSON config (e.g. a run's config.json)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
@@ -97,6 +105,8 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
                 values["fit"][field[4:]] = value
             else:
                 values[field] = value
+    if given.get("compile"):
+        values["fit"]["compile"] = True
     sizes = {f: given[flag[2:]] for flag, f in _GPT_FLAGS.items() if flag[2:] in given}
     if sizes:
         if values.get("model", "tiny-gpt") != "tiny-gpt":

@@ -70,6 +70,12 @@ class FitOptions:
     """Save a checkpoint every this many steps (0: only at the end and when interrupted)."""
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted after a newer one is complete."""
+    optimizer_impl: str = "auto"
+    """AdamW kernel: `auto` (fused where torch has it), `fused`, `foreach` or `for-loop`."""
+    attention: str = "auto"
+    """SDPA backend in the step: `auto` (measured at run start), `default` or `math`."""
+    compile: bool = False
+    """Compile the model in place (`torch.compile`) before training; compile time reported apart."""
 
     def __post_init__(self) -> None:
         for field in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -96,6 +102,13 @@ class FitOptions:
                self.growth_factor, "a finite number > 1")  # fmt: skip
         _check(_finite(self.backoff_factor) and 0 < self.backoff_factor < 1, "backoff_factor",
                self.backoff_factor, "in (0, 1)")  # fmt: skip
+        impls = ("auto", "fused", "foreach", "for-loop")
+        _check(self.optimizer_impl in impls, "optimizer_impl", self.optimizer_impl,
+               f"one of {', '.join(impls)}")  # fmt: skip
+        _check(isinstance(self.compile, bool), "compile", self.compile, "true or false")
+        attention = ("auto", "default", "math")
+        _check(self.attention in attention, "attention", self.attention,
+               f"one of {', '.join(attention)}")  # fmt: skip
         clip = self.clip_norm
         _check(clip is None or (_finite(clip) and clip > 0), "clip_norm", clip,
                "a finite number > 0, or None for no clipping")  # fmt: skip

@@ -26,15 +26,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from amptrain import checkpoint, distributed
 from amptrain import data as data_mod
 from amptrain.adapter import check_token_range, probe_vocab
+from amptrain.attention import AttentionPlan
+from amptrain.attention import plan as plan_attention
 from amptrain.callbacks import Callback, emit
 from amptrain.checkpoint import Checkpoint
+from amptrain.compiling import compile_in_place
 from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
 from amptrain.metrics.meters import Throughput, peak_memory_mb
 from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
 from amptrain.models.limits import check_context
-from amptrain.optim import lr_factor, make_optimizer, make_scheduler
+from amptrain.optim import describe, lr_factor, make_optimizer, make_scheduler
 from amptrain.precision import Precision, resolve
 from amptrain.step import Batch, StepOutput, evaluate, train_step
 
@@ -88,6 +91,8 @@ class FitResult:
     loss_scale: float
     peak_mem_mb: float
     mem_source: str
+    fast_path: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The step's kernels and why: optimizer, attention backend, loss, compilation (seconds)."""
     history: tuple[dict[str, Any], ...] = dataclasses.field(repr=False, default=())
     precision_warning: str | None = None
     precision_probe: dict[str, Any] | None = None
@@ -165,11 +170,12 @@ def fit(
         _check_world_size(resume)
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # an extended run's
             group["lr"] = base * lr_factor(scheduler.last_epoch, opts)  # schedule, from now on
+    attn, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume)
     rank, world_size = distributed.world()
     sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
-    meta = {**(checkpoint_meta or {}), "world_size": world_size}
+    meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend}
     run = _Loop(model, _wrap(model, world_size), train_b, val_b, prec, optimizer, scheduler, opts,
-                state, sinks, list(callbacks), checkpoint_dir, meta)  # fmt: skip
+                state, sinks, list(callbacks), checkpoint_dir, meta, attn)  # fmt: skip
     model.train()
     with prec.activate(), _signals(state, handle_signals):
         emit(run.callbacks, "on_fit_start", state)
@@ -181,7 +187,44 @@ def fit(
                 sink.close()
     if state.stop_signal:
         raise Interrupted(state.stop_signal, state.step, run.last_checkpoint)
-    return _result(prec, state, tracker, train_time)
+    return dataclasses.replace(_result(prec, state, tracker, train_time), fast_path=fast_path)
+
+
+def _fast_path(
+    model: nn.Module,
+    train_b: data_mod.Blocks,
+    prec: Precision,
+    optimizer: torch.optim.Optimizer,
+    opts: FitOptions,
+    resume: Checkpoint | None,
+) -> tuple[AttentionPlan, dict[str, Any]]:
+    """The attention plan, the model compiled when asked, and the record of both."""
+    attn = _attention_plan(model, train_b, prec, opts, resume)
+    fast_path: dict[str, Any] = {
+        **describe(optimizer), "attention": attn.backend, "attention_reason": attn.reason,
+        "loss": "chunked fp32 cross-entropy (amptrain.losses)", "compiled": opts.compile,
+    }  # fmt: skip
+    if opts.compile:
+        sample = train_b.inputs[: opts.batch_size].to(next(model.parameters()).device)
+        fast_path["compile_s"] = compile_in_place(model, prec, sample, attn.context)
+    log.info("fast path: %s", fast_path)
+    return attn, fast_path
+
+
+def _attention_plan(
+    model: nn.Module,
+    train_b: data_mod.Blocks,
+    prec: Precision,
+    opts: FitOptions,
+    resume: Checkpoint | None,
+) -> AttentionPlan:
+    """Measure the attention backend, or keep the one a resumed run was started with."""
+    saved = resume.trainer.get("attention") if resume is not None else None
+    if saved is not None and opts.attention == "auto":  # a re-measurement could flip it
+        return AttentionPlan(saved, "resumed: the backend this run started with")
+    device = next(model.parameters()).device
+    sample = train_b.inputs[: opts.batch_size].to(device)
+    return plan_attention(opts.attention, model, prec, sample)
 
 
 def _wrap(model: nn.Module, world_size: int) -> nn.Module:
@@ -218,6 +261,7 @@ class _Loop:
     callbacks: list[Callback]
     checkpoint_dir: str | Path | None
     checkpoint_meta: dict[str, Any]
+    attention: AttentionPlan
     last_checkpoint: Path | None = None
 
 
@@ -283,7 +327,8 @@ def _run(run: _Loop) -> float:
     meter, train_time = Throughput(clock), 0.0
     while state.step < opts.max_steps and not state.should_stop:
         window = [_to_device(next(batches), device) for _ in range(opts.grad_accum)]
-        out = train_step(run.net, window, run.prec, run.optimizer, run.scheduler, opts)
+        out = train_step(run.net, window, run.prec, run.optimizer, run.scheduler, opts,
+                         run.attention.context)  # fmt: skip
         state.step, state.batches = state.step + 1, state.batches + opts.grad_accum
         state.tokens += out.tokens
         meter.update(out.tokens)
@@ -388,7 +433,7 @@ def _nonfinite_error(prec: Precision, state: TrainState) -> NonFiniteError:
 def _eval_and_log(run: _Loop) -> None:
     opts = run.opts
     metrics = evaluate(run.model, run.val, run.prec, opts.batch_size, opts.eval_batches,
-                       opts.ignore_index)  # fmt: skip
+                       opts.ignore_index, run.attention.context)  # fmt: skip
     _log(run.sinks, metrics, run.state.step)
     emit(run.callbacks, "on_eval_end", run.state, metrics)
 

@@ -1,4 +1,9 @@
-"""AdamW with weight-decay groups, and the warm-up + cosine schedule counted in optimizer steps."""
+"""AdamW with weight-decay groups, and the warm-up + cosine schedule counted in optimizer steps.
+
+The AdamW update is element-wise work over every parameter, every step. torch's default on
+CPU is the single-tensor for-loop; its fused kernel (CPU and CUDA) does the same arithmetic
+in one pass, so amptrain asks for it wherever torch has it and says why when it does not.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,99 @@ import torch
 from torch import nn
 
 from amptrain.config import FitOptions
+from amptrain.errors import ConfigError
+
+_FLAGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
 
 def make_optimizer(model: nn.Module, opts: FitOptions) -> torch.optim.AdamW:
-    """AdamW that decays matrices (dim >= 2) and leaves biases and norm weights alone."""
+    """AdamW that decays matrices (dim >= 2) and leaves biases and norm weights alone.
+
+    The kernel follows `opts.optimizer_impl`; `describe(optimizer)` says which one and why.
+
+    Raises:
+        ConfigError: If `fused` is requested explicitly and torch has no fused kernel for
+            these parameters.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": opts.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas)
+    requested = opts.optimizer_impl
+    missing = _fused_missing(params) if requested in ("auto", "fused") else None
+    if requested == "fused" and missing:
+        raise ConfigError(
+            f"optimizer_impl='fused' is not available here ({missing}); use "
+            "optimizer_impl='auto', which falls back to torch's default"
+        )
+    if requested == "auto":
+        flags = {} if missing else _FLAGS["fused"]
+        reason = f"auto: no fused AdamW for {missing}; torch's default" if missing else (
+            "auto: torch has a fused AdamW for these parameters")  # fmt: skip
+    else:
+        flags, reason = _FLAGS[requested], "requested"
+    optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, **flags)
+    optimizer.amptrain_reason = reason
+    return optimizer
+
+
+def _fused_missing(params: list[torch.Tensor]) -> str | None:
+    """Why torch's fused AdamW cannot step these parameters, or None when it can.
+
+    torch checks devices and dtypes only at the first step, so one tiny step per distinct
+    (device, dtype) asks it before training starts.
+    """
+    for device, dtype in {(p.device, p.dtype) for p in params}:
+        probe = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+        probe.grad = torch.zeros_like(probe)
+        try:
+            torch.optim.AdamW([probe], fused=True).step()
+        except RuntimeError as exc:
+            return f"{dtype} parameters on {device.type} ({exc})"
+    return None
+
+
+def impl_of(optimizer: torch.optim.Optimizer) -> str:
+    """The kernel the optimizer's next step will run, read from its param groups' flags."""
+    group = optimizer.param_groups[0]
+    if group.get("fused"):
+        return "fused"
+    if group.get("foreach"):
+        return "foreach"
+    if group.get("foreach") is None:  # torch's default: foreach when all params are on CUDA
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        return "foreach" if params and all(p.is_cuda for p in params) else "for-loop"
+    return "for-loop"
+
+
+def describe(optimizer: torch.optim.Optimizer) -> dict[str, str]:
+    """The optimizer, its kernel and why that kernel, for the run record."""
+    return {
+        "optimizer": type(optimizer).__name__,
+        "optimizer_impl": impl_of(optimizer),
+        "optimizer_reason": getattr(optimizer, "amptrain_reason", "built outside amptrain"),
+    }
+
+
+def load_state_keeping_impl(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping this optimizer's fused/foreach choice.
+
+    torch's `load_state_dict` replaces each param group with the saved one, `fused` and
+    `foreach` flags included, so a checkpoint written by a for-loop AdamW would silently
+    turn a fused optimizer back into the slow one. The fused kernel also wants its `step`
+    counters as fp32 tensors on the parameters' device.
+    """
+    flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, saved in zip(optimizer.param_groups, flags):
+        group.update(saved)
+        if not saved["fused"]:
+            continue
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 def lr_factor(step: int, opts: FitOptions) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -45,12 +45,15 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     opts: FitOptions,
+    attention: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> StepOutput:
     """One optimizer step over the micro-batches of `window` (gradient accumulation).
 
     Under DDP `model` is the wrapped module: micro-batches before the last skip the
     gradient all-reduce (`no_sync`), and the loss is normalised by the token count of all
     ranks, so N ranks with batch B train exactly like one process with batch N*B.
+    `attention` scopes the forward passes (the SDPA backend of `amptrain.attention`); the
+    backward follows the kernels the forward chose.
     """
     _, world_size = distributed.world()
     local_targets = sum(count_targets(y, opts.ignore_index) for _, y in window)
@@ -60,7 +63,8 @@ def train_step(
     for i, (x, y) in enumerate(window):
         defer_sync = isinstance(model, DDP) and i < len(window) - 1
         with model.no_sync() if defer_sync else contextlib.nullcontext(), precision.autocast():
-            logits = forward_logits(model, x, y)
+            with attention():
+                logits = forward_logits(model, x, y)
             loss_sum = next_token_loss(logits, y, opts.ignore_index)
             # Normalise by the whole window's token count: every token weighs the same, so
             # accumulating A batches of B equals one batch of A*B. DDP averages over ranks,
@@ -98,6 +102,7 @@ def evaluate(
     batch_size: int,
     max_batches: int | None = None,
     ignore_index: int = -100,
+    attention: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Token-weighted loss, perplexity and accuracy on `blocks`, in fixed order, under autocast.
 
@@ -114,7 +119,7 @@ def evaluate(
     for start in range(rank * batch_size, n, world_size * batch_size):  # sharded over ranks
         x = blocks.inputs[start : start + batch_size].to(device, non_blocking=True)
         y = blocks.labels[start : start + batch_size].to(device, non_blocking=True)
-        with precision.autocast():
+        with precision.autocast(), attention():
             logits = forward_logits(model, x, y)
             loss_sum += next_token_loss(logits, y, ignore_index).item()
         hits += int(next_token_hits(logits, y, ignore_index))

@@ -164,6 +164,7 @@ def run_training(
     )  # fmt: skip
     if not main:
         return TrainRun(result, run_dir, model, train, val)
+    _record_fast_path(run_dir / "config.json", result.fast_path)
     atomic_torch_save(model.state_dict(), run_dir / "model.pt")
     atomic_write_json(run_dir / "summary.json", summary(result, cfg, model))
     if MATPLOTLIB_AVAILABLE:
@@ -173,6 +174,13 @@ def run_training(
     else:
         log.info("loss.png skipped: install amptrain[plot] for plots")
     return TrainRun(result, run_dir, model, train, val)
+
+
+def _record_fast_path(path: Path, fast_path: dict[str, Any]) -> None:
+    """Add the kernels the run used (decided inside `fit`) to its config.json's environment."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.setdefault("environment", {})["fast_path"] = fast_path
+    atomic_write_json(path, config)
 
 
 def find_resume(out: str | Path, resume: str, command: str) -> tuple[Path, checkpoint.Checkpoint]:

@@ -1,0 +1,190 @@
+"""amptrain against a plain PyTorch loop and the peers, on one job, one process per run.
+
+Arms (see `peers_arms.py`): `plain` (hand-written loop, torch's default AdamW,
+`F.cross_entropy` on `.float()` logits), `amptrain` (its defaults), Lightning's Trainer,
+Accelerate, the transformers Trainer (its own default optimizer), and with `--ablation` the
+plain loop with each of amptrain's levers alone, amptrain with each lever off, and amptrain
+with `compile=True` (its compile time is outside the timed steps). Every run
+is a fresh process (no shared caches or allocator state); rounds are interleaved and the
+order of the arms rotates each round, so machine drift hits all alike. Per arm and precision:
+median tokens/s over rounds with min-max, the ratio to the plain loop, peak RSS of the
+process, and the held-out loss after the same steps (measured the same way for every arm).
+
+    pip install -e '.[bench]' -c constraints.txt
+    python benchmarks/peers.py --quick                 # a few seconds per arm: does it run?
+    python benchmarks/peers.py --rounds 3 --ablation   # the real measurement, on a quiet machine
+
+The result goes to benchmarks/results/peers-<cpu>-t<threads>-torch<version>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers_arms import ABLATION, ARMS, JOBS, PEERS, heldout_loss  # noqa: E402
+
+_NEEDS = {"lightning": "lightning", "accelerate": "accelerate", "transformers": "transformers"}
+
+
+def worker(arm: str, job_name: str, precision: str, steps: int, warmup: int) -> dict:
+    """Run one arm in this process and return its figures."""
+    job = dataclasses.replace(JOBS[job_name], steps=steps)
+    stamps, model = ARMS[arm](job, precision)
+    step_times = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
+    return {
+        "tokens_per_s": job.tokens_per_step / statistics.median(step_times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "heldout_loss": heldout_loss(model, job),
+        "steps": len(stamps),
+    }
+
+
+def _spawn(arm: str, job: str, precision: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", arm, "--job", job, "--precisions", precision,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit code {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            line = next((x for x in f if x.startswith("model name")), "")
+        return line.split(":", 1)[1].strip() or platform.processor() or "unknown-cpu"
+    except (OSError, IndexError):
+        return platform.processor() or "unknown-cpu"
+
+
+def result_path(args: argparse.Namespace) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
+    name = f"peers-{args.job}-{slug}-t{torch.get_num_threads()}-torch{torch.__version__}"
+    return Path(__file__).parent / "results" / f"{name.replace('+', '-')}.json"
+
+
+def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
+    """One row per (precision, arm): medians and spread, and ratios to the plain loop."""
+    rows = []
+    for (precision, arm), results in runs.items():
+        ok = [r for r in results if "error" in r]
+        good = [r for r in results if "error" not in r]
+        if not good:
+            rows.append({"precision": precision, "arm": arm, "error": ok[0]["error"]})
+            continue
+        rates = [r["tokens_per_s"] for r in good]
+        rows.append({
+            "precision": precision, "arm": arm, "runs": len(good),
+            "tokens_per_s_median": statistics.median(rates),
+            "tokens_per_s_range": [min(rates), max(rates)],
+            "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in good),
+            "heldout_loss": statistics.median(r["heldout_loss"] for r in good),
+        })  # fmt: skip
+    plain = {r["precision"]: r for r in rows if r["arm"] == "plain" and "error" not in r}
+    for row in rows:
+        base = plain.get(row["precision"])
+        if base and "error" not in row:
+            row["speed_vs_plain"] = row["tokens_per_s_median"] / base["tokens_per_s_median"]
+            row["loss_vs_plain"] = row["heldout_loss"] / base["heldout_loss"] - 1
+            row["rss_vs_plain"] = row["peak_rss_mb_median"] / base["peak_rss_mb_median"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table, the same one the README shows."""
+    out = ["| precision | arm | tokens/s median (min-max) | x plain | peak RSS MB "
+           "| held-out loss (vs plain) |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['precision']} | {r['arm']} | failed: {r['error'][:80]} | | | |")
+            continue
+        lo, hi = r["tokens_per_s_range"]
+        out.append(
+            f"| {r['precision']} | {r['arm']} "
+            f"| {r['tokens_per_s_median']:,.0f} ({lo:,.0f}-{hi:,.0f}) "
+            f"| {r.get('speed_vs_plain', float('nan')):.2f} | {r['peak_rss_mb_median']:,.0f} "
+            f"| {r['heldout_loss']:.4f} ({r.get('loss_vs_plain', float('nan')):+.1%}) |"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--job", choices=sorted(JOBS), default="gpt")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="default: the job's")
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    parser.add_argument("--precisions", default="bf16,fp32")
+    parser.add_argument("--arms", default=",".join(PEERS), help=f"of {', '.join(ARMS)}")
+    parser.add_argument("--ablation", action="store_true", help="add each lever on and off")
+    parser.add_argument("--quick", action="store_true", help="the tiny job, 8 steps, 1 round")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/...")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.job, args.rounds, args.warmup = "quick", 1, 2
+    args.steps = args.steps or JOBS[args.job].steps
+    if args.steps < args.warmup + 3:
+        parser.error(
+            f"--steps {args.steps} leaves under 2 timed steps after --warmup {args.warmup}"
+        )
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.job, args.precisions, args.steps, args.warmup)))
+        return
+    arms = args.arms.split(",") + (list(ABLATION) if args.ablation else [])
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    missing = [a for a in arms if a in _NEEDS and importlib.util.find_spec(_NEEDS[a]) is None]
+    if missing:
+        print(f"skipping {missing}: install them with pip install -e '.[bench]' -c constraints.txt")
+        arms = [a for a in arms if a not in missing]
+    runs: dict[tuple[str, str], list[dict]] = {
+        (p, a): [] for p in args.precisions.split(",") for a in arms
+    }
+    for round_ in range(args.rounds):
+        order = arms[round_ % len(arms) :] + arms[: round_ % len(arms)]  # rotate each round
+        for precision in args.precisions.split(","):
+            for arm in order:
+                runs[precision, arm].append(_spawn(arm, args.job, precision, args))
+                got = runs[precision, arm][-1]
+                print(f"round {round_ + 1}/{args.rounds} {precision} {arm}: {got}", flush=True)
+    rows = summarise(runs)
+    job = dataclasses.replace(JOBS[args.job], steps=args.steps)
+    meta = {"benchmark": "peers", "job": dataclasses.asdict(job),
+            "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "platform": platform.platform(), "rounds": args.rounds, "warmup": args.warmup,
+            "quick": args.quick}  # fmt: skip
+    print(f"\n{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, job {args.job}\n")
+    print(table(rows))
+    path = args.out or result_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {**meta, "results": rows, "raw": {f"{p}/{a}": r for (p, a), r in runs.items()}},
+            indent=2,
+        )
+        + "\n"
+    )
+    tmp.replace(path)  # atomic: a reader never sees half a result
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()
