@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from amptrain.errors import AmptrainError, Interrupted, NonFiniteError
+from amptrain.errors import AmptrainError, Interrupted
 
 # Flag -> (TrainConfig or FitOptions field, type, help). "fit." marks loop options.
 _TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -83,8 +83,7 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
     """The settings `--config` and the explicit flags give, nested like `TrainConfig.to_dict()`."""
     values: dict[str, Any] = {"fit": {}}
     if args.config is not None:
-        loaded = json.loads(args.config.read_text(encoding="utf-8"))
-        loaded.pop("environment", None)
+        loaded = load_config_file(args.config)
         values = {**loaded, "fit": dict(loaded.get("fit", {}))}
     given = vars(args)
     for flag, (field, _, _) in _TRAIN_FLAGS.items():
@@ -112,6 +111,48 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
         if saved is not None:
             values["context"] = saved["context"]
     return values
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a `--config` file, checked on their own so that errors name the file.
+
+    Raises:
+        ConfigError: One line naming the file, the key and what was expected.
+    """
+    from amptrain.config import TrainConfig
+    from amptrain.errors import ConfigError
+
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid JSON at line {exc.lineno}, column "
+                          f"{exc.colno}: {exc.msg}") from None  # fmt: skip
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of settings such as "
+                          f'{{"fit": {{"lr": 0.001}}}}, got {_json_kind(loaded)}')  # fmt: skip
+    loaded.pop("environment", None)  # a run's config.json records where it ran
+    if not isinstance(loaded.get("fit", {}), dict):
+        raise ConfigError(f"--config {path}: key 'fit' must be a JSON object of loop "
+                          f"settings such as {{\"lr\": 0.001}}, got "
+                          f"{_json_kind(loaded['fit'])}")  # fmt: skip
+    try:
+        cfg = TrainConfig.from_dict(loaded)
+        if cfg.model == "tiny-gpt":
+            from amptrain.train import check_model_size, pick_device
+
+            check_model_size(cfg, vocab_size=256, device=pick_device(cfg.device))
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
+    return loaded
+
+
+def _json_kind(value: object) -> str:
+    kinds = {str: "a string", list: "a list", dict: "an object", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return kinds.get(type(value), "a number") + f" ({json.dumps(value)[:40]})"
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -284,25 +325,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for bad input, 1 for a run that had to stop)."""
+    """Entry point; returns the exit code, one meaning each (`amptrain.errors.EXIT_CODES`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except NonFiniteError as exc:
-        print(f"amptrain: training stopped: {exc}", file=sys.stderr)
-        return 1
     except Interrupted as exc:
         out = getattr(args, "out", None) or "runs"
         hint = f"; resume with: amptrain train --resume auto --out {out}" if exc.checkpoint else ""
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"amptrain: {exc}{hint}", file=sys.stderr)
+        _say(f"amptrain: {exc}{hint}")
         return exc.exit_code
-    except (AmptrainError, ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as exc:
-        print(f"amptrain: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        _say("amptrain: aborted by Ctrl-C; complete checkpoints are kept, partial ones removed")
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - sorted below; anything else is a bug
+        code = exit_code(exc)
+        if code is None:
+            raise
+        _say(f"amptrain: {_LABELS[code]}: {exc}")
+        return code
+
+
+_LABELS = {1: "training stopped", 2: "error", 3: "environment error"}
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code of an expected failure; None for an unexpected one (a bug: traceback)."""
+    if isinstance(exc, AmptrainError):
+        return exc.exit_code
+    if isinstance(exc, (FileNotFoundError, ModuleNotFoundError, ValueError, TypeError)):
+        return 2  # input that names a missing file, an absent extra, or a bad value
+    if isinstance(exc, (OSError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
+        return 3  # disk full, read-only folder, no permission, memory exhausted
+    return None
+
+
+def _say(line: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr)
 
 
 def _setup_logging(verbose: bool) -> None:
