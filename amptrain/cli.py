@@ -169,7 +169,9 @@ def _run_train(args: argparse.Namespace) -> int:
         if args.wandb is not None and distributed.is_main():
             from amptrain.metrics.wandb_sink import WandbSink
 
-            progress.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out))
+            resumed = _wandb_resume(cfg.out, args.resume)
+            progress.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out,
+                                      **resumed))  # fmt: skip
         run = run_training(cfg, sinks=progress, resume=args.resume, given=given,
                            allow_new_scaler=args.allow_new_scaler)  # fmt: skip
         if distributed.is_main():
@@ -177,6 +179,18 @@ def _run_train(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown()
     return 0
+
+
+def _wandb_resume(out: str, resume: str | None) -> dict[str, str]:
+    """`wandb.init` arguments that continue the W&B run of the run being resumed, if it had one."""
+    if not resume:
+        return {}
+    from amptrain.train import resume_target
+
+    saved = resume_target(out, resume, "train")[0] / "wandb.json"
+    if not saved.is_file():
+        return {}
+    return {"id": json.loads(saved.read_text(encoding="utf-8"))["run_id"], "resume": "allow"}
 
 
 def _launch(args: argparse.Namespace) -> int:

@@ -183,6 +183,9 @@ def run_training(
     if main:
         checkpoint.clean_temporaries(run_dir / "checkpoints")
     log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
+    for sink in (sinks or []) if main else []:  # W&B: a resumed run continues the same W&B run
+        if getattr(sink, "run_id", None):
+            atomic_write_json(run_dir / "wandb.json", {"run_id": sink.run_id})
     for sink in sinks or []:  # sinks that keep a run config (W&B) learn the resolved precision
         if hasattr(sink, "log_config"):
             sink.log_config({**cfg.to_dict(), "environment": environment(),
@@ -234,20 +237,25 @@ def find_resume(out: str | Path, resume: str, command: str) -> tuple[Path, check
         FileNotFoundError: If nothing to resume is found.
         CheckpointError: If an explicitly named checkpoint is incomplete, corrupt or unsafe.
     """
+    run_dir, path = resume_target(out, resume, command)
+    return run_dir, checkpoint.load(path)  # FileNotFoundError or CheckpointError naming it
+
+
+def resume_target(out: str | Path, resume: str, command: str) -> tuple[Path, Path]:
+    """The run directory and checkpoint directory that `--resume` names, not loaded yet."""
     if resume == "auto":
         for run_dir in sorted(Path(out).glob(f"{command}-*"), reverse=True):
             path = checkpoint.latest(run_dir / "checkpoints")
             if path is not None:
-                return run_dir, checkpoint.load(path)
+                return run_dir, path
         raise FileNotFoundError(f"--resume auto: no {command} run under {out} has a checkpoint")
     path = Path(resume)
     if (path / "checkpoints").is_dir():
         newest = checkpoint.latest(path / "checkpoints")
         if newest is None:
             raise FileNotFoundError(f"--resume {path}: the run has no complete checkpoint")
-        return path, checkpoint.load(newest)
-    ckpt = checkpoint.load(path)  # FileNotFoundError or CheckpointError naming the path
-    return path.parent.parent, ckpt
+        return path, newest
+    return path.parent.parent, path
 
 
 def _saved_config(run_dir: Path) -> dict[str, Any]:
