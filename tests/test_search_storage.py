@@ -1,4 +1,4 @@
-"""F19: every storage kind ends with the same outputs; S8: what a search creates is private."""
+"""F19: every storage kind ends with the same outputs; S8: fixed modes under any umask."""
 
 from __future__ import annotations
 
@@ -83,3 +83,17 @@ def test_a_search_under_a_loose_umask_creates_private_files(tmp_path, corpus, sp
     assert _mode(db) == 0o600
     for name in ("best.json", "trials.csv", "config.json"):
         assert _mode(out / "sqlite" / "search-s" / name) == 0o644
+
+
+def test_a_train_run_under_a_loose_umask_has_fixed_modes(tmp_path, corpus, loose_umask):
+    out = tmp_path / "runs"
+    assert main(["train", "--data", str(corpus), "--context", "16", "--layers", "1", "--width",
+                 "8", "--heads", "2", "--batch-size", "4", "--max-steps", "1", "--eval-batches",
+                 "1", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    (run,) = out.iterdir()
+    for path in [out, *run.rglob("*")]:
+        mode = _mode(path)
+        if path.is_dir():
+            assert mode in (0o755, 0o700), (path, oct(mode))
+        else:
+            assert mode in (0o644, 0o600), (path, oct(mode))
