@@ -83,6 +83,8 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
     """The settings `--config` and the explicit flags give, nested like `TrainConfig.to_dict()`."""
     values: dict[str, Any] = {"fit": {}}
     if args.config is not None:
+        from amptrain.config_file import load_config_file
+
         loaded = load_config_file(args.config)
         values = {**loaded, "fit": dict(loaded.get("fit", {}))}
     given = vars(args)
@@ -111,48 +113,6 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
         if saved is not None:
             values["context"] = saved["context"]
     return values
-
-
-def load_config_file(path: Path) -> dict[str, Any]:
-    """The settings of a `--config` file, checked on their own so that errors name the file.
-
-    Raises:
-        ConfigError: One line naming the file, the key and what was expected.
-    """
-    from amptrain.config import TrainConfig
-    from amptrain.errors import ConfigError
-
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: cannot read it ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--config {path}: not valid JSON at line {exc.lineno}, column "
-                          f"{exc.colno}: {exc.msg}") from None  # fmt: skip
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"--config {path}: expected a JSON object of settings such as "
-                          f'{{"fit": {{"lr": 0.001}}}}, got {_json_kind(loaded)}')  # fmt: skip
-    loaded.pop("environment", None)  # a run's config.json records where it ran
-    if not isinstance(loaded.get("fit", {}), dict):
-        raise ConfigError(f"--config {path}: key 'fit' must be a JSON object of loop "
-                          f"settings such as {{\"lr\": 0.001}}, got "
-                          f"{_json_kind(loaded['fit'])}")  # fmt: skip
-    try:
-        cfg = TrainConfig.from_dict(loaded)
-        if cfg.model == "tiny-gpt":
-            from amptrain.train import check_model_size, pick_device
-
-            check_model_size(cfg, vocab_size=256, device=pick_device(cfg.device))
-    except (ConfigError, TypeError) as exc:
-        raise ConfigError(f"--config {path}: {exc}") from None
-    return loaded
-
-
-def _json_kind(value: object) -> str:
-    kinds = {str: "a string", list: "a list", dict: "an object", bool: "a boolean"}
-    if value is None:
-        return "null"
-    return kinds.get(type(value), "a number") + f" ({json.dumps(value)[:40]})"
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -67,13 +67,14 @@ def test_a_killed_wandb_run_leaves_no_wandb_service_behind(wandb_env):  # noqa: 
     # Not this process's W&B service (an earlier test's): the child must start its own.
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(out.glob("train-*/metrics.jsonl")):
-        time.sleep(0.2)
-    services = _services_of(child.pid)
-    assert services, "the run did not start a W&B service"
-    child.kill()
-    child.wait(timeout=30)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not list(out.glob("train-*/metrics.jsonl")):
+            time.sleep(0.2)
+        assert _services_of(child.pid), "the run did not start a W&B service"
+    finally:
+        child.kill()  # SIGKILL: the run gets no chance to shut W&B down itself
+        child.wait(timeout=30)
     deadline = time.time() + 30
     while time.time() < deadline and _services_of(child.pid):
         time.sleep(0.2)
