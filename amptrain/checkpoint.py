@@ -28,19 +28,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from amptrain.errors import AmptrainError
+from amptrain.errors import AmptrainError, EnvironmentFailure, weights_only_refusal
 from amptrain.optim import load_state_keeping_impl
 
 log = logging.getLogger("amptrain")
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"step-(\d{9})")
-_TRANSIENT = ("should_stop", "stop_signal")  # requests of the moment, not state to resume
+# Requests of the moment, not state to resume.
+_TRANSIENT = ("should_stop", "stop_signal", "evaluating")
 _TENSOR_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt")
 
 
 class CheckpointError(AmptrainError, RuntimeError):
-    """A checkpoint cannot be written, or cannot be trusted or used for this run."""
+    """A checkpoint cannot be trusted or used for this run."""
+
+
+class CheckpointWriteError(CheckpointError, EnvironmentFailure):
+    """A checkpoint could not be written (disk full, permissions); earlier ones are untouched."""
+
+    exit_code = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +103,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write(path: Path, payload: bytes) -> None:
-    with open(path, "wb") as f:
+    with open(os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600), "wb") as f:
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())
@@ -119,7 +126,7 @@ def save(
         keep_last: Complete checkpoints to keep; older ones go only after this one is complete.
 
     Raises:
-        CheckpointError: If any write fails (disk full, permission...); the directory is named,
+        CheckpointWriteError: If any write fails (disk full, permission...); the directory is named,
             the previous checkpoints are untouched and nothing is reported as saved.
     """
     root = Path(root)
@@ -144,10 +151,13 @@ def save(
         _fsync_dir(root)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
+        raise CheckpointWriteError(
             f"could not write checkpoint {final.name} in {root}: {exc.strerror or exc}; "
             "earlier checkpoints are untouched"
         ) from exc
+    except BaseException:  # a second Ctrl-C: leave no half-written temporary behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _rotate(root, keep_last)
     return final
 
@@ -258,26 +268,23 @@ def safe_torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects that weights_only=True does not allow "
-            f"(loading it would run arbitrary code). Details: {str(exc).splitlines()[0]}"
-        ) from None
+        raise CheckpointError(weights_only_refusal(path, exc)) from None
     except RuntimeError as exc:  # e.g. PytorchStreamReader failed reading zip archive
         raise CheckpointError(f"cannot read {path}: {exc}") from None
 
 
 def latest(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root`; skipped broken ones are logged by name."""
-    candidates = list_checkpoints(root)
-    for path in reversed(candidates):
+    """The newest complete checkpoint under `root`; the broken ones skipped are named."""
+    skipped = []
+    for path in reversed(list_checkpoints(root)):
         problem = verify(path)
         if problem is None:
+            if skipped:
+                log.warning("skipped %s; using %s", "; ".join(skipped), path.name)
             return path
-        older = [p.name for p in candidates if p < path]
-        log.warning(
-            "checkpoint %s incomplete/corrupt (%s), using %s",
-            path.name, problem, older[-1] if older else "none",
-        )  # fmt: skip
+        skipped.append(f"checkpoint {path.name} incomplete/corrupt ({problem})")
+    if skipped:
+        log.warning("skipped %s; no complete checkpoint left", "; ".join(skipped))
     return None
 
 

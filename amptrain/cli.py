@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from amptrain.errors import AmptrainError, Interrupted, NonFiniteError
+from amptrain.errors import AmptrainError, Interrupted
 
 # Flag -> (TrainConfig or FitOptions field, type, help). "fit." marks loop options.
 _TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -91,8 +91,9 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
     """The settings `--config` and the explicit flags give, nested like `TrainConfig.to_dict()`."""
     values: dict[str, Any] = {"fit": {}}
     if args.config is not None:
-        loaded = json.loads(args.config.read_text(encoding="utf-8"))
-        loaded.pop("environment", None)
+        from amptrain.config_file import load_config_file
+
+        loaded = load_config_file(args.config)
         values = {**loaded, "fit": dict(loaded.get("fit", {}))}
     given = vars(args)
     for flag, (field, _, _) in _TRAIN_FLAGS.items():
@@ -138,7 +139,9 @@ def _run_train(args: argparse.Namespace) -> int:
         if args.wandb is not None and distributed.is_main():
             from amptrain.metrics.wandb_sink import WandbSink
 
-            progress.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out))
+            resumed = _wandb_resume(cfg.out, args.resume)
+            progress.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out,
+                                      **resumed))  # fmt: skip
         run = run_training(cfg, sinks=progress, resume=args.resume, given=given,
                            allow_new_scaler=args.allow_new_scaler)  # fmt: skip
         if distributed.is_main():
@@ -146,6 +149,18 @@ def _run_train(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown()
     return 0
+
+
+def _wandb_resume(out: str, resume: str | None) -> dict[str, str]:
+    """`wandb.init` arguments that continue the W&B run of the run being resumed, if it had one."""
+    if not resume:
+        return {}
+    from amptrain.train import resume_target
+
+    saved = resume_target(out, resume, "train")[0] / "wandb.json"
+    if not saved.is_file():
+        return {}
+    return {"id": json.loads(saved.read_text(encoding="utf-8"))["run_id"], "resume": "allow"}
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -297,25 +312,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for bad input, 1 for a run that had to stop)."""
+    """Entry point; returns the exit code, one meaning each (`amptrain.errors.EXIT_CODES`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except NonFiniteError as exc:
-        print(f"amptrain: training stopped: {exc}", file=sys.stderr)
-        return 1
     except Interrupted as exc:
         out = getattr(args, "out", None) or "runs"
         hint = f"; resume with: amptrain train --resume auto --out {out}" if exc.checkpoint else ""
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"amptrain: {exc}{hint}", file=sys.stderr)
+        _say(f"amptrain: {exc}{hint}")
         return exc.exit_code
-    except (AmptrainError, ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as exc:
-        print(f"amptrain: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        _say("amptrain: aborted by Ctrl-C; complete checkpoints are kept, partial ones removed")
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - sorted below; anything else is a bug
+        code = exit_code(exc)
+        if code is None:
+            raise
+        _say(f"amptrain: {_LABELS[code]}: {exc}")
+        return code
+
+
+_LABELS = {1: "training stopped", 2: "error", 3: "environment error"}
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code of an expected failure; None for an unexpected one (a bug: traceback)."""
+    if isinstance(exc, AmptrainError):
+        return exc.exit_code
+    if isinstance(exc, (FileNotFoundError, ModuleNotFoundError, ValueError, TypeError)):
+        return 2  # input that names a missing file, an absent extra, or a bad value
+    if isinstance(exc, (OSError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
+        return 3  # disk full, read-only folder, no permission, memory exhausted
+    return None
+
+
+def _say(line: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr)
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -92,7 +92,7 @@ class FitOptions:
                "a fraction in [0, 1)")  # fmt: skip
         _check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
                self.weight_decay, "a finite number >= 0")  # fmt: skip
-        betas = tuple(self.betas)
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else ()
         _check(len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas), "betas",
                self.betas, "two numbers in [0, 1)")  # fmt: skip
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
@@ -153,6 +153,11 @@ class TrainConfig:
     """Settings of the training loop."""
 
     def __post_init__(self) -> None:
+        for field in ("model", "data", "precision", "device", "out"):
+            value = getattr(self, field)
+            _check(isinstance(value, str) and value != "", field, value, "a non-empty string")
+        _check(self.tokenizer is None or isinstance(self.tokenizer, str), "tokenizer",
+               self.tokenizer, "a path to a tokenizer.json, or null")  # fmt: skip
         _check(_is_int(self.context) and self.context >= 2, "context", self.context,
                "an integer >= 2")  # fmt: skip
         _check(_finite(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction",
@@ -160,7 +165,9 @@ class TrainConfig:
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model_kwargs must be a JSON object, got {self.model_kwargs!r}")
         if isinstance(self.fit, dict):
-            object.__setattr__(self, "fit", FitOptions(**self.fit))
+            object.__setattr__(self, "fit", FitOptions(**_known(FitOptions, self.fit, "fit")))
+        elif not isinstance(self.fit, FitOptions):
+            raise ConfigError(f"fit must be a JSON object of loop settings, got {self.fit!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values."""
@@ -177,8 +184,6 @@ def _known(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"{where} has unknown keys {unknown}; known keys: {sorted(names)}")
-    if "fit" in values and isinstance(values["fit"], dict):
-        values = {**values, "fit": FitOptions(**_known(FitOptions, values["fit"], "fit"))}
     return values
 
 

@@ -8,14 +8,11 @@ rank 0's checkpoint writes, so the same loop runs under `torchrun`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ from amptrain.checkpoint import Checkpoint
 from amptrain.compiling import compile_in_place
 from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
+from amptrain.interrupts import deferred_signals
 from amptrain.metrics.meters import Throughput, peak_memory_mb
 from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
@@ -68,6 +66,10 @@ class TrainState:
     """A callback sets this to end training after the current step."""
     stop_signal: int = 0
     """The signal (SIGINT 2, SIGTERM 15) that asked training to stop; 0 if none."""
+    eval_pending: bool = False
+    """This step's evaluation is owed (a signal came first); a resumed run does it first."""
+    evaluating: bool = False
+    """An evaluation that a signal may cut short is running."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +179,7 @@ def fit(
     run = _Loop(model, _wrap(model, world_size), train_b, val_b, prec, optimizer, scheduler, opts,
                 state, sinks, list(callbacks), checkpoint_dir, meta, attn)  # fmt: skip
     model.train()
-    with prec.activate(), _signals(state, handle_signals):
+    with prec.activate(), deferred_signals(_on_signal(state), handle_signals):
         emit(run.callbacks, "on_fit_start", state)
         try:
             train_time = _run(run)
@@ -263,26 +265,21 @@ class _Loop:
     checkpoint_meta: dict[str, Any]
     attention: AttentionPlan
     last_checkpoint: Path | None = None
+    saved_step: int = -1
 
 
-@contextlib.contextmanager
-def _signals(state: TrainState, enabled: bool) -> Iterator[None]:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (a second SIGINT aborts)."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _EvalCut(Exception):
+    """A signal cut an evaluation short; the step's weights are saved, the evaluation is owed."""
 
-    def handler(signum: int, frame: object) -> None:
-        if state.stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+
+def _on_signal(state: TrainState) -> Callable[[int], None]:
+    def request_stop(signum: int) -> None:
         state.stop_signal, state.should_stop = signum, True
+        if state.evaluating:  # an evaluation can take minutes; a grace period may be seconds
+            state.evaluating = False
+            raise _EvalCut
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    return request_stop
 
 
 def check_data(
@@ -315,14 +312,17 @@ def check_data(
 
 
 def _run(run: _Loop) -> float:
-    """Steps until `max_steps` or a stop request; returns the seconds spent training."""
+    """Steps until `max_steps` or a stop request; returns the seconds spent training.
+
+    A stop request (a signal, or a callback) always ends with the newest step checkpointed.
+    """
     model, opts, state = run.model, run.opts, run.state
     device = next(model.parameters()).device
     rank, world_size = distributed.world()
     batches = data_mod.batches(run.train, opts.batch_size, opts.seed, start=state.batches,
                                rank=rank, world_size=world_size)  # fmt: skip
-    if run.val is not None and state.step == 0:
-        _eval_and_log(run)
+    if run.val is not None and (state.step == 0 or state.eval_pending):
+        _eval_and_log(run)  # the first one, or the one a signal interrupted before the resume
     clock = _now(device)
     meter, train_time = Throughput(clock), 0.0
     while state.step < opts.max_steps and not state.should_stop:
@@ -342,21 +342,29 @@ def _run(run: _Loop) -> float:
         if state.consecutive_nonfinite >= opts.max_nonfinite:
             raise _nonfinite_error(run.prec, state)
         emit(run.callbacks, "on_step_end", state, metrics)
-        if world_size > 1:  # a signal or callback on any rank stops every rank at this step
-            stop, signum = distributed.all_reduce([state.should_stop, state.stop_signal], "max")
-            state.should_stop, state.stop_signal = bool(stop), int(signum)
+        _agree_on_stop(state)
         due = opts.checkpoint_every and state.step % opts.checkpoint_every == 0
-        stop = last or state.should_stop
-        # A signal may come with a short grace period: checkpoint at once, evaluate later.
-        evaluate_now = state.step % opts.eval_every == 0 or last
-        if run.val is not None and (evaluate_now or (stop and not state.stop_signal)):
+        stop = last or (state.should_stop and not state.stop_signal)
+        state.eval_pending = run.val is not None and (state.step % opts.eval_every == 0 or stop)
+        # After a signal the grace period may be short: checkpoint at once, evaluate on resume.
+        if state.eval_pending and not state.stop_signal:
             train_time += _now(device) - clock
             _eval_and_log(run)
             clock = _now(device)
             meter = Throughput(clock)
-        if run.checkpoint_dir is not None and (due or stop):
+        if run.checkpoint_dir is not None and (due or last or state.should_stop):
             _save_checkpoint(run)
+    unsaved = run.checkpoint_dir is not None and run.saved_step != state.step
+    if unsaved and (state.stop_signal or state.step == opts.max_steps):
+        _save_checkpoint(run)  # a signal in the first evaluation, or the owed one just done
     return train_time + _now(device) - clock
+
+
+def _agree_on_stop(state: TrainState) -> None:
+    """Under torch.distributed a stop request on any rank stops every rank at this point."""
+    if distributed.world()[1] > 1:
+        stop, signum = distributed.all_reduce([state.should_stop, state.stop_signal], "max")
+        state.should_stop, state.stop_signal = bool(stop), int(signum)
 
 
 def _save_checkpoint(run: _Loop) -> None:
@@ -372,7 +380,7 @@ def _save_checkpoint(run: _Loop) -> None:
             run.opts.keep_last,
         )  # fmt: skip
         log.debug("checkpoint %s saved", path)
-    run.last_checkpoint = distributed.broadcast(path)
+    run.last_checkpoint, run.saved_step = distributed.broadcast(path), run.state.step
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -431,11 +439,26 @@ def _nonfinite_error(prec: Precision, state: TrainState) -> NonFiniteError:
 
 
 def _eval_and_log(run: _Loop) -> None:
-    opts = run.opts
-    metrics = evaluate(run.model, run.val, run.prec, opts.batch_size, opts.eval_batches,
-                       opts.ignore_index, run.attention.context)  # fmt: skip
-    _log(run.sinks, metrics, run.state.step)
-    emit(run.callbacks, "on_eval_end", run.state, metrics)
+    """Evaluate, log and call back; a signal may cut it short (one process only), leaving it owed.
+
+    Under torch.distributed every rank must finish the evaluation's collectives, so there it
+    runs to the end and the ranks then agree on stopping.
+    """
+    opts, state = run.opts, run.state
+    state.eval_pending = True
+    try:
+        state.evaluating = distributed.world()[1] == 1
+        metrics = evaluate(run.model, run.val, run.prec, opts.batch_size, opts.eval_batches,
+                           opts.ignore_index, run.attention.context)  # fmt: skip
+    except _EvalCut:
+        run.model.train()
+        return
+    finally:
+        state.evaluating = False
+    state.eval_pending = False
+    _log(run.sinks, metrics, state.step)
+    emit(run.callbacks, "on_eval_end", state, metrics)
+    _agree_on_stop(state)
 
 
 def _result(prec: Precision, state: TrainState, tracker: Tracker, train_time: float) -> FitResult:

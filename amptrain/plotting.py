@@ -26,6 +26,7 @@ def _save(fig: Any, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(tmp, dpi=100)
     _pyplot().close(fig)
+    tmp.chmod(0o644)  # a fixed mode, as every file of a run gets, whatever the umask
     tmp.replace(path)
     return path
 

@@ -22,9 +22,8 @@ def create_run_dir(root: str | Path, command: str) -> Path:
     """Create `root/<command>-<YYYYmmdd-HHMMSS>` (with a numeric suffix if it exists)."""
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", command):
         raise ValueError(f"run command name {command!r} must be lowercase letters, digits, - or _")
-    root = Path(root)
+    root = make_dirs(root)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    root.mkdir(parents=True, exist_ok=True, mode=0o755)
     for n in range(1000):
         path = root / (f"{command}-{stamp}" + (f"-{n}" if n else ""))
         try:
@@ -35,12 +34,36 @@ def create_run_dir(root: str | Path, command: str) -> Path:
     raise FileExistsError(f"could not create a new run directory under {root}")
 
 
+def make_dirs(path: str | Path) -> Path:
+    """`mkdir -p` with mode 755 for every folder it creates, whatever the umask's looseness.
+
+    (`Path.mkdir(parents=True, mode=...)` gives the mode to the last folder only.)
+    """
+    path = Path(path)
+    for folder in [*reversed(path.parents), path]:
+        if not folder.is_dir():
+            folder.mkdir(mode=0o755, exist_ok=True)
+    return path
+
+
+def private_file(path: str | Path) -> Path:
+    """Create `path` empty, readable by its owner only, unless it exists (a study's database).
+
+    The folders above it are created as `make_dirs` does.
+    """
+    path = Path(path)
+    make_dirs(path.parent)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
+    return path
+
+
 def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
     """Write `payload` to `path` atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        # 0o644 like the run folder's 0o755: fixed modes, whatever a loose umask allows.
+        with open(os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644), "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())

@@ -26,7 +26,7 @@ from rich.table import Table
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig
 from amptrain.errors import ConfigError
-from amptrain.runs import atomic_write_bytes, atomic_write_json
+from amptrain.runs import atomic_write_bytes, atomic_write_json, make_dirs
 from amptrain.search import SearchResult, redact, run_search
 
 log = logging.getLogger("amptrain")
@@ -125,7 +125,7 @@ def write_outputs(result: SearchResult, run_dir: str | Path) -> Path:
     """Write config.json, trials.csv, best.json and (with the plot extra) the plots."""
     from amptrain.train import environment
 
-    run_dir = Path(run_dir)
+    run_dir = make_dirs(run_dir)  # a database storage keeps nothing in it before this
     atomic_write_json(run_dir / "config.json", {
         "study_name": result.study_name, "storage": result.storage, "n_trials": result.n_trials,
         **result.settings, "environment": environment(),

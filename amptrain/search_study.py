@@ -17,11 +17,11 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amptrain import search_space
 from amptrain.errors import ConfigError
+from amptrain.runs import private_file
 from amptrain.search_trial import INTERRUPTED, REPORTS, _objective
 
 if TYPE_CHECKING:
@@ -40,8 +40,10 @@ def _storage(spec: str | None) -> Any:
     if spec is None:
         return optuna.storages.InMemoryStorage()
     if "://" not in spec:
-        Path(spec).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(spec))
+        return optuna.storages.JournalStorage(JournalFileBackend(str(private_file(spec))))
+    sqlite_path = spec.partition("sqlite:///")[2]
+    if spec.startswith("sqlite:///") and sqlite_path and sqlite_path != ":memory:":
+        private_file(sqlite_path)  # an empty file is a new database to SQLite
     try:  # a heartbeat lets the study fail (and so replace) the trial of a machine that died
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

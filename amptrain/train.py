@@ -21,10 +21,11 @@ from torch import nn
 from amptrain import checkpoint, data, distributed
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig
-from amptrain.errors import ConfigError
+from amptrain.errors import ConfigError, Interrupted
+from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
-from amptrain.models import ModelSpec, build_model
+from amptrain.models import GPTConfig, ModelSpec, build_model
 from amptrain.models.limits import check_context
 from amptrain.models.trained import load_into, run_config, run_tokenizer
 from amptrain.precision import Precision, resolve
@@ -72,6 +73,8 @@ def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Prec
     device = pick_device(cfg.device)
     precision = resolve(cfg.precision, device, **cfg.fit.scaler_options)
     tokenizer = _tokenizer(cfg)
+    if cfg.model == "tiny-gpt":
+        check_model_size(cfg, tokenizer.vocab_size, device)
     blocks = data.load(cfg.data, cfg.context, tokenizer)
     train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
     torch.manual_seed(cfg.fit.seed)  # the same seed gives the same initial weights
@@ -82,6 +85,40 @@ def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Prec
     model = model.to(device)
     check_context(model, cfg.context, cfg.fit.batch_size, device, cfg.model)
     return model, train, val, precision
+
+
+# Training holds fp32 weights, their gradients and AdamW's two moments: 16 bytes a parameter.
+_TRAIN_BYTES_PER_PARAM = 16
+
+
+def check_model_size(cfg: TrainConfig, vocab_size: int, device: torch.device) -> None:
+    """Refuse a tiny-gpt too large for `device` from its parameter count, before allocating it.
+
+    Raises:
+        ConfigError: Naming the sizes, the estimate and the device's memory.
+    """
+    try:
+        gpt = GPTConfig(**{"vocab_size": vocab_size, "block_size": cfg.context,
+                           **cfg.model_kwargs})  # fmt: skip
+    except TypeError as exc:
+        known = sorted(f.name for f in dataclasses.fields(GPTConfig))
+        raise ConfigError(
+            f"model_kwargs {cfg.model_kwargs}: {exc}; tiny-gpt takes {known}"
+        ) from None
+    need, have = gpt.n_params * _TRAIN_BYTES_PER_PARAM, _device_memory(device)
+    if need > have:
+        raise ConfigError(
+            f"model_kwargs n_layer={gpt.n_layer}, n_embd={gpt.n_embd} with context "
+            f"{gpt.block_size}: tiny-gpt would have {gpt.n_params:.3g} parameters and training "
+            f"them needs about {need / 2**30:,.0f} GiB, more than the {have / 2**30:,.0f} GiB of "
+            f"{device}; choose a smaller --width, --layers or --context"
+        )
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _tokenizer(cfg: TrainConfig) -> data.ByteTokenizer | data.JsonTokenizer:
@@ -146,6 +183,9 @@ def run_training(
     if main:
         checkpoint.clean_temporaries(run_dir / "checkpoints")
     log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
+    for sink in (sinks or []) if main else []:  # W&B: a resumed run continues the same W&B run
+        if getattr(sink, "run_id", None):
+            atomic_write_json(run_dir / "wandb.json", {"run_id": sink.run_id})
     for sink in sinks or []:  # sinks that keep a run config (W&B) learn the resolved precision
         if hasattr(sink, "log_config"):
             sink.log_config({**cfg.to_dict(), "environment": environment(),
@@ -164,16 +204,31 @@ def run_training(
     )  # fmt: skip
     if not main:
         return TrainRun(result, run_dir, model, train, val)
-    _record_fast_path(run_dir / "config.json", result.fast_path)
-    atomic_torch_save(model.state_dict(), run_dir / "model.pt")
-    atomic_write_json(run_dir / "summary.json", summary(result, cfg, model))
-    if MATPLOTLIB_AVAILABLE:
-        from amptrain.plotting import plot_training
-
-        plot_training(result.history, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
-    else:
-        log.info("loss.png skipped: install amptrain[plot] for plots")
+    received: list[int] = []  # a signal now skips the plot; the run is checkpointed already
+    with deferred_signals(received.append):
+        _record_fast_path(run_dir / "config.json", result.fast_path)
+        atomic_torch_save(model.state_dict(), run_dir / "model.pt")
+        atomic_write_json(run_dir / "summary.json", summary(result, cfg, model))
+        if not received:
+            _plot(result, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
+    if received:
+        newest = checkpoint.latest(run_dir / "checkpoints")
+        raise Interrupted(received[0], result.steps, newest)
     return TrainRun(result, run_dir, model, train, val)
+
+
+def _plot(result: FitResult, path: Path, title: str) -> None:
+    """loss.png, an optional after-step: when it fails the run has still succeeded."""
+    if not MATPLOTLIB_AVAILABLE:
+        log.info("loss.png skipped: install amptrain[plot] for plots")
+        return
+    from amptrain.plotting import plot_training
+
+    try:
+        plot_training(result.history, path, title)
+    except Exception as exc:  # noqa: BLE001 - e.g. values matplotlib cannot place on an axis
+        log.warning("loss.png not drawn (%s: %s); the run itself is complete and saved",
+                    type(exc).__name__, exc)  # fmt: skip
 
 
 def _record_fast_path(path: Path, fast_path: dict[str, Any]) -> None:
@@ -190,20 +245,25 @@ def find_resume(out: str | Path, resume: str, command: str) -> tuple[Path, check
         FileNotFoundError: If nothing to resume is found.
         CheckpointError: If an explicitly named checkpoint is incomplete, corrupt or unsafe.
     """
+    run_dir, path = resume_target(out, resume, command)
+    return run_dir, checkpoint.load(path)  # FileNotFoundError or CheckpointError naming it
+
+
+def resume_target(out: str | Path, resume: str, command: str) -> tuple[Path, Path]:
+    """The run directory and checkpoint directory that `--resume` names, not loaded yet."""
     if resume == "auto":
         for run_dir in sorted(Path(out).glob(f"{command}-*"), reverse=True):
             path = checkpoint.latest(run_dir / "checkpoints")
             if path is not None:
-                return run_dir, checkpoint.load(path)
+                return run_dir, path
         raise FileNotFoundError(f"--resume auto: no {command} run under {out} has a checkpoint")
     path = Path(resume)
     if (path / "checkpoints").is_dir():
         newest = checkpoint.latest(path / "checkpoints")
         if newest is None:
             raise FileNotFoundError(f"--resume {path}: the run has no complete checkpoint")
-        return path, checkpoint.load(newest)
-    ckpt = checkpoint.load(path)  # FileNotFoundError or CheckpointError naming the path
-    return path.parent.parent, ckpt
+        return path, newest
+    return path.parent.parent, path
 
 
 def _saved_config(run_dir: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
@@ -58,7 +59,7 @@ class JsonlSink:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._file: IO[str] = self.path.open("a", encoding="utf-8")
+        self._file: IO[str] = open(_append_fd(self.path), "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, metrics: Mapping[str, Value], step: int) -> None:
         """Append one line."""
@@ -77,7 +78,8 @@ class CsvSink:
     def __init__(self, path: str | Path, fieldnames: tuple[str, ...] = METRIC_NAMES) -> None:
         self.path = Path(path)
         new = not self.path.exists() or self.path.stat().st_size == 0
-        self._file: IO[str] = self.path.open("a", encoding="utf-8", newline="")
+        fd = _append_fd(self.path)  # open for the sink's life, closed by close()
+        self._file: IO[str] = open(fd, "a", encoding="utf-8", newline="")  # noqa: SIM115
         self._writer = csv.DictWriter(self._file, fieldnames=fieldnames, extrasaction="ignore")
         if new:
             self._writer.writeheader()
@@ -90,3 +92,8 @@ class CsvSink:
     def close(self) -> None:
         """Close the file."""
         self._file.close()
+
+
+def _append_fd(path: Path) -> int:
+    """A descriptor appending to `path`, created 644 whatever a loose umask would allow."""
+    return os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o644)

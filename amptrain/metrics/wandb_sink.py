@@ -147,6 +147,11 @@ class WandbSink:
             self._worker.join(0.05)
 
     @property
+    def run_id(self) -> str | None:
+        """The id of the run this sink started (None for a shared run, or if W&B failed)."""
+        return self.run.id if self.run is not None and self._own_run else None
+
+    @property
     def enabled(self) -> bool:
         """False once W&B failed or timed out (after its one warning)."""
         return not self._disabled

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from pathlib import Path
 
 from torch import nn
 
-from amptrain.errors import ModelError
+from amptrain.errors import ModelError, weights_only_refusal
 from amptrain.models.construct import call_constructor
 from amptrain.models.tiny_gpt import GPTConfig, TinyGPT
 from amptrain.models.trained import load_into, run_config
@@ -98,5 +99,8 @@ def _load_hf(path: Path) -> nn.Module:
         raise ModelError(f"{path} has no config.json, so it is not a Hugging Face model directory")
     try:
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except pickle.UnpicklingError as exc:  # refused by weights_only; never retried unsafely
+        weights = sorted(p.name for p in path.glob("*.bin")) or ["its weights"]
+        raise ModelError(weights_only_refusal(path / weights[0], exc)) from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"loading the Hugging Face model in {path} failed: {exc}") from exc

@@ -36,15 +36,21 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for field in ("vocab_size", "n_layer", "n_embd", "n_head", "block_size"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"tiny-gpt {field}={value!r} must be a positive integer")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"tiny-gpt width {self.n_embd} is not divisible by heads {self.n_head}; "
                 "choose --width as a multiple of --heads"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"tiny-gpt dropout={self.dropout} must be in [0, 1)")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"tiny-gpt dropout={self.dropout!r} must be a number in [0, 1)")
+
+    @property
+    def n_params(self) -> int:
+        """Parameters of the model this config builds (the output head is tied to `wte`)."""
+        d, per_block = self.n_embd, 12 * self.n_embd**2 + 13 * self.n_embd
+        return (self.vocab_size + self.block_size) * d + self.n_layer * per_block + 2 * d
 
 
 class Block(nn.Module):
