@@ -69,10 +69,20 @@ def _storage(
                 attempt += 1
                 time.sleep(random.uniform(0.2, 1.0))  # another worker is creating the tables
                 continue
-            # The driver's message spans lines and ends with a link to SQLAlchemy's pages.
-            text = re.sub(r"\(Background on this error at:[^)]*\)", "", str(exc))
-            raise ConfigError(f"cannot open the study storage {redact(spec)}: "
-                              f"{' '.join(_scrub(text, spec).split())}") from None  # fmt: skip
+            raise ConfigError(_storage_error(spec, exc)) from None
+
+
+def _storage_error(spec: str, exc: Exception) -> str:
+    """One line naming the storage (password as `***`) and what went wrong."""
+    from sqlalchemy.exc import ArgumentError
+
+    # The driver's message spans lines and ends with a link to SQLAlchemy's pages.
+    text = re.sub(r"\(Background on this error at:[^)]*\)", "", str(exc))
+    text = " ".join(_scrub(text, spec).split())
+    if isinstance(exc, (ArgumentError, ValueError)):  # the URL did not parse
+        return (f"{redact(spec)} is not a valid database URL ({text}); the form is "
+                "postgresql://user:password@host:5432/database")  # fmt: skip
+    return f"cannot open the study storage {redact(spec)}: {text}"
 
 
 def _rdb_storage(spec: str, heartbeat_interval: int, grace_period: int) -> Any:

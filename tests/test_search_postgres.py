@@ -162,12 +162,14 @@ def _one_line_error(capsys, url: str, corpus: Path, out: Path, monkeypatch) -> s
 
 
 @pytest.mark.parametrize(
-    "case, expected",
-    [("malformed", "port"), ("unreachable", "Connection refused"),
-     ("wrong password", "password authentication failed")],
+    "case, prefix, expected",
+    [("malformed", "{url} is not a valid database URL", "the form is postgresql://user:password@"),
+     ("unreachable", "cannot open the study storage {url}: ", "Connection refused"),
+     ("wrong password", "cannot open the study storage {url}: ",
+      'password authentication failed for user "amptrain"')],
 )  # fmt: skip
 def test_storage_errors_are_one_line_with_the_password_hidden(
-    case, expected, request, corpus, tmp_path, capsys, monkeypatch
+    case, prefix, expected, request, corpus, tmp_path, capsys, monkeypatch
 ):
     pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'amptrain[search]'")
     secret = "Wr0ng-PW-xyz"
@@ -177,9 +179,8 @@ def test_storage_errors_are_one_line_with_the_password_hidden(
         port = "notaport" if case == "malformed" else "1"
         url = f"postgresql://amptrain:{secret}@127.0.0.1:{port}/db"
     line = _one_line_error(capsys, url, corpus, tmp_path / "runs", monkeypatch)
-    assert line.startswith(
-        "amptrain: error: cannot open the study storage postgresql://amptrain:***@"
-    )
+    shown = url.replace(secret, "***")
+    assert line.startswith(f"amptrain: error: {prefix.format(url=shown)}")
     assert expected in line and secret not in line
 
 
