@@ -1,4 +1,6 @@
-# Two commands on a fresh machine: `make demo` runs the main job, `make test` runs the tests.
+# Two commands on a fresh machine: `make demo` runs the main job, `make test` runs every test
+# that needs no GPU (the slow ones and the PostgreSQL ones too); `make test-fast` is the quick
+# inner loop while developing (no test marked slow).
 # Each creates .venv and installs what it needs (torch pinned through constraints.txt).
 
 PYTHON ?= python3
@@ -6,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test test-all lint bench-overhead clean
+.PHONY: demo test test-fast lint bench-overhead clean
 
 $(BIN)/amptrain-core: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +23,10 @@ demo: $(BIN)/amptrain-core
 	$(BIN)/amptrain demo
 
 test: $(BIN)/amptrain-dev
-	$(BIN)/python -m pytest -q
-
-test-all: $(BIN)/amptrain-dev
 	$(BIN)/python -m pytest -q -m 'not gpu'
+
+test-fast: $(BIN)/amptrain-dev
+	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/amptrain-dev
 	$(BIN)/ruff check amptrain tests benchmarks

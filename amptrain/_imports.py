@@ -1,7 +1,7 @@
 """One registry of optional dependencies and one helper that explains how to install them.
 
 `find_spec` imports nothing, so `import amptrain` stays light: optuna, wandb, lightning,
-transformers, matplotlib and pandas are imported only where they are used.
+transformers, matplotlib, pandas, tensorboard and mlflow are imported only where they are used.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ WANDB_AVAILABLE = _available("wandb")
 LIGHTNING_AVAILABLE = _available("lightning") or _available("pytorch_lightning")
 TRANSFORMERS_AVAILABLE = _available("transformers")
 PANDAS_AVAILABLE = _available("pandas")
+TENSORBOARD_AVAILABLE = _available("tensorboard")
+MLFLOW_AVAILABLE = _available("mlflow")  # mlflow-skinny installs the same package
 
 _FLAGS = {
     "matplotlib": "MATPLOTLIB_AVAILABLE",
@@ -30,6 +32,8 @@ _FLAGS = {
     "lightning": "LIGHTNING_AVAILABLE",
     "transformers": "TRANSFORMERS_AVAILABLE",
     "pandas": "PANDAS_AVAILABLE",
+    "tensorboard": "TENSORBOARD_AVAILABLE",
+    "mlflow": "MLFLOW_AVAILABLE",
 }
 
 

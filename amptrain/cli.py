@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -136,12 +137,8 @@ def _run_train(args: argparse.Namespace) -> int:
     distributed.init_from_env()
     try:
         progress = _progress(args, cfg.fit.max_steps, "train") if distributed.is_main() else []
-        if args.wandb is not None and distributed.is_main():
-            from amptrain.metrics.wandb_sink import WandbSink
-
-            resumed = _wandb_resume(cfg.out, args.resume)
-            progress.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out,
-                                      **resumed))  # fmt: skip
+        if distributed.is_main():
+            progress += _tracking_sinks(args, cfg)
         run = run_training(cfg, sinks=progress, resume=args.resume, given=given,
                            allow_new_scaler=args.allow_new_scaler)  # fmt: skip
         if distributed.is_main():
@@ -161,6 +158,28 @@ def _wandb_resume(out: str, resume: str | None) -> dict[str, str]:
     if not saved.is_file():
         return {}
     return {"id": json.loads(saved.read_text(encoding="utf-8"))["run_id"], "resume": "allow"}
+
+
+def _tracking_sinks(args: argparse.Namespace, cfg: Any) -> list:
+    """The W&B, TensorBoard and MLflow sinks asked for by `--wandb/--tensorboard/--mlflow`."""
+    sinks: list = []
+    if args.wandb is not None:
+        from amptrain.metrics.wandb_sink import WandbSink
+
+        resumed = _wandb_resume(cfg.out, args.resume)
+        sinks.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out, **resumed))
+    if args.tensorboard is not None:
+        from amptrain.metrics.tensorboard_sink import TensorBoardSink
+
+        parent = Path(args.tensorboard or Path(cfg.out) / "tensorboard")
+        name = time.strftime("train-%Y%m%d-%H%M%S")  # one TensorBoard run per training run
+        sinks.append(TensorBoardSink(parent / name, config=cfg.to_dict()))
+    if args.mlflow is not None:
+        from amptrain.metrics.mlflow_sink import MlflowSink, local_store
+
+        uri = args.mlflow or local_store(Path(cfg.out) / "mlflow.db")
+        sinks.append(MlflowSink(uri, config=cfg.to_dict()))
+    return sinks
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -286,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--wandb", nargs="?", const="amptrain", default=None, metavar="PROJECT",
                        help="also log to Weights & Biases (project, default amptrain); "
                        "honours WANDB_MODE=offline")  # fmt: skip
+    train.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                       help="also log to TensorBoard: a run folder under DIR "
+                       "(default OUT/tensorboard)")  # fmt: skip
+    train.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                       help="also log to MLflow: a tracking URI (default: a local SQLite "
+                       "store OUT/mlflow.db, no server), experiment amptrain")  # fmt: skip
     train.set_defaults(func=_run_train)
     bench = sub.add_parser("bench", help="benchmark precisions side by side on your model")
     _add_train_flags(bench, skip=_BENCH_SKIPS)

@@ -13,11 +13,12 @@ a killed worker is FAIL with reason `interrupted...`, is not counted, and is rep
 study resumes. Storage: in memory; a journal file (the CLI's default; one machine, `--workers N`
 processes); or an RDB URL for many machines. For those, start the same command everywhere::
 
-    export AMPTRAIN_DB=postgresql://user:password@dbhost/optuna   # pip install psycopg2-binary
+    export AMPTRAIN_DB=postgresql://user:password@dbhost/optuna   # pip install amptrain[search]
     amptrain search --storage env:AMPTRAIN_DB --study-name sweep --trials 200 --workers 2
 
 Each process stops once the study holds `--trials` counted trials, so many machines overshoot
-by at most one trial per extra process; heartbeats fail (and so replace) a dead machine's trial.
+by at most one trial per extra process. On an RDB storage every worker sends heartbeats; a
+trial whose worker fell silent is failed (not counted) and its parameters run again once.
 Passwords in URLs are shown as `***` in every message and file (`redact`). Optuna is imported
 inside functions only, so `amptrain --help` stays light.
 """
@@ -35,8 +36,11 @@ from amptrain import search_space
 from amptrain.config import FitOptions, TrainConfig
 from amptrain.errors import ConfigError
 from amptrain.search_study import (
+    GRACE_PERIOD,
+    HEARTBEAT_INTERVAL,
     OBJECTIVES,
     PRUNERS,
+    STALE,
     _best,
     _best_value,
     _count,
@@ -47,6 +51,7 @@ from amptrain.search_study import (
     _optimize,
     _settings,
     _spawn,
+    is_url,
     redact,
 )
 
@@ -72,6 +77,7 @@ class TrialRecord:
     intermediate: dict[int, float]
     baseline: bool
     counted: bool
+    retry_of: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values."""
@@ -127,6 +133,8 @@ class _Job:
     storage: str | None
     study_name: str
     catch: tuple[type[BaseException], ...]
+    heartbeat_interval: int = HEARTBEAT_INTERVAL
+    grace_period: int = GRACE_PERIOD
     factory: Callable[[], Any] | None = None
     train: Any = None
     val: Any = None
@@ -151,6 +159,8 @@ def search(
     precision: str = "auto",
     catch: tuple[type[BaseException], ...] = (Exception,),
     progress: bool = False,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL,
+    grace_period: int = GRACE_PERIOD,
     **options: Any,
 ) -> SearchResult:
     """Search training settings and precision for the models `model_factory` builds.
@@ -177,6 +187,10 @@ def search(
         precision: The base precision (for the baseline, and when not searched).
         catch: Exceptions that fail one trial without stopping the study.
         progress: Show a progress bar on stderr.
+        heartbeat_interval: RDB storage: seconds between a worker's signs of life.
+        grace_period: RDB storage: seconds of silence after which a RUNNING trial counts as
+            abandoned (its worker died); the next trial to start fails it (not counted) and
+            runs its parameters again once. Must exceed `heartbeat_interval`.
         **options: Base `FitOptions` (`lr`, `batch_size`, `eval_batches`, `max_nonfinite`...).
 
     Returns:
@@ -203,6 +217,7 @@ def search(
         base, device, space, n_trials, steps, tokens, objectives, pruner, seed,
         None if storage is None else str(storage), study_name, workers, catch,
         len(train_b), len(val_b), factory=model_factory, train=train_b, val=val_b,
+        heartbeat_interval=heartbeat_interval, grace_period=grace_period,
     )  # fmt: skip
     return _execute(job, workers, baseline, progress)
 
@@ -221,6 +236,8 @@ def run_search(
     workers: int = 1,
     baseline: bool = True,
     progress: bool = False,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL,
+    grace_period: int = GRACE_PERIOD,
 ) -> SearchResult:
     """`search` on a `TrainConfig`: every trial runs `train.prepare` on its own config copy.
 
@@ -235,6 +252,7 @@ def run_search(
     job = _make_job(
         cfg, precision.device, space, n_trials, steps, tokens, objectives, pruner, cfg.fit.seed,
         storage, study_name, workers, (Exception,), len(train), len(val),
+        heartbeat_interval=heartbeat_interval, grace_period=grace_period,
     )  # fmt: skip
     return _execute(job, workers, baseline, progress)
 
@@ -260,14 +278,18 @@ def _make_job(
     """Check every search setting and the space, before any trial runs."""
     from amptrain.bench import default_precisions
 
-    given = {"n_trials": n_trials, "workers": workers, "steps": steps, "tokens": tokens}
+    beat, grace = source["heartbeat_interval"], source["grace_period"]
+    given = {"n_trials": n_trials, "workers": workers, "steps": steps, "tokens": tokens,
+             "heartbeat_interval": beat, "grace_period": grace}  # fmt: skip
     for label, value in given.items():
-        if (value is not None or label in ("n_trials", "workers")) and (
+        if (value is not None or label not in ("steps", "tokens")) and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise ConfigError(f"{label}={value!r} is invalid: it must be an integer >= 1")
     if steps is not None and tokens is not None:
         raise ConfigError("give the budget as steps or as tokens, not both")
+    if grace <= beat:  # else a live but busy worker's trial could be failed under it
+        raise ConfigError(f"grace_period={grace} must be longer than heartbeat_interval={beat}")
     objectives = tuple(objectives)
     if not objectives or objectives[0] != "val_loss" or not set(objectives) <= set(OBJECTIVES):
         raise ConfigError(f"objectives={objectives!r}: use val_loss or val_loss,tokens_per_s")
@@ -295,7 +317,8 @@ def _execute(job: _Job, workers: int, baseline: bool, progress: bool) -> SearchR
     from amptrain.search_plot import SearchProgress
 
     study = _open_study(job, worker=0)
-    _fail_orphans(study)
+    if not is_url(job.storage):  # an RDB storage's heartbeat finds dead workers on any machine
+        _fail_orphans(study)
     if baseline and not study.trials:
         _enqueue_baseline(study, job)
     remaining = job.n_trials - _count(study)
@@ -339,13 +362,15 @@ def _result(study: Any, job: _Job) -> SearchResult:
 
 def _record(t: Any) -> TrialRecord:
     duration = None if t.duration is None else t.duration.total_seconds()
+    reason = t.user_attrs.get("reason") or (STALE if t.state.name == "FAIL" else None)
     return TrialRecord(
         number=t.number, state=t.state.name, value=None if t.values is None else t.values[0],
         values=None if t.values is None else tuple(t.values), params=dict(t.params),
-        reason=t.user_attrs.get("reason"), duration_s=duration,
+        reason=reason, duration_s=duration,
         metrics=dict(t.user_attrs.get("metrics", {})),
         intermediate=dict(t.intermediate_values), baseline=bool(t.user_attrs.get("baseline")),
-        counted=_counted(t),
+        # Optuna's retry callback names the trial a retry replaces (`retried_trial_number`).
+        counted=_counted(t), retry_of=t.system_attrs.get("failed_trial"),
     )  # fmt: skip
 
 
@@ -382,6 +407,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "(postgresql://user:pass@host/db) for workers on many machines, or env:VAR",
     )
     add("--workers", type=int, default=1, help="processes working on the study on this machine")
+    add("--heartbeat-interval", type=int, default=HEARTBEAT_INTERVAL, metavar="S",
+        help="RDB storage: seconds between each worker's signs of life")  # fmt: skip
+    add("--grace-period", type=int, default=GRACE_PERIOD, metavar="S",
+        help="RDB storage: seconds without a sign of life before a trial is failed and run "
+        "again once (its worker died)")  # fmt: skip
     add("--no-baseline", action="store_true", help="do not run the base settings as trial 0")
 
 

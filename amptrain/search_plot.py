@@ -152,14 +152,15 @@ def trials_csv(result: SearchResult) -> str:
     extra = [f"value_{o}" for o in result.objectives[1:]]
     figures = [m for m in _METRICS if m not in names]  # a searched precision is a column already
     fields = ["number", "state", "value", *extra, *names, "reason", "duration_s", "baseline",
-              "counted", *figures]  # fmt: skip
+              "counted", "retry_of", *figures]  # fmt: skip
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fields)
     writer.writeheader()
     for t in result.trials:
         row = {"number": t.number, "state": t.state, "value": t.value, "reason": t.reason,
                "duration_s": t.duration_s, "baseline": t.baseline, "counted": t.counted,
-               **{k: t.metrics.get(k) for k in figures}, **t.params}  # fmt: skip
+               "retry_of": t.retry_of, **{k: t.metrics.get(k) for k in figures},
+               **t.params}  # fmt: skip
         row.update(zip(extra, (t.values or ())[1:]))
         writer.writerow(row)
     return out.getvalue()
@@ -216,6 +217,7 @@ def run_cli(args: argparse.Namespace, cfg: TrainConfig) -> int:
             tokens=args.budget_tokens, objectives=args.objectives.split(","),
             pruner=args.pruner, study_name=name, storage=storage, workers=args.workers,
             baseline=not args.no_baseline, progress=not args.no_progress,
+            heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
         )  # fmt: skip
     except KeyboardInterrupt:
         where = f" --storage {redact(args.storage)}" if args.storage else ""

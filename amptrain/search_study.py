@@ -1,8 +1,9 @@
 """The search's study: storage, the pruner, counting finished trials, and worker processes.
 
 `n_trials` counts trials with an outcome (COMPLETE, PRUNED, FAIL); a trial left RUNNING by a
-killed worker (its `host:pid` is gone) is failed as interrupted and replaced. Local workers
-each optimise their exact share of the remaining trials.
+killed worker is failed as interrupted and replaced: on a file storage when its `host:pid` is
+gone, on an RDB storage when its heartbeat stopped (and then retried with the same parameters).
+Local workers each optimise their exact share of the remaining trials.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import re
 import socket
 import time
@@ -29,35 +31,97 @@ if TYPE_CHECKING:
 
 OBJECTIVES = {"val_loss": "minimize", "tokens_per_s": "maximize"}
 PRUNERS = ("median", "hyperband", "none")
+# RDB storages only: a worker proves it is alive every HEARTBEAT_INTERVAL seconds; a RUNNING
+# trial silent for GRACE_PERIOD seconds is failed by the next worker to start a trial, and run
+# again (once) with the same parameters.
+HEARTBEAT_INTERVAL = 60
+GRACE_PERIOD = 180
+MAX_RETRY = 1
+CONNECT_TIMEOUT = 10
+OPEN_ATTEMPTS = 5
+STALE = f"{INTERRUPTED}: its worker stopped sending heartbeats"
 
 log = logging.getLogger("amptrain")
 
 
-def _storage(spec: str | None) -> Any:
+def is_url(spec: str | None) -> bool:
+    """True for an RDB URL (`postgresql://...`), False for a journal file or None (memory)."""
+    return spec is not None and "://" in spec
+
+
+def _storage(
+    spec: str | None, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int = GRACE_PERIOD
+) -> Any:
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
     if spec is None:
         return optuna.storages.InMemoryStorage()
-    if "://" not in spec:
+    if not is_url(spec):
         return optuna.storages.JournalStorage(JournalFileBackend(str(private_file(spec))))
     sqlite_path = spec.partition("sqlite:///")[2]
     if spec.startswith("sqlite:///") and sqlite_path and sqlite_path != ":memory:":
         private_file(sqlite_path)  # an empty file is a new database to SQLite
-    try:  # a heartbeat lets the study fail (and so replace) the trial of a machine that died
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(spec, heartbeat_interval=60, grace_period=180)
-    except Exception as exc:  # noqa: BLE001 - the driver's message may quote the URL
-        raise ConfigError(f"cannot open the study storage {redact(spec)}: "
-                          f"{_scrub(str(exc), spec)}") from None  # fmt: skip
+    attempt = 1
+    while True:
+        try:
+            return _rdb_storage(spec, heartbeat_interval, grace_period)
+        except Exception as exc:  # noqa: BLE001 - the driver's message may quote the URL
+            if attempt < OPEN_ATTEMPTS and _creation_race(exc):
+                attempt += 1
+                time.sleep(random.uniform(0.2, 1.0))  # another worker is creating the tables
+                continue
+            raise ConfigError(_storage_error(spec, exc)) from None
+
+
+def _storage_error(spec: str, exc: Exception) -> str:
+    """One line naming the storage (password as `***`) and what went wrong."""
+    from sqlalchemy.exc import ArgumentError
+
+    # The driver's message spans lines and ends with a link to SQLAlchemy's pages.
+    text = re.sub(r"\(Background on this error at:[^)]*\)", "", str(exc))
+    text = " ".join(_scrub(text, spec).split())
+    if isinstance(exc, (ArgumentError, ValueError)):  # the URL did not parse
+        return (f"{redact(spec)} is not a valid database URL ({text}); the form is "
+                "postgresql://user:password@host:5432/database")  # fmt: skip
+    return f"cannot open the study storage {redact(spec)}: {text}"
+
+
+def _rdb_storage(spec: str, heartbeat_interval: int, grace_period: int) -> Any:
+    import optuna
+
+    # A heartbeat lets the study fail (and retry once) the trial of a machine that died.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+        return optuna.storages.RDBStorage(spec, engine_kwargs=_engine_kwargs(spec),
+                                          heartbeat_interval=heartbeat_interval,
+                                          grace_period=grace_period,
+                                          heartbeat_stale_trial_callback=retry)  # fmt: skip
+
+
+def _creation_race(exc: Exception) -> bool:
+    """True when workers starting together on an empty database both created the tables."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    return isinstance(exc, IntegrityError) or (
+        isinstance(exc, ProgrammingError) and "already exists" in str(exc)
+    )
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    """PostgreSQL: give up on an unreachable host after CONNECT_TIMEOUT s instead of hanging."""
+    if url.startswith("postgresql"):  # a libpq option: psycopg and psycopg2 both take it
+        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
+    return {}
 
 
 def _open_study(job: _Job, worker: int) -> Any:
     import optuna
 
     directions = [OBJECTIVES[o] for o in job.objectives]
-    study = optuna.create_study(storage=_storage(job.storage), study_name=job.study_name,
+    storage = _storage(job.storage, job.heartbeat_interval, job.grace_period)
+    study = optuna.create_study(storage=storage, study_name=job.study_name,
                                 directions=directions, load_if_exists=True,
                                 pruner=_pruner(job))  # fmt: skip
     settings = _settings(job)
@@ -115,11 +179,16 @@ def _enqueue_baseline(study: Any, job: _Job) -> None:
     if outside:
         log.info("no baseline trial: the base value of %s is outside the space", ", ".join(outside))
         return
-    study.enqueue_trial(params, user_attrs={"baseline": True})
+    # skip_if_exists: two machines starting the study at once enqueue it once (or nearly).
+    study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
 
 
 def _fail_orphans(study: Any) -> None:
-    """Fail (with reason `interrupted`) RUNNING trials whose worker on this host is gone."""
+    """Fail (with reason `interrupted`) RUNNING trials whose worker on this host is gone.
+
+    For file and memory storages; an RDB storage's heartbeat does this for every machine, and
+    also retries the trial.
+    """
     from optuna.trial import TrialState
 
     host = socket.gethostname()
@@ -145,7 +214,7 @@ def _alive(pid: int) -> bool:
 def _counted(trial: Any) -> bool:
     """Trials with an outcome count towards `n_trials`; interrupted ones are replaced."""
     state = trial.state.name
-    if state == "FAIL":
+    if state == "FAIL":  # no reason: failed by the heartbeat, outside any objective
         reason = trial.user_attrs.get("reason")
         return reason is not None and not str(reason).startswith(INTERRUPTED)
     return state in ("COMPLETE", "PRUNED")

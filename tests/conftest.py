@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import itertools
 import json
 import logging
 
 import pytest
 import torch
+from pg_server import PgServer, find_bindir
 
 from amptrain.data import Blocks
 from amptrain.models import GPTConfig, TinyGPT
@@ -56,6 +59,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small English text file."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the session, stopped and removed at the end in any case."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install "
+                    "postgresql, or set AMPTRAIN_PG_BIN to their folder")  # fmt: skip
+    if importlib.util.find_spec("psycopg") is None:
+        pytest.skip("the PostgreSQL driver is missing: pip install 'amptrain[search]'")
+    server = PgServer(bindir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """The URL (with its password) of a new, empty database on the session's server."""
+    return pg_server.create_database(f"test_{next(_databases)}")
 
 
 def tiny_model(seed: int = 0, **overrides) -> TinyGPT:

@@ -14,13 +14,6 @@ SMALL = ["--context", "32", "--batch-size", "4", "--eval-every", "5", "--eval-ba
 TINY = ["--layers", "1", "--width", "32", "--heads", "2", *SMALL]
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    return path
-
-
 def run_dir_of(out):
     (run,) = list(out.iterdir())
     return run

@@ -8,12 +8,13 @@ import pytest
 from amptrain import _imports
 
 EXTRAS = ("wandb", "optuna", "lightning", "pytorch_lightning", "transformers", "matplotlib",
-          "pandas", "tokenizers")  # fmt: skip
+          "pandas", "tokenizers", "tensorboard", "mlflow", "psycopg", "sqlalchemy")  # fmt: skip
 
 
 def test_import_amptrain_pulls_in_no_optional_extra():
     code = (
-        "import sys, amptrain, amptrain.train, amptrain.cli, amptrain.demo\n"
+        "import sys, amptrain, amptrain.train, amptrain.cli, amptrain.demo, amptrain.search\n"
+        "import amptrain.metrics.tensorboard_sink, amptrain.metrics.mlflow_sink\n"
         f"print([m for m in sys.modules if m.split('.')[0] in {EXTRAS!r}])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

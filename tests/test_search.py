@@ -294,13 +294,6 @@ def test_resuming_with_other_settings_is_refused(tmp_path, data):
                **{**QUICK, "steps": 3})  # fmt: skip
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    return path
-
-
 def test_cli_search_writes_the_run_and_its_best_command_reproduces_it(tmp_path, corpus, capsys):
     space = tmp_path / "space.toml"
     space.write_text("lr = { low = 1e-3, high = 3e-2, log = true }\nbatch-size = [4, 8]\n")

@@ -17,7 +17,6 @@ asks for, stores or prints it, and any message it writes has the key replaced by
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -26,7 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from amptrain._imports import requires
+from amptrain.metrics.external import clean as _clean
+from amptrain.metrics.external import run_config, scrub
 from amptrain.metrics.sinks import METRIC_NAMES
+
+__all__ = ["WandbSink", "run_config", "scrub"]
 
 log = logging.getLogger("amptrain")
 
@@ -239,47 +242,3 @@ class WandbSink:
                 return
             self._warned = True
         log.warning("%s; training continues without W&B", scrub(message))
-
-
-def run_config(
-    config: Mapping[str, Any] | None, precision: Any = None, reason: str | None = None
-) -> dict[str, Any]:
-    """The run config: `config` without secrets, plus the resolved precision and its reason.
-
-    A requested precision that differs from the resolved one (e.g. `auto`) is kept as
-    `precision_requested`.
-    """
-    values = _clean(config or {})
-    if precision is not None:
-        name = getattr(precision, "name", precision)
-        reason = getattr(precision, "reason", reason)
-        requested = values.get("precision")
-        if requested is not None and requested != name:
-            values["precision_requested"] = requested
-        values["precision"] = name
-        if reason is not None:
-            values["precision_reason"] = reason
-    return values
-
-
-def _secrets() -> list[str]:
-    key = os.environ.get("WANDB_API_KEY", "")
-    return [key] if len(key) >= 8 else []
-
-
-def scrub(text: str) -> str:
-    """`text` with the W&B API key (from the environment) replaced by `***`."""
-    for secret in _secrets():
-        text = text.replace(secret, "***")
-    return text
-
-
-def _clean(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop entries that name or hold the API key; nested mappings are cleaned too."""
-    secrets = _secrets()
-    out = {}
-    for name, value in values.items():
-        if "api_key" in str(name).lower() or (isinstance(value, str) and value in secrets):
-            continue
-        out[name] = _clean(value) if isinstance(value, Mapping) else value
-    return out

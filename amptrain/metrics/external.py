@@ -1,0 +1,158 @@
+"""What every sink that logs to another tool (W&B, TensorBoard, MLflow) shares.
+
+`run_config` builds the run's settings without secrets, plus the resolved precision and its
+reason. `ExternalSink` is the contract of the file-based tools: numbers at the global optimizer
+step under the loop's metric names, text values (`mem/source`) as text, the settings written
+once as hyperparameters when the first metrics arrive (by then the training run has told the
+sink the resolved precision), and any failure of the tool costs one warning on the "amptrain"
+logger and disables the sink, never the training run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+log = logging.getLogger("amptrain")
+
+
+def run_config(
+    config: Mapping[str, Any] | None, precision: Any = None, reason: str | None = None
+) -> dict[str, Any]:
+    """The run config: `config` without secrets, plus the resolved precision and its reason.
+
+    A requested precision that differs from the resolved one (e.g. `auto`) is kept as
+    `precision_requested`.
+    """
+    values = clean(config or {})
+    if precision is not None:
+        name = getattr(precision, "name", precision)
+        reason = getattr(precision, "reason", reason)
+        requested = values.get("precision")
+        if requested is not None and requested != name:
+            values["precision_requested"] = requested
+        values["precision"] = name
+        if reason is not None:
+            values["precision_reason"] = reason
+    return values
+
+
+def _secrets() -> list[str]:
+    key = os.environ.get("WANDB_API_KEY", "")
+    return [key] if len(key) >= 8 else []
+
+
+def scrub(text: str, extra: Iterable[str] = ()) -> str:
+    """`text` with the W&B API key (from the environment) and `extra` secrets replaced by `***`."""
+    for secret in [*_secrets(), *filter(None, extra)]:
+        text = text.replace(secret, "***")
+    return text
+
+
+def clean(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop entries that name or hold the API key; nested mappings are cleaned too."""
+    secrets = _secrets()
+    out = {}
+    for name, value in values.items():
+        if "api_key" in str(name).lower() or (isinstance(value, str) and value in secrets):
+            continue
+        out[name] = clean(value) if isinstance(value, Mapping) else value
+    return out
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as `a.b` keys; values other than numbers, text and booleans as text."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{key}."))
+        else:
+            out[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
+
+
+class ExternalSink:
+    """A `Sink` over another tool; subclasses write, this class decides what and when.
+
+    Subclasses implement `_write_params(params)`, `_write_numbers(numbers, step)`,
+    `_write_texts(texts, step)` and `_finish()`; each runs guarded (see the module docstring).
+    """
+
+    tool = "the tracking tool"
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets = list(secrets)
+        self._params: dict[str, Any] = {}
+        self._written: dict[str, Any] | None = None  # params as written, once written
+        self._texts: dict[str, Any] = {}
+        self._disabled = self._closed = False
+
+    @property
+    def enabled(self) -> bool:
+        """False once the tool failed (after its one warning)."""
+        return not self._disabled
+
+    def log_config(self, values: Mapping[str, Any]) -> None:
+        """Add settings; after the first metrics, only settings not written before are added."""
+        self._params.update(flatten(clean(values)))
+        if self._written is not None:
+            self._flush_params()
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Numbers as metrics at `step`; text values when they change."""
+        if self._closed:
+            return
+        if self._written is None:
+            self._flush_params()
+        numbers = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+        texts = {k: str(v) for k, v in metrics.items()
+                 if k not in numbers and self._texts.get(k) != str(v)}  # fmt: skip
+        self._texts.update(texts)
+        if numbers:
+            self._guard("log", self._write_numbers, numbers, int(step))
+        if texts:
+            self._guard("log", self._write_texts, texts, int(step))
+
+    def close(self) -> None:
+        """Write the settings if no metric came, then finish the run."""
+        if self._closed:
+            return
+        if self._written is None:
+            self._flush_params()
+        self._closed = True
+        self._guard("close", self._finish)
+
+    def _flush_params(self) -> None:
+        written = self._written or {}
+        new = {k: v for k, v in self._params.items() if k not in written}
+        self._written = {**written, **new}
+        if new:
+            self._guard("hyperparameters", self._write_params, new)
+
+    def _guard(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._disabled:
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:  # any failure of the tool: warn once, keep training
+            self._disabled = True
+            message = scrub(f"{self.tool} {what} failed ({type(exc).__name__}: {exc})",
+                            self._secrets)  # fmt: skip
+            log.warning("%s; training continues without %s", message, self.tool)
+            return None
+
+    def _write_params(self, params: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _write_numbers(self, numbers: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def _write_texts(self, texts: dict[str, str], step: int) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
