@@ -169,3 +169,11 @@ def _is_int(value: object) -> bool:
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+COMPARE_STEPS = 50
+"""Optimizer steps per training run of `amptrain compare`: its default budget."""
+SEARCH_BUDGET_STEPS = 32
+"""The default token budget of a search trial: this many steps' tokens at the base batch size."""
+SEARCH_PRUNERS = ("median", "hyperband", "none")
+"""The pruners `amptrain search` offers."""

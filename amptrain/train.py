@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,14 @@ from amptrain.loop import FitResult, fit
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
 from amptrain.models import ModelSpec, build_model
 from amptrain.precision import Precision, resolve
-from amptrain.runs import atomic_torch_save, atomic_write_bytes, atomic_write_json, create_run_dir
+from amptrain.runs import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    create_run_dir,
+    environment,
+    write_config,
+)
 
 log = logging.getLogger("amptrain")
 
@@ -116,8 +122,7 @@ def run_training(
         run_dir = create_run_dir(cfg.out, command) if main else None
         run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
         if main:
-            config = {**cfg.to_dict(), "environment": environment()}
-            atomic_write_json(run_dir / "config.json", config)
+            write_config(run_dir, command, cfg)
     else:
         run_dir, ckpt = find_resume(cfg.out, resume, command)
         cfg = TrainConfig.from_dict(_saved_config(run_dir))
@@ -150,7 +155,7 @@ def run_training(
     atomic_torch_save(model.state_dict(), run_dir / "model.pt")
     atomic_write_json(run_dir / "summary.json", summary(result, cfg, model))
     if MATPLOTLIB_AVAILABLE:
-        from amptrain.plotting import plot_training
+        from amptrain.runs.plotting import plot_training
 
         plot_training(result.history, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
     else:
@@ -228,20 +233,3 @@ def summary(result: FitResult, cfg: TrainConfig, model: nn.Module) -> dict[str, 
         "data": cfg.data,
         **result.to_dict(),
     }
-
-
-def environment() -> dict[str, Any]:
-    """Versions and hardware, so a result can be traced to where it was measured."""
-    from amptrain.precision import cpu_bf16_features
-
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_bf16_features": list(cpu_bf16_features()),
-        "cuda": torch.version.cuda,
-    }
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env

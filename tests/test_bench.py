@@ -9,7 +9,7 @@ from conftest import pattern_blocks, tiny_model
 from torch import nn
 
 from amptrain.bench import ArmResult, _check_fair, _train_once, bench, default_precisions
-from amptrain.bench_report import console_table, write_report
+from amptrain.bench.report import console_table, write_report
 from amptrain.cli import main
 from amptrain.errors import ConfigError, PrecisionError
 

@@ -22,7 +22,7 @@ from amptrain.compat import (
     test_fine_tuning,
     test_hyperparameter_search,
 )
-from amptrain.compat_bench import benchmark_dict
+from amptrain.compat.bench import benchmark_dict
 from amptrain.errors import ConfigError, PrecisionError
 from amptrain.precision import cpu_bf16_features
 

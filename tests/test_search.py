@@ -16,12 +16,12 @@ from conftest import pattern_blocks, tiny_model
 
 optuna = pytest.importorskip("optuna")
 
-from amptrain import search_space  # noqa: E402
 from amptrain.cli import main  # noqa: E402
 from amptrain.config import FitOptions, TrainConfig  # noqa: E402
 from amptrain.errors import ConfigError, PrecisionError  # noqa: E402
 from amptrain.optim import lr_factor  # noqa: E402
 from amptrain.search import redact, search  # noqa: E402
+from amptrain.search import space as search_space  # noqa: E402
 
 MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 QUICK = dict(steps=2, batch_size=8, eval_batches=2, baseline=False)

@@ -11,21 +11,22 @@ the flagged modules of a copy run in fp32 and the fp16 check is repeated.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from amptrain import data as data_mod
 from amptrain.config import TrainConfig
-from amptrain.doctor_audit import Float32, audit, wrap_fp32
-from amptrain.doctor_findings import diagnose, verdict
-from amptrain.doctor_probe import (
+from amptrain.doctor.audit import Float32, audit, wrap_fp32
+from amptrain.doctor.findings import diagnose, verdict
+from amptrain.doctor.probe import (
     AMP,
     ROOT,
     _copy,
@@ -38,7 +39,7 @@ from amptrain.doctor_probe import (
     _Recorder,
     _Setup,
 )
-from amptrain.doctor_report import (
+from amptrain.doctor.records import (
     DoctorReport,
     FixResult,
     LayerHeadroom,
@@ -47,7 +48,7 @@ from amptrain.errors import ConfigError, ModelError
 from amptrain.loop import check_data
 from amptrain.precision import Precision, normalize, resolve
 
-__all__ = ["DoctorReport", "Float32", "audit", "doctor", "wrap_fp32"]
+__all__ = ["DoctorReport", "Float32", "audit", "check_arms", "doctor", "run_doctor", "wrap_fp32"]
 
 log = logging.getLogger("amptrain")
 
@@ -89,7 +90,7 @@ def _fix(
     return result, fixed
 
 
-def _arms(precisions: Sequence[str] | None, device: torch.device) -> list[str]:
+def check_arms(precisions: Sequence[str] | None, device: torch.device) -> list[str]:
     """The AMP precisions to compare with fp32: the given ones, else all the device serves."""
     if precisions is None:
         served = []
@@ -170,7 +171,7 @@ def doctor(
     if first is None:
         raise ModelError(f"{source} has no parameters: there is nothing to train or diagnose")
     device = first.device
-    arms = _arms(precisions, device)
+    arms = check_arms(precisions, device)
     chosen = resolve(precision, device, init_scale=loss_scale)
     work = _copy(model).float().train()
     blocks, _ = check_data(work, data, None, device, source, ignore_index)
@@ -196,7 +197,7 @@ def doctor(
         "margin_bits": margin_bits, "fix": fix, "source": source,
         "parameters": sum(p.numel() for p in model.parameters()),
     }  # fmt: skip
-    from amptrain.train import environment as train_environment
+    from amptrain.runs import environment as train_environment
 
     environment = {"device": str(device), **train_environment()}
     summary = verdict(layers, findings, setup.loss_scale)
@@ -204,52 +205,32 @@ def doctor(
                         environment, fixed)  # fmt: skip
 
 
-SKIP_TRAIN_FLAGS = (
-    "--max-steps", "--grad-accum", "--warmup", "--clip-norm", "--eval-every", "--eval-batches",
-    "--log-every", "--max-nonfinite", "--checkpoint-every", "--keep-last", "--growth-interval",
-)  # fmt: skip
-"""Train flags the doctor does not take (it runs a few fixed passes, not a training run)."""
+def run_doctor(
+    cfg: TrainConfig,
+    precisions: Sequence[str] | None = None,
+    *,
+    batches: int = 2,
+    margin_bits: float = 2.0,
+    fix: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> tuple[DoctorReport, Path]:
+    """Build model and data from `cfg` like `train`, diagnose, write the run directory.
 
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """The doctor's own flags."""
-    parser.add_argument("--precisions", help="AMP precisions to compare with fp32, comma-separated "
-                        "(default: fp16 and bf16 where the device serves them)")  # fmt: skip
-    parser.add_argument("--batches", type=int, default=2, help="batches measured for headroom")
-    parser.add_argument(
-        "--margin-bits",
-        type=float,
-        default=2.0,
-        help="flag modules with less fp16 headroom than this (powers of two)",
-    )
-    parser.add_argument(
-        "--fix",
-        action="store_true",
-        help="run flagged modules of a copy in fp32 and check fp16 again",
-    )
-
-
-def cli_main(args: argparse.Namespace, cfg: TrainConfig) -> int:
-    """`amptrain doctor`: build model and data like `train`, diagnose, write the run directory."""
-    from amptrain.cli import _console
-    from amptrain.doctor_report import console_tables, write_report
-    from amptrain.runs import atomic_write_json, create_run_dir
+    `settings` are the command's own options, recorded in `config.json` to rerun it. Returns
+    the report and the path of its `report.md`.
+    """
+    from amptrain.doctor.records import write_report
+    from amptrain.runs import create_run_dir, write_config
     from amptrain.train import pick_device, prepare
 
-    precisions = args.precisions.split(",") if args.precisions else None
-    _arms(precisions, pick_device(cfg.device))  # refuse a bad list before loading anything
+    check_arms(precisions, pick_device(cfg.device))  # refuse a bad list before loading anything
     model, train, _, precision = prepare(cfg)
     report = doctor(
         model, train, precisions,
-        precision=precision, batches=args.batches, batch_size=cfg.fit.batch_size,
-        seed=cfg.fit.seed, loss_scale=cfg.fit.init_scale, margin_bits=args.margin_bits,
-        fix=args.fix, lr=cfg.fit.lr, ignore_index=cfg.fit.ignore_index, source=cfg.model,
+        precision=precision, batches=batches, batch_size=cfg.fit.batch_size,
+        seed=cfg.fit.seed, loss_scale=cfg.fit.init_scale, margin_bits=margin_bits,
+        fix=fix, lr=cfg.fit.lr, ignore_index=cfg.fit.ignore_index, source=cfg.model,
     )  # fmt: skip
     run_dir = create_run_dir(cfg.out, "doctor")
-    atomic_write_json(run_dir / "config.json", cfg.to_dict())
-    path = write_report(report, run_dir)
-    console = _console(stdout=True)
-    for table in console_tables(report):
-        console.print(table)
-    console.print(f"report: {path}", soft_wrap=True, highlight=False)
-    return 0
+    write_config(run_dir, "doctor", cfg, settings)
+    return report, write_report(report, run_dir)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.bench import ArmResult, BenchReport
 from amptrain.config import TrainConfig
-from amptrain.runs import atomic_write_bytes, atomic_write_json, create_run_dir
+from amptrain.runs import atomic_write_bytes, atomic_write_json, create_run_dir, write_config
 
 CSV_FIELDS = (
     "precision", "status", "step_ms", "step_ms_p25", "step_ms_p75", "tokens_per_s",
@@ -82,7 +83,7 @@ def write_report(report: BenchReport, run_dir: str | Path, preface: str = "") ->
     atomic_write_json(run_dir / "bench.json", report.to_dict())
     atomic_write_bytes(run_dir / "bench.csv", _csv(report).encode())
     if MATPLOTLIB_AVAILABLE:
-        from amptrain.plotting import plot_bench
+        from amptrain.runs.plotting import plot_bench
 
         plot_bench(report, run_dir / "bench.png")
     atomic_write_bytes(run_dir / "report.md", (preface + markdown(report)).encode())
@@ -143,8 +144,12 @@ def run_bench(
     quality_tol: float = 0.02,
     memory: bool = True,
     run_dir: Path | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> tuple[BenchReport, Path]:
-    """The `bench` command: build model and data like `train`, benchmark, write the report."""
+    """The `bench` command: build model and data like `train`, benchmark, write the report.
+
+    `settings` are the command's own options, recorded in `config.json` to rerun it.
+    """
     from amptrain.bench import bench
     from amptrain.train import prepare
 
@@ -155,5 +160,5 @@ def run_bench(
         eval_batches=cfg.fit.eval_batches, quality_tol=quality_tol, memory=memory,
     )  # fmt: skip
     run_dir = run_dir or create_run_dir(cfg.out, "bench")
-    atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    write_config(run_dir, "bench", cfg, settings)
     return report, write_report(report, run_dir)

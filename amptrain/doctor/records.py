@@ -321,7 +321,7 @@ def write_report(report: DoctorReport, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / "doctor.json", report.to_dict())
     if MATPLOTLIB_AVAILABLE:
-        from amptrain.doctor_plot import plot_headroom
+        from amptrain.doctor.plot import plot_headroom
 
         plot_headroom(report, run_dir / "headroom.png")
     atomic_write_bytes(run_dir / "report.md", markdown(report).encode())

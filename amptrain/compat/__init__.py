@@ -24,7 +24,7 @@ original's defects are not carried over, which changes behaviour as follows:
   validation; `train/accuracy` is measured at each epoch's end on up to as many training
   blocks as there are validation blocks, in eval mode.
 - No console banners, plots, `pip freeze` or `./environment/` files: progress goes to the
-  `amptrain` logger; plot with `amptrain.plotting`. The model is left in eval mode as before.
+  `amptrain` logger; plot with `amptrain.runs.plotting`. The model is left in eval mode as before.
 - W&B (`use_wandb=True`): one warning instead of an exception or a warning per epoch; metrics
   at the global optimizer step; into the active `wandb.run` when there is one (W&B's own step,
   with `global_step` as the x-axis, so a second call is not dropped), else into a new run.
@@ -55,12 +55,12 @@ from amptrain import data as data_mod
 from amptrain._imports import PANDAS_AVAILABLE, WANDB_AVAILABLE
 from amptrain.adapter import probe_vocab
 from amptrain.callbacks import Callback
-from amptrain.compat_bench import (
+from amptrain.compat.bench import (
     test_amp_speedup_benchmark,
     test_benchmark_comparison,
     test_hyperparameter_search,
 )
-from amptrain.compat_utils import MetricsTracker, compute_effective_precision
+from amptrain.compat.utils import MetricsTracker, compute_effective_precision
 from amptrain.errors import ConfigError
 from amptrain.loop import FitResult, evaluate, fit
 from amptrain.precision import Precision, cpu_bf16_features
@@ -82,7 +82,7 @@ SAMPLES, LENGTH = 50, 32  # the original's default data: 50 sequences of 32 toke
 
 def __getattr__(name: str) -> Any:
     if name == "AmpWandbCallback":  # built on first use: Lightning takes seconds to import
-        from amptrain.compat_utils import AmpWandbCallback
+        from amptrain.compat.utils import AmpWandbCallback
 
         return AmpWandbCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Run directories and atomic writes.
+"""Run directories: the one writer of their folders and config.json, and atomic writes.
 
 Every file amptrain writes whole goes to a temporary file in the same directory, is flushed and
 fsynced, then renamed over the target, so a crash leaves the old file or the new one, never half
@@ -11,6 +11,7 @@ import datetime as dt
 import io
 import json
 import os
+import platform
 import re
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,36 @@ def _finite_or_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite_or_none(v) for v in obj]
     return obj
+
+
+def write_config(
+    run_dir: str | Path, command: str, cfg: Any, settings: dict[str, Any] | None = None
+) -> Path:
+    """Write `config.json`: enough to rerun the command with `amptrain COMMAND --config`.
+
+    It holds the `TrainConfig` fields (model, data, loop), `command`, the command's own
+    settings under the command's name (for example `{"bench": {"steps": 30, ...}}`) and the
+    environment it ran in; `--config` reads the first three and ignores the environment.
+    """
+    payload = {"command": command, **cfg.to_dict()}
+    if settings:
+        payload[command] = dict(settings)
+    payload["environment"] = environment()
+    return atomic_write_json(Path(run_dir) / "config.json", payload)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, so a result can be traced to where it was measured."""
+    from amptrain.precision import cpu_bf16_features
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_bf16_features": list(cpu_bf16_features()),
+        "cuda": torch.version.cuda,
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env

@@ -28,7 +28,7 @@ from amptrain.adapter import (
     check_token_range,
     probe_vocab,
 )
-from amptrain.compare_report import (
+from amptrain.compare.report import (
     BUDGET_METHOD,
     TEXT_METHOD,
     MetricStats,
@@ -36,7 +36,7 @@ from amptrain.compare_report import (
     paired_stats,
     text_verdict,
 )
-from amptrain.compare_text import (
+from amptrain.compare.text import (
     MAX_WINDOW,
     REFERENCES,
     _encode,
@@ -48,6 +48,7 @@ from amptrain.compare_text import (
     score_tokens,
     text_windows,
 )
+from amptrain.config import COMPARE_STEPS as DEFAULT_STEPS
 from amptrain.config import FitOptions
 from amptrain.data import ByteTokenizer
 from amptrain.errors import ConfigError, DataError, ModelError
@@ -63,7 +64,6 @@ __all__ = [
     "score_tokens", "size_reference", "text_windows",
 ]  # fmt: skip
 
-DEFAULT_STEPS = 50
 METRICS = (("val_loss", True), ("val_perplexity", True), ("val_accuracy", False),
            ("tokens_per_s", False))  # fmt: skip
 Factory = Callable[[], nn.Module]
@@ -485,44 +485,6 @@ def _settings(run: _Settings, device: torch.device) -> dict[str, Any]:
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
-    from amptrain.train import environment
+    from amptrain.runs import environment
 
     return {**environment(), "device": str(device)}
-
-
-# The `amptrain compare` command: cli.py registers it from these three names.
-SKIP_TRAIN_FLAGS = ("--max-steps", "--eval-every", "--log-every", "--checkpoint-every",
-                    "--keep-last")  # fmt: skip
-
-
-def add_cli_arguments(parser: Any) -> None:
-    """The flags of `amptrain compare` besides the `train` flags it takes."""
-    parser.add_argument("--baseline", default="tiny-gpt", help="tiny-gpt or gpt2: a same-size "
-                        "reference trained on the same budget; or a local Hugging Face model "
-                        "directory: a pretrained reference, compared in bits per byte")  # fmt: skip
-    parser.add_argument(
-        "--seeds",
-        default="0,1,2",
-        help="comma-separated seeds of initial weights and batch order, at least 3 "
-        "(--seed fixes the data split)",
-    )
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help="optimizer steps per training run (the budget)")  # fmt: skip
-    parser.add_argument("--reference-layers", type=int, help="depth of the same-size reference "
-                        "(default: searched; twice the depth of a tiny-gpt model)")  # fmt: skip
-    parser.add_argument("--eval-bytes", type=int, default=32768,
-                        help="pretrained mode: held-out bytes at the data's end")  # fmt: skip
-    parser.add_argument("--latency-iters", type=int, default=10, help="timed forwards per model")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
-
-
-def cli_main(args: Any, cfg: Any) -> int:
-    """Run `amptrain compare`, print the table and the report's path."""
-    from amptrain.cli import _console
-    from amptrain.compare_report import console_table, run_compare
-
-    report, run_dir = run_compare(cfg, args)
-    console = _console(stdout=True)
-    console.print(console_table(report))
-    console.print(f"report: {run_dir / 'report.md'}", soft_wrap=True, highlight=False)
-    return 0

@@ -256,11 +256,9 @@ def budgeted(
 
 def base_values(cfg: TrainConfig, names: Sequence[str]) -> dict[str, Any]:
     """The values `cfg` holds for the space names `names` (the default settings' trial)."""
-    return {n: _field(cfg, PARAMS[n]) for n in names}
+    from amptrain.flags import value_of
 
-
-def _field(cfg: TrainConfig, field: str) -> Any:
-    return getattr(cfg.fit, field[4:]) if field.startswith("fit.") else getattr(cfg, field)
+    return {n: value_of(cfg, PARAMS[n]) for n in names}
 
 
 # Always written, so the command does not depend on the defaults of a later amptrain.
@@ -270,13 +268,13 @@ _ALWAYS = ("--precision", "--max-steps", "--batch-size", "--grad-accum", "--lr",
 
 def train_command(cfg: TrainConfig) -> str:
     """The `amptrain train` command line that trains exactly `cfg` (shell-quoted)."""
-    from amptrain.cli import _TRAIN_FLAGS
+    from amptrain.flags import train_flags, value_of
 
     default = TrainConfig()
     parts = ["amptrain", "train"]
-    for flag, (field, _, _) in _TRAIN_FLAGS.items():
-        value = _field(cfg, field)
-        if flag == "--out" or (value == _field(default, field) and flag not in _ALWAYS):
+    for f in train_flags():
+        flag, field, value = f.flag, f.field, value_of(cfg, f.field)
+        if flag == "--out" or (value == value_of(default, field) and flag not in _ALWAYS):
             continue
         if field == "fit.clip_norm" and value is None:
             value = 0  # the flag's spelling of "no clipping"

@@ -1,21 +1,17 @@
 """Show and save a search: progress bar, console table, trials.csv, best.json, config.json, plots.
 
-This is the presentation side of `amptrain.search` (as `bench_report` is of `bench`), with the
-`amptrain search` command's flow (`run_cli`). The plots (optimisation history, parameter
+This is the presentation side of `amptrain.search`, as `amptrain.bench.report` is of the
+bench. The plots (optimisation history, parameter
 importances, parallel coordinates) are Optuna's matplotlib ones, drawn with the `plot` extra;
 importances are skipped, with a log line, while too few trials are complete.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import logging
-import os
 import re
-import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,10 +20,8 @@ from rich import box
 from rich.table import Table
 
 from amptrain._imports import MATPLOTLIB_AVAILABLE
-from amptrain.config import TrainConfig
-from amptrain.errors import ConfigError
 from amptrain.runs import atomic_write_bytes, atomic_write_json
-from amptrain.search import SearchResult, redact, run_search
+from amptrain.search import SearchResult
 
 log = logging.getLogger("amptrain")
 
@@ -121,15 +115,19 @@ def _verdict(result: SearchResult) -> str:
     return text
 
 
-def write_outputs(result: SearchResult, run_dir: str | Path) -> Path:
-    """Write config.json, trials.csv, best.json and (with the plot extra) the plots."""
-    from amptrain.train import environment
+def write_outputs(
+    result: SearchResult, run_dir: str | Path, cfg: Any, settings: dict[str, Any] | None = None
+) -> Path:
+    """Write config.json, trials.csv, best.json and (with the plot extra) the plots.
+
+    `config.json` holds the base config `cfg`, the command's own options `settings` and the
+    study's settings (with the storage URL redacted), so `--config` reruns the search.
+    """
+    from amptrain.runs import write_config
 
     run_dir = Path(run_dir)
-    atomic_write_json(run_dir / "config.json", {
-        "study_name": result.study_name, "storage": result.storage, "n_trials": result.n_trials,
-        **result.settings, "environment": environment(),
-    })  # fmt: skip
+    study = {"study_name": result.study_name, "storage": result.storage, **result.settings}
+    write_config(run_dir, "search", cfg, {**(settings or {}), "study": study})
     atomic_write_bytes(run_dir / "trials.csv", trials_csv(result).encode())
     best = next((t for t in result.trials if t.number == result.best_number), None)
     atomic_write_json(run_dir / "best.json", {
@@ -167,9 +165,9 @@ def trials_csv(result: SearchResult) -> str:
 
 def plot_search(result: SearchResult, run_dir: str | Path) -> list[Path]:
     """history.png, importances.png and parallel.png from the study; returns those written."""
-    from amptrain.plotting import _pyplot, _save
+    from amptrain.runs.plotting import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     import optuna.visualization.matplotlib as ov
 
     run_dir, study = Path(run_dir), result.study
@@ -191,74 +189,5 @@ def plot_search(result: SearchResult, run_dir: str | Path) -> list[Path]:
             except (ValueError, RuntimeError) as exc:  # e.g. importances of constant values
                 log.info("%s skipped: %s", name, exc)
                 continue
-        written.append(_save(getattr(axes, "figure", None) or plt.gcf(), run_dir / name))
+        written.append(save_figure(getattr(axes, "figure", None) or plt.gcf(), run_dir / name))
     return written
-
-
-def run_cli(args: argparse.Namespace, cfg: TrainConfig) -> int:
-    """The `amptrain search` command: search, write the run directory, print the table."""
-    import optuna
-
-    from amptrain import search_space
-    from amptrain.cli import _console
-
-    if not args.verbose:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name, run_dir = _study_dir(args.study_name, Path(cfg.out))
-    storage = _storage_arg(args.storage) or str(run_dir / "journal.log")
-    space: Any = args.space
-    fixed = [n for n in search_space.PARAMS if n in vars(args)]
-    if space is None and fixed:  # train flags given on the command line are not searched
-        space = {k: v for k, v in _default_space(cfg).items() if k not in fixed}
-    try:
-        result = run_search(
-            cfg, space=space, n_trials=args.trials, steps=args.budget_steps,
-            tokens=args.budget_tokens, objectives=args.objectives.split(","),
-            pruner=args.pruner, study_name=name, storage=storage, workers=args.workers,
-            baseline=not args.no_baseline, progress=not args.no_progress,
-        )  # fmt: skip
-    except KeyboardInterrupt:
-        where = f" --storage {redact(args.storage)}" if args.storage else ""
-        print(f"amptrain: search interrupted; resume it with the same flags and --study-name "
-              f"{name}{where}", file=sys.stderr)  # fmt: skip
-        return 130
-    write_outputs(result, run_dir)
-    console = _console(stdout=True)
-    console.print(console_table(result))
-    if result.best_command:
-        console.print(f"best trial as a training run: {result.best_command}", soft_wrap=True,
-                      highlight=False)  # fmt: skip
-    console.print(f"run directory: {run_dir}", soft_wrap=True, highlight=False)
-    return 0
-
-
-def _default_space(cfg: TrainConfig) -> dict[str, Any]:
-    from amptrain.bench import default_precisions
-    from amptrain.search_space import default_space
-    from amptrain.train import pick_device
-
-    return default_space(default_precisions(pick_device(cfg.device)))
-
-
-def _study_dir(name: str | None, out: Path) -> tuple[str, Path]:
-    """The study name and its run directory `out/search-NAME` (not created here)."""
-    if name is not None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
-            raise ConfigError(f"--study-name {name!r}: use letters, digits, '.', '_' or '-'")
-        return name, out / f"search-{name}"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        name = stamp + (f"-{n}" if n else "")
-        if not (out / f"search-{name}").exists():
-            return name, out / f"search-{name}"
-    raise FileExistsError(f"could not find a free search directory name under {out}")
-
-
-def _storage_arg(value: str | None) -> str | None:
-    """`--storage`; `env:VAR` reads the URL from $VAR, keeping the password off the command line."""
-    if value is None or not value.startswith("env:"):
-        return value
-    url = os.environ.get(value[4:])
-    if not url:
-        raise ConfigError(f"--storage {value}: the environment variable {value[4:]} is not set")
-    return url

@@ -24,17 +24,18 @@ inside functions only, so `amptrain --help` stays light.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from amptrain import search_space
+from amptrain.config import SEARCH_BUDGET_STEPS as DEFAULT_BUDGET_STEPS
 from amptrain.config import FitOptions, TrainConfig
 from amptrain.errors import ConfigError
-from amptrain.search_study import (
+from amptrain.search import space as search_space
+from amptrain.search.setup import command_space, open_run
+from amptrain.search.study import (
     OBJECTIVES,
     PRUNERS,
     _best,
@@ -50,11 +51,12 @@ from amptrain.search_study import (
     redact,
 )
 
-__all__ = ["OBJECTIVES", "PRUNERS", "SearchResult", "TrialRecord", "redact", "run_search", "search"]
+__all__ = [
+    "OBJECTIVES", "PRUNERS", "SearchResult", "TrialRecord", "command_space", "open_run", "redact",
+    "run_search", "search",
+]  # fmt: skip
 
 log = logging.getLogger("amptrain")
-
-DEFAULT_BUDGET_STEPS = 32  # the default budget: this many steps' tokens at the base batch size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +294,7 @@ def _make_job(
 
 
 def _execute(job: _Job, workers: int, baseline: bool, progress: bool) -> SearchResult:
-    from amptrain.search_plot import SearchProgress
+    from amptrain.search.report import SearchProgress
 
     study = _open_study(job, worker=0)
     _fail_orphans(study)
@@ -347,46 +349,3 @@ def _record(t: Any) -> TrialRecord:
         intermediate=dict(t.intermediate_values), baseline=bool(t.user_attrs.get("baseline")),
         counted=_counted(t),
     )  # fmt: skip
-
-
-# ---- the `amptrain search` command (wired up by amptrain.cli) ----
-
-SKIP_TRAIN_FLAGS = ("--max-steps", "--eval-every", "--log-every", "--checkpoint-every",
-                    "--keep-last")  # fmt: skip
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `amptrain search` besides the model, data and training flags of `train`."""
-    add = parser.add_argument
-    add("--trials", type=int, default=20, help="trials to finish (pruned and failed count)")
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--budget-steps", type=int, help="optimizer steps per trial")
-    budget.add_argument(
-        "--budget-tokens",
-        type=int,
-        help="training tokens per trial (default: "
-        f"{DEFAULT_BUDGET_STEPS} steps' worth at --batch-size x --grad-accum)",
-    )
-    add(
-        "--space",
-        type=Path,
-        help="JSON/TOML search space keyed by train flag names (default: "
-        "lr, batch-size, warmup, weight-decay, grad-accum, precision; flags given are fixed)",
-    )
-    add("--objectives", default="val_loss", help="val_loss, or val_loss,tokens_per_s")
-    add("--pruner", choices=PRUNERS, default="median", help="pruner of unpromising trials")
-    add("--study-name", help="study to create or resume; its run directory is OUT/search-NAME")
-    add(
-        "--storage",
-        help="journal file (default OUT/search-NAME/journal.log), an RDB URL "
-        "(postgresql://user:pass@host/db) for workers on many machines, or env:VAR",
-    )
-    add("--workers", type=int, default=1, help="processes working on the study on this machine")
-    add("--no-baseline", action="store_true", help="do not run the base settings as trial 0")
-
-
-def cli_main(args: argparse.Namespace, cfg: TrainConfig) -> int:
-    """Run `amptrain search`: the table on stdout, the run directory's files, exit code 0."""
-    from amptrain.search_plot import run_cli
-
-    return run_cli(args, cfg)

@@ -12,9 +12,9 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from amptrain import search_space
 from amptrain.callbacks import Callback
 from amptrain.errors import NonFiniteError
+from amptrain.search import space as search_space
 
 REPORTS = 4  # evaluations per trial reported to the pruner, at 1/4, 2/4, 3/4 and 4/4 of the budget
 SKIP_STORM = 0.25  # stop a trial once more than this fraction of its steps were skipped

@@ -21,7 +21,7 @@ from rich.table import Table
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig
 from amptrain.errors import ConfigError
-from amptrain.runs import atomic_write_bytes, atomic_write_json, create_run_dir
+from amptrain.runs import atomic_write_bytes, atomic_write_json, create_run_dir, write_config
 
 if TYPE_CHECKING:
     from amptrain.compare import CompareReport
@@ -222,7 +222,7 @@ def write_report(report: CompareReport, run_dir: str | Path) -> Path:
     atomic_write_json(run_dir / "compare.json", report.to_dict())
     atomic_write_bytes(run_dir / "compare.csv", _csv(report).encode())
     if MATPLOTLIB_AVAILABLE:
-        from amptrain.compare_plot import plot_compare
+        from amptrain.compare.plot import plot_compare
 
         plot_compare(report, run_dir / "compare.png")
     atomic_write_bytes(run_dir / "report.md", markdown(report).encode())
@@ -318,7 +318,9 @@ def text_verdict(scores: Sequence[Any]) -> str:
     )
 
 
-def run_compare(cfg: TrainConfig, args: Any) -> tuple[CompareReport, Path]:
+def run_compare(
+    cfg: TrainConfig, args: Any, settings: dict[str, Any] | None = None
+) -> tuple[CompareReport, Path]:
     """The `compare` command: build model and data like `train`, compare, write the run.
 
     Same-budget mode rebuilds the configured model for every seed. Pretrained mode cuts the
@@ -346,9 +348,7 @@ def run_compare(cfg: TrainConfig, args: Any) -> tuple[CompareReport, Path]:
                          tokenizer=tokenizer, context=cfg.context,
                          latency_iters=args.latency_iters, **common)  # fmt: skip
     run_dir = create_run_dir(cfg.out, "compare")
-    flags = {k: getattr(args, k) for k in ("baseline", "seeds", "steps", "reference_layers",
-                                           "eval_bytes", "latency_iters")}  # fmt: skip
-    atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "compare": flags})
+    write_config(run_dir, "compare", cfg, settings)
     return report, write_report(report, run_dir)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from amptrain.doctor_report import (
+from amptrain.doctor.records import (
     _SEVERITY,
     DIVERGENCE_WARN,
     FLUSH_WARN,

@@ -20,15 +20,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from amptrain import search_space
+from amptrain.config import SEARCH_PRUNERS
 from amptrain.errors import ConfigError
-from amptrain.search_trial import INTERRUPTED, REPORTS, _objective
+from amptrain.search import space as search_space
+from amptrain.search.trial import INTERRUPTED, REPORTS, _objective
 
 if TYPE_CHECKING:
     from amptrain.search import _Job
 
 OBJECTIVES = {"val_loss": "minimize", "tokens_per_s": "maximize"}
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = SEARCH_PRUNERS
 
 log = logging.getLogger("amptrain")
 

@@ -409,7 +409,7 @@ def _targets(rows: Sequence[ArmResult]) -> dict[str, dict[str, Any]]:
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
-    from amptrain.train import environment
+    from amptrain.runs import environment
 
     env = environment()
     env["device"] = str(device)

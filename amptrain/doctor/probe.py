@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from amptrain.adapter import count_targets, extract_logits, next_token_loss
-from amptrain.doctor_report import (
+from amptrain.doctor.records import (
     FP16_SUBNORMAL,
     FP16_TINY,
     Divergence,

@@ -17,8 +17,8 @@ from torch import nn
 
 from amptrain.adapter import count_targets, extract_logits, next_token_loss
 from amptrain.config import FitOptions
-from amptrain.doctor_probe import ROOT, _copy, _floats, _map
-from amptrain.doctor_report import (
+from amptrain.doctor.probe import ROOT, _copy, _floats, _map
+from amptrain.doctor.records import (
     Audit,
 )
 from amptrain.errors import ModelError

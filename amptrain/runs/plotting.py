@@ -9,7 +9,7 @@ from typing import Any
 from amptrain._imports import requires
 
 
-def _pyplot():
+def pyplot():
     requires("matplotlib", "plot", "plots", "read the CSV files instead")
     import matplotlib
 
@@ -19,20 +19,20 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
     """Save atomically (temporary file, then rename) and free the figure."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     tmp.replace(path)
     return path
 
 
 def plot_training(records: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
     """Training and validation loss, and the learning rate, against the optimizer step."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = [r for r in records if "train/loss" in r]
     evals = [r for r in records if "val/loss" in r]
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
@@ -43,12 +43,12 @@ def plot_training(records: Sequence[dict[str, Any]], path: str | Path, title: st
     ax_lr.plot([r["step"] for r in steps], [r["train/lr"] for r in steps])
     ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bench(report: Any, path: str | Path) -> Path:
     """Throughput, memory and training-loss curves per arm of a `BenchReport`."""
-    plt = _pyplot()
+    plt = pyplot()
     ok = [a for a in report.arms if a.status == "ok"]
     fig, (ax_t, ax_m, ax_l) = plt.subplots(1, 3, figsize=(15, 4))
     names = [a.precision for a in ok]
@@ -60,4 +60,4 @@ def plot_bench(report: Any, path: str | Path) -> Path:
         ax_l.plot(range(1, len(a.loss_curve) + 1), a.loss_curve, label=a.precision)
     ax_l.set(title="training loss", xlabel="step", ylabel="loss (nats/token)")
     ax_l.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

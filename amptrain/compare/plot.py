@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from amptrain.plotting import _pyplot, _save
+from amptrain.runs.plotting import pyplot, save_figure
 
 
 def plot_compare(report: Any, path: str | Path) -> Path:
@@ -14,7 +14,7 @@ def plot_compare(report: Any, path: str | Path) -> Path:
     Same-budget: per-seed validation loss (paired) and throughput. Pretrained: bits per byte
     and forward latency per 1000 bytes.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     if report.mode == "same-budget":
         _paired_losses(left, report)
@@ -27,7 +27,7 @@ def plot_compare(report: Any, path: str | Path) -> Path:
         right.set(title="forward latency per 1000 bytes (median)", ylabel="ms")
     fig.suptitle(report.verdict if len(report.verdict) < 110 else report.verdict[:107] + "...",
                  fontsize=9)  # fmt: skip
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _paired_losses(ax: Any, report: Any) -> None:

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from amptrain.plotting import _pyplot, _save
+from amptrain.runs.plotting import pyplot, save_figure
 
 _CAP = 40.0  # bits shown at most; an all-zero output has infinite headroom
 
@@ -30,7 +30,7 @@ def plot_headroom(report: Any, path: str | Path) -> Path:
     Returns:
         The path written.
     """
-    plt = _pyplot()
+    plt = pyplot()
     rows = list(report.layers)
     margin = report.settings["margin_bits"]
     height = max(4.0, 0.22 * len(rows) + 1.5)
@@ -51,4 +51,4 @@ def plot_headroom(report: Any, path: str | Path) -> Path:
     axes[0].set_yticks(range(len(rows)), labels, fontsize=7)
     axes[0].invert_yaxis()
     fig.suptitle("\n".join(textwrap.wrap(f"amptrain doctor: {report.verdict}", 150)), fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
