@@ -245,3 +245,15 @@ def _explicit_reason(name: str, device: torch.device) -> str:
     if name == "fp16":
         return "requested: fp16 autocast with dynamic loss scaling"
     return "requested"
+
+
+def default_precisions(device: torch.device) -> list[str]:
+    """Every precision the device serves: fp32, tf32 (CUDA), fp16, bf16."""
+    names = []
+    for name in NAMES:
+        try:
+            resolve(name, device)
+        except PrecisionError:
+            continue
+        names.append(name)
+    return names

@@ -29,7 +29,9 @@ from amptrain.callbacks import Callback
 from amptrain.data import Blocks, as_blocks
 from amptrain.errors import ConfigError
 from amptrain.loop import FitResult, check_data, fit
-from amptrain.precision import NAMES, PrecisionError, normalize, resolve
+from amptrain.precision import default_precisions, normalize, resolve
+
+__all__ = ["ArmResult", "BenchReport", "bench", "default_precisions", "state_digest"]
 
 log = logging.getLogger("amptrain")
 
@@ -91,18 +93,6 @@ class BenchReport:
         return dataclasses.asdict(self)
 
 
-def default_precisions(device: torch.device) -> list[str]:
-    """Every precision the device serves: fp32, tf32 (CUDA), fp16, bf16."""
-    names = []
-    for name in NAMES:
-        try:
-            resolve(name, device)
-        except PrecisionError:
-            continue
-        names.append(name)
-    return names
-
-
 class _Recorder(Callback):
     """Stamps the end of every step (synchronised) and checksums every training batch."""
 
@@ -152,7 +142,7 @@ class _Run:
     batch_digest: str
 
 
-def _train_once(
+def train_once(
     template: nn.Module, train: Blocks, val: Blocks, precision: str, opts: dict[str, Any]
 ) -> _Run:
     model = copy.deepcopy(template)  # fresh weights, equal to the template's
@@ -257,7 +247,7 @@ def bench(
                 continue
             log.info("bench: repeat %d/%d, %s", repeat + 1, repeats, name)
             try:
-                runs[name].append(_train_once(model, train_b, val_b, name, opts))
+                runs[name].append(train_once(model, train_b, val_b, name, opts))
             except torch.OutOfMemoryError as exc:
                 errors[name] = ("oom", f"out of memory at batch_size={batch_size}: {exc}")
             except Exception as exc:  # one arm's failure must not stop the others
@@ -266,7 +256,7 @@ def bench(
     tokens_per_step = batch_size * (train_b.context - 1)
     rows = [_row(name, runs[name], errors.get(name), warmup, tokens_per_step, device)
             for name in arms]  # fmt: skip
-    _check_fair(rows)
+    check_fair(rows)
     if memory:
         mem_opts = {**opts, "max_steps": min(steps, 4), "eval_every": steps}
         rows = [_with_memory(row, model, train_b, val_b, mem_opts, device) for row in rows]
@@ -307,7 +297,7 @@ def _row(name, runs, error, warmup, tokens_per_step, device) -> ArmResult:
     return ArmResult(name, "ok", reason, **_aggregate(runs, warmup, tokens_per_step))
 
 
-def _check_fair(rows: Sequence[ArmResult]) -> None:
+def check_fair(rows: Sequence[ArmResult]) -> None:
     """Every arm must have started from the same weights and seen the same batches."""
     ok = [r for r in rows if r.status == "ok"]
     for field in ("init_digest", "batch_digest"):
@@ -321,7 +311,7 @@ def _with_memory(row, model, train, val, opts, device) -> ArmResult:
         return row
     try:
         peak, delta, source = hardware.measure_memory(
-            device, lambda: _train_once(model, train, val, row.precision, opts)
+            device, lambda: train_once(model, train, val, row.precision, opts)
         )
     except torch.OutOfMemoryError as exc:
         return dataclasses.replace(row, status="oom", error=f"out of memory: {exc}")

@@ -260,7 +260,7 @@ def _make_job(
     **source: Any,
 ) -> _Job:
     """Check every search setting and the space, before any trial runs."""
-    from amptrain.bench import default_precisions
+    from amptrain.precision import default_precisions
 
     given = {"n_trials": n_trials, "workers": workers, "steps": steps, "tokens": tokens}
     for label, value in given.items():

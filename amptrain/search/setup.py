@@ -35,7 +35,7 @@ def command_space(cfg: TrainConfig, space: Any, given: Mapping[str, Any]) -> Any
 
 
 def _default_space(cfg: TrainConfig) -> dict[str, Any]:
-    from amptrain.bench import default_precisions
+    from amptrain.precision import default_precisions
     from amptrain.train import pick_device
 
     return search_space.default_space(default_precisions(pick_device(cfg.device)))

@@ -80,7 +80,7 @@ class Dimension:
 
 
 def default_space(precisions: Sequence[str]) -> dict[str, Any]:
-    """The built-in space; `precisions` are those the device serves (`bench.default_precisions`)."""
+    """The built-in space; `precisions` are those `precision.default_precisions` gives."""
     return {
         "lr": {"low": 1e-4, "high": 1e-2, "log": True},
         "batch_size": [8, 16, 32],
