@@ -130,9 +130,10 @@ class MetricsTracker(Tracker):
             wandb.run.log(row)
         except Exception as exc:
             self._wandb_warned = True
-            from amptrain.metrics.wandb_sink import scrub
+            from amptrain.secrets import env_secrets, scrub
 
-            log.warning("W&B logging failed (%s); epochs stay in the tracker", scrub(str(exc)))
+            log.warning("W&B logging failed (%s); epochs stay in the tracker",
+                        scrub(str(exc), env_secrets("WANDB_API_KEY")))  # fmt: skip
 
 
 def _finite(value: Any) -> bool:
@@ -244,9 +245,10 @@ def _amp_wandb_callback() -> type:
         def _warn(self, message: str) -> None:
             if not self._warned:
                 self._warned = True
-                from amptrain.metrics.wandb_sink import scrub
+                from amptrain.secrets import env_secrets, scrub
 
-                log.warning("AmpWandbCallback: %s; AMP state not logged to W&B", scrub(message))
+                log.warning("AmpWandbCallback: %s; AMP state not logged to W&B",
+                            scrub(message, env_secrets("WANDB_API_KEY")))  # fmt: skip
 
     AmpWandbCallback.__module__ = __name__
     AmpWandbCallback.__qualname__ = "AmpWandbCallback"

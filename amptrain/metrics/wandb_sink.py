@@ -17,7 +17,6 @@ asks for, stores or prints it, and any message it writes has the key replaced by
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 from amptrain._imports import requires
 from amptrain.metrics.sinks import METRIC_NAMES
+from amptrain.secrets import env_secrets, scrub
 
 log = logging.getLogger("amptrain")
 
@@ -230,10 +230,10 @@ class WandbSink:
         with self._lock:
             self._disabled = True
             if self._warned:
-                log.debug("%s", scrub(message))
+                log.debug("%s", scrub(message, _secrets()))
                 return
             self._warned = True
-        log.warning("%s; training continues without W&B", scrub(message))
+        log.warning("%s; training continues without W&B", scrub(message, _secrets()))
 
 
 def run_config(
@@ -258,15 +258,7 @@ def run_config(
 
 
 def _secrets() -> list[str]:
-    key = os.environ.get("WANDB_API_KEY", "")
-    return [key] if len(key) >= 8 else []
-
-
-def scrub(text: str) -> str:
-    """`text` with the W&B API key (from the environment) replaced by `***`."""
-    for secret in _secrets():
-        text = text.replace(secret, "***")
-    return text
+    return env_secrets("WANDB_API_KEY")
 
 
 def _clean(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import socket
 import time
 import warnings
@@ -24,6 +23,7 @@ from amptrain.config import SEARCH_PRUNERS
 from amptrain.errors import ConfigError
 from amptrain.search import space as search_space
 from amptrain.search.trial import INTERRUPTED, REPORTS, _objective
+from amptrain.secrets import redact, scrub, url_secrets
 
 if TYPE_CHECKING:
     from amptrain.search import _Job
@@ -49,7 +49,7 @@ def _storage(spec: str | None) -> Any:
             return optuna.storages.RDBStorage(spec, heartbeat_interval=60, grace_period=180)
     except Exception as exc:  # noqa: BLE001 - the driver's message may quote the URL
         raise ConfigError(f"cannot open the study storage {redact(spec)}: "
-                          f"{_scrub(str(exc), spec)}") from None  # fmt: skip
+                          f"{scrub(str(exc), url_secrets(spec))}") from None  # fmt: skip
 
 
 def _open_study(job: _Job, worker: int) -> Any:
@@ -216,26 +216,3 @@ def _worker(job: _Job, n: int, index: int, threads: int, verbosity: int) -> None
     optuna.logging.set_verbosity(verbosity)
     with contextlib.suppress(KeyboardInterrupt):  # the trial is already marked interrupted
         _optimize(_open_study(job, worker=index), job, n, [])
-
-
-def redact(url: str) -> str:
-    """`url` with any password shown as `***`: `postgresql://user:***@host/db`.
-
-    The password is everything between the user name's colon and the last `@`, so a password
-    with a stray `@` or `/` is hidden whole; `password=`/`pwd=` query values are hidden too.
-    File paths come back unchanged.
-    """
-    text = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:).*@([^@]*)$", r"\1***@\2", str(url))
-    return re.sub(r"(?i)([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", text)
-
-
-def _scrub(text: str, url: str) -> str:
-    """`text` with every secret that `redact` hides in `url` replaced by `***`."""
-    from urllib.parse import unquote
-
-    found = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:(.*)@[^@]*$", url)
-    secrets = [found.group(1)] if found else []
-    secrets += re.findall(r"(?i)[?&](?:password|passwd|pwd)=([^&]*)", url)
-    for secret in filter(None, secrets):
-        text = text.replace(secret, "***").replace(unquote(secret), "***")
-    return text
