@@ -1,8 +1,9 @@
 """The doctor's audit of a training set-up, and the fp32 wrapper that `--fix` applies.
 
-`audit` takes one real optimizer step on a copy and reports the dtypes of parameters,
-gradients and optimizer state, whether autocast lowers matmuls, the scaler, TF32 flags and
-whether bf16 is fast here.
+`audit` takes one real optimizer step on a copy, through the training loop's own
+`train_step` (the same loss normalisation, unscale, clipping and scaler update), and reports
+the dtypes of parameters, gradients and optimizer state, whether autocast lowers matmuls, the
+scaler, TF32 flags and whether bf16 is fast here.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain.adapter import count_targets, extract_logits, next_token_loss
 from amptrain.config import FitOptions
 from amptrain.doctor.probe import ROOT, _copy, _floats, _map
 from amptrain.doctor.records import (
     Audit,
 )
 from amptrain.errors import ModelError
-from amptrain.optim import make_optimizer
+from amptrain.optim import make_optimizer, make_scheduler
 from amptrain.precision import Precision, cpu_bf16_features, resolve
+from amptrain.step import train_step
 
 log = logging.getLogger("amptrain")
 
@@ -60,7 +61,7 @@ def audit(
     lr: float = 1e-3,
     ignore_index: int = -100,
 ) -> Audit:
-    """One real AdamW step on a copy of `model` under `precision`, and what it used.
+    """One real training step (`step.train_step`) on a copy of `model`, and what it used.
 
     Args:
         model: The model as the user has it (its own dtypes); it is not changed.
@@ -78,31 +79,28 @@ def audit(
     given = resolve(precision, device)
     prec = resolve(given.name, device, init_scale=given.loss_scale)  # a fresh scaler
     work = _copy(model).train()
-    optimizer = make_optimizer(work, FitOptions(lr=lr))
+    opts = FitOptions(lr=lr, ignore_index=ignore_index)
+    optimizer = make_optimizer(work, opts)
     matmuls: Counter = Counter()
+    grads: Counter = Counter()  # read as each gradient is complete: the step frees them after
     kinds = (nn.Linear, nn.modules.conv._ConvNd)
     handles = [m.register_forward_hook(lambda mod, args, out: matmuls.update(_dtypes(_floats(out))))
                for m in work.modules() if isinstance(m, kinds)]  # fmt: skip
-    step_error, x, y = None, *batch
+    handles += [p.register_post_accumulate_grad_hook(lambda p: grads.update(_dtypes([p.grad])))
+                for p in work.parameters() if p.requires_grad]  # fmt: skip
+    step_error = None
     try:
-        with prec.activate():
-            with prec.autocast():
-                loss = next_token_loss(extract_logits(work(x)), y, ignore_index)
-            prec.backward(loss / max(count_targets(y, ignore_index), 1))
-            grads = _dtypes(p.grad for p in work.parameters() if p.grad is not None)
-            prec.unscale_(optimizer)  # the GradScaler refuses fp16 gradients here
-            prec.step(optimizer)
-            prec.update()
+        with prec.activate():  # the GradScaler refuses fp16 gradients in the step's unscale_
+            train_step(work, [batch], prec, optimizer, make_scheduler(optimizer, opts), opts)
     except (ValueError, RuntimeError) as exc:
         step_error = f"{type(exc).__name__}: {exc}"
-        grads = _dtypes(p.grad for p in work.parameters() if p.grad is not None)
     finally:
         for handle in handles:
             handle.remove()
     state = (v for s in optimizer.state.values() for k, v in s.items() if k != "step")
     fast, why = _bf16_speed(device)
     return Audit(
-        prec.name, given.reason, str(device), _dtypes(work.parameters()), grads,
+        prec.name, given.reason, str(device), _dtypes(work.parameters()), dict(grads),
         _dtypes(v for v in state if isinstance(v, torch.Tensor)), dict(matmuls),
         prec.scaler.is_enabled(), prec.loss_scale, step_error, _tf32_flags(), fast, why,
     )  # fmt: skip
