@@ -21,12 +21,11 @@ from torch import nn
 from amptrain.adapter import (
     IGNORE_INDEX,
     count_targets,
-    extract_logits,
-    next_token_loss,
 )
-from amptrain.data import ByteTokenizer
+from amptrain.data import Blocks, ByteTokenizer
 from amptrain.errors import ConfigError, ModelError
 from amptrain.precision import Precision
+from amptrain.step import evaluate
 
 REFERENCES = ("tiny-gpt", "gpt2")
 MAX_WINDOW = 1024
@@ -51,27 +50,24 @@ def text_windows(n_tokens: int, window: int) -> list[tuple[int, int, int]]:
     return spans
 
 
-@torch.no_grad()
 def score_tokens(
     model: nn.Module, ids: torch.Tensor, window: int, precision: Precision, batch_size: int = 8
 ) -> tuple[float, int]:
-    """Summed next-token cross-entropy (nats) of a 1-D token stream, and the tokens scored."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    spans, total, count = text_windows(ids.numel(), window), 0.0, 0
-    for i in range(0, len(spans), batch_size):
-        group = spans[i : i + batch_size]
-        x = torch.stack([ids[s:e] for s, e, _ in group]).to(device)
-        y = x.clone()
-        for row, (start, _, first) in enumerate(group):
-            y[row, : first - start] = IGNORE_INDEX  # context only, scored by an earlier window
-        with precision.autocast():
-            logits = extract_logits(model(x))
-        total += float(next_token_loss(logits, y))
-        count += count_targets(y)
-    model.train(was_training)
-    return total, count
+    """Summed next-token cross-entropy (nats) of a 1-D token stream, and the tokens scored.
+
+    The windows become blocks whose context-only positions are ignored, scored by the same
+    `evaluate` that training uses.
+    """
+    spans = text_windows(ids.numel(), window)
+    x = torch.stack([ids[s:e] for s, e, _ in spans])
+    y = x.clone()
+    for row, (start, _, first) in enumerate(spans):
+        y[row, : first - start] = IGNORE_INDEX  # context only, scored by an earlier window
+    metrics = evaluate(
+        model, Blocks(x, y, "text"), precision, batch_size, ignore_index=IGNORE_INDEX
+    )
+    count = count_targets(y)
+    return metrics["val/loss"] * count, count
 
 
 def check_baseline_dir(path: str | Path) -> Path:
