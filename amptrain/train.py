@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,18 +75,25 @@ def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Prec
     """
     device = pick_device(cfg.device)
     precision = resolve(cfg.precision, device, **cfg.fit.scaler_options)
-    tokenizer = _tokenizer(cfg)
+    tokenizer = tokenizer_for(cfg)
     blocks = data.load(cfg.data, cfg.context, tokenizer)
     train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.model == "tiny-gpt":
-        kwargs.setdefault("block_size", cfg.context)
     torch.manual_seed(cfg.fit.seed)  # the same seed gives the same initial weights
-    model = build_model(ModelSpec(cfg.model, kwargs), tokenizer.vocab_size).to(device)
+    model = model_factory(cfg, device)()
     return model, train, val, precision
 
 
-def _tokenizer(cfg: TrainConfig) -> data.ByteTokenizer | data.JsonTokenizer:
+def model_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], nn.Module]:
+    """A function that builds the configured model afresh on `device` (the caller seeds it)."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.model == "tiny-gpt":
+        kwargs.setdefault("block_size", cfg.context)
+    spec, vocab = ModelSpec(cfg.model, kwargs), tokenizer_for(cfg).vocab_size
+    return lambda: build_model(spec, vocab).to(device)
+
+
+def tokenizer_for(cfg: TrainConfig) -> data.ByteTokenizer | data.JsonTokenizer:
+    """The configured tokenizer: `--tokenizer`, the model directory's own, or UTF-8 bytes."""
     if cfg.tokenizer:
         return data.JsonTokenizer(cfg.tokenizer)
     hf_tokenizer = Path(cfg.model) / "tokenizer.json"

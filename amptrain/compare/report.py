@@ -375,15 +375,9 @@ def _progress(what: str, total: int) -> list[Any]:
 
 def _model_factory(cfg: TrainConfig, model: Any) -> Any:
     """Build the configured model afresh (the caller seeds it), on the device `prepare` chose."""
-    from amptrain.models import ModelSpec, build_model
-    from amptrain.train import _tokenizer
+    from amptrain.train import model_factory
 
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.model == "tiny-gpt":
-        kwargs.setdefault("block_size", cfg.context)
-    spec, vocab = ModelSpec(cfg.model, kwargs), _tokenizer(cfg).vocab_size
-    device = next(model.parameters()).device
-    return lambda: build_model(spec, vocab).to(device)
+    return model_factory(cfg, next(model.parameters()).device)
 
 
 def _held_out(cfg: TrainConfig, eval_bytes: int) -> tuple[Any, Any, Any, str, Any]:
@@ -391,8 +385,7 @@ def _held_out(cfg: TrainConfig, eval_bytes: int) -> tuple[Any, Any, Any, str, An
     import torch
 
     from amptrain import data
-    from amptrain.models import ModelSpec, build_model
-    from amptrain.train import _tokenizer, pick_device
+    from amptrain.train import model_factory, pick_device, tokenizer_for
 
     device = pick_device(cfg.device)
     files = data.builtin_corpus_files() if cfg.data == "builtin" else data.text_files(cfg.data)
@@ -404,13 +397,10 @@ def _held_out(cfg: TrainConfig, eval_bytes: int) -> tuple[Any, Any, Any, str, An
             f"the {len(raw):,} bytes of {cfg.data}; the rest trains the model)"
         )
     held_out = raw[-eval_bytes:].decode("utf-8", errors="ignore")  # a suffix of whole characters
-    tokenizer = _tokenizer(cfg)
+    tokenizer = tokenizer_for(cfg)
     ids = torch.tensor(tokenizer.encode(text[: len(text) - len(held_out)]), dtype=torch.long)
     blocks = data.pack(ids, cfg.context, f"{cfg.data} without its last {eval_bytes} bytes")
     train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.model == "tiny-gpt":
-        kwargs.setdefault("block_size", cfg.context)
     torch.manual_seed(cfg.fit.seed)
-    model = build_model(ModelSpec(cfg.model, kwargs), tokenizer.vocab_size).to(device)
+    model = model_factory(cfg, device)()
     return model, train, val, held_out, tokenizer
