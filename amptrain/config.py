@@ -153,6 +153,17 @@ class TrainConfig:
         return cls(**_known(cls, values, "config"))
 
 
+def run_values(saved: dict[str, Any]) -> dict[str, Any]:
+    """The `TrainConfig` fields of a run's `config.json`.
+
+    A run's config also names its `command`, keeps that command's own settings under the
+    command's name and records the `environment`; none of those is a `TrainConfig` field.
+    """
+    command = saved.get("command")
+    drop = {"command", "environment", *([command] if isinstance(command, str) else [])}
+    return {k: v for k, v in saved.items() if k not in drop}
+
+
 def _known(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)

@@ -20,7 +20,7 @@ from torch import nn
 
 from amptrain import checkpoint, data, distributed
 from amptrain._imports import MATPLOTLIB_AVAILABLE
-from amptrain.config import TrainConfig
+from amptrain.config import TrainConfig, run_values
 from amptrain.errors import ConfigError
 from amptrain.loop import FitResult, fit
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
@@ -198,9 +198,7 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume {run_dir}: its config.json is missing")
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    saved.pop("environment", None)
-    return saved
+    return run_values(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _check_config_hash(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:

@@ -15,8 +15,6 @@ from typing import Any
 from amptrain.errors import AmptrainError
 from amptrain.flags import train_flags
 
-# Sections of a run's config.json that hold a command's own settings.
-COMMAND_SECTIONS = ("train", "bench", "doctor", "compare", "search", "demo")
 # tiny-gpt size flags, mapped into model_kwargs.
 GPT_FLAGS = {
     "--layers": "n_layer", "--width": "n_embd", "--heads": "n_head", "--dropout": "dropout",
@@ -89,14 +87,11 @@ def given_flags(args: argparse.Namespace) -> list[str]:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """Defaults, then `--config`, then explicit flags: a validated `TrainConfig`."""
-    from amptrain.config import TrainConfig
+    from amptrain.config import TrainConfig, run_values
 
     values: dict[str, Any] = {"fit": {}}
     if args.config is not None:
-        loaded = read_config(args.config)
-        # The run's environment, its command and every command's own settings are not config.
-        for key in ("environment", "command", *COMMAND_SECTIONS):
-            loaded.pop(key, None)
+        loaded = run_values(read_config(args.config))
         values = {**loaded, "fit": dict(loaded.get("fit", {}))}
     given = vars(args)
     for f in train_flags():
