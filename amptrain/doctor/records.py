@@ -225,8 +225,16 @@ def _shown(report: DoctorReport, limit: int) -> list[LayerHeadroom]:
 
 
 def _headers(report: DoctorReport) -> list[str]:
-    errors = [f"{p} err" for p in report.settings["precisions"]]
-    return ["module", "act max", "fwd bits", "grad max", "bwd bits", "fp16", *errors]
+    errors = [f"{p}\nerr" for p in report.settings["precisions"]]
+    return ["module", "act\nmax", "fwd\nbits", "grad\nmax", "bwd\nbits", "fp16", *errors]
+
+
+def short_name(name: str, width: int = 26) -> str:
+    """`name` cut in the middle to `width` characters: its end says which module it is."""
+    if len(name) <= width:
+        return name
+    head = width // 3
+    return f"{name[:head]}…{name[len(name) - (width - head - 1) :]}"
 
 
 def _row(r: LayerHeadroom, report: DoctorReport) -> list[str]:
@@ -234,8 +242,9 @@ def _row(r: LayerHeadroom, report: DoctorReport) -> list[str]:
     fp16 = _SHORT.get(r.fp16_dtype, r.fp16_dtype) if r.fp16_finite else "inf/NaN"
     if r.fp16_grad_finite is False:
         fp16 += ", grad inf/NaN"
-    return [f"{r.name} ({r.kind})", _f(r.act_absmax), _f(r.act_headroom_bits, ".1f"),
-            _f(r.grad_absmax), _f(r.grad_headroom_bits, ".1f"), fp16,
+    return [f"{short_name(r.name)} ({r.kind})", _f(r.act_absmax, ".2g"),
+            _f(r.act_headroom_bits, ".1f"), _f(r.grad_absmax, ".2g"),
+            _f(r.grad_headroom_bits, ".1f"), fp16,
             *[pct(errors.get((p, r.name))) for p in report.settings["precisions"]]]  # fmt: skip
 
 
@@ -245,10 +254,14 @@ def console_tables(report: DoctorReport, rows: int = 12) -> list[Table]:
     title = (f"amptrain doctor: fp16 headroom in bits, {s['batches']} batch(es) of "
              f"{s['batch_size']}, gradients at loss scale {s['loss_scale']:g}")  # fmt: skip
     table = Table(title=title, caption=f"verdict: {report.verdict}")
-    for header in _headers(report):
-        table.add_column(header, overflow="fold")
-    for r in _shown(report, rows):
-        table.add_row(*_row(r, report))
+    body = [_row(r, report) for r in _shown(report, rows)]
+    for i, header in enumerate(_headers(report)):
+        # One line a module at 80 columns: the figures keep their width, the module's name
+        # (already cut in the middle) loses its type first.
+        least = max([len(row[i]) for row in body] + [4]) if i else None
+        table.add_column(header, no_wrap=True, overflow="ellipsis", min_width=least)
+    for row in body:
+        table.add_row(*row)
     findings = Table(title=f"findings (audit of {report.audit.precision}: {report.audit.reason})")
     for header in ("severity", "where", "finding", "advice"):
         findings.add_column(header, overflow="fold")
