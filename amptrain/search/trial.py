@@ -64,6 +64,7 @@ class _Watch(Callback):
     def __init__(self, trial: Any, prune: bool) -> None:
         self.trial, self.prune, self.steps = trial, prune, 1
         self.reason: str | None = None
+        self.reported = 0  # the last share reported: Optuna warns on a share reported twice
 
     def on_step_end(self, state: Any, metrics: Any) -> None:
         """Stop on a storm of skipped steps or a collapsed loss scale."""
@@ -76,9 +77,11 @@ class _Watch(Callback):
 
     def on_eval_end(self, state: Any, metrics: Any) -> None:
         """Report at a fraction of the budget (1..REPORTS), so trials compare at equal shares."""
-        if state.step == 0 or self.reason is not None or not self.prune:
+        share = max(1, round(REPORTS * state.step / self.steps))
+        if state.step == 0 or self.reason is not None or not self.prune or share <= self.reported:
             return
-        self.trial.report(metrics["val/loss"], max(1, round(REPORTS * state.step / self.steps)))
+        self.reported = share
+        self.trial.report(metrics["val/loss"], share)
         if self.trial.should_prune():
             loss = metrics["val/loss"]
             self.reason = f"pruned at step {state.step}/{self.steps}: val loss {loss:.4f}"
