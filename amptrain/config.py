@@ -179,6 +179,17 @@ class TrainConfig:
         return cls(**_known(cls, values, "config"))
 
 
+def run_values(saved: dict[str, Any]) -> dict[str, Any]:
+    """The `TrainConfig` fields of a run's `config.json`.
+
+    A run's config also names its `command`, keeps that command's own settings under the
+    command's name and records the `environment`; none of those is a `TrainConfig` field.
+    """
+    command = saved.get("command")
+    drop = {"command", "environment", *([command] if isinstance(command, str) else [])}
+    return {k: v for k, v in saved.items() if k not in drop}
+
+
 def _known(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -193,3 +204,15 @@ def _is_int(value: object) -> bool:
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+COMPARE_STEPS = 50
+"""Optimizer steps per training run of `amptrain compare`: its default budget."""
+SEARCH_BUDGET_STEPS = 32
+"""The default token budget of a search trial: this many steps' tokens at the base batch size."""
+SEARCH_PRUNERS = ("median", "hyperband", "none")
+"""The pruners `amptrain search` offers."""
+HEARTBEAT_INTERVAL = 60
+"""RDB search storages: seconds between a worker's signs of life."""
+GRACE_PERIOD = 180
+"""RDB search storages: seconds of silence before a RUNNING trial is failed and retried once."""

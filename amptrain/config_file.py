@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from amptrain.config import TrainConfig
+from amptrain.config import TrainConfig, run_values
 from amptrain.errors import ConfigError
 
 
@@ -32,7 +32,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of settings such as "
                           f'{{"fit": {{"lr": 0.001}}}}, got {_json_kind(loaded)}')  # fmt: skip
-    loaded.pop("environment", None)  # a run's config.json records where it ran
+    loaded = run_values(loaded)  # a run's config.json also records its command and environment
     if not isinstance(loaded.get("fit", {}), dict):
         raise ConfigError(f"--config {path}: key 'fit' must be a JSON object of loop "
                           f"settings such as {{\"lr\": 0.001}}, got "

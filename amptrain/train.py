@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from amptrain import checkpoint, data, distributed
 from amptrain._imports import MATPLOTLIB_AVAILABLE
-from amptrain.config import TrainConfig
+from amptrain.config import TrainConfig, run_values
 from amptrain.errors import ConfigError, Interrupted
 from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
@@ -30,7 +30,14 @@ from amptrain.models.limits import check_context
 from amptrain.models.trained import load_into, run_config, run_tokenizer
 from amptrain.precision import Precision, resolve
 from amptrain.resume_config import resumed_config
-from amptrain.runs import atomic_torch_save, atomic_write_bytes, atomic_write_json, create_run_dir
+from amptrain.runs import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    create_run_dir,
+    environment,
+    write_config,
+)
 
 log = logging.getLogger("amptrain")
 
@@ -72,14 +79,13 @@ def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Prec
     """
     device = pick_device(cfg.device)
     precision = resolve(cfg.precision, device, **cfg.fit.scaler_options)
-    tokenizer = _tokenizer(cfg)
+    tokenizer = tokenizer_for(cfg)
     if cfg.model == "tiny-gpt":
         check_model_size(cfg, tokenizer.vocab_size, device)
     blocks = data.load(cfg.data, cfg.context, tokenizer)
     train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
     torch.manual_seed(cfg.fit.seed)  # the same seed gives the same initial weights
-    spec = ModelSpec(cfg.model, dict(cfg.model_kwargs))
-    model = build_model(spec, tokenizer.vocab_size, cfg.context)
+    model = model_factory(cfg, torch.device("cpu"))()
     if cfg.init_from:
         load_into(model, cfg.init_from)
     model = model.to(device)
@@ -121,7 +127,14 @@ def _device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _tokenizer(cfg: TrainConfig) -> data.ByteTokenizer | data.JsonTokenizer:
+def model_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], nn.Module]:
+    """A function that builds the configured model afresh on `device` (the caller seeds it)."""
+    spec, vocab = ModelSpec(cfg.model, dict(cfg.model_kwargs)), tokenizer_for(cfg).vocab_size
+    return lambda: build_model(spec, vocab, cfg.context).to(device)
+
+
+def tokenizer_for(cfg: TrainConfig) -> data.ByteTokenizer | data.JsonTokenizer:
+    """The configured tokenizer: `--tokenizer`, the model directory's own, or UTF-8 bytes."""
     if cfg.tokenizer:
         return data.JsonTokenizer(cfg.tokenizer)
     saved = run_config(cfg.model)
@@ -165,8 +178,7 @@ def run_training(
         run_dir = create_run_dir(cfg.out, command) if main else None
         run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
         if main:
-            config = {**cfg.to_dict(), "environment": environment()}
-            atomic_write_json(run_dir / "config.json", config)
+            write_config(run_dir, command, cfg)
     else:
         run_dir, ckpt = find_resume(cfg.out, resume, command)
         saved = TrainConfig.from_dict(_saved_config(run_dir))
@@ -222,7 +234,7 @@ def _plot(result: FitResult, path: Path, title: str) -> None:
     if not MATPLOTLIB_AVAILABLE:
         log.info("loss.png skipped: install amptrain[plot] for plots")
         return
-    from amptrain.plotting import plot_training
+    from amptrain.runs.plotting import plot_training
 
     try:
         plot_training(result.history, path, title)
@@ -270,9 +282,7 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume {run_dir}: its config.json is missing")
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    saved.pop("environment", None)
-    return saved
+    return run_values(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _check_config_hash(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:
@@ -316,20 +326,3 @@ def summary(result: FitResult, cfg: TrainConfig, model: nn.Module) -> dict[str, 
         "data": cfg.data,
         **result.to_dict(),
     }
-
-
-def environment() -> dict[str, Any]:
-    """Versions and hardware, so a result can be traced to where it was measured."""
-    from amptrain.precision import cpu_bf16_features
-
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_bf16_features": list(cpu_bf16_features()),
-        "cuda": torch.version.cuda,
-    }
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env

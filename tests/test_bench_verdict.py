@@ -10,7 +10,7 @@ from torch import nn
 
 from amptrain import capability
 from amptrain.bench import ArmResult, bench
-from amptrain.bench_verdict import inseparable
+from amptrain.bench.verdict import inseparable
 from amptrain.capability import Capabilities
 
 QUICK = dict(steps=8, warmup=1, repeats=1, batch_size=2, eval_batches=1, memory=False)

@@ -116,7 +116,7 @@ def test_python_dash_m_works(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_demo_learns_the_builtin_corpus(tmp_path):
-    from amptrain.demo import run_demo
+    from amptrain.cli.demo import run_demo
 
     run, report = run_demo(out=tmp_path, max_steps=120, progress=False, bench_steps=8,
                            bench_repeats=1)  # fmt: skip

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from conftest import VOCAB, pattern_blocks, save_tiny_gpt2, tiny_model
 from torch import nn
 
-from amptrain import compare_report
 from amptrain.cli import main
 from amptrain.compare import (
     compare,
@@ -20,7 +19,8 @@ from amptrain.compare import (
     size_reference,
     text_windows,
 )
-from amptrain.compare_report import paired_stats, t_critical, t_two_sided_p
+from amptrain.compare import report as compare_report
+from amptrain.compare.report import paired_stats, t_critical, t_two_sided_p
 from amptrain.errors import ConfigError, ModelError
 from amptrain.models import GPTConfig, TinyGPT
 from amptrain.precision import resolve

@@ -23,7 +23,7 @@ from amptrain.compat import (
     test_fine_tuning,
     test_hyperparameter_search,
 )
-from amptrain.compat_bench import benchmark_dict
+from amptrain.compat.bench import benchmark_dict
 from amptrain.errors import ConfigError, ModelError
 
 FINE_TUNING_KEYS = {"loss_history", "grad_norm_history", "final_loss", "initial_loss",

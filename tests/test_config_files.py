@@ -66,7 +66,7 @@ def test_an_absurd_width_on_the_command_line_is_refused_before_allocation(tmp_pa
 def test_a_valid_partial_config_file_is_accepted(tmp_path):
     from argparse import Namespace
 
-    from amptrain.cli import config_from_args
+    from amptrain.cli.common import config_from_args
 
     config = tmp_path / "ok.json"
     config.write_text('{"fit": {"lr": 0.01}, "context": 32}')

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -204,3 +205,21 @@ def test_cli_doctor_writes_the_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "fp16 headroom" in printed and str(run / "report.md") in printed
     assert "matmul probe on" in printed
+
+
+def test_the_tables_fit_80_columns_with_one_line_a_module():
+    from rich.console import Console
+
+    from amptrain.doctor.records import console_tables, short_name
+
+    model = tiny_model()
+    report = doctor(model, pattern_blocks(8), ["bf16"], batches=1, batch_size=4)
+    console = Console(width=80, record=True, file=io.StringIO())
+    for table in console_tables(report, rows=len(report.layers)):  # every module shown
+        console.print(table)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for row in report.layers:
+        assert any(f"{short_name(row.name)} (" in line for line in lines), row.name
+    long = "transformer.h.11.attn.c_attn"
+    assert len(short_name(long)) == 26 and short_name(long).endswith("11.attn.c_attn")

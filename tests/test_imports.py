@@ -13,7 +13,7 @@ EXTRAS = ("wandb", "optuna", "lightning", "pytorch_lightning", "transformers", "
 
 def test_import_amptrain_pulls_in_no_optional_extra():
     code = (
-        "import sys, amptrain, amptrain.train, amptrain.cli, amptrain.demo, amptrain.search\n"
+        "import sys, amptrain, amptrain.train, amptrain.cli, amptrain.cli.demo, amptrain.search\n"
         "import amptrain.metrics.tensorboard_sink, amptrain.metrics.mlflow_sink\n"
         f"print([m for m in sys.modules if m.split('.')[0] in {EXTRAS!r}])"
     )

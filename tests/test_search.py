@@ -9,6 +9,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -16,12 +17,12 @@ from conftest import pattern_blocks, tiny_model
 
 optuna = pytest.importorskip("optuna")
 
-from amptrain import search_space  # noqa: E402
 from amptrain.cli import main  # noqa: E402
 from amptrain.config import FitOptions, TrainConfig  # noqa: E402
 from amptrain.errors import ConfigError, PrecisionError  # noqa: E402
 from amptrain.optim import lr_factor  # noqa: E402
 from amptrain.search import redact, search  # noqa: E402
+from amptrain.search import space as search_space  # noqa: E402
 
 MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 QUICK = dict(steps=2, batch_size=8, eval_batches=2, baseline=False)
@@ -89,6 +90,16 @@ def test_a_deterministic_pruner_decides_the_state(data, prune):
         assert trial.state == "COMPLETE" and trial.reason is None
         assert trial.value == trial.intermediate[max(trial.intermediate)]
         assert result.best_value == trial.value
+
+
+def test_every_share_of_the_budget_is_reported_once(data):
+    # 10 steps evaluate every 3 steps and at the end: shares 1, 2, 4 (3.6 rounds up) and 4.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = search(tiny_model, *data, SPACE, n_trials=1, pruner="none",
+                        **{**QUICK, "steps": 10})  # fmt: skip
+    assert sorted(result.trials[0].intermediate) == [1, 2, 4]
+    assert not [w for w in caught if "already reported" in str(w.message)]
 
 
 def test_a_nan_trial_is_fail_with_its_reason(data):

@@ -11,9 +11,10 @@ logger and disables the sink, never the training run.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from amptrain import secrets
 
 log = logging.getLogger("amptrain")
 
@@ -40,15 +41,12 @@ def run_config(
 
 
 def _secrets() -> list[str]:
-    key = os.environ.get("WANDB_API_KEY", "")
-    return [key] if len(key) >= 8 else []
+    return secrets.env_secrets("WANDB_API_KEY")
 
 
 def scrub(text: str, extra: Iterable[str] = ()) -> str:
     """`text` with the W&B API key (from the environment) and `extra` secrets replaced by `***`."""
-    for secret in [*_secrets(), *filter(None, extra)]:
-        text = text.replace(secret, "***")
-    return text
+    return secrets.scrub(text, [*_secrets(), *extra])
 
 
 def clean(values: Mapping[str, Any]) -> dict[str, Any]:

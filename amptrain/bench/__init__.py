@@ -1,0 +1,444 @@
+"""The precision benchmark: what each precision buys on the user's own model, measured fairly.
+
+Every arm (fp32, tf32, fp16, bf16) trains a fresh copy of the same initial weights with a fresh
+optimizer on the same batch sequence, through the same `fit` loop users train with. Arms are
+interleaved over repeats (A B C, A B C, ...) so drift of a shared machine hits all alike;
+warm-up steps are excluded; CUDA is synchronised before every clock read. The code checks,
+rather than assumes, that each arm started from the same weights and saw the same batches.
+Memory is measured per arm in isolation: allocator peaks on CUDA, and on CPU the peak-RSS
+increment of a forked worker process. A failing or out-of-memory arm becomes a row saying so.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import hashlib
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from amptrain import capability, hardware
+from amptrain.bench import verdict as bench_verdict
+from amptrain.callbacks import Callback
+from amptrain.data import Blocks, as_blocks
+from amptrain.errors import ConfigError
+from amptrain.loop import FitResult, check_data, fit
+from amptrain.precision import NAMES, PrecisionError, explicit_reason, normalize, resolve
+
+__all__ = ["ArmResult", "BenchReport", "bench", "default_precisions", "state_digest"]
+
+log = logging.getLogger("amptrain")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmResult:
+    """One precision's figures. Fields that compare with fp32 are None for fp32 itself."""
+
+    precision: str
+    status: str  # "ok", "failed", "oom" or "skipped" (emulated here; see `error`)
+    reason: str
+    error: str | None = None
+    step_ms: float | None = None
+    step_ms_iqr: tuple[float, float] | None = None
+    repeat_ms_range: tuple[float, float] | None = None
+    tokens_per_s: float | None = None
+    speedup_vs_fp32: float | None = None
+    peak_mem_mb: float | None = None
+    mem_mb: float | None = None
+    mem_source: str | None = None
+    mem_reduction_vs_fp32: float | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    val_loss_rel_diff: float | None = None
+    val_accuracy_diff: float | None = None
+    quality_ok: bool | None = None
+    loss_scale: float | None = None
+    skipped_steps: int | None = None
+    scale_backoffs: int | None = None
+    scale_growths: int | None = None
+    achieved_tflops: float | None = None
+    probe_tflops: float | None = None
+    peak_source: str | None = None
+    datasheet_tflops: float | None = None
+    mfu_probe: float | None = None
+    mfu_datasheet: float | None = None
+    init_digest: str | None = None
+    batch_digest: str | None = None
+    loss_curve: tuple[float, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchReport:
+    """All arms, the verdict, and the conditions of the measurement."""
+
+    arms: tuple[ArmResult, ...]
+    best: str | None
+    verdict: str
+    targets: dict[str, dict[str, Any]]
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+    probe: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def arm(self, precision: str) -> ArmResult:
+        """The row of one precision."""
+        return next(a for a in self.arms if a.precision == precision)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values."""
+        return dataclasses.asdict(self)
+
+
+def default_precisions(device: torch.device) -> list[str]:
+    """fp32 and every other precision the device serves without emulating it (probe-measured)."""
+    return default_plan(_probe(device), device)[0]
+
+
+def _probe(device: torch.device) -> capability.Capabilities | None:
+    return capability.probe(device) if device.type in ("cpu", "cuda") else None
+
+
+def default_plan(
+    caps: capability.Capabilities | None, device: torch.device
+) -> tuple[list[str], dict[str, str]]:
+    """The default arms from the probe table, and a skip reason for each emulated precision."""
+    names, skipped = [], {}
+    for name in NAMES:
+        try:
+            explicit_reason(name, device, caps)
+        except PrecisionError:
+            continue
+        if caps is not None and caps.emulated(name):
+            skipped[name] = skip_reason(caps, name)
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def skip_reason(caps: capability.Capabilities, name: str) -> str:
+    """Why a default arm set leaves out an emulated precision, and how to time it anyway."""
+    where = "this CPU" if caps.device_type == "cpu" else "this GPU"
+    return (
+        f"skipped: {name} matmuls run {1 / caps.ratio(name):.0f}x slower than fp32 on {where} "
+        f"({caps.figures(name)}); pass --precisions {name} to time it anyway"
+    )
+
+
+class _Recorder(Callback):
+    """Stamps the end of every step (synchronised) and checksums every training batch."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.device, self.stamps = device, []
+        self.checksum = torch.zeros((), dtype=torch.float64, device=device)
+        self._weights: torch.Tensor | None = None
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        if not module.training or not args or not isinstance(args[0], torch.Tensor):
+            return
+        ids = args[0]
+        if self._weights is None or self._weights.shape != ids.shape:
+            numel = ids.numel()
+            self._weights = torch.arange(1, numel + 1, device=ids.device, dtype=torch.float64)
+            self._weights = (self._weights.sqrt() % 1.0).view(ids.shape)
+        # On-device, no sync: a position-weighted sum, chained so order matters.
+        self.checksum.mul_(1.000001).add_((ids.double() * self._weights).sum())
+
+    def on_step_end(self, state: Any, metrics: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def close(self) -> str:
+        self._handle.remove()
+        return f"{self.checksum.item():.10e}"
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer, in order."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class _Run:
+    """One training run of one arm."""
+
+    step_times: list[float]
+    result: FitResult
+    init_digest: str
+    batch_digest: str
+
+
+def train_once(
+    template: nn.Module, train: Blocks, val: Blocks, precision: str, opts: dict[str, Any]
+) -> _Run:
+    model = copy.deepcopy(template)  # fresh weights, equal to the template's
+    device = next(model.parameters()).device
+    init_digest = state_digest(model)
+    recorder = _Recorder(model, device)
+    try:
+        result = fit(model, train, val, precision=precision, callbacks=[recorder], **opts)
+    finally:
+        batch_digest = recorder.close()
+    stamps = recorder.stamps
+    return _Run([b - a for a, b in zip(stamps, stamps[1:])], result, init_digest, batch_digest)
+
+
+def _aggregate(runs: Sequence[_Run], warmup: int, tokens_per_step: int) -> dict[str, Any]:
+    timed = [run.step_times[max(warmup - 1, 0) :] for run in runs]
+    pooled = sorted(t for times in timed for t in times)
+    if not pooled:
+        raise ConfigError(f"no timed steps: steps must exceed warmup ({warmup}) by at least 2")
+    q1, median, q3 = statistics.quantiles(pooled, n=4) if len(pooled) > 1 else pooled * 3
+    per_repeat = [statistics.median(t) for t in timed if t]
+    last = runs[-1].result
+    scales = [r["amp/loss_scale"] for r in last.history if "amp/loss_scale" in r]
+    return {
+        "step_ms": median * 1e3,
+        "step_ms_iqr": (q1 * 1e3, q3 * 1e3),
+        "repeat_ms_range": (min(per_repeat) * 1e3, max(per_repeat) * 1e3),
+        "tokens_per_s": tokens_per_step / median,
+        "train_loss": last.final_train_loss,
+        "val_loss": last.final_val_loss,
+        "val_accuracy": last.final_val_accuracy,
+        "loss_scale": last.loss_scale,
+        "skipped_steps": last.skipped_steps,
+        "scale_backoffs": sum(b < a for a, b in zip(scales, scales[1:])),
+        "scale_growths": sum(b > a for a, b in zip(scales, scales[1:])),
+        "loss_curve": tuple(r["train/loss"] for r in last.history if "train/loss" in r),
+        "init_digest": runs[0].init_digest,
+        "batch_digest": runs[0].batch_digest,
+    }
+
+
+def bench(
+    model: nn.Module | Callable[[], nn.Module],
+    train: object,
+    val: object,
+    *,
+    precisions: Sequence[str] | None = None,
+    steps: int = 30,
+    warmup: int = 5,
+    repeats: int = 3,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    eval_batches: int = 8,
+    quality_tol: float = 0.02,
+    memory: bool = True,
+    compile: bool = False,
+) -> BenchReport:
+    """Benchmark precisions side by side on one model and one batch sequence.
+
+    Args:
+        model: The model (its current weights are every arm's start; it is not modified) or a
+            zero-argument factory, called once under `torch.manual_seed(seed)`.
+        train: Training blocks (any form `fit` accepts).
+        val: Held-out blocks; every arm is scored on the same `eval_batches` batches of them.
+        precisions: Arms to run; default: every precision the device serves. fp32, the
+            reference, is always added.
+        steps: Optimizer steps per run.
+        warmup: The first steps of every run, not timed.
+        repeats: Runs per arm, interleaved across arms.
+        batch_size: Blocks per batch, the same in every arm (never shrunk on failure).
+        lr: Peak learning rate, the same in every arm.
+        seed: Seed of the batch order (and of the factory's weights).
+        eval_batches: Validation batches for the quality figures.
+        quality_tol: An arm's quality is ok when its validation loss is within this relative
+            difference of fp32's.
+        memory: Measure each arm's memory in isolation (one more short run per arm).
+        compile: Time compiled arms (`fit(compile=True)`; compilation is outside the timing).
+
+    Returns:
+        A `BenchReport`; failed arms are rows with `status` "failed" or "oom".
+    """
+    if repeats < 1 or warmup < 0 or steps < warmup + 2:
+        raise ConfigError(
+            f"steps={steps}, warmup={warmup}, repeats={repeats}: need repeats >= 1 and "
+            "steps >= warmup + 2 (at least two timed steps)"
+        )
+    if not 0 < quality_tol < 1:
+        raise ConfigError(f"quality_tol={quality_tol} must be in (0, 1)")
+    if not isinstance(model, nn.Module):
+        torch.manual_seed(seed)
+        model = model()
+    device = next(model.parameters()).device
+    arms, skipped = _arm_names(precisions, device)
+    train_b, val_b = as_blocks(train, name="training data"), as_blocks(val, name="validation data")
+    check_data(model, train_b, val_b, device, "model", -100)
+    opts = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                eval_every=steps, eval_batches=eval_batches, compile=compile)  # fmt: skip
+    runs: dict[str, list[_Run]] = {name: [] for name in arms}
+    errors: dict[str, tuple[str, str]] = {}
+    for repeat in range(repeats):
+        for name in arms:
+            if name in errors:
+                continue
+            log.info("bench: repeat %d/%d, %s", repeat + 1, repeats, name)
+            try:
+                runs[name].append(train_once(model, train_b, val_b, name, opts))
+            except torch.OutOfMemoryError as exc:
+                errors[name] = ("oom", f"out of memory at batch_size={batch_size}: {exc}")
+            except Exception as exc:  # one arm's failure must not stop the others
+                errors[name] = ("failed", f"{type(exc).__name__}: {exc}")
+            _free(device)
+    tokens_per_step = batch_size * (train_b.context - 1)
+    why = "timed as asked" if precisions is not None else "timed: not emulated here"
+    rows = [_row(name, runs[name], errors.get(name), warmup, tokens_per_step, device, why)
+            for name in arms]  # fmt: skip
+    check_fair(rows)
+    if memory:
+        mem_opts = {**opts, "max_steps": min(steps, 4), "eval_every": steps}
+        rows = [_with_memory(row, model, train_b, val_b, mem_opts, device) for row in rows]
+    rows, flops = _with_mfu(rows, model, train_b, device, batch_size)
+    rows = _compare_to_fp32(rows, quality_tol)
+    best, verdict = bench_verdict.verdict(rows, quality_tol)
+    rows += [ArmResult(name, "skipped", text, error=text) for name, text in skipped.items()]
+    settings = dict(precisions=arms, steps=steps, warmup=warmup, repeats=repeats,
+                    batch_size=batch_size, context=train_b.context, lr=lr, seed=seed,
+                    eval_batches=eval_batches, quality_tol=quality_tol, **flops)  # fmt: skip
+    caps = _probe(device)
+    return BenchReport(tuple(rows), best, verdict, _targets(rows), settings,
+                       _environment(device), caps.to_dict() if caps else {})  # fmt: skip
+
+
+def _arm_names(
+    precisions: Sequence[str] | None, device: torch.device
+) -> tuple[list[str], dict[str, str]]:
+    if precisions is None:
+        return default_plan(_probe(device), device)
+    names = []
+    for name in ["fp32", *precisions]:
+        norm = normalize(name)
+        if norm == "auto":
+            norm = resolve("auto", device).name
+        if norm not in names:
+            names.append(norm)
+    for name in names:
+        resolve(name, device)  # refuse what the device cannot serve, before any work
+    return names, {}
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _row(name, runs, error, warmup, tokens_per_step, device, why) -> ArmResult:
+    prec = resolve(name, device)
+    why = "timed: fp32 is the reference" if name == "fp32" else why
+    reason = f"{why}; {prec.warning or prec.reason}"
+    if error is not None:
+        return ArmResult(name, error[0], reason, error=error[1])
+    return ArmResult(name, "ok", reason, **_aggregate(runs, warmup, tokens_per_step))
+
+
+def check_fair(rows: Sequence[ArmResult]) -> None:
+    """Every arm must have started from the same weights and seen the same batches."""
+    ok = [r for r in rows if r.status == "ok"]
+    for field in ("init_digest", "batch_digest"):
+        seen = {r.precision: getattr(r, field) for r in ok}
+        if len(set(seen.values())) > 1:
+            raise RuntimeError(f"benchmark arms differ in {field}: {seen}; the comparison is void")
+
+
+def _with_memory(row, model, train, val, opts, device) -> ArmResult:
+    if row.status != "ok":
+        return row
+    try:
+        peak, delta, source = hardware.measure_memory(
+            device, lambda: train_once(model, train, val, row.precision, opts)
+        )
+    except torch.OutOfMemoryError as exc:
+        return dataclasses.replace(row, status="oom", error=f"out of memory: {exc}")
+    except Exception as exc:
+        log.warning("bench: memory of %s not measured: %s", row.precision, exc)
+        return dataclasses.replace(row, mem_source=f"not measured: {exc}")
+    finally:
+        _free(device)
+    return dataclasses.replace(row, peak_mem_mb=peak, mem_mb=delta, mem_source=source)
+
+
+def _with_mfu(rows, model, train: Blocks, device, batch_size: int):
+    probe_model = copy.deepcopy(model)
+    ids = train.inputs[:2].to(device)
+    flops_per_token, how = hardware.train_flops_per_token(probe_model, ids)
+    del probe_model
+    tokens = batch_size * (train.context - 1)
+    out = []
+    for row in rows:
+        if row.status != "ok":
+            out.append(row)
+            continue
+        achieved = flops_per_token * row.tokens_per_s / 1e12
+        peak, source = hardware.peak_tflops(device, row.precision, model, tokens)
+        if achieved > peak:  # training outran every probe: the probe under-read, not MFU > 1
+            peak, source = achieved, f"training's own rate (the probe read {peak:.3g})"
+        sheet = hardware.datasheet_tflops(device, row.precision)
+        out.append(dataclasses.replace(
+            row, achieved_tflops=achieved, probe_tflops=peak, peak_source=source,
+            datasheet_tflops=sheet, mfu_probe=achieved / peak if peak else None,
+            mfu_datasheet=achieved / sheet if sheet else None,
+        ))  # fmt: skip
+    return out, {"flops_per_token": flops_per_token, "flops_counted_how": how}
+
+
+def _compare_to_fp32(rows: Sequence[ArmResult], tol: float) -> list[ArmResult]:
+    ref = next((r for r in rows if r.precision == "fp32" and r.status == "ok"), None)
+    if ref is None:
+        return list(rows)
+    out = []
+    for row in rows:
+        if row.status != "ok" or row is ref:
+            out.append(dataclasses.replace(row, quality_ok=True) if row is ref else row)
+            continue
+        rel = (row.val_loss - ref.val_loss) / ref.val_loss
+        mem = None
+        if row.mem_mb is not None and ref.mem_mb:
+            mem = 1 - row.mem_mb / ref.mem_mb
+        out.append(dataclasses.replace(
+            row, speedup_vs_fp32=row.tokens_per_s / ref.tokens_per_s,
+            mem_reduction_vs_fp32=mem, val_loss_rel_diff=rel,
+            val_accuracy_diff=row.val_accuracy - ref.val_accuracy,
+            quality_ok=abs(rel) <= tol,
+        ))  # fmt: skip
+    return out
+
+
+def _targets(rows: Sequence[ArmResult]) -> dict[str, dict[str, Any]]:
+    """The original tier-3 targets, measured rather than assumed, for every non-fp32 arm."""
+    out = {}
+    for r in rows:
+        if r.precision == "fp32" or r.status != "ok" or r.speedup_vs_fp32 is None:
+            continue
+        mem = r.mem_reduction_vs_fp32
+        out[r.precision] = {
+            "speedup >= 1.5x": r.speedup_vs_fp32 >= 1.5,
+            "memory reduction >= 40%": None if mem is None else mem >= 0.40,
+            "|accuracy difference| < 0.01": abs(r.val_accuracy_diff) < 0.01,
+        }
+    return out
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    from amptrain.runs import environment
+
+    env = environment()
+    env["device"] = str(device)
+    env["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
+    env["matmul_fp32_precision"] = torch.backends.cuda.matmul.fp32_precision
+    env["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return env

@@ -1,0 +1,180 @@
+"""Show and save a `BenchReport`: console table, bench.json, bench.csv, bench.png and report.md."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from amptrain._imports import MATPLOTLIB_AVAILABLE
+from amptrain.bench import ArmResult, BenchReport
+from amptrain.config import TrainConfig
+from amptrain.runs import atomic_write_bytes, atomic_write_json, create_run_dir, write_config
+
+CSV_FIELDS = (
+    "precision", "status", "step_ms", "step_ms_p25", "step_ms_p75", "tokens_per_s",
+    "speedup_vs_fp32", "mem_mb", "peak_mem_mb", "mem_reduction_vs_fp32", "mem_source",
+    "train_loss", "val_loss", "val_accuracy", "val_loss_rel_diff", "val_accuracy_diff",
+    "quality_ok", "loss_scale", "skipped_steps", "scale_backoffs", "scale_growths",
+    "achieved_tflops", "probe_tflops", "datasheet_tflops", "mfu_probe", "mfu_datasheet",
+    "reason", "error", "device", "torch", "threads", "precisions",
+)  # fmt: skip
+
+
+def _fmt(value: object, spec: str = ".3g", pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if pct:
+        return f"{value:+.1%}"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def _columns(a: ArmResult) -> list[str]:
+    if a.status == "skipped":
+        return [a.precision, a.error or "skipped", *["-"] * 9]
+    if a.status != "ok":
+        return [a.precision, f"{a.status.upper()}: {(a.error or '')[:80]}", *["-"] * 9]
+    spread = f"{a.step_ms_iqr[0]:.1f}-{a.step_ms_iqr[1]:.1f}"
+    return [
+        a.precision, f"{a.step_ms:.1f} ({spread})", f"{a.tokens_per_s:,.0f}",
+        _fmt(a.speedup_vs_fp32, ".2f"), _fmt(a.mem_mb, ".0f"),
+        _fmt(a.mem_reduction_vs_fp32, ".0%"), f"{a.val_loss:.4f}",
+        _fmt(a.val_loss_rel_diff, pct=True), _fmt(a.quality_ok), _fmt(a.mfu_probe, ".1%"),
+        _scale_story(a),
+    ]  # fmt: skip
+
+
+HEADERS = ["precision", "step ms, median (IQR)", "tokens/s", "speedup", "memory MB",
+           "memory saved vs fp32", "val loss", "val loss vs fp32", "quality ok", "MFU (probe)",
+           "loss scale"]  # fmt: skip
+
+
+def _scale_story(a: ArmResult) -> str:
+    if a.precision != "fp16":
+        return "-"
+    return f"{a.loss_scale:g}; {a.skipped_steps} skipped, {a.scale_backoffs} back-offs"
+
+
+def console_table(report: BenchReport) -> Table:
+    """The arms as a rich table: one column per precision, so it fits a narrow terminal."""
+    s, env = report.settings, report.environment
+    title = (f"amptrain bench on {env['device']} (torch {env['torch']}, "
+             f"{env['cpu_threads']} threads): {s['repeats']} interleaved repeats x "
+             f"{s['steps']} steps, {s['warmup']} warm-up")  # fmt: skip
+    caption = f"verdict: {report.verdict}\n{probe_line(report.probe)}"
+    table = Table(title=title, caption=caption)
+    table.add_column("", style="bold", overflow="fold")
+    for arm in report.arms:
+        table.add_column(arm.precision, overflow="fold")
+    cells = [_columns(arm) for arm in report.arms]
+    for i, header in enumerate(HEADERS[1:], start=1):
+        table.add_row(header, *[c[i] if i < len(c) else "" for c in cells])
+    return table
+
+
+def probe_line(probe: dict) -> str:
+    """The capability probe in one line: "probe on AMD EPYC: fp32 0.07, bf16 0.18 TFLOP/s"."""
+    if not probe:
+        return "probe: none for this device"
+    speeds = ", ".join(f"{p} {v:.3g}" for p, v in probe["tflops"].items())
+    emulated = f"; emulated here: {', '.join(probe['emulated'])}" if probe["emulated"] else ""
+    return f"matmul probe on {probe['name']}: {speeds} TFLOP/s{emulated}"
+
+
+def write_report(report: BenchReport, run_dir: str | Path, preface: str = "") -> Path:
+    """Write bench.json, bench.csv, report.md and (with the plot extra) bench.png to `run_dir`.
+
+    `preface` is Markdown put before the benchmark in report.md.
+    """
+    run_dir = Path(run_dir)
+    atomic_write_json(run_dir / "bench.json", report.to_dict())
+    atomic_write_bytes(run_dir / "bench.csv", _csv(report).encode())
+    if MATPLOTLIB_AVAILABLE:
+        from amptrain.runs.plotting import plot_bench
+
+        plot_bench(report, run_dir / "bench.png")
+    atomic_write_bytes(run_dir / "report.md", (preface + markdown(report)).encode())
+    return run_dir
+
+
+def _csv(report: BenchReport) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    env = report.environment
+    for arm in report.arms:
+        row = {k: v for k, v in arm.__dict__.items() if k != "loss_curve"}
+        if arm.step_ms_iqr:
+            row["step_ms_p25"], row["step_ms_p75"] = arm.step_ms_iqr
+        row.update(device=env["device"], torch=env["torch"], threads=env["cpu_threads"],
+                   precisions=" ".join(report.settings["precisions"]))  # fmt: skip
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def markdown(report: BenchReport) -> str:
+    """report.md: the table, the verdict, the original targets and the conditions."""
+    s, env = report.settings, report.environment
+    lines = ["# Precision benchmark", "", f"**Verdict:** {report.verdict}", ""]
+    lines += ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(_columns(a)) + " |" for a in report.arms]
+    lines += ["", "## Original tier-3 targets, as measured", ""]
+    for name, checks in report.targets.items():
+        verdicts = ", ".join(f"{k}: {_fmt(v)}" for k, v in checks.items())
+        lines.append(f"- {name}: {verdicts}")
+    lines += ["", "## Conditions", ""]
+    lines += [
+        f"- device {env['device']}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
+        f"torch {env['torch']}, CUDA {env['cuda']}, {env['cpu_threads']} CPU threads, "
+        f"CPU bf16 features: {', '.join(env['cpu_bf16_features']) or 'none'}",
+        f"- {s['repeats']} repeats interleaved across arms, {s['steps']} steps each, first "
+        f"{s['warmup']} not timed; batch {s['batch_size']} x context {s['context']}; "
+        f"seed {s['seed']}; identical initial weights and batches, checked by digest",
+        f"- quality: validation loss on the same {s['eval_batches']} held-out batches; ok "
+        f"within {s['quality_tol']:.0%} of fp32",
+        f"- {probe_line(report.probe)} (flags are hints: "
+        f"{', '.join(report.probe.get('hints', ())) or 'none'})",
+        f"- model FLOPs per token {s['flops_per_token']:.4g}, {s['flops_counted_how']}; MFU "
+        "against the best matmul probe of the same dtype, at the capability shape and the "
+        "model's own (datasheet peak in bench.json where known)",
+        f"- memory: {next((a.mem_source for a in report.arms if a.mem_source), 'not measured')}",
+    ]
+    for arm in report.arms:
+        lines.append(f"- {arm.precision}: {arm.reason}")
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(
+    cfg: TrainConfig,
+    *,
+    precisions: list[str] | None = None,
+    steps: int = 30,
+    warmup: int = 5,
+    repeats: int = 3,
+    quality_tol: float = 0.02,
+    memory: bool = True,
+    run_dir: Path | None = None,
+    settings: dict[str, Any] | None = None,
+) -> tuple[BenchReport, Path]:
+    """The `bench` command: build model and data like `train`, benchmark, write the report.
+
+    `settings` are the command's own options, recorded in `config.json` to rerun it.
+    """
+    from amptrain.bench import bench
+    from amptrain.train import prepare
+
+    model, train, val, _ = prepare(cfg)
+    report = bench(
+        model, train, val, precisions=precisions, steps=steps, warmup=warmup, repeats=repeats,
+        batch_size=cfg.fit.batch_size, lr=cfg.fit.lr, seed=cfg.fit.seed,
+        eval_batches=cfg.fit.eval_batches, quality_tol=quality_tol, memory=memory,
+        compile=cfg.fit.compile,
+    )  # fmt: skip
+    run_dir = run_dir or create_run_dir(cfg.out, "bench")
+    write_config(run_dir, "bench", cfg, settings)
+    return report, write_report(report, run_dir)

@@ -1,0 +1,52 @@
+"""`amptrain bench`: the precisions side by side on the user's model."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from amptrain.cli.common import (
+    Options,
+    add_train_flags,
+    command_settings,
+    config_from_args,
+    print_ending,
+)
+
+# Flags of `train` that `bench` does not take: it sets steps, evaluation and precisions itself.
+SKIP = (
+    "--max-steps", "--eval-every", "--log-every", "--max-nonfinite", "--precision",
+    "--checkpoint-every", "--keep-last", "--init-scale", "--growth-interval",
+)  # fmt: skip
+
+
+def register(sub: Any) -> argparse.ArgumentParser:
+    """Add the `bench` parser."""
+    parser = sub.add_parser("bench", help="benchmark precisions side by side on your model")
+    add_train_flags(parser, skip=SKIP)
+    opts = Options(parser)
+    add = opts.add
+    add("--precisions", help="comma-separated arms (default: fp32 and every precision not "
+        "emulated here)")  # fmt: skip
+    add("--steps", type=int, default=30, help="optimizer steps per run (default: 30)")
+    add("--warmup-steps", type=int, default=5, help="untimed steps starting each run (default: 5)")
+    add("--repeats", type=int, default=3, help="interleaved runs per arm (default: 3)")
+    add("--quality-tol", type=float, default=0.02,
+        help="relative val-loss difference from fp32 still counted ok (default: 0.02)")  # fmt: skip
+    add("--no-memory", action="store_true", help="skip the per-arm memory runs")
+    return opts.done(run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Benchmark, write the run directory, print the table."""
+    from amptrain.bench.report import console_table, run_bench
+
+    cfg = config_from_args(args)
+    precisions = args.precisions.split(",") if args.precisions else None
+    report, run_dir = run_bench(
+        cfg, precisions=precisions, steps=args.steps, warmup=args.warmup_steps,
+        repeats=args.repeats, quality_tol=args.quality_tol, memory=not args.no_memory,
+        settings=command_settings(args),
+    )  # fmt: skip
+    print_ending([console_table(report)], "report", run_dir / "report.md")
+    return 0

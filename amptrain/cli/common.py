@@ -1,0 +1,155 @@
+"""What every command shares: the training flags, the config they build, and the console ending.
+
+Settings come from the built-in defaults, then an optional `--config run.json` (for example a
+previous run's `config.json`), then the flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from amptrain.errors import AmptrainError
+from amptrain.flags import train_flags
+
+# tiny-gpt size flags, mapped into model_kwargs.
+GPT_FLAGS = {
+    "--layers": "n_layer", "--width": "n_embd", "--heads": "n_head", "--dropout": "dropout",
+}  # fmt: skip
+
+
+def add_train_flags(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -> None:
+    """The model, data and loop flags of `train`, less those in `skip`, plus `--config`."""
+    skip = set(skip)
+    for f in train_flags():
+        if f.flag not in skip:
+            parser.add_argument(f.flag, type=f.kind, default=argparse.SUPPRESS,
+                                help=f"{f.help} (default: {f.default})")  # fmt: skip
+    for flag, field in GPT_FLAGS.items():
+        kind = float if field == "dropout" else int
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS,
+                            help=f"tiny-gpt {field} (default: the built-in size)")  # fmt: skip
+    if "--compile" not in skip:
+        parser.add_argument("--compile", action="store_true", default=argparse.SUPPRESS,
+                            help="compile the model in place (torch.compile)")  # fmt: skip
+    parser.add_argument("--config", type=Path, help="a JSON config, e.g. a run's config.json")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+
+class Options:
+    """Adds a command's own options to its parser and remembers their names.
+
+    Those names are the command's settings: its run directory's `config.json` records them
+    under the command's name, and `--config` gives them back as defaults.
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.names: list[str] = []
+
+    def add(self, *flags: str, group: Any = None, **kwargs: Any) -> argparse.Action:
+        """`parser.add_argument` (or `group.add_argument`), remembering the option's name."""
+        action = (group or self.parser).add_argument(*flags, **kwargs)
+        self.names.append(action.dest)
+        return action
+
+    def done(self, func: Any) -> argparse.ArgumentParser:
+        """Set the handler; returns the parser."""
+        self.parser.set_defaults(func=func, settings=tuple(self.names))
+        return self.parser
+
+
+def command_settings(args: argparse.Namespace, secret: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The command's own options as JSON-ready values (`secret` ones left out)."""
+    values = {n: getattr(args, n) for n in getattr(args, "settings", ()) if n not in secret}
+    return {n: str(v) if isinstance(v, Path) else v for n, v in values.items()}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A `--config` file: a JSON object, with errors that name the file."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AmptrainError(f"--config {path}: not valid JSON ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise AmptrainError(
+            f"--config {path}: must hold a JSON object, not {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def given_flags(args: argparse.Namespace) -> list[str]:
+    """The training flags given on the command line (not from defaults), by flag name."""
+    given = vars(args)
+    names = [f.flag for f in train_flags() if f.flag[2:].replace("-", "_") in given]
+    return names + [flag for flag in GPT_FLAGS if flag[2:] in given]
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Defaults, then `--config`, then explicit flags: a validated `TrainConfig`."""
+    from amptrain.config import TrainConfig
+
+    return TrainConfig.from_dict(given_values(args))
+
+
+def given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings `--config` and the explicit flags give, nested like `TrainConfig.to_dict()`."""
+    values: dict[str, Any] = {"fit": {}}
+    if args.config is not None:
+        from amptrain.config_file import load_config_file
+
+        loaded = load_config_file(args.config)
+        values = {**loaded, "fit": dict(loaded.get("fit", {}))}
+    given = vars(args)
+    for f in train_flags():
+        name = f.flag[2:].replace("-", "_")
+        if name in given:
+            value = given[name]
+            if f.field == "fit.clip_norm" and value == 0:
+                value = None
+            if f.field.startswith("fit."):
+                values["fit"][f.field[4:]] = value
+            else:
+                values[f.field] = value
+    sizes = {f: given[flag[2:]] for flag, f in GPT_FLAGS.items() if flag[2:] in given}
+    if sizes:
+        if values.get("model", "tiny-gpt") != "tiny-gpt":
+            raise AmptrainError(
+                f"--layers/--width/--heads/--dropout size the built-in tiny-gpt only; for "
+                f"{values['model']} pass --model-kwargs"
+            )
+        values["model_kwargs"] = {**values.get("model_kwargs", {}), **sizes}
+    if given.get("compile"):
+        values["fit"]["compile"] = True
+    if "context" not in values and "model" in values:
+        from amptrain.models.trained import run_config
+
+        saved = run_config(values["model"])  # a trained run as the model: its own context
+        if saved is not None:
+            values["context"] = saved["context"]
+    return values
+
+
+def progress_sinks(args: argparse.Namespace, total: int, what: str) -> list:
+    """A live progress bar over `total` steps, unless `--no-progress`."""
+    if getattr(args, "no_progress", False):
+        return []
+    from amptrain.metrics.console import ProgressSink
+
+    return [ProgressSink(total, what)]
+
+
+def print_ending(tables: Iterable[Any], label: str, path: Path | str) -> None:
+    """Every command ends alike: its tables (or lines) on stdout, then where its files are."""
+    from amptrain.metrics.console import Console
+
+    console = Console()
+    for table in tables:
+        if isinstance(table, str):
+            console.print(table, soft_wrap=True, highlight=False)
+        else:
+            console.print(table)
+    console.print(f"{label}: {path}", soft_wrap=True, highlight=False)

@@ -1,0 +1,39 @@
+"""`amptrain generate`: sample text from a model or a trained run."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from amptrain.cli.common import Options, add_train_flags, config_from_args
+
+# Train flags `generate` does not take: it trains nothing and reads no corpus.
+SKIP = (
+    "--init-from", "--data", "--val-fraction", "--max-steps", "--batch-size", "--grad-accum",
+    "--lr", "--warmup", "--weight-decay", "--clip-norm", "--eval-every", "--eval-batches",
+    "--log-every", "--max-nonfinite", "--init-scale", "--growth-interval",
+    "--checkpoint-every", "--keep-last", "--optimizer-impl", "--attention", "--compile",
+)  # fmt: skip
+
+
+def register(sub: Any) -> argparse.ArgumentParser:
+    """Add the `generate` parser."""
+    parser = sub.add_parser("generate", help="sample text from a model or a trained run")
+    add_train_flags(parser, skip=SKIP)
+    opts = Options(parser)
+    opts.add("--prompt", required=True, help="text to continue")
+    opts.add("--max-new-tokens", type=int, default=100, help="tokens to sample (default: 100)")
+    opts.add("--temperature", type=float, default=1.0, help="divide the logits by this; 0 "
+             "picks the likeliest token (default: 1.0)")  # fmt: skip
+    opts.add("--top-k", type=int, default=None,
+             help="sample among the k most likely tokens only (default: all)")  # fmt: skip
+    return opts.done(run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the prompt and its sampled continuation to stdout."""
+    from amptrain.generate import generate_text
+
+    print(generate_text(config_from_args(args), args.prompt, args.max_new_tokens,
+                        args.temperature, args.top_k))  # fmt: skip
+    return 0

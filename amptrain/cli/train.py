@@ -1,0 +1,137 @@
+"""`amptrain train`: fine-tune a model, in one process or several (DDP through torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from amptrain.cli.common import (
+    add_train_flags,
+    config_from_args,
+    given_values,
+    print_ending,
+    progress_sinks,
+)
+
+
+def register(sub: Any) -> argparse.ArgumentParser:
+    """Add the `train` parser."""
+    parser = sub.add_parser("train", help="fine-tune a model with fp32/tf32/fp16/bf16")
+    add_train_flags(parser)
+    parser.add_argument("--resume", help="auto (newest run under --out), a run or checkpoint dir")
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine, DDP "
+                        "through torch's launcher (default: 1)")  # fmt: skip
+    parser.add_argument("--allow-new-scaler", action="store_true",
+                        help="resume fp16 from a checkpoint without GradScaler state")  # fmt: skip
+    parser.add_argument("--wandb", nargs="?", const="amptrain", default=None, metavar="PROJECT",
+                        help="also log to Weights & Biases (project, default amptrain); "
+                        "honours WANDB_MODE=offline")  # fmt: skip
+    parser.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                        help="also log to TensorBoard: a run folder under DIR "
+                        "(default OUT/tensorboard)")  # fmt: skip
+    parser.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                        help="also log to MLflow: a tracking URI (default: a local SQLite "
+                        "store OUT/mlflow.db, no server), experiment amptrain")  # fmt: skip
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, print the summary; exit code 0."""
+    from amptrain import distributed
+    from amptrain.train import run_training
+
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        return launch(args)
+    cfg = config_from_args(args)
+    given = given_values(args) if args.resume else None  # checked against the run's settings
+    distributed.init_from_env()
+    try:
+        progress = progress_sinks(args, cfg.fit.max_steps, "train") if distributed.is_main() else []
+        if distributed.is_main():
+            progress += tracking_sinks(args, cfg)
+        result = run_training(cfg, sinks=progress, resume=args.resume, given=given,
+                              allow_new_scaler=args.allow_new_scaler)  # fmt: skip
+        if distributed.is_main():
+            print_summary(result)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def _wandb_resume(out: str, resume: str | None) -> dict[str, str]:
+    """`wandb.init` arguments that continue the W&B run of the run being resumed, if it had one."""
+    if not resume:
+        return {}
+    from amptrain.train import resume_target
+
+    saved = resume_target(out, resume, "train")[0] / "wandb.json"
+    if not saved.is_file():
+        return {}
+    return {"id": json.loads(saved.read_text(encoding="utf-8"))["run_id"], "resume": "allow"}
+
+
+def tracking_sinks(args: argparse.Namespace, cfg: Any) -> list:
+    """The W&B, TensorBoard and MLflow sinks asked for by `--wandb/--tensorboard/--mlflow`."""
+    sinks: list = []
+    if args.wandb is not None:
+        from amptrain.metrics.wandb_sink import WandbSink
+
+        resumed = _wandb_resume(cfg.out, args.resume)
+        sinks.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out, **resumed))
+    if args.tensorboard is not None:
+        from amptrain.metrics.tensorboard_sink import TensorBoardSink
+
+        parent = Path(args.tensorboard or Path(cfg.out) / "tensorboard")
+        name = time.strftime("train-%Y%m%d-%H%M%S")  # one TensorBoard run per training run
+        sinks.append(TensorBoardSink(parent / name, config=cfg.to_dict()))
+    if args.mlflow is not None:
+        from amptrain.metrics.mlflow_sink import MlflowSink, local_store
+
+        uri = args.mlflow or local_store(Path(cfg.out) / "mlflow.db")
+        sinks.append(MlflowSink(uri, config=cfg.to_dict()))
+    return sinks
+
+
+def launch(args: argparse.Namespace) -> int:
+    """`--nproc N`: run the same command in N processes through torch's elastic launcher.
+
+    `--standalone` keeps the rendezvous on localhost with a free port.
+    """
+    argv, skip = [], False
+    for token in args.argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            argv.append(token)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={args.nproc}", "-m", "amptrain", *argv]  # fmt: skip
+    return subprocess.call(launcher)
+
+
+def summary_rows(run: Any) -> dict[str, object]:
+    """The figures of a finished training run, by name."""
+    r = run.result
+    return {
+        "precision": f"{r.precision} ({r.reason})",
+        "steps (skipped)": f"{r.steps} ({r.skipped_steps})",
+        "val loss: first -> final": f"{r.initial_val_loss:.4f} -> {r.final_val_loss:.4f}",
+        "val accuracy": round(r.final_val_accuracy, 4),
+        "best val loss (step)": f"{r.best_val_loss:.4f} ({r.best_step})",
+        "tokens/s (whole run, evaluation excluded)": f"{r.tokens_per_s:,.0f}",
+        f"peak memory MB ({r.mem_source})": round(r.peak_mem_mb, 1),
+    }
+
+
+def print_summary(run: Any, title: str = "amptrain train") -> None:
+    """The summary table of a training run and its directory."""
+    from amptrain.metrics.console import summary_table
+
+    print_ending([summary_table(title, summary_rows(run))], "run directory", run.run_dir)

@@ -1,0 +1,291 @@
+"""The search's study: storage, the pruner, counting finished trials, and worker processes.
+
+`n_trials` counts trials with an outcome (COMPLETE, PRUNED, FAIL); a trial left RUNNING by a
+killed worker is failed as interrupted and replaced: on a file storage when its `host:pid` is
+gone, on an RDB storage when its heartbeat stopped (and then retried with the same parameters).
+Local workers each optimise their exact share of the remaining trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import socket
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from amptrain import config
+from amptrain.config import SEARCH_PRUNERS
+from amptrain.errors import ConfigError
+from amptrain.runs import private_file
+from amptrain.search import space as search_space
+from amptrain.search.trial import INTERRUPTED, REPORTS, _objective
+from amptrain.secrets import redact, scrub, url_secrets
+
+if TYPE_CHECKING:
+    from amptrain.search import _Job
+
+OBJECTIVES = {"val_loss": "minimize", "tokens_per_s": "maximize"}
+PRUNERS = SEARCH_PRUNERS
+# RDB storages only: a worker proves it is alive every HEARTBEAT_INTERVAL seconds; a RUNNING
+# trial silent for GRACE_PERIOD seconds is failed by the next worker to start a trial, and run
+# again (once) with the same parameters.
+HEARTBEAT_INTERVAL = config.HEARTBEAT_INTERVAL
+GRACE_PERIOD = config.GRACE_PERIOD
+MAX_RETRY = 1
+CONNECT_TIMEOUT = 10
+OPEN_ATTEMPTS = 5
+STALE = f"{INTERRUPTED}: its worker stopped sending heartbeats"
+
+log = logging.getLogger("amptrain")
+
+
+def is_url(spec: str | None) -> bool:
+    """True for an RDB URL (`postgresql://...`), False for a journal file or None (memory)."""
+    return spec is not None and "://" in spec
+
+
+def _storage(
+    spec: str | None, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int = GRACE_PERIOD
+) -> Any:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if spec is None:
+        return optuna.storages.InMemoryStorage()
+    if not is_url(spec):
+        return optuna.storages.JournalStorage(JournalFileBackend(str(private_file(spec))))
+    sqlite_path = spec.partition("sqlite:///")[2]
+    if spec.startswith("sqlite:///") and sqlite_path and sqlite_path != ":memory:":
+        private_file(sqlite_path)  # an empty file is a new database to SQLite
+    attempt = 1
+    while True:
+        try:
+            return _rdb_storage(spec, heartbeat_interval, grace_period)
+        except Exception as exc:  # noqa: BLE001 - the driver's message may quote the URL
+            if attempt < OPEN_ATTEMPTS and _creation_race(exc):
+                attempt += 1
+                time.sleep(random.uniform(0.2, 1.0))  # another worker is creating the tables
+                continue
+            raise ConfigError(_storage_error(spec, exc)) from None
+
+
+def _storage_error(spec: str, exc: Exception) -> str:
+    """One line naming the storage (password as `***`) and what went wrong."""
+    from sqlalchemy.exc import ArgumentError
+
+    # The driver's message spans lines and ends with a link to SQLAlchemy's pages.
+    text = re.sub(r"\(Background on this error at:[^)]*\)", "", str(exc))
+    text = " ".join(scrub(text, url_secrets(spec)).split())
+    if isinstance(exc, (ArgumentError, ValueError)):  # the URL did not parse
+        return (f"{redact(spec)} is not a valid database URL ({text}); the form is "
+                "postgresql://user:password@host:5432/database")  # fmt: skip
+    return f"cannot open the study storage {redact(spec)}: {text}"
+
+
+def _rdb_storage(spec: str, heartbeat_interval: int, grace_period: int) -> Any:
+    import optuna
+
+    # A heartbeat lets the study fail (and retry once) the trial of a machine that died.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+        return optuna.storages.RDBStorage(spec, engine_kwargs=_engine_kwargs(spec),
+                                          heartbeat_interval=heartbeat_interval,
+                                          grace_period=grace_period,
+                                          heartbeat_stale_trial_callback=retry)  # fmt: skip
+
+
+def _creation_race(exc: Exception) -> bool:
+    """True when workers starting together on an empty database both created the tables."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    return isinstance(exc, IntegrityError) or (
+        isinstance(exc, ProgrammingError) and "already exists" in str(exc)
+    )
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    """PostgreSQL: give up on an unreachable host after CONNECT_TIMEOUT s instead of hanging."""
+    if url.startswith("postgresql"):  # a libpq option: psycopg and psycopg2 both take it
+        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
+    return {}
+
+
+def _open_study(job: _Job, worker: int) -> Any:
+    import optuna
+
+    directions = [OBJECTIVES[o] for o in job.objectives]
+    storage = _storage(job.storage, job.heartbeat_interval, job.grace_period)
+    study = optuna.create_study(storage=storage, study_name=job.study_name,
+                                directions=directions, load_if_exists=True,
+                                pruner=_pruner(job))  # fmt: skip
+    settings = _settings(job)
+    saved = study.user_attrs.get("settings")
+    if saved is None:
+        study.set_user_attr("settings", settings)
+    elif saved != settings:
+        changed = sorted(k for k in settings if settings[k] != saved.get(k))
+        raise ConfigError(
+            f"study {job.study_name!r} in {redact(job.storage or 'memory')} was run with other "
+            f"{', '.join(changed)}; resume it with the same settings, or use a new study name"
+        )
+    # Seeded by position as well, so a resumed study or a second worker does not repeat the
+    # random start-up samples of the first.
+    study.sampler = optuna.samplers.TPESampler(
+        seed=job.seed + 1000 * len(study.trials) + worker,
+        n_startup_trials=max(3, min(10, job.n_trials // 3)),
+    )
+    return study
+
+
+def _pruner(job: _Job) -> Any:
+    import optuna
+
+    if not isinstance(job.pruner, str):
+        return job.pruner
+    if job.pruner == "none" or len(job.objectives) > 1:  # Optuna prunes single objectives only
+        return optuna.pruners.NopPruner()
+    if job.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=REPORTS)
+    # Not before half the budget: early losses say more about warm-up than about the settings.
+    return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, job.n_trials // 4)),
+                                       n_warmup_steps=REPORTS // 2)  # fmt: skip
+
+
+def _settings(job: _Job) -> dict[str, Any]:
+    """What makes trials comparable; a resumed study must have the same."""
+    base = {k: v for k, v in job.base.to_dict().items() if k not in ("out", "device")}
+    settings = {
+        "base": base, "space": {n: dataclasses.asdict(d) for n, d in job.dims.items()},
+        "budget_steps": job.budget_steps, "budget_tokens": job.budget_tokens,
+        "eval_blocks": job.eval_blocks, "objectives": list(job.objectives),
+    }  # fmt: skip
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _enqueue_baseline(study: Any, job: _Job) -> None:
+    from amptrain.precision import resolve
+
+    names = [n for n, d in job.dims.items() if d.searched]
+    params = search_space.base_values(job.base, names)
+    if "precision" in params:
+        params["precision"] = resolve(params["precision"], job.device).name
+    outside = [n for n in names if not job.dims[n].contains(params[n])]
+    if outside:
+        log.info("no baseline trial: the base value of %s is outside the space", ", ".join(outside))
+        return
+    # skip_if_exists: two machines starting the study at once enqueue it once (or nearly).
+    study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
+
+
+def _fail_orphans(study: Any) -> None:
+    """Fail (with reason `interrupted`) RUNNING trials whose worker on this host is gone.
+
+    For file and memory storages; an RDB storage's heartbeat does this for every machine, and
+    also retries the trial.
+    """
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = str(trial.user_attrs.get("worker", ""))
+        where, _, pid = owner.rpartition(":")
+        if where == host and pid.isdigit() and not _alive(int(pid)):
+            reason = f"{INTERRUPTED}: its worker {owner} ended during the trial"
+            study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _counted(trial: Any) -> bool:
+    """Trials with an outcome count towards `n_trials`; interrupted ones are replaced."""
+    state = trial.state.name
+    if state == "FAIL":  # no reason: failed by the heartbeat, outside any objective
+        reason = trial.user_attrs.get("reason")
+        return reason is not None and not str(reason).startswith(INTERRUPTED)
+    return state in ("COMPLETE", "PRUNED")
+
+
+def _count(study: Any) -> int:
+    return sum(_counted(t) for t in study.get_trials(deepcopy=False))
+
+
+def _best(study: Any) -> Any:
+    """The COMPLETE trial of lowest validation loss (on the Pareto front when multi-objective)."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    return min(done, key=lambda t: t.values[0]) if done else None
+
+
+def _best_value(study: Any) -> float | None:
+    best = _best(study)
+    return None if best is None else best.values[0]
+
+
+def _optimize(study: Any, job: _Job, n: int, callbacks: Sequence[Callable]) -> None:
+    def stop_when_done(study: Any, trial: Any) -> None:
+        if _count(study) >= job.n_trials:  # other processes may have finished the study
+            study.stop()
+
+    study.optimize(lambda trial: _objective(trial, job), n_trials=n, catch=job.catch,
+                   callbacks=[stop_when_done, *callbacks])  # fmt: skip
+
+
+def _spawn(job: _Job, n: int, workers: int, tick: Callable[[], None]) -> None:
+    """Run `n` trials in `workers` fresh processes on the study, while this one shows progress."""
+    import multiprocessing
+
+    import optuna
+    import torch
+
+    # spawn, not fork: a forked child would inherit torch's thread pools and the study's locks.
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // workers)
+    shares = [n // workers + (i < n % workers) for i in range(workers)]
+    verbosity = optuna.logging.get_verbosity()
+    procs = [ctx.Process(target=_worker, args=(job, share, i + 1, threads, verbosity))
+             for i, share in enumerate(shares) if share]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            tick()
+            time.sleep(0.5)
+    except BaseException:
+        for proc in procs:  # their trials stay RUNNING; a resumed study fails and replaces them
+            proc.terminate()
+        raise
+    finally:
+        for proc in procs:
+            proc.join()
+    tick()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        log.warning("%d of %d worker processes exited with an error (codes %s)", len(failed),
+                    len(procs), failed)  # fmt: skip
+
+
+def _worker(job: _Job, n: int, index: int, threads: int, verbosity: int) -> None:
+    import optuna
+    import torch
+
+    torch.set_num_threads(threads)  # the workers share the cores
+    optuna.logging.set_verbosity(verbosity)
+    with contextlib.suppress(KeyboardInterrupt):  # the trial is already marked interrupted
+        _optimize(_open_study(job, worker=index), job, n, [])

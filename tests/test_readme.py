@@ -1,0 +1,137 @@
+"""The README's code runs: every `amptrain` command line and every Python block, made small.
+
+The README's placeholders are made real in a scratch folder (`my_corpus/`, `path/to/model.py`
+with `MyTransformer`, `m.py:Net`, a `model` in Python ...), and step counts are cut down, so
+the test checks that each snippet is a working use of the current API, not its speed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import save_tiny_gpt2
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+MODEL_FILE = """
+import torch
+from torch import nn
+
+
+class MyTransformer(nn.Module):
+    def __init__(self, vocab_size, d_model=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, 2, 2 * d_model, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, 1)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, idx):
+        mask = nn.Transformer.generate_square_subsequent_mask(idx.size(1), device=idx.device)
+        return self.head(self.body(self.emb(idx), mask=mask, is_causal=True))
+
+
+Net = MyTransformer
+"""
+# Cut-downs: (pattern, replacement) applied to every command line and Python block.
+SMALLER = [
+    (r"--max-steps \d+", "--max-steps 2"), (r"--trials \d+", "--trials 2"),
+    (r"--steps \d+", "--steps 3"), (r"--repeats \d+", "--repeats 1"),
+    (r"--workers \d+", "--workers 1"), (r"--seeds [\d,]+", "--seeds 0,1,2"),
+    (r"max_steps=\d+", "max_steps=2"), (r"n_epochs=\d+", "n_epochs=1"),
+    (r"context=128", "context=32"), (r'"d_model": \d+', '"d_model": 32'),
+]  # fmt: skip
+# Small settings added where a line does not give its own.
+SMALL = {
+    "train": ["--max-steps", "2"],
+    "bench": ["--steps", "3", "--warmup-steps", "1", "--repeats", "1"],
+    "search": ["--trials", "2", "--budget-steps", "2"], "doctor": ["--batches", "1"],
+    "compare": ["--steps", "2", "--latency-iters", "1", "--eval-bytes", "2000"],
+}  # fmt: skip
+# Lines that cannot run here: set-up, several machines, or elided arguments ("...").
+NOT_RUNNABLE = ("make ", "pip ", "git ", "torchrun ", "#")
+
+
+def blocks(language: str) -> list[str]:
+    """The README's fenced code blocks in `language`."""
+    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+
+
+def command_blocks() -> list[list[str]]:
+    """Each bash block's runnable `amptrain ...` lines (continuations joined), in order."""
+    found = []
+    for block in blocks("bash"):
+        lines = []
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith(NOT_RUNNABLE) and "..." not in line:
+                lines.append(line)
+        if lines:
+            found.append(lines)
+    return found
+
+
+def smaller(text: str) -> str:
+    for pattern, replacement in SMALLER:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """A folder holding what the README's snippets name."""
+    text = "the quick brown fox jumps over the lazy dog. " * 300
+    for folder in ("my_corpus", "corpus"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.txt").write_text(text)
+    (tmp_path / "path" / "to").mkdir(parents=True)
+    for name in ("path/to/model.py", "m.py", "my_model.py"):
+        (tmp_path / name).write_text(MODEL_FILE)
+    save_tiny_gpt2(tmp_path / "path" / "to" / "hf-model", text)
+    (tmp_path / "space.toml").write_text("lr = {low = 1e-4, high = 1e-2, log = true}\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _newest_run(scratch: Path, command: str) -> str:
+    runs = sorted((scratch / "runs").glob(f"{command}-*"), key=lambda p: p.stat().st_mtime)
+    return str(runs[-1].relative_to(scratch)) if runs else f"runs/{command}-missing"
+
+
+def run_line(scratch: Path, line: str) -> subprocess.CompletedProcess:
+    """Run one README command line, made small, with a real run directory where it names one."""
+    line = re.sub(r"runs/(\w+)-\d{8}-\d{6}", lambda m: _newest_run(scratch, m.group(1)), line)
+    argv = shlex.split(smaller(line))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(WANDB_MODE="offline", OPTUNA_URL=f"sqlite:///{scratch / 'optuna.db'}")
+    while "=" in argv[0]:  # VAR=value prefixes
+        key, value = argv.pop(0).split("=", 1)
+        env[key] = value
+    if argv[:3] == ["python", "-m", "amptrain"]:
+        argv = argv[2:]
+    assert argv[0] == "amptrain", line
+    command = argv[1]
+    argv = [sys.executable, "-m", "amptrain", *argv[1:], "--no-progress"]
+    for flag, value in zip(SMALL.get(command, [])[::2], SMALL.get(command, [])[1::2]):
+        if flag not in argv and "--resume" not in argv and "--config" not in argv:
+            argv += [flag, value]
+    builtin = "--model" not in line and "--resume" not in line and "--config" not in line
+    if builtin and command in ("train", "bench", "doctor", "search", "compare"):
+        argv += ["--layers", "1", "--width", "32", "--heads", "2", "--context", "32"]
+    return subprocess.run(argv, cwd=scratch, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lines", command_blocks(), ids=lambda lines: lines[0][:40])
+def test_readme_commands_run(scratch, lines):
+    for line in lines:
+        out = run_line(scratch, line)
+        assert out.returncode == 0, f"{line}\n{out.stderr[-3000:]}"
