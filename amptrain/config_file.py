@@ -16,11 +16,11 @@ from amptrain.config import TrainConfig, run_values
 from amptrain.errors import ConfigError
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
-    """The settings of a `--config` file, checked on their own so that errors name the file.
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A `--config` file's JSON object, as written.
 
     Raises:
-        ConfigError: One line naming the file, the key and what was expected.
+        ConfigError: One line naming the file: unreadable, not JSON, or not an object.
     """
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
@@ -32,7 +32,16 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of settings such as "
                           f'{{"fit": {{"lr": 0.001}}}}, got {_json_kind(loaded)}')  # fmt: skip
-    loaded = run_values(loaded)  # a run's config.json also records its command and environment
+    return loaded
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a `--config` file, checked on their own so that errors name the file.
+
+    Raises:
+        ConfigError: One line naming the file, the key and what was expected.
+    """
+    loaded = run_values(read_json_object(path))  # a run's config also has command, environment
     if not isinstance(loaded.get("fit", {}), dict):
         raise ConfigError(f"--config {path}: key 'fit' must be a JSON object of loop "
                           f"settings such as {{\"lr\": 0.001}}, got "

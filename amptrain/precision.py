@@ -273,3 +273,39 @@ def explicit_reason(name: str, device: torch.device, caps: Capabilities | None) 
     if caps is None:
         return f"requested: {what}"
     return f"requested: {what}; {caps.figures(name)}"
+
+
+def default_precisions(device: torch.device) -> list[str]:
+    """fp32 and every other precision the device serves without emulating it (probe-measured)."""
+    return default_plan(probe_of(device), device)[0]
+
+
+def probe_of(device: torch.device) -> capability.Capabilities | None:
+    """The measured capability table of `device` (None where there is no probe for it)."""
+    return capability.probe(device) if device.type in ("cpu", "cuda") else None
+
+
+def default_plan(
+    caps: capability.Capabilities | None, device: torch.device
+) -> tuple[list[str], dict[str, str]]:
+    """The default arms from the probe table, and a skip reason for each emulated precision."""
+    names, skipped = [], {}
+    for name in NAMES:
+        try:
+            explicit_reason(name, device, caps)
+        except PrecisionError:
+            continue
+        if caps is not None and caps.emulated(name):
+            skipped[name] = skip_reason(caps, name)
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def skip_reason(caps: capability.Capabilities, name: str) -> str:
+    """Why a default arm set leaves out an emulated precision, and how to time it anyway."""
+    where = "this CPU" if caps.device_type == "cpu" else "this GPU"
+    return (
+        f"skipped: {name} matmuls run {1 / caps.ratio(name):.0f}x slower than fp32 on {where} "
+        f"({caps.figures(name)}); pass --precisions {name} to time it anyway"
+    )

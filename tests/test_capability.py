@@ -144,7 +144,7 @@ def test_the_real_probe_is_quick_and_consistent():
 
 def test_search_offers_only_precisions_the_probe_finds_not_emulated(fake_probe):
     from amptrain.bench import default_precisions
-    from amptrain.search_space import default_space
+    from amptrain.search.space import default_space
 
     fake_probe(HARDWARE["amd-zen4"][0])
     assert default_space(default_precisions(CPU))["precision"] == ["fp32", "bf16"]

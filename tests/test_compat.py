@@ -252,7 +252,7 @@ def test_amp_wandb_callback_serves_a_duck_typed_trainer(monkeypatch):
 
 def test_a_baseline_directory_without_a_tokenizer_is_refused_in_one_line(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from amptrain.compare_text import load_baseline
+    from amptrain.compare.text import load_baseline
 
     config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=8, n_layer=1, n_head=2)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "bare")

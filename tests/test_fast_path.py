@@ -171,7 +171,8 @@ def test_a_resumed_fit_is_still_fused_and_keeps_its_attention_backend(tmp_path, 
 
 
 def test_cli_flags_reach_the_fit_options():
-    from amptrain.cli import build_parser, config_from_args
+    from amptrain.cli import build_parser
+    from amptrain.cli.common import config_from_args
 
     argv = ["train", "--compile", "--optimizer-impl", "for-loop", "--attention", "math"]
     cfg = config_from_args(build_parser().parse_args(argv))

@@ -135,3 +135,20 @@ def test_readme_commands_run(scratch, lines):
     for line in lines:
         out = run_line(scratch, line)
         assert out.returncode == 0, f"{line}\n{out.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_readme_python_blocks_run_in_order(scratch, monkeypatch):
+    """The Python blocks share one namespace, as in a notebook, seeded with what they assume."""
+    import types
+
+    import torch
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    namespace: dict = {"torch": torch}
+    exec(MODEL_FILE, namespace)  # noqa: S102 - the test's own model file
+    namespace["model"] = namespace["MyTransformer"](256)  # byte tokens
+    namespace["config"] = types.SimpleNamespace(vocab_size=256, max_seq_len=32)
+    for block in blocks("python"):
+        code = compile(smaller(block), "README.md", "exec")
+        exec(code, namespace)  # noqa: S102 - the README's own snippets

@@ -26,7 +26,7 @@ from test_search import QUICK, SPACE  # noqa: E402
 from amptrain.cli import main  # noqa: E402
 from amptrain.errors import ConfigError  # noqa: E402
 from amptrain.search import search  # noqa: E402
-from amptrain.search_study import STALE, _counted  # noqa: E402
+from amptrain.search.study import STALE, _counted  # noqa: E402
 
 TESTS = Path(__file__).parent
 BEAT = dict(heartbeat_interval=1, grace_period=2)

@@ -11,8 +11,8 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from amptrain import search_plot  # noqa: E402
 from amptrain.cli import main  # noqa: E402
+from amptrain.search import report as search_plot  # noqa: E402
 
 
 @pytest.fixture

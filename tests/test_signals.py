@@ -33,7 +33,7 @@ MOMENTS = {
     "evaluation": ("amptrain.loop.evaluate", 2, 4),  # the evaluation after step 4 is cut
     "checkpoint write": ("amptrain.checkpoint._write", 1, 3),  # the save of step 3 completes
     "logging": ("amptrain.loop._log", 8, 6),  # step 6's metrics (8th record) are written
-    "plotting": ("amptrain.plotting.plot_training", 1, STEPS),  # after the run's last step
+    "plotting": ("amptrain.runs.plotting.plot_training", 1, STEPS),  # after the run's last step
 }
 
 CHILD = """

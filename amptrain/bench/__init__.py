@@ -25,15 +25,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import capability, hardware
+from amptrain import hardware
 from amptrain.bench import verdict as bench_verdict
 from amptrain.callbacks import Callback
 from amptrain.data import Blocks, as_blocks
 from amptrain.errors import ConfigError
 from amptrain.loop import FitResult, check_data, fit
-from amptrain.precision import NAMES, PrecisionError, explicit_reason, normalize, resolve
+from amptrain.precision import (
+    default_plan,
+    default_precisions,
+    normalize,
+    probe_of,
+    resolve,
+    skip_reason,
+)
 
-__all__ = ["ArmResult", "BenchReport", "bench", "default_precisions", "state_digest"]
+__all__ = [
+    "ArmResult", "BenchReport", "bench", "default_plan", "default_precisions", "skip_reason",
+    "state_digest",
+]  # fmt: skip
 
 log = logging.getLogger("amptrain")
 
@@ -95,41 +105,6 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values."""
         return dataclasses.asdict(self)
-
-
-def default_precisions(device: torch.device) -> list[str]:
-    """fp32 and every other precision the device serves without emulating it (probe-measured)."""
-    return default_plan(_probe(device), device)[0]
-
-
-def _probe(device: torch.device) -> capability.Capabilities | None:
-    return capability.probe(device) if device.type in ("cpu", "cuda") else None
-
-
-def default_plan(
-    caps: capability.Capabilities | None, device: torch.device
-) -> tuple[list[str], dict[str, str]]:
-    """The default arms from the probe table, and a skip reason for each emulated precision."""
-    names, skipped = [], {}
-    for name in NAMES:
-        try:
-            explicit_reason(name, device, caps)
-        except PrecisionError:
-            continue
-        if caps is not None and caps.emulated(name):
-            skipped[name] = skip_reason(caps, name)
-        else:
-            names.append(name)
-    return names, skipped
-
-
-def skip_reason(caps: capability.Capabilities, name: str) -> str:
-    """Why a default arm set leaves out an emulated precision, and how to time it anyway."""
-    where = "this CPU" if caps.device_type == "cpu" else "this GPU"
-    return (
-        f"skipped: {name} matmuls run {1 / caps.ratio(name):.0f}x slower than fp32 on {where} "
-        f"({caps.figures(name)}); pass --precisions {name} to time it anyway"
-    )
 
 
 class _Recorder(Callback):
@@ -309,7 +284,7 @@ def bench(
     settings = dict(precisions=arms, steps=steps, warmup=warmup, repeats=repeats,
                     batch_size=batch_size, context=train_b.context, lr=lr, seed=seed,
                     eval_batches=eval_batches, quality_tol=quality_tol, **flops)  # fmt: skip
-    caps = _probe(device)
+    caps = probe_of(device)
     return BenchReport(tuple(rows), best, verdict, _targets(rows), settings,
                        _environment(device), caps.to_dict() if caps else {})  # fmt: skip
 
@@ -318,7 +293,7 @@ def _arm_names(
     precisions: Sequence[str] | None, device: torch.device
 ) -> tuple[list[str], dict[str, str]]:
     if precisions is None:
-        return default_plan(_probe(device), device)
+        return default_plan(probe_of(device), device)
     names = []
     for name in ["fp32", *precisions]:
         norm = normalize(name)

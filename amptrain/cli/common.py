@@ -7,7 +7,6 @@ previous run's `config.json`), then the flags given on the command line.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -69,16 +68,10 @@ def command_settings(args: argparse.Namespace, secret: tuple[str, ...] = ()) -> 
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """A `--config` file: a JSON object, with errors that name the file."""
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AmptrainError(f"--config {path}: not valid JSON ({exc})") from None
-    if not isinstance(loaded, dict):
-        raise AmptrainError(
-            f"--config {path}: must hold a JSON object, not {type(loaded).__name__}"
-        )
-    return loaded
+    """A `--config` file's JSON object; errors name the file."""
+    from amptrain.config_file import read_json_object
+
+    return read_json_object(path)
 
 
 def given_flags(args: argparse.Namespace) -> list[str]:
