@@ -24,6 +24,7 @@ from torch import nn
 from amptrain.errors import ModelError
 
 log = logging.getLogger("amptrain")
+_ANNOUNCED: set[tuple[Path, str]] = set()  # (path, sha256) of the files already announced
 
 
 def import_symbol(path: Path, symbol: str | None) -> object:
@@ -38,9 +39,13 @@ def import_symbol(path: Path, symbol: str | None) -> object:
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    log.info("importing model file %s (sha256 %s); it runs with your privileges", path, digest)
+    # A search or compare imports the file once per trial or seed: say so once per process.
+    first = (path, digest) not in _ANNOUNCED
+    _ANNOUNCED.add((path, digest))
+    if first:
+        log.info("importing model file %s (sha256 %s); it runs with your privileges", path, digest)
     clashes = name_clashes(path.parent)
-    for name, other in clashes.items():
+    for name, other in clashes.items() if first else ():
         log.warning(
             "%s/%s has the name of the installed module %s (%s); `import %s` in the model file "
             "gets only one of them: rename the local one", path.parent, name, name, other, name,
