@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import platform
 import re
 import resource
@@ -101,23 +102,40 @@ def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
             row["speed_vs_plain"] = row["tokens_per_s_median"] / base["tokens_per_s_median"]
             row["loss_vs_plain"] = row["heldout_loss"] / base["heldout_loss"] - 1
             row["rss_vs_plain"] = row["peak_rss_mb_median"] / base["peak_rss_mb_median"]
+            row["verdict"] = _verdict(row, base)
     return rows
+
+
+def _verdict(row: dict, base: dict) -> str:
+    """Whether the arm's speed is told apart from the plain loop's: ranges that overlap are not."""
+    if row is base:
+        return "reference"
+    lo, hi = row["tokens_per_s_range"]
+    base_lo, base_hi = base["tokens_per_s_range"]
+    if row["runs"] < 2 or base["runs"] < 2:
+        return "inconclusive: one run per arm"
+    if lo > base_hi:
+        return "faster (ranges apart)"
+    if hi < base_lo:
+        return "slower (ranges apart)"
+    return "inconclusive: ranges overlap"
 
 
 def table(rows: list[dict]) -> str:
     """A Markdown table, the same one the README shows."""
-    out = ["| precision | arm | tokens/s median (min-max) | x plain | peak RSS MB "
+    out = ["| precision | arm | tokens/s median (min-max) | x plain | verdict | peak RSS MB "
            "| held-out loss (vs plain) |",
-           "|---|---|---|---|---|---|"]  # fmt: skip
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['precision']} | {r['arm']} | failed: {r['error'][:80]} | | | |")
+            out.append(f"| {r['precision']} | {r['arm']} | failed: {r['error'][:80]} | | | | |")
             continue
         lo, hi = r["tokens_per_s_range"]
         out.append(
             f"| {r['precision']} | {r['arm']} "
             f"| {r['tokens_per_s_median']:,.0f} ({lo:,.0f}-{hi:,.0f}) "
-            f"| {r.get('speed_vs_plain', float('nan')):.2f} | {r['peak_rss_mb_median']:,.0f} "
+            f"| {r.get('speed_vs_plain', float('nan')):.2f} | {r.get('verdict', '')} "
+            f"| {r['peak_rss_mb_median']:,.0f} "
             f"| {r['heldout_loss']:.4f} ({r.get('loss_vs_plain', float('nan')):+.1%}) |"
         )
     return "\n".join(out)
@@ -154,6 +172,7 @@ def main() -> None:
     if missing:
         print(f"skipping {missing}: install them with pip install -e '.[bench]' -c constraints.txt")
         arms = [a for a in arms if a not in missing]
+    load_before = os.getloadavg()[0]
     runs: dict[tuple[str, str], list[dict]] = {
         (p, a): [] for p in args.precisions.split(",") for a in arms
     }
@@ -169,7 +188,9 @@ def main() -> None:
     meta = {"benchmark": "peers", "job": dataclasses.asdict(job),
             "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "platform": platform.platform(), "rounds": args.rounds, "warmup": args.warmup,
-            "quick": args.quick}  # fmt: skip
+            "quick": args.quick, "load_average_before_after": [load_before, os.getloadavg()[0]],
+            "note": "a load average near or above the thread count means other jobs shared "
+                    "the cores: the ratios are then not to be trusted"}  # fmt: skip
     print(f"\n{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, job {args.job}\n")
     print(table(rows))
     path = args.out or result_path(args)
