@@ -121,4 +121,6 @@ def test_demo_learns_the_builtin_corpus(tmp_path):
     run, report = run_demo(out=tmp_path, max_steps=120, progress=False, bench_steps=8,
                            bench_repeats=1)  # fmt: skip
     assert run.result.final_val_loss < 0.6 * run.result.initial_val_loss
-    assert report.arm("bf16").status == "ok" and (run.run_dir / "report.md").exists()
+    assert report.arm("fp32").status == "ok" and (run.run_dir / "report.md").exists()
+    for arm in report.arms:  # the others are timed, or skipped as emulated with the reason
+        assert arm.status == "ok" or arm.reason.startswith("skipped:"), (arm.precision, arm.reason)

@@ -40,6 +40,14 @@ class MyTransformer(nn.Module):
 
 Net = MyTransformer
 """
+# `model.py:GPT` stands for the model a run was trained as: the built-in model at the test's size.
+GPT_FILE = """
+from amptrain.models import GPTConfig, TinyGPT
+
+
+def GPT(vocab_size):
+    return TinyGPT(GPTConfig(vocab_size=vocab_size, n_layer=1, n_embd=32, n_head=2, block_size=32))
+"""
 # Cut-downs: (pattern, replacement) applied to every command line and Python block.
 SMALLER = [
     (r"--max-steps \d+", "--max-steps 2"), (r"--trials \d+", "--trials 2"),
@@ -55,8 +63,6 @@ SMALL = {
     "search": ["--trials", "2", "--budget-steps", "2"], "doctor": ["--batches", "1"],
     "compare": ["--steps", "2", "--latency-iters", "1", "--eval-bytes", "2000"],
 }  # fmt: skip
-# Lines that cannot run here: set-up, several machines, or elided arguments ("...").
-NOT_RUNNABLE = ("make ", "pip ", "git ", "torchrun ", "#")
 
 
 def blocks(language: str) -> list[str]:
@@ -71,7 +77,8 @@ def command_blocks() -> list[list[str]]:
         lines = []
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
-            if line and not line.startswith(NOT_RUNNABLE) and "..." not in line:
+            runnable = re.match(r"^([A-Z_]+=\S+ )*(python -m )?amptrain ", line)
+            if runnable and "..." not in line:
                 lines.append(line)
         if lines:
             found.append(lines)
@@ -88,7 +95,9 @@ def smaller(text: str) -> str:
 def scratch(tmp_path, monkeypatch):
     """A folder holding what the README's snippets name."""
     text = "the quick brown fox jumps over the lazy dog. " * 300
-    for folder in ("my_corpus", "corpus"):
+    (tmp_path / "held_out.txt").write_text(text[:2000])
+    (tmp_path / "model.py").write_text(GPT_FILE)
+    for folder in ("my_corpus", "corpus", "more_text"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "a.txt").write_text(text)
     (tmp_path / "path" / "to").mkdir(parents=True)
@@ -107,10 +116,13 @@ def _newest_run(scratch: Path, command: str) -> str:
 
 def run_line(scratch: Path, line: str) -> subprocess.CompletedProcess:
     """Run one README command line, made small, with a real run directory where it names one."""
-    line = re.sub(r"runs/(\w+)-\d{8}-\d{6}", lambda m: _newest_run(scratch, m.group(1)), line)
+    line = re.sub(r"runs/(\w+)-(\d{8}-\d{6}|XYZ)", lambda m: _newest_run(scratch, m.group(1)),
+                  line)  # fmt: skip
     argv = shlex.split(smaller(line))
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
-    env.update(WANDB_MODE="offline", OPTUNA_URL=f"sqlite:///{scratch / 'optuna.db'}")
+    env["WANDB_MODE"] = "offline"
+    for name in re.findall(r"env:(\w+)", line):  # a study storage named by a variable: SQLite
+        env[name] = f"sqlite:///{scratch / 'optuna.db'}"
     while "=" in argv[0]:  # VAR=value prefixes
         key, value = argv.pop(0).split("=", 1)
         env[key] = value
@@ -122,9 +134,11 @@ def run_line(scratch: Path, line: str) -> subprocess.CompletedProcess:
     for flag, value in zip(SMALL.get(command, [])[::2], SMALL.get(command, [])[1::2]):
         if flag not in argv and "--resume" not in argv and "--config" not in argv:
             argv += [flag, value]
-    builtin = "--model" not in line and "--resume" not in line and "--config" not in line
-    if builtin and command in ("train", "bench", "doctor", "search", "compare"):
-        argv += ["--layers", "1", "--width", "32", "--heads", "2", "--context", "32"]
+    own_settings = "--resume" in line or "--config" in line or "--model runs/" in line
+    if "--model" not in line and not own_settings and command != "demo":
+        argv += ["--layers", "1", "--width", "32", "--heads", "2"]
+    if "--context" not in line and not own_settings and command not in ("demo", "generate"):
+        argv += ["--context", "32"]
     return subprocess.run(argv, cwd=scratch, env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
 
