@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from amptrain.cli.common import (
-    Options,
-    add_train_flags,
-    command_settings,
-    config_from_args,
-    print_ending,
-)
+from amptrain.cli.common import command_options, command_settings, config_from_args, print_ending
 
 # Flags of `train` that `bench` does not take: it sets steps, evaluation and precisions itself.
 SKIP = (
@@ -22,9 +16,7 @@ SKIP = (
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add the `bench` parser."""
-    parser = sub.add_parser("bench", help="benchmark precisions side by side on your model")
-    add_train_flags(parser, skip=SKIP)
-    opts = Options(parser)
+    opts = command_options(sub, "bench", "benchmark precisions side by side on your model", SKIP)
     add = opts.add
     add("--precisions", help="comma-separated arms (default: fp32 and every precision not "
         "emulated here)")  # fmt: skip

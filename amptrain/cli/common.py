@@ -38,6 +38,13 @@ def add_train_flags(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
 
+def command_options(sub: Any, name: str, help_text: str, skip: Iterable[str] = ()) -> Options:
+    """A command's parser with the train flags it takes (all but `skip`), ready for its own."""
+    parser = sub.add_parser(name, help=help_text)
+    add_train_flags(parser, skip=skip)
+    return Options(parser)
+
+
 class Options:
     """Adds a command's own options to its parser and remembers their names.
 

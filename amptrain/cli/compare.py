@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from amptrain.cli.common import (
-    Options,
-    add_train_flags,
-    command_settings,
-    config_from_args,
-    print_ending,
-)
+from amptrain.cli.common import command_options, command_settings, config_from_args, print_ending
 from amptrain.config import COMPARE_STEPS
 
 SKIP = ("--max-steps", "--eval-every", "--log-every", "--checkpoint-every", "--keep-last")
@@ -19,11 +13,9 @@ SKIP = ("--max-steps", "--eval-every", "--log-every", "--checkpoint-every", "--k
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add the `compare` parser."""
-    parser = sub.add_parser(
-        "compare", help="compare the model with a same-size or pretrained baseline"
+    opts = command_options(
+        sub, "compare", "compare the model with a same-size or pretrained baseline", SKIP
     )
-    add_train_flags(parser, skip=SKIP)
-    opts = Options(parser)
     add = opts.add
     add("--baseline", default="tiny-gpt", help="tiny-gpt or gpt2: a same-size reference trained "
         "on the same budget; or a local Hugging Face model directory: a pretrained reference, "

@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from amptrain.cli.common import (
-    Options,
-    add_train_flags,
-    command_settings,
-    config_from_args,
-    print_ending,
-)
+from amptrain.cli.common import command_options, command_settings, config_from_args, print_ending
 
 # Train flags the doctor does not take (it runs a few fixed passes, not a training run).
 SKIP = (
@@ -22,9 +16,9 @@ SKIP = (
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add the `doctor` parser."""
-    parser = sub.add_parser("doctor", help="find the layer that overflows or diverges in fp16/bf16")
-    add_train_flags(parser, skip=SKIP)
-    opts = Options(parser)
+    opts = command_options(
+        sub, "doctor", "find the layer that overflows or diverges in fp16/bf16", SKIP
+    )
     add = opts.add
     add("--precisions", help="AMP precisions to compare with fp32, comma-separated "
         "(default: fp16 and bf16 where the device serves them)")  # fmt: skip

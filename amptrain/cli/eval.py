@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from amptrain.cli.common import Options, add_train_flags, config_from_args, print_ending
+from amptrain.cli.common import command_options, config_from_args, print_ending
 
 # Train flags `eval` does not take: it trains nothing.
 SKIP = (
@@ -18,9 +18,9 @@ SKIP = (
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add the `eval` parser: the train flags that choose model, data and precision."""
-    parser = sub.add_parser("eval", help="score a model or a trained run on a corpus")
-    add_train_flags(parser, skip=SKIP)
-    return Options(parser).done(run)
+    return command_options(sub, "eval", "score a model or a trained run on a corpus", SKIP).done(
+        run
+    )
 
 
 def run(args: argparse.Namespace) -> int:

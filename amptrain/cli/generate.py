@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from amptrain.cli.common import Options, add_train_flags, config_from_args
+from amptrain.cli.common import command_options, config_from_args
 
 # Train flags `generate` does not take: it trains nothing and reads no corpus.
 SKIP = (
@@ -18,9 +18,7 @@ SKIP = (
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add the `generate` parser."""
-    parser = sub.add_parser("generate", help="sample text from a model or a trained run")
-    add_train_flags(parser, skip=SKIP)
-    opts = Options(parser)
+    opts = command_options(sub, "generate", "sample text from a model or a trained run", SKIP)
     opts.add("--prompt", required=True, help="text to continue")
     opts.add("--max-new-tokens", type=int, default=100, help="tokens to sample (default: 100)")
     opts.add("--temperature", type=float, default=1.0, help="divide the logits by this; 0 "

@@ -7,13 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from amptrain.cli.common import (
-    Options,
-    add_train_flags,
-    command_settings,
-    config_from_args,
-    print_ending,
-)
+from amptrain.cli.common import command_options, command_settings, config_from_args, print_ending
 from amptrain.config import GRACE_PERIOD, HEARTBEAT_INTERVAL, SEARCH_BUDGET_STEPS, SEARCH_PRUNERS
 
 SKIP = ("--max-steps", "--eval-every", "--log-every", "--checkpoint-every", "--keep-last")
@@ -21,13 +15,11 @@ SKIP = ("--max-steps", "--eval-every", "--log-every", "--checkpoint-every", "--k
 
 def register(sub: Any) -> argparse.ArgumentParser:
     """Add the `search` parser."""
-    parser = sub.add_parser("search", help="search hyperparameters and precision with Optuna")
-    add_train_flags(parser, skip=SKIP)
-    opts = Options(parser)
+    opts = command_options(sub, "search", "search hyperparameters and precision with Optuna", SKIP)
     add = opts.add
     add("--trials", type=int, default=20,
         help="trials to finish; pruned and failed ones count (default: 20)")  # fmt: skip
-    budget = parser.add_mutually_exclusive_group()
+    budget = opts.parser.add_mutually_exclusive_group()
     add("--budget-steps", group=budget, type=int, help="optimizer steps per trial")
     add("--budget-tokens", group=budget, type=int, help="training tokens per trial "
                         f"(default: {SEARCH_BUDGET_STEPS} steps' worth at --batch-size x "
