@@ -81,13 +81,6 @@ def read_config(path: Path) -> dict[str, Any]:
     return read_json_object(path)
 
 
-def given_flags(args: argparse.Namespace) -> list[str]:
-    """The training flags given on the command line (not from defaults), by flag name."""
-    given = vars(args)
-    names = [f.flag for f in train_flags() if f.flag[2:].replace("-", "_") in given]
-    return names + [flag for flag in GPT_FLAGS if flag[2:] in given]
-
-
 def config_from_args(args: argparse.Namespace) -> Any:
     """Defaults, then `--config`, then explicit flags: a validated `TrainConfig`."""
     from amptrain.config import TrainConfig
