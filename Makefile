@@ -22,8 +22,10 @@ $(BIN)/amptrain-dev: $(BIN)/amptrain-core
 demo: $(BIN)/amptrain-core
 	$(BIN)/amptrain demo
 
+# The tests run single-threaded (tests/conftest.py), so two workers use both cores of a 2-core
+# machine; each worker starts its own throwaway PostgreSQL server when it reaches those tests.
 test: $(BIN)/amptrain-dev
-	$(BIN)/python -m pytest -q -m 'not gpu'
+	$(BIN)/python -m pytest -q -m 'not gpu' -n 2
 
 test-fast: $(BIN)/amptrain-dev
 	$(BIN)/python -m pytest -q
