@@ -174,8 +174,13 @@ def test_a_base_gone_or_changed_is_one_line_naming_it(file_run, tmp_path, change
     assert ("is gone" if change == "gone" else "changed") in err and "--init-from" in err
 
 
-def test_every_run_writes_safetensors_that_read_back_with_tied_weights(tmp_path):
-    run = train("tiny-gpt", tmp_path / "runs", *TINY)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return train("tiny-gpt", tmp_path_factory.mktemp("tiny") / "runs", *TINY)
+
+
+def test_every_run_writes_safetensors_that_read_back_with_tied_weights(tiny_run):
+    run = tiny_run
     assert (run / "model.safetensors").is_file() and not (run / "model.pt").exists()
     model = build_model(ModelSpec(str(run)), 256)
     state = read_weights(run / "model.safetensors")
@@ -188,8 +193,9 @@ def test_every_run_writes_safetensors_that_read_back_with_tied_weights(tmp_path)
         assert len(list(f.keys())) < len(state)  # a tied tensor is stored once
 
 
-def test_an_old_run_with_model_pt_still_loads(tmp_path):
-    run = train("tiny-gpt", tmp_path / "runs", *TINY)
+def test_an_old_run_with_model_pt_still_loads(tiny_run, tmp_path):
+    run = tmp_path / "old-run"
+    shutil.copytree(tiny_run, run)
     state = read_weights(run / "model.safetensors")
     torch.save(state, run / "model.pt")
     (run / "model.safetensors").unlink()
@@ -198,7 +204,7 @@ def test_an_old_run_with_model_pt_still_loads(tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert weights(run)[1] == run / "model.pt"
     fresh = tmp_path / "init"
-    assert main(["train", "--data", str(tmp_path / "corpus.txt"), "--init-from",
+    assert main(["train", "--data", str(tiny_run.parent.parent / "corpus.txt"), "--init-from",
                  str(run / "model.pt"), "--out", str(fresh), *FLAGS, *TINY]) == 0  # fmt: skip
 
 
@@ -225,18 +231,21 @@ BROKEN = {
     "pickle-running-code": lambda run: _pickle_that_runs_code(run / "model.pt"),
     "a-list": lambda run: torch.save([1, 2], run / "model.pt"),
     "strings": lambda run: torch.save({"wte.weight": "x"}, run / "model.pt"),
+    "folder-as-weights": lambda run: (run / "model.pt").mkdir(),
     "no-weights": lambda run: shutil.rmtree(run / "checkpoints"),
     "both": lambda run: torch.save(read_weights(run / "model.safetensors"), run / "model.pt"),
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return train("tiny-gpt", tmp_path_factory.mktemp("tiny") / "runs", *TINY)
+# Every damage through eval; the other commands share its loading, so a few kinds each.
+CASES = [("eval", damage) for damage in sorted(BROKEN)] + [
+    (command, damage)
+    for command in ("generate", "init-from", "model-run")
+    for damage in ("text-as-model.pt", "crafted-safetensors", "no-weights", "both")
+]
 
 
-@pytest.mark.parametrize("damage", sorted(BROKEN))
-@pytest.mark.parametrize("command", ["eval", "generate", "init-from", "model-run"])
+@pytest.mark.parametrize(("command", "damage"), CASES)
 def test_broken_weights_are_one_line_exit_2(tiny_run, tmp_path, damage, command, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -257,3 +266,20 @@ def test_broken_weights_are_one_line_exit_2(tiny_run, tmp_path, damage, command,
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert str(run) in err
     assert not out.exists()  # refused before any run directory
+
+
+@pytest.mark.slow
+def test_a_run_fine_tuned_from_an_hf_run_exports_too(hf_run, tmp_path):
+    base, run = hf_run
+    if base.name != "tiny-llama":
+        pytest.skip("one family shows it; the export itself is tested for both")
+    again = train(run, tmp_path / "runs")
+    export = again / "hf"
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    assert hf_tokenizer.bos_token == "<s>"  # the base's special tokens, through the first run
+    ids = hf_tokenizer("def add", return_tensors="pt")["input_ids"]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    ours = build_model(ModelSpec(str(again)), hf_tokenizer.vocab_size).eval()
+    with torch.no_grad():
+        assert torch.equal(hf_model(ids).logits, forward_logits(ours, ids, ids))
+    assert json.loads((again / "base.json").read_text())["path"] == str(run.resolve())

@@ -124,8 +124,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         return _state_dict(_read_safetensors(path), path)
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:  # a folder or an unreadable file where the weights should be
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not head.startswith(_TORCH_MAGIC):
         raise ModelError(
             f"cannot read {path}: it is not a PyTorch weights file (a torch.save archive); "
