@@ -134,7 +134,7 @@ class TrainConfig:
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     """Keyword arguments for the model; for tiny-gpt: n_layer, n_embd, n_head, dropout."""
     init_from: str | None = None
-    """Start from these weights: a run directory, a checkpoint directory or a `model.pt`."""
+    """Start from these weights: a run directory, a checkpoint directory, or a weights file."""
     data: str = "builtin"
     """`builtin` (the standard-library corpus), a text file, or a folder of text files."""
     tokenizer: str | None = None

@@ -1,8 +1,9 @@
 """The `train` workflow: build model and data from a `TrainConfig`, run `fit`, write the run.
 
 The run directory holds `config.json` (enough to rerun with `amptrain train --config`),
-`metrics.jsonl`, `metrics.csv`, `summary.json`, `model.pt` (a state dict that loads with
-`torch.load(..., weights_only=True)`) and, with the `plot` extra, `loss.png`.
+`metrics.jsonl`, `metrics.csv`, `summary.json`, `model.safetensors` (the final weights),
+`base.json` and a copy of the tokenizer (so the run loads from wherever it is moved), `hf/`
+for a Hugging Face model (see `runs.hf_export`) and, with the `plot` extra, `loss.png`.
 """
 
 from __future__ import annotations
@@ -25,19 +26,21 @@ from amptrain.errors import ConfigError, Interrupted
 from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
-from amptrain.models import GPTConfig, ModelSpec, build_model
+from amptrain.models import GPTConfig, ModelSpec, build_model, provenance
 from amptrain.models.limits import check_context
-from amptrain.models.trained import load_into, run_config, run_tokenizer
+from amptrain.models.provenance import BASE_FILE
+from amptrain.models.trained import WEIGHTS, load_into, run_config, run_tokenizer
 from amptrain.precision import Precision, resolve
 from amptrain.resume_config import resumed_config
 from amptrain.runs import (
-    atomic_torch_save,
+    atomic_safetensors_save,
     atomic_write_bytes,
     atomic_write_json,
     create_run_dir,
     environment,
     write_config,
 )
+from amptrain.runs.hf_export import export_hf, is_hf_model
 
 log = logging.getLogger("amptrain")
 
@@ -135,17 +138,25 @@ def model_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], nn.Mod
 
 def tokenizer_for(cfg: TrainConfig) -> data.ByteTokenizer | data.JsonTokenizer:
     """The configured tokenizer: `--tokenizer`, the model directory's own, or UTF-8 bytes."""
+    path = tokenizer_file(cfg)
+    if path is None:
+        return data.ByteTokenizer()
+    if not cfg.tokenizer and run_config(cfg.model) is None:
+        log.info("using the model directory's tokenizer %s", path)
+    return data.JsonTokenizer(path)
+
+
+def tokenizer_file(cfg: TrainConfig) -> str | None:
+    """The tokenizer.json of `tokenizer_for`, or None for UTF-8 bytes."""
     if cfg.tokenizer:
-        return data.JsonTokenizer(cfg.tokenizer)
-    saved = run_config(cfg.model)
-    if saved is not None:  # a run directory as the model: the tokenizer it trained with
-        path = run_tokenizer(saved)
-        return data.JsonTokenizer(path) if path else data.ByteTokenizer()
+        folder = Path(cfg.tokenizer)
+        return str(folder / "tokenizer.json") if folder.is_dir() else cfg.tokenizer
+    if run_config(cfg.model) is not None:  # a run directory as the model: its tokenizer
+        return run_tokenizer(cfg.model)
     hf_tokenizer = Path(cfg.model) / "tokenizer.json"
     if cfg.model != "tiny-gpt" and hf_tokenizer.is_file():
-        log.info("using the model directory's tokenizer %s", hf_tokenizer)
-        return data.JsonTokenizer(hf_tokenizer)
-    return data.ByteTokenizer()
+        return str(hf_tokenizer)
+    return None
 
 
 def run_training(
@@ -179,6 +190,7 @@ def run_training(
         run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
         if main:
             write_config(run_dir, command, cfg)
+            _write_sources(run_dir, cfg)
     else:
         run_dir, ckpt = find_resume(cfg.out, resume, command)
         saved = TrainConfig.from_dict(_saved_config(run_dir))
@@ -219,7 +231,9 @@ def run_training(
     received: list[int] = []  # a signal now skips the plot; the run is checkpointed already
     with deferred_signals(received.append):
         _record_fast_path(run_dir / "config.json", result.fast_path)
-        atomic_torch_save(model.state_dict(), run_dir / "model.pt")
+        atomic_safetensors_save(model.state_dict(), run_dir / WEIGHTS)
+        if is_hf_model(model):
+            _export(model, run_dir, tokenizer_file(cfg))
         atomic_write_json(run_dir / "summary.json", summary(result, cfg, model))
         if not received:
             _plot(result, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
@@ -227,6 +241,23 @@ def run_training(
         newest = checkpoint.latest(run_dir / "checkpoints")
         raise Interrupted(received[0], result.steps, newest)
     return TrainRun(result, run_dir, model, train, val)
+
+
+def _write_sources(run_dir: Path, cfg: TrainConfig) -> None:
+    """`base.json` (where the model came from) and a copy of the tokenizer: the run can move."""
+    atomic_write_json(run_dir / BASE_FILE, provenance.record(cfg.model))
+    path = tokenizer_file(cfg)
+    if path is not None:
+        atomic_write_bytes(run_dir / "tokenizer.json", Path(path).read_bytes())
+
+
+def _export(model: nn.Module, run_dir: Path, tokenizer: str | None) -> None:
+    """hf/, an after-step: when it fails the run is still complete in model.safetensors."""
+    try:
+        export_hf(model, run_dir, tokenizer)
+    except Exception as exc:  # noqa: BLE001 - e.g. a model transformers cannot serialise
+        log.warning("hf/ not written (%s: %s); the run's weights are saved in %s",
+                    type(exc).__name__, exc, WEIGHTS)  # fmt: skip
 
 
 def _plot(result: FitResult, path: Path, title: str) -> None:

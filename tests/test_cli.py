@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 from amptrain.cli import main
@@ -28,7 +29,8 @@ def test_train_writes_the_run_directory(tmp_path, corpus, precision, capsys):
     run = run_dir_of(out)
     assert run.name.startswith("train-")
     names = {p.name for p in run.iterdir()}
-    assert {"config.json", "metrics.jsonl", "metrics.csv", "summary.json", "model.pt"} <= names
+    expected = {"config.json", "metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors"}
+    assert expected <= names
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
@@ -39,7 +41,7 @@ def test_train_writes_the_run_directory(tmp_path, corpus, precision, capsys):
     assert csv_header[:3] == ["step", "train/loss", "train/lr"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["precision"] == precision and summary["steps"] == 6
-    state = torch.load(run / "model.pt", weights_only=True)
+    state = safetensors.torch.load_file(run / "model.safetensors")
     assert "wte.weight" in state
     assert str(run) in capsys.readouterr().out
 

@@ -115,7 +115,7 @@ def test_two_processes_match_one_and_agree_on_skips(tmp_path):
     lines = (run / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(x)["step"] for x in lines if "train/loss" in x]
     assert steps == [1, 2, 3]  # each step logged once
-    assert (run / "model.pt").exists() and (run / "summary.json").exists()
+    assert (run / "model.safetensors").exists() and (run / "summary.json").exists()
 
 
 def _case_train(rank, tmp, tag, stop_at, resume):

@@ -57,7 +57,7 @@ def test_exit_0_the_run_is_done(tmp_path, corpus, monkeypatch):
     out = tmp_path / "runs"
     assert _train(corpus, out, "--max-steps", "2") == 0
     (run,) = out.iterdir()
-    assert (run / "summary.json").exists() and (run / "model.pt").exists()
+    assert (run / "summary.json").exists() and (run / "model.safetensors").exists()
 
 
 def test_exit_1_the_non_finite_policy_stopped_the_run(tmp_path, corpus, capsys):
@@ -147,7 +147,7 @@ def test_a_plot_that_fails_is_a_warning_not_a_failed_run(tmp_path, corpus, capsy
         code = _train(corpus, out, "--max-steps", "3", "--lr", "1.7e308")
     assert code == 0
     (run,) = out.iterdir()
-    assert (run / "summary.json").exists() and (run / "model.pt").exists()
+    assert (run / "summary.json").exists() and (run / "model.safetensors").exists()
     assert checkpoint.latest(run / "checkpoints").name == "step-000000003"
     assert not (run / "loss.png").exists()
     err = " ".join(capsys.readouterr().err.split())

@@ -12,6 +12,7 @@ from amptrain.cli import main
 from amptrain.errors import ConfigError
 from amptrain.generate import check_sampling
 from amptrain.models import ModelSpec, build_model
+from amptrain.models.trained import read_weights
 
 TINY = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch-size", "4"]
 
@@ -36,7 +37,7 @@ def trained(tmp_path_factory, corpus):
 
 def test_a_run_directory_builds_its_model_with_its_final_weights(trained):
     model = build_model(ModelSpec(str(trained)), 256)
-    saved = torch.load(trained / "model.pt", weights_only=True)
+    saved = read_weights(trained / "model.safetensors")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
 

@@ -10,15 +10,18 @@ checkpoint is ever imported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
 
 from amptrain.errors import ModelError, weights_only_refusal
 from amptrain.models.construct import call_constructor
+from amptrain.models.provenance import base_source
 from amptrain.models.tiny_gpt import GPTConfig, TinyGPT
 from amptrain.models.trained import load_into, run_config
 from amptrain.models.user_file import import_symbol
@@ -72,13 +75,24 @@ def build_model(spec: ModelSpec, vocab_size: int, context: int | None = None) ->
         return TinyGPT(GPTConfig(**kwargs))
     if kind == "hf":
         return _load_hf(Path(spec.name))
-    if kind == "run":  # the run's own model source and context, then its final weights
-        saved = run_config(spec.name)
-        inner = ModelSpec(saved["model"], {**saved.get("model_kwargs", {}), **spec.kwargs})
-        return load_into(build_model(inner, vocab_size, saved["context"]), spec.name)
+    if kind == "run":
+        return _build_run(spec, vocab_size)
     path, symbol = _split_file_spec(spec.name)
     factory = import_symbol(Path(path), symbol)
     return call_constructor(factory, spec.name, spec.kwargs, vocab_size, context)
+
+
+def _build_run(spec: ModelSpec, vocab_size: int) -> nn.Module:
+    """The run's architecture (from its `hf/` export, else its base), then its final weights."""
+    saved = run_config(spec.name)
+    export = Path(spec.name) / "hf"
+    if (export / "config.json").is_file() and not spec.kwargs:
+        model = _hf_architecture(export)
+    else:  # the base's source and the run's own arguments and context
+        inner = ModelSpec(base_source(spec.name, saved),
+                          {**saved.get("model_kwargs", {}), **spec.kwargs})  # fmt: skip
+        model = build_model(inner, vocab_size, saved["context"])
+    return load_into(model, spec.name)
 
 
 def _split_file_spec(name: str) -> tuple[str, str | None]:
@@ -98,9 +112,41 @@ def _load_hf(path: Path) -> nn.Module:
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} has no config.json, so it is not a Hugging Face model directory")
     try:
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     except pickle.UnpicklingError as exc:  # refused by weights_only; never retried unsafely
         weights = sorted(p.name for p in path.glob("*.bin")) or ["its weights"]
         raise ModelError(weights_only_refusal(path / weights[0], exc)) from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"loading the Hugging Face model in {path} failed: {exc}") from exc
+
+
+def _hf_architecture(path: Path) -> nn.Module:
+    """The model a Hugging Face config describes, freshly initialised (weights come after)."""
+    from amptrain._imports import requires
+
+    requires("transformers", "hf", f"the Hugging Face export {path}")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"the Hugging Face export {path} cannot be used: {exc}") from None
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Keep transformers' own warnings and progress bars off amptrain's console (errors stay)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -87,6 +87,33 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def atomic_safetensors_save(state: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write a state dict as safetensors, atomically.
+
+    safetensors stores each tensor once: a name whose tensor is another's (tied weights, such
+    as an output layer that is the embedding) is kept in the metadata as `{name: kept_name}`,
+    which `amptrain.models.trained.read_weights` turns back into both names.
+    """
+    from safetensors.torch import save
+
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)  # fmt: skip
+        if key in seen and tensor.numel():
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        shares = tensor.untyped_storage().data_ptr() in storages  # a view into another tensor
+        storages.add(tensor.untyped_storage().data_ptr())
+        kept[name] = tensor.clone() if shares else tensor.contiguous()
+    return atomic_write_bytes(path, save(kept, metadata={"format": "pt", **aliases}))
+
+
 def _finite_or_none(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if obj == obj and abs(obj) != float("inf") else None
