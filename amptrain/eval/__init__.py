@@ -24,12 +24,11 @@ def evaluate_model(cfg: TrainConfig, whole_data: bool) -> dict[str, Any]:
         cfg: The model, data, context, precision, device and batch size to use.
         whole_data: Score every block of `cfg.data`; False scores the validation split.
     """
-    from amptrain import data
     from amptrain.step import evaluate
-    from amptrain.train import prepare, tokenizer_for
+    from amptrain.train import load_data, prepare, tokenizer_for
 
     model, train, val, precision = prepare(cfg)
-    blocks = data.load(cfg.data, cfg.context, tokenizer_for(cfg)) if whole_data else val
+    blocks = load_data(cfg, tokenizer_for(cfg)) if whole_data else val
     scores = evaluate(model, blocks, precision, cfg.fit.batch_size, None, cfg.fit.ignore_index)
     targets = blocks.labels[:, 1:]
     scored = targets[targets != cfg.fit.ignore_index]
