@@ -91,7 +91,7 @@ def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Prec
         load_into(model, cfg.init_from)
     model = model.to(device)
     check_context(model, cfg.context, cfg.fit.batch_size, device, cfg.model)
-    if blocks.max_id is not None:
+    if str(cfg.data).lower().endswith(".bin") and blocks.max_id is not None:
         check_token_file(model, blocks, cfg, device)
     return model, train, val, precision
 

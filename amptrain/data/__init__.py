@@ -20,11 +20,17 @@ from amptrain.data.packing import (
     pack,
     split,
 )
-from amptrain.data.sources import BUILTIN_MODULES, builtin_corpus_files, load, text_files
+from amptrain.data.sources import (
+    BUILTIN_MODULES,
+    builtin_corpus_files,
+    load,
+    read_text,
+    text_files,
+)
 from amptrain.data.tokenizers import BYTE_VOCAB, ByteTokenizer, JsonTokenizer
 
 __all__ = [
     "BUILTIN_MODULES", "BYTE_VOCAB", "SUPPORTED", "Blocks", "ByteTokenizer", "JsonTokenizer",
     "as_blocks", "batches", "builtin_corpus_files", "check_ids", "epoch_order", "load", "pack",
-    "split", "text_files",
+    "read_text", "split", "text_files",
 ]  # fmt: skip

@@ -16,7 +16,7 @@ from amptrain.errors import DataError
 class Blocks:
     """Fixed-length token blocks: row i is `inputs[i]`, with `labels[i]` as its labels.
 
-    The tokens are stored compactly (uint8 for bytes, int16/int32 for a tokenizer's ids, a
+    The tokens are stored compactly (uint8 for bytes, uint16/int32 for a tokenizer's ids, a
     uint16/uint32 memory map for a token file) and converted to int64 one batch at a time, so
     a corpus costs its token count times 1-4 bytes, not 16. Labels equal to the inputs are not
     stored twice, and `subset` keeps an index instead of copying rows, so a split copies no
@@ -39,7 +39,7 @@ class Blocks:
     ) -> None:
         self.store, self.name, self.rows = inputs, name, rows
         self.store_labels = None if labels is inputs else labels
-        self.max_id = max_id  # of the whole store, when known (a token file's, found on load)
+        self.max_id = max_id  # when known (found on load), every stored id is in [0, max_id]
 
     def __len__(self) -> int:
         return self.store.size(0) if self.rows is None else self.rows.numel()
@@ -54,7 +54,7 @@ class Blocks:
         """All rows as one int64 `[N, T]` tensor (the stored one itself when it is that)."""
         if self.rows is None and self.store.dtype == torch.long:
             return self.store
-        return self.take(slice(None))[0]
+        return self.store[slice(None) if self.rows is None else self.rows].long()
 
     @property
     def labels(self) -> torch.Tensor:
@@ -75,8 +75,9 @@ class Blocks:
         rows = index if self.rows is None else self.rows[index]
         return Blocks(self.store, self.store_labels, self.name, rows, self.max_id)
 
-    def chunks(self, rows: int = 4096) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """`(first_row, inputs, labels)` for consecutive slices of `rows` rows, as int64."""
+    def chunks(self, tokens: int = 1 << 20) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """`(first_row, inputs, labels)` for consecutive slices of about `tokens` ids, as int64."""
+        rows = max(1, tokens // self.context)
         for first in range(0, len(self), rows):
             yield (first, *self.take(slice(first, first + rows)))
 
@@ -249,12 +250,8 @@ def check_ids(blocks: Blocks, vocab_size: int, ignore_index: int) -> None:
     Raises:
         DataError: Naming the first bad id, its (row, position) and the vocabulary size.
     """
-    if (
-        blocks.max_id is not None
-        and blocks.max_id < vocab_size
-        and blocks.store.dtype in (torch.uint8, torch.uint16, torch.uint32)
-    ):
-        return  # unsigned ids below a known maximum: nothing to scan
+    if blocks.max_id is not None and blocks.max_id < vocab_size and blocks.store_labels is None:
+        return  # ids known to lie in [0, max_id] on load: a scan would find nothing
     for first, x, y in blocks.chunks():
         check_token_range(x, vocab_size, blocks.name, first)
         if blocks.store_labels is not None:

@@ -78,8 +78,25 @@ def load(
         files, name = formats.resolve(source), str(source)
     if files[0].kind == "tokens":
         return token_file(files[0].path, context, data_dtype)
-    return pack(torch.from_numpy(stream(files, tokenizer, text_field)), context,
-                name or "the built-in corpus")  # fmt: skip
+    ids = stream(files, tokenizer, text_field)
+    blocks = pack(torch.from_numpy(ids), context, name or "the built-in corpus")
+    blocks.max_id = int(ids.max())  # a tokenizer's ids are >= 0: fit need not scan them again
+    return blocks
+
+
+def read_text(source: str | Path, text_field: str = "text") -> str:
+    """The whole text of a source, for work that needs the text itself (a held-out suffix).
+
+    Raises:
+        DataError: For a `.bin` token file, which holds ids and no text.
+    """
+    if str(source) == "builtin":
+        files = [formats.DataFile(f, "text") for f in builtin_corpus_files()]
+    else:
+        files = formats.resolve(source)
+    if files[0].kind == "tokens":
+        raise DataError(f"--data {source} holds token ids, not text; this needs text data")
+    return "".join(_pieces(files, text_field, raw=False))  # type: ignore[arg-type]
 
 
 def stream(
@@ -106,5 +123,5 @@ def token_file(path: Path, context: int, data_dtype: str) -> Blocks:
     array = tokens.open_token_file(path, data_dtype)
     top = tokens.max_id(path, array)
     blocks = pack(torch.from_numpy(array), context, str(path))
-    log.info("%s: %s token ids (%s), largest id %d", path, f"{array.size:,}", array.dtype, top)
+    log.info("%s: %s token ids (%s), largest id %s", path, f"{array.size:,}", array.dtype, top)
     return Blocks(blocks.store, None, blocks.name, max_id=top)

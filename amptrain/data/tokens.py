@@ -1,6 +1,6 @@
 """Token ids as compact arrays: text tokenized in pieces, and pre-tokenized `.bin` files.
 
-A tokenized corpus is kept as uint8 (byte tokens), int16 or int32 (a tokenizer's ids),
+A tokenized corpus is kept as uint8 (byte tokens), uint16 or int32 (a tokenizer's ids),
 never as int64 lists: a 1 GB text costs about 1 GB, not 16. A `.bin` file is memory-mapped,
 so its tokens stay on disk until a batch reads them.
 
@@ -49,7 +49,7 @@ class TokenBuffer:
 
 def dtype_for(vocab_size: int) -> type:
     """The smallest integer dtype that holds every id of a vocabulary."""
-    return np.uint8 if vocab_size <= 256 else np.int16 if vocab_size <= 32768 else np.int32
+    return np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32
 
 
 def encode_pieces(
@@ -124,15 +124,15 @@ def _refuse_uint32_as_uint16(path: Path) -> None:
         )
 
 
-def max_id(path: Path, array: np.ndarray) -> int:
-    """The largest id of a token file.
+def max_id(path: Path, array: np.ndarray) -> int | None:
+    """The largest id of a token file; None if it holds a negative one (litgpt's signed types).
 
     It is read in chunks, not through the map, which would leave the whole file resident.
     """
     offset = getattr(array, "offset", 0)
-    top = 0
+    top, bottom = 0, 0
     with open(path, "rb") as f:
         f.seek(offset)
         while (chunk := np.fromfile(f, dtype=array.dtype, count=_SCAN)).size:
-            top = max(top, int(chunk.max()))
-    return top
+            top, bottom = max(top, int(chunk.max())), min(bottom, int(chunk.min()))
+    return top if bottom >= 0 else None
