@@ -72,7 +72,9 @@ def with_run_split(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
         return cfg
     seed = cfg.fit.seed if "seed" in given else saved["fit"]["seed"]
     fit = dataclasses.replace(cfg.fit, seed=seed)
-    return dataclasses.replace(cfg, data=saved["data"], val_fraction=saved["val_fraction"], fit=fit)
+    read = {k: saved[k] for k in ("text_field", "data_dtype") if k in saved}  # read it as trained
+    return dataclasses.replace(cfg, data=saved["data"], val_fraction=saved["val_fraction"], fit=fit,
+                               **read)  # fmt: skip
 
 
 def run_eval(cfg: TrainConfig, given: dict[str, Any]) -> tuple[dict[str, Any], Path]:
