@@ -7,6 +7,7 @@ as raw bytes (keys, quotes, compressed pages) cannot pass.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import logging
 import math
@@ -54,6 +55,13 @@ def _write(kind: str, tmp_path):
         path = tmp_path / "strings.json"
         path.write_text(json.dumps(DOCS))
         return path
+    if kind in ("jsonl.gz", "tsv.gz", "txt.gz"):
+        plain = tmp_path / "plain"
+        plain.mkdir(exist_ok=True)
+        inner = JOINED if kind == "txt.gz" else _write(kind[:-3], plain).read_bytes()
+        path = tmp_path / f"corpus.{kind}"
+        path.write_bytes(gzip.compress(inner))
+        return path
     if kind in ("csv", "tsv"):
         return _table(tmp_path / f"corpus.{kind}", "," if kind == "csv" else "\t")
     if kind == "parquet":
@@ -68,7 +76,19 @@ def _write(kind: str, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kind", ["jsonl", "json-records", "json-strings", "csv", "tsv", "parquet", "datasets"]
+    "kind",
+    [
+        "jsonl",
+        "json-records",
+        "json-strings",
+        "csv",
+        "tsv",
+        "parquet",
+        "datasets",
+        "jsonl.gz",
+        "tsv.gz",
+        "txt.gz",
+    ],
 )
 def test_each_record_format_reads_as_its_text(kind, tmp_path):
     blocks = data.load(_write(kind, tmp_path), CONTEXT)
@@ -226,3 +246,29 @@ def test_train_cli_trains_on_a_jsonl_file_and_a_nanogpt_bin(kind, tmp_path, caps
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["data"] == str(path)
     assert math.isfinite(summary["final_val_loss"])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("one.json", '{"text": "a whole object"}', r"holds a JSON dict; .*list of records"),
+        ("bad.jsonl", '{"text": "fine"}\n{"text": broken}\n', r"line 2 is not JSON"),
+        ("nums.jsonl", '{"text": 3}\n', r"field 'text' is a int, not text"),
+    ],
+)
+def test_malformed_records_are_refused_with_where(name, content, match, tmp_path):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        data.load(path, CONTEXT)
+
+
+def test_the_data_flags_are_in_help_with_their_defaults_and_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--text-field" in text and "(default: text)" in text
+    assert "--data-dtype" in text and "(default: uint16)" in text
+    line = _refused(["--data", str(_jsonl(tmp_path / "c.jsonl")), "--data-dtype", "int8"],
+                    tmp_path, capsys)  # fmt: skip
+    assert "data_dtype='int8'" in line and "uint16 or uint32" in line

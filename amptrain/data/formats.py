@@ -1,7 +1,8 @@
 """Which format a `--data` path is in, chosen by its name and checked against its first bytes.
 
-A file's suffix names its format (`.jsonl`, `.json`, `.csv`, `.tsv`, `.parquet`, `.bin`);
-any other file is read as plain text when its first bytes are text, and refused otherwise.
+A file's suffix names its format (`.jsonl`, `.json`, `.csv`, `.tsv`, `.parquet`, `.bin`, and
+the text formats with `.gz` after them); any other file is read as plain text when its first
+bytes are text, and refused otherwise.
 A folder is a `datasets` `save_to_disk` folder when it has that layout, else a folder of such
 files, whose other files are skipped with the reason logged. A file that is not text (NUL
 bytes, or the magic number of gzip, zip, Parquet, ELF, PNG...) is refused by name with the
@@ -11,8 +12,11 @@ list of the formats amptrain reads, before anything is tokenized.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import logging
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 from amptrain.errors import DataError
 
@@ -25,8 +29,9 @@ SUFFIXES = {
 
 SUPPORTED = (
     "text (.txt or any UTF-8 text file), JSONL (.jsonl), JSON (.json: a list of records or "
-    "strings), CSV (.csv), TSV (.tsv), Parquet (.parquet), token files (.bin, uint16/uint32, "
-    "nanoGPT/litgpt), a datasets save_to_disk folder, or a folder of these"
+    "strings), CSV (.csv), TSV (.tsv), each of these gzip-compressed (.gz), Parquet (.parquet), "
+    "token files (.bin, uint16/uint32, nanoGPT/litgpt), a datasets save_to_disk folder, or a "
+    "folder of these"
 )
 
 # Magic numbers of common binary files, so a misnamed one is refused by what it is.
@@ -67,16 +72,37 @@ def not_text(head: bytes) -> str | None:
     return None
 
 
+def compressed(path: Path) -> bool:
+    """Whether `path` is named as gzip-compressed (`corpus.jsonl.gz`)."""
+    return path.suffix.lower() == ".gz"
+
+
+def kind_of(path: Path) -> str:
+    """The format a file's name says: its suffix, or for `x.jsonl.gz` the one before `.gz`."""
+    suffix = Path(path.stem).suffix if compressed(path) else path.suffix
+    return SUFFIXES.get(suffix.lower(), "text")
+
+
+def open_binary(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed when its name ends in `.gz`."""
+    return gzip.open(path, "rb") if compressed(path) else open(path, "rb")  # noqa: SIM115
+
+
 def _head(path: Path) -> bytes:
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         return f.read(_SNIFF_BYTES)
 
 
 def problem(path: Path, kind: str) -> str | None:
     """Why a file of format `kind` cannot be read, judged by its first bytes; None if it can."""
+    if compressed(path) and kind in ("tokens", "parquet"):
+        return f"a compressed {kind} file, which is read only uncompressed"
     if kind == "tokens":
         return None
-    head = _head(path)
+    try:
+        head = _head(path)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip raises all three for a bad file
+        return f"a gzip file that cannot be read ({exc})"
     if kind == "parquet":
         return None if head.startswith(b"PAR1") else "not a Parquet file (no PAR1 magic number)"
     what = not_text(head)
@@ -90,7 +116,7 @@ def classify(path: Path) -> DataFile:
         DataError: If the file is not in a format amptrain reads; the message names the file,
             what it looks like, and the supported formats.
     """
-    kind = SUFFIXES.get(path.suffix.lower(), "text")
+    kind = kind_of(path)
     why = problem(path, kind)
     if why is not None:
         raise DataError(f"--data {path} is {why}; amptrain reads {SUPPORTED}")
@@ -126,10 +152,10 @@ def _folder(path: Path) -> list[DataFile]:
         parts = p.relative_to(path).parts
         if not p.is_file() or any(part.startswith(".") for part in parts):
             continue
-        if SUFFIXES.get(p.suffix.lower()) == "tokens":
+        kind = kind_of(p)
+        if kind == "tokens" and not compressed(p):
             skipped.append((p, "a token file: pass it alone as --data"))
             continue
-        kind = SUFFIXES.get(p.suffix.lower(), "text")
         why = problem(p, kind)
         if why is None:
             found.append(DataFile(p, kind))

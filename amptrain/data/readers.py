@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from amptrain.data.formats import DataFile
+from amptrain.data.formats import DataFile, open_binary
 from amptrain.errors import DataError
 
 PIECE = 1 << 20  # characters (or bytes) per piece
@@ -34,7 +35,7 @@ def pieces(file: DataFile, text_field: str, raw: bool) -> Iterator[str | bytes]:
 
 def _text(path: Path, raw: bool) -> Iterator[str | bytes]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         while chunk := f.read(PIECE):
             yield chunk if raw else decoder.decode(chunk)
     if not raw:
@@ -79,7 +80,7 @@ def _text_of(record: Any, path: Path, field: str, where: str) -> str | None:
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -94,7 +95,7 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
 
 
 def _json(path: Path, field: str) -> Iterator[str]:
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         try:
             records = json.load(f)
         except json.JSONDecodeError as exc:
@@ -111,8 +112,9 @@ def _json(path: Path, field: str) -> Iterator[str]:
 
 def _csv(path: Path, field: str) -> Iterator[str]:
     csv.field_size_limit(max(csv.field_size_limit(), sys.maxsize >> 33))  # long documents
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    delimiter = "\t" if path.name.lower().endswith((".tsv", ".tsv.gz")) else ","
+    binary = open_binary(path)
+    with io.TextIOWrapper(binary, encoding="utf-8", errors="replace", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if field not in (reader.fieldnames or []):
             raise missing_field(path, field, reader.fieldnames or [], " (header)")

@@ -104,7 +104,9 @@ def stream(
 ) -> np.ndarray:
     """Tokenize files into one compact 1-D array of ids, files joined by a newline."""
     raw = isinstance(tokenizer, ByteTokenizer)
-    capacity = sum(f.path.stat().st_size for f in files if f.path.is_file()) + len(files)
+    sizes = [f.path.stat().st_size * (4 if formats.compressed(f.path) else 1) for f in files
+             if f.path.is_file()]  # fmt: skip
+    capacity = sum(sizes) + len(files)  # bytes bound byte tokens; a .gz's is a guess
     if any(f.kind == "datasets" for f in files):
         capacity += sum(p.stat().st_size for f in files for p in f.path.glob("**/*.arrow"))
     return tokens.encode_pieces(_pieces(files, text_field, raw), tokenizer, capacity,
