@@ -272,3 +272,14 @@ def test_the_data_flags_are_in_help_with_their_defaults_and_checked(tmp_path, ca
     line = _refused(["--data", str(_jsonl(tmp_path / "c.jsonl")), "--data-dtype", "int8"],
                     tmp_path, capsys)  # fmt: skip
     assert "data_dtype='int8'" in line and "uint16 or uint32" in line
+
+
+def test_a_datasets_folder_inside_a_folder_is_skipped_whole(tmp_path, caplog):
+    pytest.importorskip("datasets")
+    (tmp_path / "a.txt").write_bytes(JOINED)
+    _write("datasets", tmp_path)  # tmp_path/saved: state.json, dataset_info.json, .arrow
+    logging.getLogger("amptrain").propagate = True
+    with caplog.at_level(logging.INFO, logger="amptrain"):
+        assert torch.equal(data.load(tmp_path, CONTEXT).inputs, _expected())
+    assert any("state.json" in r.getMessage() and "datasets folder" in r.getMessage()
+               for r in caplog.records)  # fmt: skip

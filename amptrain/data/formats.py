@@ -152,13 +152,9 @@ def _folder(path: Path) -> list[DataFile]:
         parts = p.relative_to(path).parts
         if not p.is_file() or any(part.startswith(".") for part in parts):
             continue
-        kind = kind_of(p)
-        if kind == "tokens" and not compressed(p):
-            skipped.append((p, "a token file: pass it alone as --data"))
-            continue
-        why = problem(p, kind)
+        why = _not_in_folder(p, path)
         if why is None:
-            found.append(DataFile(p, kind))
+            found.append(DataFile(p, kind_of(p)))
         else:
             skipped.append((p, why))
     for p, why in skipped[:10]:
@@ -169,3 +165,14 @@ def _folder(path: Path) -> list[DataFile]:
         raise DataError(f"no text files under {path} ({len(skipped)} skipped); it reads "
                         f"{SUPPORTED}")  # fmt: skip
     return found
+
+
+def _not_in_folder(p: Path, root: Path) -> str | None:
+    """Why a folder's file is skipped: not readable, a token file, or part of a datasets folder."""
+    inside = next((d for d in p.parents if d != root and is_dataset_folder(d)), None)
+    if inside is not None and root in inside.parents:
+        return f"part of the datasets folder {inside}: pass that folder alone as --data"
+    kind = kind_of(p)
+    if kind == "tokens" and not compressed(p):
+        return "a token file: pass it alone as --data"
+    return problem(p, kind)
