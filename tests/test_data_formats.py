@@ -246,6 +246,13 @@ def test_train_cli_trains_on_a_jsonl_file_and_a_nanogpt_bin(kind, tmp_path, caps
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["data"] == str(path)
     assert math.isfinite(summary["final_val_loss"])
+    if kind == "jsonl":  # another command, another format, through the same loader
+        table = _table(tmp_path / "other.tsv", "\t")
+        code = main(["eval", "--model", str(run), "--data", str(table), "--out", str(out),
+                     "--no-progress"])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        (scored,) = out.glob("eval-*/eval.json")
+        assert json.loads(scored.read_text())["blocks"] == len(_expected())
 
 
 @pytest.mark.parametrize(
