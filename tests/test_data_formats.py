@@ -69,27 +69,27 @@ def _write(kind: str, tmp_path):
         path = tmp_path / "corpus.parquet"
         pq.write_table(pa.table({"id": list(range(len(DOCS))), "text": DOCS}), path)
         return path
+    if kind in ("arrow-stream", "arrow-file"):
+        pa = pytest.importorskip("pyarrow")
+        path, table = tmp_path / f"{kind}.arrow", pa.table({"text": DOCS, "id": range(len(DOCS))})
+        new = pa.ipc.new_stream if kind == "arrow-stream" else pa.ipc.new_file
+        with new(str(path), table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=5):
+                writer.write_batch(batch)
+        return path
     datasets = pytest.importorskip("datasets")
     path = tmp_path / "saved"
     datasets.Dataset.from_dict({"text": DOCS, "id": list(range(len(DOCS)))}).save_to_disk(path)
     return path
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "jsonl",
-        "json-records",
-        "json-strings",
-        "csv",
-        "tsv",
-        "parquet",
-        "datasets",
-        "jsonl.gz",
-        "tsv.gz",
-        "txt.gz",
-    ],
-)
+RECORD_FORMATS = (
+    "jsonl", "json-records", "json-strings", "csv", "tsv", "parquet", "datasets", "jsonl.gz",
+    "tsv.gz", "txt.gz", "arrow-stream", "arrow-file",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", RECORD_FORMATS)
 def test_each_record_format_reads_as_its_text(kind, tmp_path):
     blocks = data.load(_write(kind, tmp_path), CONTEXT)
     assert torch.equal(blocks.inputs, _expected())
@@ -194,7 +194,7 @@ def test_a_file_that_is_not_text_is_refused_before_a_run_directory(
     assert str(path) in line and what in line and "JSONL (.jsonl)" in line
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet", "datasets"])
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet", "arrow-stream", "datasets"])
 def test_a_missing_text_field_names_the_file_the_field_and_the_fields_there(kind, tmp_path, capsys):
     path = _write(kind, tmp_path)
     line = _refused(["--data", str(path), "--text-field", "body"], tmp_path, capsys)

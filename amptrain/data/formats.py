@@ -1,6 +1,7 @@
 """Which format a `--data` path is in, chosen by its name and checked against its first bytes.
 
-A file's suffix names its format (`.jsonl`, `.json`, `.csv`, `.tsv`, `.parquet`, `.bin`, and
+A file's suffix names its format (`.jsonl`, `.json`, `.csv`, `.tsv`, `.parquet`, `.arrow`,
+`.bin`, and
 the text formats with `.gz` after them); any other file is read as plain text when its first
 bytes are text, and refused otherwise.
 A folder is a `datasets` `save_to_disk` folder when it has that layout, else a folder of such
@@ -24,14 +25,14 @@ log = logging.getLogger("amptrain")
 
 SUFFIXES = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-    ".parquet": "parquet", ".bin": "tokens",
+    ".parquet": "parquet", ".arrow": "arrow", ".bin": "tokens",
 }  # fmt: skip
 
 SUPPORTED = (
     "text (.txt or any UTF-8 text file), JSONL (.jsonl), JSON (.json: a list of records or "
     "strings), CSV (.csv), TSV (.tsv), each of these gzip-compressed (.gz), Parquet (.parquet), "
-    "token files (.bin, uint16/uint32, nanoGPT/litgpt), a datasets save_to_disk folder, or a "
-    "folder of these"
+    "Arrow (.arrow, as datasets caches), token files (.bin, uint16/uint32, nanoGPT/litgpt), a "
+    "datasets save_to_disk folder, or a folder of these"
 )
 
 # Magic numbers of common binary files, so a misnamed one is refused by what it is.
@@ -95,7 +96,7 @@ def _head(path: Path) -> bytes:
 
 def problem(path: Path, kind: str) -> str | None:
     """Why a file of format `kind` cannot be read, judged by its first bytes; None if it can."""
-    if compressed(path) and kind in ("tokens", "parquet"):
+    if compressed(path) and kind in ("tokens", "parquet", "arrow"):
         return f"a compressed {kind} file, which is read only uncompressed"
     if kind == "tokens":
         return None
@@ -105,6 +106,9 @@ def problem(path: Path, kind: str) -> str | None:
         return f"a gzip file that cannot be read ({exc})"
     if kind == "parquet":
         return None if head.startswith(b"PAR1") else "not a Parquet file (no PAR1 magic number)"
+    if kind == "arrow":
+        arrow = head.startswith((b"ARROW1", b"\xff\xff\xff\xff"))
+        return None if arrow else "not an Arrow file (no Arrow stream or file header)"
     what = not_text(head)
     return None if what is None else f"{what}, not text"
 

@@ -29,7 +29,7 @@ def pieces(file: DataFile, text_field: str, raw: bool) -> Iterator[str | bytes]:
     if file.kind == "text":
         return _text(file.path, raw)
     records = {"jsonl": _jsonl, "json": _json, "csv": _csv, "tsv": _csv,
-               "parquet": _parquet, "datasets": _datasets}[file.kind]  # fmt: skip
+               "parquet": _parquet, "arrow": _arrow, "datasets": _datasets}[file.kind]  # fmt: skip
     return _joined(records(file.path, text_field))
 
 
@@ -135,6 +135,28 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
         raise missing_field(path, field, names)
     for batch in parquet.iter_batches(batch_size=4096, columns=[field]):
         yield from _strings(batch.column(0).to_pylist(), path, field)
+
+
+def _arrow(path: Path, field: str) -> Iterator[str]:
+    """An Arrow IPC file or stream (the `.arrow` files `datasets` caches), memory-mapped."""
+    from amptrain._imports import requires
+
+    requires("pyarrow", "data", f"--data {path}", "convert it to JSONL")
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        is_file = source.read(6) == b"ARROW1"
+        source.seek(0)
+        reader = pa.ipc.open_file(source) if is_file else pa.ipc.open_stream(source)
+        if field not in reader.schema.names:
+            raise missing_field(path, field, reader.schema.names)
+        column = reader.schema.get_field_index(field)
+        if is_file:
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            batches = iter(reader)
+        for batch in batches:
+            yield from _strings(batch.column(column).to_pylist(), path, field)
 
 
 def _strings(values: list[Any], path: Path, field: str) -> Iterator[str]:
