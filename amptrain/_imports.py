@@ -1,7 +1,8 @@
 """One registry of optional dependencies and one helper that explains how to install them.
 
 `find_spec` imports nothing, so `import amptrain` stays light: optuna, wandb, lightning,
-transformers, matplotlib, pandas, tensorboard and mlflow are imported only where they are used.
+transformers, matplotlib, pandas, tensorboard, mlflow, pyarrow and datasets are imported only
+where they are used.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ TRANSFORMERS_AVAILABLE = _available("transformers")
 PANDAS_AVAILABLE = _available("pandas")
 TENSORBOARD_AVAILABLE = _available("tensorboard")
 MLFLOW_AVAILABLE = _available("mlflow")  # mlflow-skinny installs the same package
+PYARROW_AVAILABLE = _available("pyarrow")
+DATASETS_AVAILABLE = _available("datasets")
 
 _FLAGS = {
     "matplotlib": "MATPLOTLIB_AVAILABLE",
@@ -34,6 +37,8 @@ _FLAGS = {
     "pandas": "PANDAS_AVAILABLE",
     "tensorboard": "TENSORBOARD_AVAILABLE",
     "mlflow": "MLFLOW_AVAILABLE",
+    "pyarrow": "PYARROW_AVAILABLE",
+    "datasets": "DATASETS_AVAILABLE",
 }
 
 

@@ -142,8 +142,10 @@ def probe_vocab(model: nn.Module, context: int, device: torch.device, source: st
     return int(logits.shape[-1])
 
 
-def check_token_range(ids: torch.Tensor, vocab_size: int, what: str) -> None:
+def check_token_range(ids: torch.Tensor, vocab_size: int, what: str, first_row: int = 0) -> None:
     """Refuse token ids outside `[0, vocab_size)` before any kernel sees them.
+
+    `ids` may be a slice of larger data whose row 0 is row `first_row` there.
 
     Raises:
         DataError: Naming the first bad id, its (row, position) and the vocabulary size.
@@ -152,7 +154,7 @@ def check_token_range(ids: torch.Tensor, vocab_size: int, what: str) -> None:
     if bool(bad.any()):
         row, pos = (int(i) for i in bad.nonzero()[0])
         raise DataError(
-            f"{what} has token id {int(ids[row, pos])} at (row {row}, position {pos}), outside "
-            f"the model's vocabulary [0, {vocab_size}); use a tokenizer that matches the model, "
-            "or a model with a larger vocab_size"
+            f"{what} has token id {int(ids[row, pos])} at (row {first_row + row}, position "
+            f"{pos}), outside the model's vocabulary [0, {vocab_size}); use a tokenizer that "
+            "matches the model, or a model with a larger vocab_size"
         )

@@ -136,7 +136,14 @@ class TrainConfig:
     init_from: str | None = None
     """Start from these weights: a run directory, a checkpoint directory, or a weights file."""
     data: str = "builtin"
-    """`builtin` (the standard-library corpus), a text file, or a folder of text files."""
+    """`builtin` (the standard-library corpus), a file (text, .jsonl, .json, .csv, .tsv,
+    .parquet, or a .bin of token ids), a `datasets` save_to_disk folder, or a folder of files."""
+    text_field: str = "text"
+    """The field (column) that holds the text in .jsonl, .json, .csv, .tsv, .parquet and
+    `datasets` data."""
+    data_dtype: str = "uint16"
+    """The ids of a .bin token file without a header: uint16 (nanoGPT's) or uint32 (for
+    vocabularies over 65,536); litgpt's files state their own."""
     tokenizer: str | None = None
     """A local `tokenizer.json`; None for UTF-8 byte tokens."""
     context: int = 128
@@ -153,11 +160,13 @@ class TrainConfig:
     """Settings of the training loop."""
 
     def __post_init__(self) -> None:
-        for field in ("model", "data", "precision", "device", "out"):
+        for field in ("model", "data", "text_field", "precision", "device", "out"):
             value = getattr(self, field)
             _check(isinstance(value, str) and value != "", field, value, "a non-empty string")
         _check(self.tokenizer is None or isinstance(self.tokenizer, str), "tokenizer",
                self.tokenizer, "a path to a tokenizer.json, or null")  # fmt: skip
+        _check(self.data_dtype in ("uint16", "uint32"), "data_dtype", self.data_dtype,
+               "uint16 or uint32")  # fmt: skip
         _check(_is_int(self.context) and self.context >= 2, "context", self.context,
                "an integer >= 2")  # fmt: skip
         _check(_finite(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction",

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amptrain import checkpoint, distributed
 from amptrain import data as data_mod
-from amptrain.adapter import check_token_range, probe_vocab
+from amptrain.adapter import probe_vocab
 from amptrain.attention import AttentionPlan
 from amptrain.attention import plan as plan_attention
 from amptrain.callbacks import Callback, emit
@@ -207,7 +207,7 @@ def _fast_path(
         "loss": "chunked fp32 cross-entropy (amptrain.losses)", "compiled": opts.compile,
     }  # fmt: skip
     if opts.compile:
-        sample = train_b.inputs[: opts.batch_size].to(next(model.parameters()).device)
+        sample = train_b.take(slice(opts.batch_size))[0].to(next(model.parameters()).device)
         fast_path["compile_s"] = compile_in_place(model, prec, sample, attn.context)
     log.info("fast path: %s", fast_path)
     return attn, fast_path
@@ -225,7 +225,7 @@ def _attention_plan(
     if saved is not None and opts.attention == "auto":  # a re-measurement could flip it
         return AttentionPlan(saved, "resumed: the backend this run started with")
     device = next(model.parameters()).device
-    sample = train_b.inputs[: opts.batch_size].to(device)
+    sample = train_b.take(slice(opts.batch_size))[0].to(device)
     return plan_attention(opts.attention, model, prec, sample)
 
 
@@ -305,9 +305,7 @@ def check_data(
     vocab = probe_vocab(model, train_b.context, device, source)
     for blocks in (train_b, val_b):
         if blocks is not None:
-            check_token_range(blocks.inputs, vocab, blocks.name)
-            labels = blocks.labels.masked_fill(blocks.labels == ignore_index, 0)
-            check_token_range(labels, vocab, f"{blocks.name} labels")
+            data_mod.check_ids(blocks, vocab, ignore_index)
     return train_b, val_b
 
 

@@ -117,8 +117,8 @@ def evaluate(
     per_eval = batch_size * world_size  # the global batch, as in training
     n = len(blocks) if max_batches is None else min(len(blocks), max_batches * per_eval)
     for start in range(rank * batch_size, n, world_size * batch_size):  # sharded over ranks
-        x = blocks.inputs[start : start + batch_size].to(device, non_blocking=True)
-        y = blocks.labels[start : start + batch_size].to(device, non_blocking=True)
+        x, y = blocks.take(slice(start, start + batch_size))
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with precision.autocast(), attention():
             logits = forward_logits(model, x, y)
             loss_sum += next_token_loss(logits, y, ignore_index).item()

@@ -21,8 +21,9 @@ from torch import nn
 
 from amptrain import checkpoint, data, distributed
 from amptrain._imports import MATPLOTLIB_AVAILABLE
+from amptrain.adapter import probe_vocab
 from amptrain.config import TrainConfig, run_values
-from amptrain.errors import ConfigError, Interrupted
+from amptrain.errors import ConfigError, DataError, Interrupted
 from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
@@ -85,7 +86,7 @@ def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Prec
     tokenizer = tokenizer_for(cfg)
     if cfg.model == "tiny-gpt":
         check_model_size(cfg, tokenizer.vocab_size, device)
-    blocks = data.load(cfg.data, cfg.context, tokenizer)
+    blocks = load_data(cfg, tokenizer)
     train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
     torch.manual_seed(cfg.fit.seed)  # the same seed gives the same initial weights
     model = model_factory(cfg, torch.device("cpu"))()
@@ -93,7 +94,37 @@ def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Prec
         load_into(model, cfg.init_from)
     model = model.to(device)
     check_context(model, cfg.context, cfg.fit.batch_size, device, cfg.model)
+    if str(cfg.data).lower().endswith(".bin") and blocks.max_id is not None:
+        check_token_file(model, blocks, cfg, device)
     return model, train, val, precision
+
+
+def load_data(cfg: TrainConfig, tokenizer: data.ByteTokenizer | data.JsonTokenizer) -> data.Blocks:
+    """The blocks of `cfg.data`, read in the format its name says (every command loads so)."""
+    return data.load(cfg.data, cfg.context, tokenizer, cfg.text_field, cfg.data_dtype)
+
+
+def check_token_file(
+    model: nn.Module, blocks: data.Blocks, cfg: TrainConfig, device: torch.device
+) -> None:
+    """Refuse a token file whose largest id the model cannot embed, before any run directory.
+
+    Raises:
+        DataError: Naming the file, its largest id, the model's vocabulary and the fixes.
+    """
+    vocab = probe_vocab(model, cfg.context, device, cfg.model)
+    if blocks.max_id >= vocab:
+        need = -(-(blocks.max_id + 1) // 64) * 64
+        fix = (
+            f"--model-kwargs '{{\"vocab_size\": {need}}}'"
+            if cfg.model == "tiny-gpt"
+            else "a model with a larger vocabulary"
+        )
+        raise DataError(
+            f"--data {cfg.data} has token id {blocks.max_id}, outside the model's vocabulary "
+            f"[0, {vocab}); pass the tokenizer the file was made with (--tokenizer) or {fix}, "
+            f"or check --data-dtype ({cfg.data_dtype})"
+        )
 
 
 # Training holds fp32 weights, their gradients and AdamW's two moments: 16 bytes a parameter.

@@ -7,6 +7,7 @@ the test checks that each snippet is a working use of the current API, not its s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import save_tiny_gpt2
 
@@ -105,6 +107,11 @@ def scratch(tmp_path, monkeypatch):
         (tmp_path / name).write_text(MODEL_FILE)
     save_tiny_gpt2(tmp_path / "path" / "to" / "hf-model", text)
     (tmp_path / "space.toml").write_text("lr = {low = 1e-4, high = 1e-2, log = true}\n")
+    records = [text[i : i + 400] for i in range(0, len(text), 400)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in records))
+    (tmp_path / "reviews.csv").write_text("id,body\n" + "".join(f"{i},{r}\n" for i, r in
+                                                               enumerate(records)))  # fmt: skip
+    (np.arange(20_000) * 7919 % 50257).astype(np.uint16).tofile(tmp_path / "train.bin")  # nanoGPT
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

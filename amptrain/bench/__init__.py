@@ -349,7 +349,7 @@ def _with_memory(row, model, train, val, opts, device) -> ArmResult:
 
 def _with_mfu(rows, model, train: Blocks, device, batch_size: int):
     probe_model = copy.deepcopy(model)
-    ids = train.inputs[:2].to(device)
+    ids = train.take(slice(2))[0].to(device)
     flops_per_token, how = hardware.train_flops_per_token(probe_model, ids)
     del probe_model
     tokens = batch_size * (train.context - 1)

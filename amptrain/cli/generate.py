@@ -9,10 +9,11 @@ from amptrain.cli.common import command_options, config_from_args
 
 # Train flags `generate` does not take: it trains nothing and reads no corpus.
 SKIP = (
-    "--init-from", "--data", "--val-fraction", "--max-steps", "--batch-size", "--grad-accum",
-    "--lr", "--warmup", "--weight-decay", "--clip-norm", "--eval-every", "--eval-batches",
-    "--log-every", "--max-nonfinite", "--init-scale", "--growth-interval",
-    "--checkpoint-every", "--keep-last", "--optimizer-impl", "--attention", "--compile",
+    "--init-from", "--data", "--text-field", "--data-dtype", "--val-fraction", "--max-steps",
+    "--batch-size", "--grad-accum", "--lr", "--warmup", "--weight-decay", "--clip-norm",
+    "--eval-every", "--eval-batches", "--log-every", "--max-nonfinite", "--init-scale",
+    "--growth-interval", "--checkpoint-every", "--keep-last", "--optimizer-impl", "--attention",
+    "--compile",
 )  # fmt: skip
 
 

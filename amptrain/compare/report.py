@@ -388,8 +388,7 @@ def _held_out(cfg: TrainConfig, eval_bytes: int) -> tuple[Any, Any, Any, str, An
     from amptrain.train import model_factory, pick_device, tokenizer_for
 
     device = pick_device(cfg.device)
-    files = data.builtin_corpus_files() if cfg.data == "builtin" else data.text_files(cfg.data)
-    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    text = data.read_text(cfg.data, cfg.text_field)
     raw = text.encode("utf-8")
     if not 0 < eval_bytes <= len(raw) // 2:
         raise ConfigError(

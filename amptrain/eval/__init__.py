@@ -24,12 +24,11 @@ def evaluate_model(cfg: TrainConfig, whole_data: bool) -> dict[str, Any]:
         cfg: The model, data, context, precision, device and batch size to use.
         whole_data: Score every block of `cfg.data`; False scores the validation split.
     """
-    from amptrain import data
     from amptrain.step import evaluate
-    from amptrain.train import prepare, tokenizer_for
+    from amptrain.train import load_data, prepare, tokenizer_for
 
     model, train, val, precision = prepare(cfg)
-    blocks = data.load(cfg.data, cfg.context, tokenizer_for(cfg)) if whole_data else val
+    blocks = load_data(cfg, tokenizer_for(cfg)) if whole_data else val
     scores = evaluate(model, blocks, precision, cfg.fit.batch_size, None, cfg.fit.ignore_index)
     targets = blocks.labels[:, 1:]
     scored = targets[targets != cfg.fit.ignore_index]
@@ -73,7 +72,9 @@ def with_run_split(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
         return cfg
     seed = cfg.fit.seed if "seed" in given else saved["fit"]["seed"]
     fit = dataclasses.replace(cfg.fit, seed=seed)
-    return dataclasses.replace(cfg, data=saved["data"], val_fraction=saved["val_fraction"], fit=fit)
+    read = {k: saved[k] for k in ("text_field", "data_dtype") if k in saved}  # read it as trained
+    return dataclasses.replace(cfg, data=saved["data"], val_fraction=saved["val_fraction"], fit=fit,
+                               **read)  # fmt: skip
 
 
 def run_eval(cfg: TrainConfig, given: dict[str, Any]) -> tuple[dict[str, Any], Path]:

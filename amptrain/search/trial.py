@@ -90,7 +90,8 @@ class _Watch(Callback):
 
 def _train(trial: Any, job: _Job, watch: _Watch) -> Any:
     """Sample a config, build a fresh model and data for it, train with exactly its options."""
-    from amptrain.data import Blocks
+    import torch
+
     from amptrain.loop import fit
 
     cfg = search_space.apply(job.base, search_space.sample(trial, job.dims))
@@ -104,7 +105,7 @@ def _train(trial: Any, job: _Job, watch: _Watch) -> Any:
         model, train, val, precision = prepare(cfg)
     else:
         model, train, val, precision = job.factory(), job.train, job.val, cfg.precision
-    val = Blocks(val.inputs[: job.eval_blocks], val.labels[: job.eval_blocks], val.name)
+    val = val.subset(torch.arange(min(len(val), job.eval_blocks)))
     return fit(model, train, val, precision=precision, callbacks=[watch], source=cfg.model,
                **dataclasses.asdict(cfg.fit))  # fmt: skip
 

@@ -1,141 +1,85 @@
-"""Token data: sources, packing into fixed blocks, a seeded split and a seeded batch order.
+"""Blocks of tokens: packing, Python data as blocks, a seeded split and a seeded batch order.
 
-Sources are Python tensors or lists, text files and folders, and the built-in corpus.
-
-Everything here ends as `Blocks`: `inputs` and `labels`, both `[N, T]` int64. Labels equal
-`inputs` except at padding, where they hold `ignore_index`. The built-in corpus is the source
-text of a fixed selection of the running Python's standard library: real text, present on every
-machine, no download.
+Labels equal the inputs except at padding, where they hold `ignore_index`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sysconfig
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 
-from amptrain.adapter import IGNORE_INDEX
+from amptrain.adapter import IGNORE_INDEX, check_token_range
 from amptrain.errors import DataError
 
-BYTE_VOCAB = 256
 
-# The built-in corpus: these standard-library modules, in this order (about 1.2 MB of text).
-BUILTIN_MODULES = (
-    "argparse.py", "collections/__init__.py", "dataclasses.py", "difflib.py", "enum.py",
-    "functools.py", "inspect.py", "json/decoder.py", "json/encoder.py", "logging/__init__.py",
-    "pathlib.py", "pickle.py", "random.py", "shutil.py", "statistics.py", "string.py",
-    "subprocess.py", "textwrap.py", "threading.py", "typing.py", "unittest/case.py",
-)  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
 class Blocks:
-    """Fixed-length token blocks: `inputs` and `labels`, each `[N, T]` int64."""
+    """Fixed-length token blocks: row i is `inputs[i]`, with `labels[i]` as its labels.
 
-    inputs: torch.Tensor
-    labels: torch.Tensor
-    name: str = "data"
+    The tokens are stored compactly (uint8 for bytes, uint16/int32 for a tokenizer's ids, a
+    uint16/uint32 memory map for a token file) and converted to int64 one batch at a time, so
+    a corpus costs its token count times 1-4 bytes, not 16. Labels equal to the inputs are not
+    stored twice, and `subset` keeps an index instead of copying rows, so a split copies no
+    tokens.
+
+    Args:
+        inputs: `[M, T]` stored rows, any integer dtype.
+        labels: `[M, T]` labels, or None when they equal the inputs.
+        name: What the data is called in messages.
+        rows: The stored rows this object holds, in order; None for all of them.
+    """
+
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        name: str = "data",
+        rows: torch.Tensor | None = None,
+        max_id: int | None = None,
+    ) -> None:
+        self.store, self.name, self.rows = inputs, name, rows
+        self.store_labels = None if labels is inputs else labels
+        self.max_id = max_id  # when known (found on load), every stored id is in [0, max_id]
 
     def __len__(self) -> int:
-        return self.inputs.size(0)
+        return self.store.size(0) if self.rows is None else self.rows.numel()
 
     @property
     def context(self) -> int:
         """T, the length of every block."""
-        return self.inputs.size(1)
+        return self.store.size(1)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """All rows as one int64 `[N, T]` tensor (the stored one itself when it is that)."""
+        if self.rows is None and self.store.dtype == torch.long:
+            return self.store
+        return self.store[slice(None) if self.rows is None else self.rows].long()
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """All labels as one int64 `[N, T]` tensor."""
+        if self.rows is None and self.store_labels is not None:
+            return self.store_labels.long()
+        return self.take(slice(None))[1]
+
+    def take(self, index: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(inputs, labels)` of the rows at `index` (a slice or an index tensor), as int64."""
+        at = index if self.rows is None else self.rows[index]
+        x = self.store[at].long()
+        y = x.clone() if self.store_labels is None else self.store_labels[at].long()
+        return x, y
 
     def subset(self, index: torch.Tensor) -> Blocks:
-        """The blocks at `index`, in that order."""
-        return Blocks(self.inputs[index], self.labels[index], self.name)
+        """The blocks at `index`, in that order (no tokens are copied)."""
+        rows = index if self.rows is None else self.rows[index]
+        return Blocks(self.store, self.store_labels, self.name, rows, self.max_id)
 
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: vocabulary 256, nothing to download or train."""
-
-    vocab_size = BYTE_VOCAB
-    name = "bytes"
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """The text of token ids; bytes that are not valid UTF-8 become U+FFFD."""
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-class JsonTokenizer:
-    """A local Hugging Face `tokenizer.json` (needs the `hf` extra)."""
-
-    def __init__(self, path: str | Path) -> None:
-        from amptrain._imports import requires
-
-        requires("transformers", "hf", f"--tokenizer {path}", "leave it out for byte tokens")
-        from tokenizers import Tokenizer
-
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        self._tok = Tokenizer.from_file(str(path))
-        self.vocab_size = self._tok.get_vocab_size()
-        self.name = str(path)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`."""
-        return self._tok.encode(text).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """The text of token ids."""
-        return self._tok.decode(list(ids))
-
-
-def builtin_corpus_files() -> list[Path]:
-    """The standard-library files of the built-in corpus, checked to exist."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [root / name for name in BUILTIN_MODULES]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise DataError(
-            f"the built-in corpus needs the standard library's sources, and {missing[0]} is "
-            "missing (this Python ships compiled modules only); pass --data with text files"
-        )
-    return files
-
-
-def text_files(source: str | Path) -> list[Path]:
-    """The text files of a file or folder: every non-hidden file without NUL bytes, sorted."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"data path not found: {path}")
-    if path.is_file():
-        return [path]
-    files = [
-        p
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    ]
-    files = [p for p in files if b"\0" not in p.read_bytes()[:8192]]
-    if not files:
-        raise DataError(f"no text files under {path}")
-    return files
-
-
-def tokenize_files(files: Sequence[Path], tokenizer: ByteTokenizer | JsonTokenizer) -> torch.Tensor:
-    """Read and tokenize files into one stream of token ids, files joined by a newline."""
-    if isinstance(tokenizer, ByteTokenizer):
-        raw = b"\n".join(f.read_bytes() for f in files)
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long() if raw else _empty()
-    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    return torch.tensor(tokenizer.encode(text), dtype=torch.long) if text else _empty()
-
-
-def _empty() -> torch.Tensor:
-    return torch.zeros(0, dtype=torch.long)
+    def chunks(self, tokens: int = 1 << 20) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """`(first_row, inputs, labels)` for consecutive slices of about `tokens` ids, as int64."""
+        rows = max(1, tokens // self.context)
+        for first in range(0, len(self), rows):
+            yield (first, *self.take(slice(first, first + rows)))
 
 
 def pack(stream: torch.Tensor, context: int, name: str) -> Blocks:
@@ -154,8 +98,7 @@ def pack(stream: torch.Tensor, context: int, name: str) -> Blocks:
             f"{name} has {n_tokens} tokens, fewer than two blocks of context {context} "
             f"(one to train, one to validate; {2 * context} tokens); add text or lower --context"
         )
-    inputs = stream[: n_blocks * context].view(n_blocks, context).clone()
-    return Blocks(inputs, inputs.clone(), name)
+    return Blocks(stream[: n_blocks * context].view(n_blocks, context), None, name)
 
 
 def as_blocks(
@@ -197,7 +140,7 @@ def as_blocks(
         if context is None:
             raise DataError(f"{name} is a 1-D token stream; pass context= to cut it into blocks")
         return pack(ids, context, name)
-    return _checked(Blocks(ids, ids.clone(), name))
+    return _checked(Blocks(ids, None, name))
 
 
 def _refuse_shifted_labels(inputs: torch.Tensor, labels: torch.Tensor, name: str) -> None:
@@ -244,7 +187,7 @@ def _pad_rows(rows: Sequence[Sequence[int]], name: str) -> Blocks:
 
 
 def _checked(blocks: Blocks) -> Blocks:
-    if blocks.inputs.numel() == 0:
+    if blocks.store.numel() == 0:
         raise DataError(f"{blocks.name} is empty: no tokens to train on")
     if blocks.context < 2:
         raise DataError(
@@ -297,26 +240,20 @@ def batches(
         order = epoch_order(n, seed, epoch)
         for b in range(index, per_epoch):
             first = b * global_batch + rank * batch_size
-            idx = order[first : first + batch_size]
-            yield blocks.inputs[idx], blocks.labels[idx]
+            yield blocks.take(order[first : first + batch_size])
         epoch, index = epoch + 1, 0
 
 
-def load(
-    source: str | Path | None,
-    context: int,
-    tokenizer: ByteTokenizer | JsonTokenizer | None = None,
-) -> Blocks:
-    """Load a named source into blocks: `None` or `"builtin"` for the built-in corpus, else a path.
+def check_ids(blocks: Blocks, vocab_size: int, ignore_index: int) -> None:
+    """Refuse ids outside `[0, vocab_size)` in the inputs and labels, a chunk of rows at a time.
 
-    Args:
-        source: `"builtin"`, a text file, or a folder of text files.
-        context: Tokens per block.
-        tokenizer: Defaults to UTF-8 bytes.
+    Raises:
+        DataError: Naming the first bad id, its (row, position) and the vocabulary size.
     """
-    tokenizer = tokenizer or ByteTokenizer()
-    if source is None or str(source) == "builtin":
-        files, name = builtin_corpus_files(), "the built-in corpus"
-    else:
-        files, name = text_files(source), str(source)
-    return pack(tokenize_files(files, tokenizer), context, name)
+    if blocks.max_id is not None and blocks.max_id < vocab_size and blocks.store_labels is None:
+        return  # ids known to lie in [0, max_id] on load: a scan would find nothing
+    for first, x, y in blocks.chunks():
+        check_token_range(x, vocab_size, blocks.name, first)
+        if blocks.store_labels is not None:
+            y = y.masked_fill(y == ignore_index, 0)
+            check_token_range(y, vocab_size, f"{blocks.name} labels", first)
