@@ -193,8 +193,9 @@ def find_head(
     hooks = [m.register_forward_hook(_recorder(outputs, name)) for name, m in linears.items()]
     was_training = model.training
     model.eval()
-    try:
-        with precision.autocast():
+    try:  # the generators forked: the dry run leaves the run's randomness as it was
+        devices = [sample.device] if sample.is_cuda else []
+        with torch.random.fork_rng(devices=devices), precision.autocast():
             logits = forward_logits(model, sample, sample)
     finally:
         model.train(was_training)

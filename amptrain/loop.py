@@ -204,7 +204,7 @@ def _fast_path(
     """The attention and loss plans, the model compiled when asked, and the record of all."""
     attn = _attention_plan(model, train_b, prec, opts, resume)
     sample = train_b.inputs[: opts.batch_size].to(next(model.parameters()).device)
-    loss_plan = plan_loss(opts.loss, model, prec, sample, compiled=opts.compile)
+    loss_plan = plan_loss(opts.loss, model, prec, sample, compiled=opts.compile is True)
     fast_path: dict[str, Any] = {
         **describe(optimizer), "attention": attn.backend, "attention_reason": attn.reason,
         **loss_plan.record(), "compiled": opts.compile,
