@@ -37,9 +37,11 @@ from amptrain.precision import Precision
 CHOICES = ("auto", "fused", "unfused")
 """`auto` fuses where the fp32 logits would be large; `fused` wherever the head is found."""
 
-FUSE_ABOVE_BYTES = 256 * 2**20
-"""`auto` fuses when one micro-batch's fp32 logits would exceed this (256 MiB). Below it the
-unfused loss is as fast and its memory is small (benchmarks/loss_memory.py measures both)."""
+FUSE_ABOVE_BYTES = 128 * 2**20
+"""`auto` fuses when one micro-batch's fp32 logits exceed this (128 MiB: two chunks or more).
+Measured (benchmarks/loss_memory.py, 1,024 rows of width 256, fp32): at V = 50,257 (206 MB of
+logits) the fused loss adds 181 MB where the unfused one adds 427, and was no slower; at
+V = 8,192 (34 MB) one chunk holds all the logits, so fusing saves little and was slower."""
 
 CHUNK_BYTES = 64 * 2**20
 """fp32 logits per chunk of the fused loss (64 MiB)."""
@@ -167,7 +169,15 @@ def plan_loss(
         return dataclasses.replace(
             UNFUSED,
             reason=f"fp32 logits of a micro-batch are {logits_bytes / 2**20:,.0f} MiB, at most "
-            f"{FUSE_ABOVE_BYTES / 2**20:,.0f} MiB: the unfused loss is as fast there",
+            f"{FUSE_ABOVE_BYTES / 2**20:,.0f} MiB: one or two chunks, fusing saves little there",
+        )
+    if choice == "auto" and sample.numel() < 2 * head.in_features:
+        # torch's op keeps the weight's gradient from its forward: one more [V, d] buffer,
+        # which outweighs the logits saved when a micro-batch has fewer rows than 2 d.
+        return dataclasses.replace(
+            UNFUSED,
+            reason=f"{sample.numel()} rows per micro-batch, under twice the head's width "
+            f"{head.in_features}: the fused loss's extra weight-sized buffer would cost more",
         )
     return LossPlan(
         "fused",

@@ -173,7 +173,9 @@ def test_auto_fuses_only_large_logits(monkeypatch):
     small = plan_loss("auto", model, FP32, ids)
     assert small.kind == "unfused" and "MiB" in small.reason
     monkeypatch.setattr(head_loss, "FUSE_ABOVE_BYTES", 0)
-    assert plan_loss("auto", model, FP32, ids).kind == "fused"
+    assert plan_loss("auto", model, FP32, ids).kind == "fused"  # 4 x 16 rows, width 16
+    few_rows = plan_loss("auto", model, FP32, ids[:1, :8])
+    assert few_rows.kind == "unfused" and "twice the head's width" in few_rows.reason
     assert plan_loss("auto", model, FP32, ids, compiled=True).kind == "unfused"
     assert plan_loss("unfused", model, FP32, ids).reason == "asked for (loss='unfused')"
 
@@ -187,6 +189,7 @@ def test_fit_with_the_fused_loss_trains_like_the_unfused_one():
         params[loss] = [p.detach() for p in model.parameters()]
     assert results["fused"].fast_path["loss"] == "fused"
     assert results["unfused"].fast_path["loss"] == "unfused"
+    assert "`lm_head`" in results["fused"].fast_path["loss_reason"]
     losses = {
         k: [r["train/loss"] for r in v.history if "train/loss" in r] for k, v in results.items()
     }
