@@ -32,10 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from amptrain.adapter import forward_logits, next_token_loss, takes_targets
+from amptrain.errors import ModelError
 from amptrain.precision import Precision
-
-CHOICES = ("auto", "fused", "unfused")
-"""`auto` fuses where the fp32 logits would be large; `fused` wherever the head is found."""
 
 FUSE_ABOVE_BYTES = 128 * 2**20
 """`auto` fuses when one micro-batch's fp32 logits exceed this (128 MiB: two chunks or more).
@@ -68,8 +66,11 @@ class LossPlan:
             return next_token_loss(forward_logits(model, ids, labels), labels, ignore_index)
         with _capture_input(self.head) as captured:
             returned = forward_logits(model, ids, labels)
-        if returned is not captured["placeholder"]:  # the dry run checked this; a guard
-            raise RuntimeError("the model changed what it returns after the fused-loss dry run")
+        if returned is not captured["placeholder"]:  # the dry run checked it; the shapes differ
+            raise ModelError(
+                "the model post-processed its head's output in training, which the dry run "
+                "did not show; train it with loss='unfused' (--loss unfused)"
+            )
         return fused_next_token_loss(captured["hidden"], self.head, labels, ignore_index)
 
     def record(self) -> dict[str, str]:

@@ -15,7 +15,7 @@ from torch import nn
 import amptrain
 from amptrain import head_loss
 from amptrain.config import FitOptions
-from amptrain.errors import ConfigError
+from amptrain.errors import ConfigError, ModelError
 from amptrain.head_loss import UNFUSED, find_head, fused_next_token_loss, plan_loss
 from amptrain.precision import resolve
 
@@ -148,6 +148,22 @@ def test_models_whose_head_cannot_be_fused_keep_the_unfused_loss(model, why):
     plan = plan_loss("fused", model, FP32, torch.zeros(2, 4, dtype=torch.long))
     assert plan.kind == "unfused" and plan.head is None
     assert why in plan.reason
+
+
+class _ScaledInTraining(_Scaled):
+    """Post-processes its logits in training mode only, which the dry run (eval) cannot see."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.out(self.emb(ids))
+        return logits * 2 if self.training else logits
+
+
+def test_post_processing_the_dry_run_missed_is_refused_in_the_step():
+    model, ids = _ScaledInTraining(), torch.zeros(2, 4, dtype=torch.long)
+    plan = plan_loss("fused", model, FP32, ids)
+    assert plan.kind == "fused"
+    with pytest.raises(ModelError, match="loss='unfused'"):
+        plan.forward_loss(model.train(), ids, ids, -100)
 
 
 def test_a_final_dtype_cast_counts_as_the_head():
