@@ -74,6 +74,9 @@ class FitOptions:
     """AdamW kernel: `auto` (fused where torch has it), `fused`, `foreach` or `for-loop`."""
     attention: str = "auto"
     """SDPA backend in the step: `auto` (measured at run start), `default` or `math`."""
+    loss: str = "auto"
+    """Next-token loss: `auto` (fused with the head where its fp32 logits would be large),
+    `fused` (wherever the head is found) or `unfused`."""
     compile: bool = False
     """Compile the model in place (`torch.compile`) before training; compile time reported apart."""
 
@@ -109,6 +112,8 @@ class FitOptions:
         attention = ("auto", "default", "math")
         _check(self.attention in attention, "attention", self.attention,
                f"one of {', '.join(attention)}")  # fmt: skip
+        losses = ("auto", "fused", "unfused")
+        _check(self.loss in losses, "loss", self.loss, f"one of {', '.join(losses)}")
         clip = self.clip_norm
         _check(clip is None or (_finite(clip) and clip > 0), "clip_norm", clip,
                "a finite number > 0, or None for no clipping")  # fmt: skip

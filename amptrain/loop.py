@@ -30,6 +30,7 @@ from amptrain.checkpoint import Checkpoint
 from amptrain.compiling import compile_in_place
 from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
+from amptrain.head_loss import LossPlan, plan_loss
 from amptrain.interrupts import deferred_signals
 from amptrain.metrics.meters import Throughput, peak_memory_mb
 from amptrain.metrics.sinks import Sink
@@ -172,12 +173,12 @@ def fit(
         _check_world_size(resume)
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # an extended run's
             group["lr"] = base * lr_factor(scheduler.last_epoch, opts)  # schedule, from now on
-    attn, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume)
+    attn, loss_plan, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume)
     rank, world_size = distributed.world()
     sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
     meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend}
     run = _Loop(model, _wrap(model, world_size), train_b, val_b, prec, optimizer, scheduler, opts,
-                state, sinks, list(callbacks), checkpoint_dir, meta, attn)  # fmt: skip
+                state, sinks, list(callbacks), checkpoint_dir, meta, attn, loss_plan)  # fmt: skip
     model.train()
     with prec.activate(), deferred_signals(_on_signal(state), handle_signals):
         emit(run.callbacks, "on_fit_start", state)
@@ -199,18 +200,19 @@ def _fast_path(
     optimizer: torch.optim.Optimizer,
     opts: FitOptions,
     resume: Checkpoint | None,
-) -> tuple[AttentionPlan, dict[str, Any]]:
-    """The attention plan, the model compiled when asked, and the record of both."""
+) -> tuple[AttentionPlan, LossPlan, dict[str, Any]]:
+    """The attention and loss plans, the model compiled when asked, and the record of all."""
     attn = _attention_plan(model, train_b, prec, opts, resume)
+    sample = train_b.take(slice(opts.batch_size))[0].to(next(model.parameters()).device)
+    loss_plan = plan_loss(opts.loss, model, prec, sample, compiled=opts.compile is True)
     fast_path: dict[str, Any] = {
         **describe(optimizer), "attention": attn.backend, "attention_reason": attn.reason,
-        "loss": "chunked fp32 cross-entropy (amptrain.losses)", "compiled": opts.compile,
+        **loss_plan.record(), "compiled": opts.compile,
     }  # fmt: skip
     if opts.compile:
-        sample = train_b.take(slice(opts.batch_size))[0].to(next(model.parameters()).device)
         fast_path["compile_s"] = compile_in_place(model, prec, sample, attn.context)
     log.info("fast path: %s", fast_path)
-    return attn, fast_path
+    return attn, loss_plan, fast_path
 
 
 def _attention_plan(
@@ -264,6 +266,7 @@ class _Loop:
     checkpoint_dir: str | Path | None
     checkpoint_meta: dict[str, Any]
     attention: AttentionPlan
+    loss_plan: LossPlan
     last_checkpoint: Path | None = None
     saved_step: int = -1
 
@@ -326,7 +329,7 @@ def _run(run: _Loop) -> float:
     while state.step < opts.max_steps and not state.should_stop:
         window = [_to_device(next(batches), device) for _ in range(opts.grad_accum)]
         out = train_step(run.net, window, run.prec, run.optimizer, run.scheduler, opts,
-                         run.attention.context)  # fmt: skip
+                         run.attention.context, run.loss_plan)  # fmt: skip
         state.step, state.batches = state.step + 1, state.batches + opts.grad_accum
         state.tokens += out.tokens
         meter.update(out.tokens)

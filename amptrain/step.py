@@ -22,6 +22,7 @@ from amptrain import data as data_mod
 from amptrain import distributed
 from amptrain.adapter import count_targets, forward_logits, next_token_hits, next_token_loss
 from amptrain.config import FitOptions
+from amptrain.head_loss import UNFUSED, LossPlan
 from amptrain.precision import Precision
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -46,6 +47,7 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     opts: FitOptions,
     attention: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    loss_plan: LossPlan = UNFUSED,
 ) -> StepOutput:
     """One optimizer step over the micro-batches of `window` (gradient accumulation).
 
@@ -53,7 +55,8 @@ def train_step(
     gradient all-reduce (`no_sync`), and the loss is normalised by the token count of all
     ranks, so N ranks with batch B train exactly like one process with batch N*B.
     `attention` scopes the forward passes (the SDPA backend of `amptrain.attention`); the
-    backward follows the kernels the forward chose.
+    backward follows the kernels the forward chose. `loss_plan` computes the loss from the
+    logits, or from the head's input without building them (`amptrain.head_loss`).
     """
     _, world_size = distributed.world()
     local_targets = sum(count_targets(y, opts.ignore_index) for _, y in window)
@@ -64,8 +67,7 @@ def train_step(
         defer_sync = isinstance(model, DDP) and i < len(window) - 1
         with model.no_sync() if defer_sync else contextlib.nullcontext(), precision.autocast():
             with attention():
-                logits = forward_logits(model, x, y)
-            loss_sum = next_token_loss(logits, y, opts.ignore_index)
+                loss_sum = loss_plan.forward_loss(model, x, y, opts.ignore_index)
             # Normalise by the whole window's token count: every token weighs the same, so
             # accumulating A batches of B equals one batch of A*B. DDP averages over ranks,
             # hence the world size.

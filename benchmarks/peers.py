@@ -1,18 +1,24 @@
 """amptrain against a plain PyTorch loop and the peers, on one job, one process per run.
 
 Arms (see `peers_arms.py`): `plain` (hand-written loop, torch's default AdamW,
-`F.cross_entropy` on `.float()` logits), `amptrain` (its defaults), Lightning's Trainer,
+`F.cross_entropy` on `.float()` logits), `expert` (nanoGPT's recipe: the model and the loss
+compiled as one function by `torch.compile`, fused AdamW), `amptrain` (its defaults, told the
+run is 2,000 steps long and stopped after the job's steps), Lightning's Trainer,
 Accelerate, the transformers Trainer (its own default optimizer), and with `--ablation` the
 plain loop with each of amptrain's levers alone, amptrain with each lever off, and amptrain
 with `compile=True` (its compile time is outside the timed steps). Every run
 is a fresh process (no shared caches or allocator state); rounds are interleaved and the
 order of the arms rotates each round, so machine drift hits all alike. Per arm and precision:
-median tokens/s over rounds with min-max, the ratio to the plain loop, peak RSS of the
-process, and the held-out loss after the same steps (measured the same way for every arm).
+median tokens/s over rounds with min-max and the spread ((max - min) / median), the ratios to
+the plain loop and to the expert's loop, with a verdict against each (ranges apart or
+inconclusive), peak RSS of the process, and the held-out loss after the same steps (measured
+the same way for every arm). An arm whose spread exceeds `WIDE_SPREAD` is flagged: its ratios
+are then not to be trusted.
 
     pip install -e '.[bench]' -c constraints.txt
     python benchmarks/peers.py --quick                 # a few seconds per arm: does it run?
     python benchmarks/peers.py --rounds 3 --ablation   # the real measurement, on a quiet machine
+    python benchmarks/peers.py --job gpt-v128k --arms plain,expert,amptrain --precisions fp32
 
 The result goes to benchmarks/results/peers-<cpu>-t<threads>-torch<version>.json.
 """
@@ -36,6 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers_arms import ABLATION, ARMS, JOBS, PEERS, heldout_loss  # noqa: E402
+
+WIDE_SPREAD = 0.10
+"""An arm whose tokens/s range over rounds exceeds this fraction of its median is flagged."""
 
 _NEEDS = {"lightning": "lightning", "accelerate": "accelerate", "transformers": "transformers"}
 
@@ -94,20 +103,29 @@ def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
             "tokens_per_s_range": [min(rates), max(rates)],
             "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in good),
             "heldout_loss": statistics.median(r["heldout_loss"] for r in good),
+            "spread": (max(rates) - min(rates)) / statistics.median(rates),
         })  # fmt: skip
-    plain = {r["precision"]: r for r in rows if r["arm"] == "plain" and "error" not in r}
-    for row in rows:
-        base = plain.get(row["precision"])
-        if base and "error" not in row:
-            row["speed_vs_plain"] = row["tokens_per_s_median"] / base["tokens_per_s_median"]
-            row["loss_vs_plain"] = row["heldout_loss"] / base["heldout_loss"] - 1
-            row["rss_vs_plain"] = row["peak_rss_mb_median"] / base["peak_rss_mb_median"]
-            row["verdict"] = _verdict(row, base)
+    for ref in ("plain", "expert"):
+        bases = {r["precision"]: r for r in rows if r["arm"] == ref and "error" not in r}
+        for row in rows:
+            base = bases.get(row["precision"])
+            if base and "error" not in row:
+                row[f"speed_vs_{ref}"] = row["tokens_per_s_median"] / base["tokens_per_s_median"]
+                row[f"verdict_vs_{ref}"] = _verdict(row, base)
+            if ref == "plain" and base and "error" not in row:
+                row["loss_vs_plain"] = row["heldout_loss"] / base["heldout_loss"] - 1
+                row["rss_vs_plain"] = row["peak_rss_mb_median"] / base["peak_rss_mb_median"]
     return rows
 
 
+def wide_spreads(rows: list[dict]) -> list[str]:
+    """The arms whose spread over rounds is too wide for their ratios to be trusted."""
+    return [f"{r['precision']}/{r['arm']} ({r['spread']:.0%})" for r in rows
+            if r.get("spread", 0) > WIDE_SPREAD]  # fmt: skip
+
+
 def _verdict(row: dict, base: dict) -> str:
-    """Whether the arm's speed is told apart from the plain loop's: ranges that overlap are not."""
+    """Whether the arm's speed is told apart from the reference's: ranges that overlap are not."""
     if row is base:
         return "reference"
     lo, hi = row["tokens_per_s_range"]
@@ -123,20 +141,22 @@ def _verdict(row: dict, base: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """A Markdown table, the same one the README shows."""
-    out = ["| precision | arm | tokens/s median (min-max) | x plain | verdict | peak RSS MB "
-           "| held-out loss (vs plain) |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = ["| precision | arm | tokens/s median (min-max) | spread | x plain | verdict vs plain "
+           "| x expert | verdict vs expert | peak RSS MB | held-out loss (vs plain) |",
+           "|---|---|---|---:|---:|---|---:|---|---:|---|"]  # fmt: skip
+    nan = float("nan")
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['precision']} | {r['arm']} | failed: {r['error'][:80]} | | | | |")
+            out.append(f"| {r['precision']} | {r['arm']} | failed: {r['error'][:80]} |" + " |" * 7)
             continue
         lo, hi = r["tokens_per_s_range"]
         out.append(
             f"| {r['precision']} | {r['arm']} "
-            f"| {r['tokens_per_s_median']:,.0f} ({lo:,.0f}-{hi:,.0f}) "
-            f"| {r.get('speed_vs_plain', float('nan')):.2f} | {r.get('verdict', '')} "
+            f"| {r['tokens_per_s_median']:,.0f} ({lo:,.0f}-{hi:,.0f}) | {r['spread']:.0%} "
+            f"| {r.get('speed_vs_plain', nan):.2f} | {r.get('verdict_vs_plain', '')} "
+            f"| {r.get('speed_vs_expert', nan):.2f} | {r.get('verdict_vs_expert', '')} "
             f"| {r['peak_rss_mb_median']:,.0f} "
-            f"| {r['heldout_loss']:.4f} ({r.get('loss_vs_plain', float('nan')):+.1%}) |"
+            f"| {r['heldout_loss']:.4f} ({r.get('loss_vs_plain', nan):+.1%}) |"
         )
     return "\n".join(out)
 
@@ -193,6 +213,11 @@ def main() -> None:
                     "the cores: the ratios are then not to be trusted"}  # fmt: skip
     print(f"\n{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, job {args.job}\n")
     print(table(rows))
+    wide = wide_spreads(rows)
+    meta["wide_spread"] = wide
+    if wide:
+        print(f"\nSPREAD TOO WIDE (over {WIDE_SPREAD:.0%} of the median): {', '.join(wide)}; "
+              "their ratios are not to be trusted: rerun alone on a quiet machine")  # fmt: skip
     path = args.out or result_path(args)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -13,7 +13,7 @@ SKIP = (
     "--batch-size", "--grad-accum", "--lr", "--warmup", "--weight-decay", "--clip-norm",
     "--eval-every", "--eval-batches", "--log-every", "--max-nonfinite", "--init-scale",
     "--growth-interval", "--checkpoint-every", "--keep-last", "--optimizer-impl", "--attention",
-    "--compile",
+    "--loss", "--compile",
 )  # fmt: skip
 
 
