@@ -257,8 +257,9 @@ class WandbSink:
         if not self.required:
             self._fail("init", message)
             return
-        self._disabled = True
-        self.close()
+        with self._lock:  # refused, not warned: a late init is ended by the worker, silently
+            self._disabled = self._warned = self._closed = True
+        self._queue.put(_STOP)
         raise TrackerError(f"{scrub(message)}; {START_FIX}")
 
     def _init(self, wandb: Any, project, values, mode, settings, kwargs, done) -> None:
