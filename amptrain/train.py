@@ -8,6 +8,7 @@ The run directory holds `config.json` (enough to rerun with `amptrain train --co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -144,9 +145,15 @@ def tokenizer_for(cfg: TrainConfig) -> data.ByteTokenizer | data.JsonTokenizer:
         return data.JsonTokenizer(path) if path else data.ByteTokenizer()
     hf_tokenizer = Path(cfg.model) / "tokenizer.json"
     if cfg.model != "tiny-gpt" and hf_tokenizer.is_file():
-        log.info("using the model directory's tokenizer %s", hf_tokenizer)
+        _say_tokenizer(hf_tokenizer)
         return data.JsonTokenizer(hf_tokenizer)
     return data.ByteTokenizer()
+
+
+@functools.cache
+def _say_tokenizer(path: Path) -> None:
+    """Once per process: a run asks for its tokenizer more than once."""
+    log.info("using the model directory's tokenizer %s", path)
 
 
 def run_training(

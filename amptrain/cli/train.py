@@ -86,7 +86,6 @@ class Trackers:
 
     def __init__(self, args: argparse.Namespace, cfg: Any) -> None:
         self.args, self.cfg, self.sinks = args, cfg, []
-        self.quiet = {} if getattr(args, "verbose", False) else {"settings": {"silent": True}}
         from amptrain._imports import requires
 
         instead = "use the run directory's metrics.jsonl"
@@ -107,7 +106,7 @@ class Trackers:
 
             resumed = _wandb_resume(cfg.out, args.resume)
             self.sinks.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out,
-                                        run_dir=run_dir, required=True, **self.quiet,
+                                        run_dir=run_dir, required=True,
                                         **resumed))  # fmt: skip
         if args.tensorboard is not None:
             from amptrain.metrics.tensorboard_sink import TensorBoardSink
