@@ -237,6 +237,9 @@ def test_log_failure_and_stall_cost_one_warning_each(wandb_env, amptrain_log, mo
         batch_size=8)  # fmt: skip
     (warning,) = amptrain_log.warnings()
     assert "W&B log failed (UsageError" in warning or "W&B config failed (UsageError" in warning
+    failure = broken.failure  # what summary.json keeps of it
+    assert failure["sink"] == "W&B" and failure["during"] in ("log", "config")
+    assert failure["error"].startswith("W&B") and "UsageError" in failure["error"]
 
     stuck = WandbSink("p", dir=str(wandb_env), log_timeout=0.2)
     run = stuck.run
