@@ -45,6 +45,10 @@ class PrecisionError(AmptrainError, ValueError):
     """A precision name is unknown, or the hardware cannot serve the request."""
 
 
+class TrackerError(AmptrainError, RuntimeError):
+    """A tracker that was asked for (W&B, TensorBoard, MLflow) cannot start; nothing trained."""
+
+
 class NonFiniteError(AmptrainError, RuntimeError):
     """Training stopped after too many consecutive non-finite steps."""
 

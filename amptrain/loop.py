@@ -32,6 +32,7 @@ from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
 from amptrain.head_loss import LossPlan, plan_loss
 from amptrain.interrupts import deferred_signals
+from amptrain.metrics import tracking
 from amptrain.metrics.meters import Throughput, peak_memory_mb
 from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
@@ -176,6 +177,9 @@ def fit(
     attn, loss_plan, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume)
     rank, world_size = distributed.world()
     sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
+    resolved = {"fit": dataclasses.asdict(opts), "precision": prec.name,
+                "precision_reason": prec.reason, "fast_path": fast_path}  # fmt: skip
+    tracking.tell_config(sinks, resolved)  # trackers log the run as it runs, not as asked
     meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend}
     run = _Loop(model, _wrap(model, world_size), train_b, val_b, prec, optimizer, scheduler, opts,
                 state, sinks, list(callbacks), checkpoint_dir, meta, attn, loss_plan)  # fmt: skip
@@ -211,8 +215,27 @@ def _fast_path(
     }  # fmt: skip
     if opts.compile:
         fast_path["compile_s"] = compile_in_place(model, prec, sample, attn.context)
-    log.info("fast path: %s", fast_path)
+    _say_fast_path(fast_path)
     return attn, loss_plan, fast_path
+
+
+_last_fast_path: list[str] = []  # what this process said last (a search says it once)
+
+
+def _say_fast_path(fast_path: Mapping[str, Any]) -> None:
+    """One line naming the step's kernels, when it differs from the last one said.
+
+    The reasons stay in the record (`FitResult.fast_path`, config.json, summary.json).
+    """
+    compiled = (f"compiled in {fast_path['compile_s']:.1f} s" if fast_path.get("compiled")
+                else "not compiled")  # fmt: skip
+    line = (
+        f"fast path: {fast_path['optimizer']} {fast_path['optimizer_impl']}, attention "
+        f"{fast_path['attention']}, {fast_path['loss'].split(' (')[0]}, {compiled}"
+    )
+    if _last_fast_path[-1:] != [line]:
+        _last_fast_path[:] = [line]
+        log.info("%s", line)
 
 
 def _attention_plan(

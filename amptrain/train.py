@@ -9,10 +9,11 @@ for a Hugging Face model (see `runs.hf_export`) and, with the `plot` extra, `los
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from amptrain.config import TrainConfig, run_values
 from amptrain.errors import ConfigError, DataError, Interrupted
 from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
+from amptrain.metrics import tracking
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
 from amptrain.models import GPTConfig, ModelSpec, build_model, provenance
 from amptrain.models.limits import check_context
@@ -173,7 +175,7 @@ def tokenizer_for(cfg: TrainConfig) -> data.ByteTokenizer | data.JsonTokenizer:
     if path is None:
         return data.ByteTokenizer()
     if not cfg.tokenizer and run_config(cfg.model) is None:
-        log.info("using the model directory's tokenizer %s", path)
+        _say_tokenizer(Path(path))
     return data.JsonTokenizer(path)
 
 
@@ -190,10 +192,17 @@ def tokenizer_file(cfg: TrainConfig) -> str | None:
     return None
 
 
+@functools.cache
+def _say_tokenizer(path: Path) -> None:
+    """Once per process: a run asks for its tokenizer more than once."""
+    log.info("using the model directory's tokenizer %s", path)
+
+
 def run_training(
     cfg: TrainConfig,
     *,
     sinks: list[Sink] | None = None,
+    trackers: tracking.Start | None = None,
     command: str = "train",
     resume: str | None = None,
     given: dict[str, Any] | None = None,
@@ -204,6 +213,10 @@ def run_training(
     Args:
         cfg: The validated configuration (with `resume`, the run's own config.json wins).
         sinks: Extra sinks (the console progress bar, W&B...), closed when training ends.
+        trackers: Starts the trackers' sinks (W&B, TensorBoard, MLflow) for the run
+            directory, once it exists and before anything trains; if it raises (a refused
+            tracker), a new run directory is removed and the error goes up. Their failures
+            during the run are kept in `summary.json` (`tracker_failures`).
         command: Prefix of the run directory's name.
         resume: `auto` (the newest run under `cfg.out` with a complete checkpoint), a run
             directory, or a checkpoint directory; None starts a new run.
@@ -235,22 +248,24 @@ def run_training(
                 config = {**cfg.to_dict(), "environment": environment()}
                 atomic_write_json(run_dir / "config.json", config)
         log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, ckpt.trainer["step"])
+    sinks = [*(sinks or []), *(tracking.start(trackers, run_dir, resume is None) if main else [])]
     if main:
         checkpoint.clean_temporaries(run_dir / "checkpoints")
     log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
-    for sink in (sinks or []) if main else []:  # W&B: a resumed run continues the same W&B run
+    for sink in sinks if main else []:  # W&B: a resumed run continues the same W&B run
         if getattr(sink, "run_id", None):
             atomic_write_json(run_dir / "wandb.json", {"run_id": sink.run_id})
-    for sink in sinks or []:  # sinks that keep a run config (W&B) learn the resolved precision
-        if hasattr(sink, "log_config"):
-            sink.log_config({**cfg.to_dict(), "environment": environment(),
-                             "precision_requested": cfg.precision, "precision": precision.name,
-                             "precision_reason": precision.reason})  # fmt: skip
+    # Trackers learn the resolved run; `fit` adds the options it ran with and the fast path.
+    tracking.tell_config(sinks, {**cfg.to_dict(), "environment": environment(),
+                                 "run_dir": str(run_dir.resolve()),
+                                 "precision_requested": cfg.precision,
+                                 "precision": precision.name,
+                                 "precision_reason": precision.reason})  # fmt: skip
     files: list[Sink] = []
     if main:  # only rank 0 writes files
         files = [JsonlSink(run_dir / "metrics.jsonl"), CsvSink(run_dir / "metrics.csv")]
     result = fit(
-        model, train, val, precision=precision, sinks=[*files, *(sinks or [])],
+        model, train, val, precision=precision, sinks=[*files, *sinks],
         source=cfg.model, checkpoint_dir=run_dir / "checkpoints", resume=ckpt,
         allow_new_scaler=allow_new_scaler, history=history, handle_signals=True,
         checkpoint_meta={"config_hash": checkpoint.config_hash(cfg.to_dict()),
@@ -265,7 +280,7 @@ def run_training(
         atomic_safetensors_save(model.state_dict(), run_dir / WEIGHTS)
         if is_hf_model(model):
             _export(model, run_dir, tokenizer_file(cfg))
-        atomic_write_json(run_dir / "summary.json", summary(result, cfg, model))
+        atomic_write_json(run_dir / "summary.json", summary(result, cfg, model, sinks))
         if not received:
             _plot(result, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
     if received:
@@ -380,11 +395,14 @@ def truncate_metrics(run_dir: Path, step: int) -> list[dict[str, Any]]:
     return records
 
 
-def summary(result: FitResult, cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
-    """The figures of `summary.json`."""
+def summary(
+    result: FitResult, cfg: TrainConfig, model: nn.Module, sinks: Sequence[Sink] = ()
+) -> dict[str, Any]:
+    """The figures of `summary.json`, with the failures of trackers among `sinks`."""
     return {
         "model": cfg.model,
         "parameters": sum(p.numel() for p in model.parameters()),
         "data": cfg.data,
         **result.to_dict(),
+        "tracker_failures": tracking.failures(sinks),
     }

@@ -18,9 +18,47 @@ def test_the_notebook_is_valid_and_colab_friendly():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     sources = [c.source for c in nb.cells if c.cell_type == "code"]
-    assert "except ImportError:\n    %pip install" in sources[0]  # skipped when importable
+    assert "except ImportError:\n" in sources[0] and "%pip install" in sources[0]
+    assert "colab.research.google.com/)" not in nb.cells[0].source  # no link to nowhere
     assert any("class CustomTransformer(nn.Module)" in s for s in sources)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored clean
+
+
+def _install_cell(spec: str, cwd: Path, monkeypatch) -> list[str]:
+    """Run the notebook's install cell as IPython would, amptrain not importable; the %pip
+    commands it asks for."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    source = [c.source for c in nb.cells if c.cell_type == "code"][0]
+    source = source.replace('AMPTRAIN_SPEC = ""', f"AMPTRAIN_SPEC = {spec!r}")
+    asked: list[str] = []
+
+    class Shell:
+        def run_line_magic(self, name, line):
+            asked.append(f"%{name} " + line.format(**namespace))  # IPython expands {names}
+            raise SystemExit  # stop here: nothing is installed by the test
+
+    namespace = {"get_ipython": Shell}
+    monkeypatch.chdir(cwd)
+    monkeypatch.setitem(__import__("sys").modules, "amptrain", None)  # import raises ImportError
+    with pytest.raises(SystemExit):
+        exec(TransformerManager().transform_cell(source), namespace)  # noqa: S102
+    return asked
+
+
+def test_the_install_cell_installs_the_clone_it_sits_in(monkeypatch):
+    root = NOTEBOOK.parents[1]
+    assert _install_cell("", NOTEBOOK.parent, monkeypatch) == [f'%pip install -q "{root}[plot]"']
+    url = "git+https://example.org/amptrain.git"
+    assert _install_cell(url, Path("/"), monkeypatch) == [
+        f'%pip install -q "amptrain[plot] @ {url}"'
+    ]
+
+
+def test_the_install_cell_outside_the_repository_says_what_to_set(tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError, match="set AMPTRAIN_SPEC"):
+        _install_cell("", tmp_path, monkeypatch)
 
 
 @pytest.mark.slow

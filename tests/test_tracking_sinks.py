@@ -67,6 +67,18 @@ def _hparams(events) -> dict:
             for name, value in start.hparams.items()}  # fmt: skip
 
 
+def _hparams_record(events) -> tuple[list[str], int | None]:
+    """The HPARAMS tab's metric columns, and the status of the session's end (None if open)."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    contents = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(contents["_hparams_/experiment"])
+    end = contents.get("_hparams_/session_end_info")
+    parse = plugin_data_pb2.HParamsPluginData.FromString
+    status = parse(end).session_end_info.status if end else None
+    return [m.name.tag for m in experiment.experiment.metric_infos], status
+
+
 @pytest.mark.slow  # importing TensorBoard's reader takes seconds
 def test_tensorboard_event_files_hold_the_metrics_and_the_precision(tmp_path, secret_env,
                                                                      warnings_seen):  # fmt: skip
@@ -89,6 +101,11 @@ def test_tensorboard_event_files_hold_the_metrics_and_the_precision(tmp_path, se
     assert params["precision"] == prec.name and params["precision_reason"] == prec.reason
     assert params["precision_requested"] == "auto" and params["lr"] == 3e-3
     assert not [k for k in params if "api_key" in k] and "data.token" not in params
+    # fit's resolved options and fast path, not only the config= given
+    assert params["fit.max_steps"] == 4 and params["fit.batch_size"] == 8
+    assert params["fast_path.optimizer_impl"] == result.fast_path["optimizer_impl"]
+    metrics, ends = _hparams_record(events)
+    assert metrics == ["val/loss", "train/loss"] and ends == 1  # 1: STATUS_SUCCESS, at close
     assert warnings_seen() == []
     _no_key_in(tmp_path / "tb")
 
@@ -132,6 +149,8 @@ def test_mlflow_store_holds_the_metrics_and_the_precision(tmp_path, secret_env, 
     assert params["precision"] == prec.name and params["precision_reason"] == prec.reason
     assert params["precision_requested"] == "auto" and float(params["lr"]) == 3e-3
     assert not [k for k in params if "api_key" in k] and "data.token" not in params
+    assert params["fit.max_steps"] == "4" and params["fit.eval_every"] == "2"
+    assert params["fast_path.attention"] == result.fast_path["attention"]
     assert run.data.tags["mem/source"] == "process-rss" and run.info.status == "FINISHED"
     assert warnings_seen() == []
     _no_key_in(tmp_path / "mlflow")
@@ -165,14 +184,21 @@ def test_cli_train_logs_to_tensorboard_and_mlflow(tmp_path):
             "--eval-every", "2", "--eval-batches", "1", "--no-progress",
             "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
+    (run_dir,) = out.glob("train-*")
     (tb_run,) = (out / "tensorboard").iterdir()
+    assert tb_run.name == run_dir.name  # one TensorBoard run per run directory, same name
     events = _events(tb_run)
     assert sorted(e.step for e in events.Scalars("train/loss")) == [1, 2]
     params = _hparams(events)
     assert params["precision_requested"] == "auto" and params["precision_reason"].startswith("auto")
+    assert params["run_dir"] == str(run_dir.resolve()) and params["fit.max_steps"] == 2
+    assert params["environment.torch"] and params["fast_path.loss"]
+    assert _hparams_record(events) == (["val/loss", "train/loss"], 1)
     client, run = _mlflow_run(f"sqlite:///{(out / 'mlflow.db').resolve()}")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [0, 2]
     assert run.data.params["precision"] == params["precision"]
+    assert run.info.run_name == run_dir.name
+    assert run.data.tags["amptrain.run_dir"] == str(run_dir.resolve())
 
 
 @pytest.mark.parametrize("flag, extra", [("TENSORBOARD_AVAILABLE", "tensorboard"),

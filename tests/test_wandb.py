@@ -206,6 +206,18 @@ def test_init_failure_costs_one_warning_and_not_the_run(wandb_env, amptrain_log,
     assert "W&B init failed" in warning and FAKE_KEY not in warning
 
 
+def test_a_required_run_that_cannot_start_is_refused(wandb_env, amptrain_log, monkeypatch):
+    from amptrain.errors import TrackerError
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # well-formed, so W&B itself must refuse
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(TrackerError, match=r"W&B (init failed|did not start).*WANDB_MODE=offline"):
+        WandbSink("p", mode="online", init_timeout=3, required=True)
+    with pytest.raises(TrackerError, match=r"within 0.01 s"):  # offline start takes longer
+        WandbSink("p", init_timeout=0.01, dir=str(wandb_env), required=True)
+    assert amptrain_log.warnings() == []  # refused, not warned
+
+
 def test_init_timeout_costs_one_warning(wandb_env, amptrain_log):
     start = time.perf_counter()
     sink = WandbSink("p", init_timeout=0.01, dir=str(wandb_env))  # offline start takes longer
@@ -225,6 +237,9 @@ def test_log_failure_and_stall_cost_one_warning_each(wandb_env, amptrain_log, mo
         batch_size=8)  # fmt: skip
     (warning,) = amptrain_log.warnings()
     assert "W&B log failed (UsageError" in warning or "W&B config failed (UsageError" in warning
+    failure = broken.failure  # what summary.json keeps of it
+    assert failure["sink"] == "W&B" and failure["during"] in ("log", "config")
+    assert failure["error"].startswith("W&B") and "UsageError" in failure["error"]
 
     stuck = WandbSink("p", dir=str(wandb_env), log_timeout=0.2)
     run = stuck.run
@@ -249,9 +264,17 @@ def test_cli_train_wandb_logs_the_resolved_precision(wandb_env, capsys):
             "--eval-every", "2", "--eval-batches", "1", "--no-progress",
             "--out", str(wandb_env / "runs")]  # fmt: skip
     assert cli.main(argv) == 0
-    history, config = history_and_config(offline_run(wandb_env / "runs"))  # beside the runs
+    offline = offline_run(wandb_env / "runs")  # beside the runs
+    history, config = history_and_config(offline)
     assert config["precision_requested"] == "auto" and config["precision"] in ("bf16", "fp32")
     assert config["precision_reason"].startswith("auto:") and sorted(history) == [0, 1, 2]
+    # The resolved run: fit's options, the fast path, the run directory it belongs to.
+    (run_dir,) = (wandb_env / "runs").glob("train-*")
+    assert config["fit"]["max_steps"] == 2 and config["fit"]["eval_batches"] == 1
+    assert config["fast_path"]["optimizer_impl"] and config["environment"]["torch"]
+    assert config["run_dir"] == str(run_dir.resolve())
+    (run,) = [r.run for r in wandb_records(offline) if r.WhichOneof("record_type") == "run"]
+    assert run.display_name == run_dir.name and str(run_dir.resolve()) in run.notes
     assert_no_key_anywhere(wandb_env)
 
 

@@ -62,10 +62,7 @@ def _scale_story(a: ArmResult) -> str:
 
 def console_table(report: BenchReport) -> Table:
     """The arms as a rich table: one column per precision, so it fits a narrow terminal."""
-    s, env = report.settings, report.environment
-    title = (f"amptrain bench on {env['device']} (torch {env['torch']}, "
-             f"{env['cpu_threads']} threads): {s['repeats']} interleaved repeats x "
-             f"{s['steps']} steps, {s['warmup']} warm-up")  # fmt: skip
+    title = bench_title(report)
     caption = f"verdict: {report.verdict}\n{probe_line(report.probe)}"
     table = Table(title=title, caption=caption)
     table.add_column("", style="bold", overflow="fold")
@@ -75,6 +72,14 @@ def console_table(report: BenchReport) -> Table:
     for i, header in enumerate(HEADERS[1:], start=1):
         table.add_row(header, *[c[i] if i < len(c) else "" for c in cells])
     return table
+
+
+def bench_title(report: BenchReport) -> str:
+    """What was measured where: the device, torch, threads, repeats and steps."""
+    s, env = report.settings, report.environment
+    return (f"amptrain bench on {env['device']} (torch {env['torch']}, "
+            f"{env['cpu_threads']} threads): {s['repeats']} interleaved repeats x "
+            f"{s['steps']} steps, {s['warmup']} warm-up")  # fmt: skip
 
 
 def probe_line(probe: dict) -> str:
@@ -97,7 +102,7 @@ def write_report(report: BenchReport, run_dir: str | Path, preface: str = "") ->
     if MATPLOTLIB_AVAILABLE:
         from amptrain.runs.plotting import plot_bench
 
-        plot_bench(report, run_dir / "bench.png")
+        plot_bench(report, run_dir / "bench.png", f"{bench_title(report)}\n{report.verdict}")
     atomic_write_bytes(run_dir / "report.md", (preface + markdown(report)).encode())
     return run_dir
 

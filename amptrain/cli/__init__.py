@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from amptrain.cli import bench, compare, demo, doctor, generate, search, train
 from amptrain.cli import eval as eval_command
-from amptrain.cli.common import read_config
+from amptrain.cli.common import quiet_libraries, read_config
 from amptrain.errors import AmptrainError, Interrupted
 
 COMMANDS = (train, bench, doctor, compare, search, eval_command, generate, demo)
@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse(argv)
         args.argv = argv
-        return args.func(args)
+        with quiet_libraries(args.verbose):
+            return args.func(args)
     except Interrupted as exc:
         out = getattr(args, "out", None) or "runs"
         hint = f"; resume with: amptrain train --resume auto --out {out}" if exc.checkpoint else ""

@@ -7,7 +7,11 @@ previous run's `config.json`), then the flags given on the command line.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +128,48 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
         if saved is not None:
             values["context"] = saved["context"]
     return values
+
+
+# The libraries amptrain drives and their own switches for quiet; `-v` leaves them as they are.
+QUIET_ENV = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "DATASETS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1", "WANDB_SILENT": "true",
+}  # fmt: skip
+QUIET_LOGGERS = ("mlflow", "alembic", "transformers", "huggingface_hub", "datasets", "wandb")
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool) -> Iterator[None]:
+    """Silence MLflow's, transformers' and W&B's own messages and warnings unless `verbose`.
+
+    Errors still show. The environment switches (which a library reads when it is imported,
+    and which `--nproc` workers inherit) are set only where the user has not set them, and
+    everything is put back when the command ends.
+    """
+    if verbose:
+        yield
+        return
+    saved_env = {name: os.environ.get(name) for name in QUIET_ENV}
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for name in (*QUIET_LOGGERS, "sqlalchemy", "pydantic"):
+                warnings.filterwarnings("ignore", module=rf"{name}(\.|$)")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def progress_sinks(args: argparse.Namespace, total: int, what: str) -> list:

@@ -6,7 +6,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +49,17 @@ def run(args: argparse.Namespace) -> int:
         return launch(args)
     cfg = config_from_args(args)
     given = given_values(args) if args.resume else None  # checked against the run's settings
+    trackers = Trackers(args, cfg)  # missing packages and logins refused before anything
     distributed.init_from_env()
     try:
         progress = progress_sinks(args, cfg.fit.max_steps, "train") if distributed.is_main() else []
-        if distributed.is_main():
-            progress += tracking_sinks(args, cfg)
         result = run_training(cfg, sinks=progress, resume=args.resume, given=given,
-                              allow_new_scaler=args.allow_new_scaler)  # fmt: skip
+                              allow_new_scaler=args.allow_new_scaler,
+                              trackers=trackers.start)  # fmt: skip
         if distributed.is_main():
             print_summary(result)
     finally:
+        trackers.close()  # a run refused after they started leaves no tracker run open
         distributed.shutdown()
     return 0
 
@@ -76,26 +76,56 @@ def _wandb_resume(out: str, resume: str | None) -> dict[str, str]:
     return {"id": json.loads(saved.read_text(encoding="utf-8"))["run_id"], "resume": "allow"}
 
 
-def tracking_sinks(args: argparse.Namespace, cfg: Any) -> list:
-    """The W&B, TensorBoard and MLflow sinks asked for by `--wandb/--tensorboard/--mlflow`."""
-    sinks: list = []
-    if args.wandb is not None:
-        from amptrain.metrics.wandb_sink import WandbSink
+class Trackers:
+    """The W&B, TensorBoard and MLflow sinks `--wandb/--tensorboard/--mlflow` ask for.
 
-        resumed = _wandb_resume(cfg.out, args.resume)
-        sinks.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out, **resumed))
-    if args.tensorboard is not None:
-        from amptrain.metrics.tensorboard_sink import TensorBoardSink
+    Each is honoured or refused (exit 2, the reason and the fix) before training: a missing
+    package or W&B login at once, a tool that cannot start when `start(run_dir)` starts them,
+    once the run directory is known, which names each tracker's run.
+    """
 
-        parent = Path(args.tensorboard or Path(cfg.out) / "tensorboard")
-        name = time.strftime("train-%Y%m%d-%H%M%S")  # one TensorBoard run per training run
-        sinks.append(TensorBoardSink(parent / name, config=cfg.to_dict()))
-    if args.mlflow is not None:
-        from amptrain.metrics.mlflow_sink import MlflowSink, local_store
+    def __init__(self, args: argparse.Namespace, cfg: Any) -> None:
+        self.args, self.cfg, self.sinks = args, cfg, []
+        from amptrain._imports import requires
 
-        uri = args.mlflow or local_store(Path(cfg.out) / "mlflow.db")
-        sinks.append(MlflowSink(uri, config=cfg.to_dict()))
-    return sinks
+        instead = "use the run directory's metrics.jsonl"
+        if args.wandb is not None:
+            from amptrain.metrics.wandb_sink import check_login
+
+            check_login()
+        if args.tensorboard is not None:
+            requires("tensorboard", "tensorboard", "--tensorboard", instead)
+        if args.mlflow is not None:
+            requires("mlflow", "mlflow", "--mlflow", instead)
+
+    def start(self, run_dir: Path) -> list:
+        """Start the asked-for trackers, each run named after and linked to `run_dir`."""
+        args, cfg = self.args, self.cfg
+        if args.wandb is not None:
+            from amptrain.metrics.wandb_sink import WandbSink
+
+            resumed = _wandb_resume(cfg.out, args.resume)
+            self.sinks.append(WandbSink(project=args.wandb, config=cfg.to_dict(), dir=cfg.out,
+                                        run_dir=run_dir, required=True,
+                                        **resumed))  # fmt: skip
+        if args.tensorboard is not None:
+            from amptrain.metrics.tensorboard_sink import TensorBoardSink
+
+            parent = Path(args.tensorboard or Path(cfg.out) / "tensorboard")
+            self.sinks.append(TensorBoardSink(parent / run_dir.name, config=cfg.to_dict(),
+                                              required=True))  # fmt: skip
+        if args.mlflow is not None:
+            from amptrain.metrics.mlflow_sink import MlflowSink, tracking_uri
+
+            uri = tracking_uri(args.mlflow, cfg.out)
+            self.sinks.append(MlflowSink(uri, config=cfg.to_dict(), run_dir=run_dir,
+                                         required=True))  # fmt: skip
+        return self.sinks
+
+    def close(self) -> None:
+        """Close every tracker started (closing twice is harmless)."""
+        for sink in self.sinks:
+            sink.close()
 
 
 def launch(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from amptrain.runs.plotting import pyplot, save_figure
+from amptrain.runs.plotting import pyplot, save_figure, wrapped
 
 
 def plot_compare(report: Any, path: str | Path) -> Path:
@@ -25,8 +25,7 @@ def plot_compare(report: Any, path: str | Path) -> Path:
         left.set(title="bits per byte of the held-out text (lower is better)", ylabel="bits/byte")
         right.bar(names, [s.latency_ms_per_kb for s in report.scores], color=["C0", "C1"])
         right.set(title="forward latency per 1000 bytes (median)", ylabel="ms")
-    fig.suptitle(report.verdict if len(report.verdict) < 110 else report.verdict[:107] + "...",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle(wrapped(f"amptrain compare: {report.verdict}", 120), fontsize=9)
     return save_figure(fig, path)
 
 
@@ -35,19 +34,33 @@ def _paired_losses(ax: Any, report: Any) -> None:
     custom = [r for r in report.runs if r.role == "custom"]
     reference = {r.seed: r for r in report.runs if r.role == "reference"}
     for r in custom:
-        ref = reference[r.seed]
-        ax.plot([0, 1], [r.val_loss, ref.val_loss], "o-", color="0.6", lw=1)
-        ax.annotate(f"seed {r.seed}", (1.03, ref.val_loss), fontsize=7, va="center")
+        ax.plot([0, 1], [r.val_loss, reference[r.seed].val_loss], "o-", color="0.6", lw=1)
+    _seed_labels(ax, [(r.seed, reference[r.seed].val_loss) for r in custom])
     stat = report.stat("val_loss")
     ax.errorbar([0, 1], [stat.custom_mean, stat.reference_mean],
                 yerr=[stat.custom_sd, stat.reference_sd], fmt="s", color="C3", capsize=6,
                 label="mean ± sd")  # fmt: skip
     ax.set_xticks([0, 1], [f"custom\n{report.model('custom').name}",
                            f"reference\n{report.model('reference').name}"])  # fmt: skip
-    ax.set_xlim(-0.4, 1.5)
+    ax.set_xlim(-0.4, 1.6)
     ax.set(title=f"validation loss per seed (paired t-test p={stat.p_value:.3g})",
            ylabel="nats/token")  # fmt: skip
     ax.legend(fontsize=8)
+
+
+def _seed_labels(ax: Any, points: list[tuple[int, float]]) -> None:
+    """Name each seed right of its reference point, labels pushed apart so none overlap."""
+    if not points:
+        return
+    values = [v for _, v in points]
+    low, high = ax.get_ylim()
+    gap = (max(high, max(values)) - min(low, min(values))) * 0.06  # about one label's height
+    placed: list[float] = []
+    for seed, value in sorted(points, key=lambda p: p[1]):
+        y = max(value, placed[-1] + gap) if placed else value
+        placed.append(y)
+        ax.annotate(f"seed {seed}", (1, value), xytext=(1.08, y), fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "color": "0.7", "lw": 0.5})  # fmt: skip
 
 
 def _bars(ax: Any, report: Any, metric: str, title: str) -> None:
@@ -59,4 +72,4 @@ def _bars(ax: Any, report: Any, metric: str, title: str) -> None:
     low = [m - min(v) for m, v in zip(means, values)]
     high = [max(v) - m for m, v in zip(means, values)]
     ax.bar(["custom", "reference"], means, yerr=[low, high], capsize=6, color=["C0", "C1"])
-    ax.set(title=title)
+    ax.set(title=title, ylabel=metric.replace("tokens_per_s", "tokens/s"))

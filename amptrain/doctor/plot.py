@@ -18,6 +18,21 @@ def _clip(bits: float | None) -> float:
     return max(min(bits, _CAP), -_CAP) if not math.isnan(bits) else -_CAP
 
 
+def _legend(ax: Any, margin: float) -> None:
+    """What the colours and the two lines mean."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(color="tab:green", label=f"fp16 safe: {margin:g}+ bits of headroom"),
+        Patch(color="tab:orange", label=f"near overflow: under {margin:g} bits"),
+        Patch(color="tab:red", label="overflows fp16 (below 0)"),
+        Patch(color="tab:gray", label="no gradient reached it"),
+        Line2D([], [], color="tab:orange", linestyle="--", label=f"margin ({margin:g} bits)"),
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="lower right", framealpha=0.9)
+
+
 def plot_headroom(report: Any, path: str | Path) -> Path:
     """Horizontal bars of forward and backward fp16 headroom (bits) per module, in model order.
 
@@ -48,6 +63,7 @@ def plot_headroom(report: Any, path: str | Path) -> Path:
         ax.axvline(0, color="tab:red", linewidth=1)
         ax.axvline(margin, color="tab:orange", linewidth=1, linestyle="--")
         ax.set(title=title, xlabel="fp16 headroom, bits (log2 65504 / abs max)")
+    _legend(axes[1], margin)
     axes[0].set_yticks(range(len(rows)), labels, fontsize=7)
     axes[0].invert_yaxis()
     fig.suptitle("\n".join(textwrap.wrap(f"amptrain doctor: {report.verdict}", 150)), fontsize=9)

@@ -4,8 +4,11 @@
 reason. `ExternalSink` is the contract of the file-based tools: numbers at the global optimizer
 step under the loop's metric names, text values (`mem/source`) as text, the settings written
 once as hyperparameters when the first metrics arrive (by then the training run has told the
-sink the resolved precision), and any failure of the tool costs one warning on the "amptrain"
-logger and disables the sink, never the training run.
+sink the resolved precision and the fast path), and any failure of the tool costs one warning on
+the "amptrain" logger and disables the sink, never the training run; the failure is kept in
+`failure` (which tool, during what, at which step, the error) for the run's summary. A sink
+made with `required=True` (what the CLI does for a tracker it was asked for) raises
+`TrackerError` instead when the tool cannot start, before anything has trained.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from amptrain import secrets
+from amptrain.errors import TrackerError
 
 log = logging.getLogger("amptrain")
 
@@ -72,21 +76,45 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def failure_record(tool: str, during: str, step: int | None, error: str) -> dict[str, Any]:
+    """How a tracker failed, as `summary.json` keeps it."""
+    return {"sink": tool, "during": during, "step": step, "error": error}
+
+
 class ExternalSink:
     """A `Sink` over another tool; subclasses write, this class decides what and when.
 
-    Subclasses implement `_write_params(params)`, `_write_numbers(numbers, step)`,
-    `_write_texts(texts, step)` and `_finish()`; each runs guarded (see the module docstring).
+    Subclasses start the tool through `_open(fn, ...)` and implement `_write_params(params)`,
+    `_write_numbers(numbers, step)`, `_write_texts(texts, step)` and `_finish()`; each runs
+    guarded (see the module docstring).
     """
 
     tool = "the tracking tool"
+    fix = "check the tool's settings"
+    """What to do when the tool cannot start (the end of a refusal's message)."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, secrets: Iterable[str] = (), required: bool = False) -> None:
         self._secrets = list(secrets)
+        self.required = required
+        self.failure: dict[str, Any] | None = None
+        """Set when the tool failed: `failure_record(...)`; the sink is disabled from then."""
         self._params: dict[str, Any] = {}
         self._written: dict[str, Any] | None = None  # params as written, once written
         self._texts: dict[str, Any] = {}
+        self._step: int | None = None
         self._disabled = self._closed = False
+
+    def _open(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Start the tool: `fn(*args)`; if it fails, raise `TrackerError` (required) or warn."""
+        if not self.required:
+            result = self._guard("start", fn, *args)
+            self._disabled = result is None
+            return result
+        try:
+            return fn(*args)
+        except Exception as exc:  # any failure to start: refused with the reason and the fix
+            reason = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+            raise TrackerError(f"{self.tool} could not start ({reason}); {self.fix}") from None
 
     @property
     def enabled(self) -> bool:
@@ -103,6 +131,7 @@ class ExternalSink:
         """Numbers as metrics at `step`; text values when they change."""
         if self._closed:
             return
+        self._step = int(step)
         if self._written is None:
             self._flush_params()
         numbers = {k: float(v) for k, v in metrics.items()
@@ -138,9 +167,10 @@ class ExternalSink:
             return fn(*args)
         except Exception as exc:  # any failure of the tool: warn once, keep training
             self._disabled = True
-            message = scrub(f"{self.tool} {what} failed ({type(exc).__name__}: {exc})",
-                            self._secrets)  # fmt: skip
-            log.warning("%s; training continues without %s", message, self.tool)
+            error = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+            self.failure = failure_record(self.tool, what, self._step, error)
+            log.warning("%s %s failed (%s); training continues without %s", self.tool, what,
+                        error, self.tool)  # fmt: skip
             return None
 
     def _write_params(self, params: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
 """MLflow sink (the `mlflow` extra: `mlflow-skinny` is enough), local by default, no server.
 
-The local store is an SQLite file (`mlflow ui --backend-store-uri sqlite:///PATH`): MLflow 3
-refuses its old `./mlruns` folder store unless told otherwise, and SQLite needs no server.
+The local store is an SQLite file (`mlflow ui --backend-store-uri sqlite:///PATH`), which needs
+no server. A folder store (`file:./mlruns`, the form MLflow 2 and Lightning use) is written too:
+MLflow 3 refuses it unless `MLFLOW_ALLOW_FILE_STORE` is set, so the sink sets that opt-in around
+its own calls only, and says once how to view the folder.
 
 Numbers become MLflow metrics under the loop's metric names (`train/loss`, `amp/loss_scale`,
 ...) at the global optimizer step; text values (`mem/source`) become run tags. The run's
@@ -13,14 +15,19 @@ password of a tracking URI never appears in a message.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from amptrain._imports import requires
 from amptrain.metrics.external import ExternalSink, run_config
+
+log = logging.getLogger("amptrain")
 
 PARAM_LIMIT = 6000  # characters MLflow keeps of a param's value
 BATCH = 100  # params per request: MLflow's own limit per log_batch
@@ -31,6 +38,33 @@ def local_store(path: str | Path) -> str:
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def tracking_uri(text: str, out: str | Path = ".") -> str:
+    """The tracking URI `--mlflow TEXT` means: empty is `OUT/mlflow.db`, a `.db` path SQLite."""
+    if not text:
+        return local_store(Path(out) / "mlflow.db")
+    if not urlsplit(text).scheme and text.endswith(".db"):
+        return local_store(text)
+    return text
+
+
+def is_file_store(uri: str) -> bool:
+    """True for MLflow's folder store: `file:` URIs and plain paths."""
+    return urlsplit(uri).scheme in ("", "file")
+
+
+@contextlib.contextmanager
+def _file_store_allowed(active: bool) -> Iterator[None]:
+    """MLflow 3's opt-in for its folder store, set only while the sink's own calls run."""
+    if not active or os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
+        yield
+        return
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
 
 
 def _artifacts(uri: str) -> str | None:
@@ -44,16 +78,21 @@ class MlflowSink(ExternalSink):
     """Log metrics to an MLflow run.
 
     Args:
-        tracking_uri: Where runs go: a local SQLite store (see `local_store`) or a tracking
-            server's URL; None: `./mlflow.db`.
+        tracking_uri: Where runs go: a local SQLite store (see `local_store`), a folder store
+            (`file:./mlruns`), or a tracking server's URL; None: `./mlflow.db`.
         experiment: The experiment, created if missing.
         config: Run settings (e.g. `TrainConfig.to_dict()`), logged as params.
         precision: The resolved `Precision` (or its name): `precision` and `precision_reason`.
         precision_reason: Why that precision, when `precision` is given as a name.
-        run_name: The run's name; None lets MLflow choose.
+        run_name: The run's name; None: the run directory's name, else MLflow's choice.
+        run_dir: The amptrain run directory this run belongs to: its absolute path is the
+            run's `amptrain.run_dir` tag and its description.
+        required: Raise `TrackerError` if the store cannot be opened, instead of one warning
+            and training without MLflow.
 
     Raises:
         ModuleNotFoundError: If mlflow is not installed (with the install hint).
+        TrackerError: With `required`, if the store or server cannot be used.
 
     Example:
         >>> sink = MlflowSink(local_store("runs/mlruns"), config={"lr": 3e-3})  # doctest: +SKIP
@@ -61,6 +100,10 @@ class MlflowSink(ExternalSink):
     """
 
     tool = "MLflow"
+    fix = (
+        "check that the tracking server answers, or that the store's folder can be written; "
+        "--mlflow alone logs to a local SQLite store OUT/mlflow.db"
+    )
 
     def __init__(
         self,
@@ -71,24 +114,40 @@ class MlflowSink(ExternalSink):
         precision: Any = None,
         precision_reason: str | None = None,
         run_name: str | None = None,
+        run_dir: str | Path | None = None,
+        required: bool = False,
     ) -> None:
         requires("mlflow", "mlflow", "the MLflow sink", "use the run directory's metrics.jsonl")
         self.tracking_uri = tracking_uri or local_store("mlflow.db")
-        super().__init__(secrets=[urlsplit(self.tracking_uri).password or ""])
-        self.run_id: str | None = self._guard("start", self._start, experiment, run_name)
-        if self.run_id is None:
-            self._disabled = True
+        super().__init__(secrets=[urlsplit(self.tracking_uri).password or ""], required=required)
+        self._file_store = is_file_store(self.tracking_uri)
+        tags = {}
+        if run_dir is not None:
+            where = str(Path(run_dir).resolve())
+            tags = {"amptrain.run_dir": where, "mlflow.note.content": f"amptrain run {where}"}
+            run_name = run_name or Path(run_dir).name
+        self.run_id: str | None = self._open(self._begin, experiment, run_name, tags)
+        if self.run_id is not None and self._file_store:
+            log.info("MLflow: folder store %s written through MLFLOW_ALLOW_FILE_STORE; view it "
+                     "with MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri %s",
+                     self.tracking_uri, self.tracking_uri)  # fmt: skip
         self.log_config(run_config(config, precision, precision_reason))
 
-    def _start(self, experiment: str, run_name: str | None) -> str:
+    def _begin(self, experiment: str, run_name: str | None, tags: dict[str, str]) -> str:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            found = self.client.get_experiment(self.client.create_experiment(
-                experiment, artifact_location=_artifacts(self.tracking_uri)))  # fmt: skip
-        return self.client.create_run(found.experiment_id, run_name=run_name).info.run_id
+        with _file_store_allowed(self._file_store):
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                found = self.client.get_experiment(self.client.create_experiment(
+                    experiment, artifact_location=_artifacts(self.tracking_uri)))  # fmt: skip
+            run = self.client.create_run(found.experiment_id, run_name=run_name, tags=tags)
+        return run.info.run_id
+
+    def _guard(self, what: str, fn: Any, *args: Any) -> Any:
+        with _file_store_allowed(self._file_store):
+            return super()._guard(what, fn, *args)
 
     def _write_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -9,7 +9,10 @@ reason go into the run config too.
 
 W&B must never cost the training run. Every W&B call (init, log, config, finish) runs on one
 worker thread; a call that raises or does not return within its timeout disables the sink
-with exactly one WARNING on `logging.getLogger("amptrain")`, and training goes on. W&B reads
+with exactly one WARNING on `logging.getLogger("amptrain")`, and training goes on; the failure
+is kept in `failure` for the run's summary. With `required=True` (what the CLI does for
+`--wandb`) a run that cannot start is refused instead (`TrackerError`): no login while online,
+a bad key, an init error or timeout. W&B reads
 the API key itself (`WANDB_API_KEY`, `wandb login`, offline mode needs none); this module never
 asks for, stores or prints it, and any message it writes has the key replaced by `***`.
 """
@@ -25,15 +28,56 @@ from pathlib import Path
 from typing import Any
 
 from amptrain._imports import requires
+from amptrain.errors import TrackerError
 from amptrain.metrics.external import clean as _clean
-from amptrain.metrics.external import run_config, scrub
+from amptrain.metrics.external import failure_record, run_config, scrub
 from amptrain.metrics.sinks import METRIC_NAMES
 
-__all__ = ["WandbSink", "run_config", "scrub"]
+__all__ = ["WandbSink", "check_login", "run_config", "scrub"]
 
 log = logging.getLogger("amptrain")
 
 _STOP = "stop"
+
+START_FIX = (
+    "check the network and the login (`wandb login`), or log offline with "
+    "WANDB_MODE=offline and upload later with `wandb sync`"
+)
+
+
+def check_login(mode: str | None = None) -> None:
+    """Refuse an online W&B run without credentials, before W&B starts anything.
+
+    The credentials are looked up the way `wandb.init` does (WANDB_API_KEY, an identity token
+    file, `wandb login`'s netrc entry, W&B's settings files), without the network and without
+    W&B's interactive prompt, which a training run must not wait on.
+
+    Raises:
+        ModuleNotFoundError: If wandb is not installed (with the install hint).
+        TrackerError: Online with no credentials, or with a malformed API key.
+    """
+    requires("wandb", "wandb", "the W&B sink", "use the run directory's metrics.jsonl")
+    try:
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+    except ImportError:  # an older wandb: wandb.init itself decides
+        return
+    settings = wandb_setup.singleton().settings
+    if (mode or settings.mode) in ("offline", "dryrun", "disabled"):
+        return
+    try:
+        found = wbauth.authenticate_session(host=settings.base_url, source="amptrain",
+                                            prompt=False, update_session=False)  # fmt: skip
+    except Exception as exc:  # a malformed key, two kinds of credentials at once
+        raise TrackerError(f"W&B refused the credentials here ({scrub(str(exc))}); fix them "
+                           "with `wandb login --relogin`, or log offline with "
+                           "WANDB_MODE=offline") from None  # fmt: skip
+    if found is None:
+        raise TrackerError(
+            f"W&B has no login on this machine for {settings.base_url} (no WANDB_API_KEY, no "
+            "`wandb login`); log in with `wandb login`, or log offline with WANDB_MODE=offline "
+            "and upload later with `wandb sync`"
+        )
 
 
 class WandbSink:
@@ -54,11 +98,17 @@ class WandbSink:
             of order when the run already holds later steps.
         log_timeout: Seconds one W&B call may block before the sink gives up (one warning).
         finish_timeout: Seconds `close()` waits for the run to finish (uploads, online).
+        run_dir: The amptrain run directory this run belongs to: it names the run (unless
+            `name=` is given) and its absolute path is the run config's `run_dir` and the
+            run's notes.
+        required: Refuse (`TrackerError`) when the run cannot start, instead of one warning
+            and training without W&B; online, a missing login is refused before W&B starts.
         **init_kwargs: Passed on to `wandb.init` (`dir`, `name`, `tags`, `settings`...); the
             CLI passes `dir=` the `--out` folder, so W&B's files sit beside the run directories.
 
     Raises:
         ModuleNotFoundError: If wandb is not installed (with the install hint).
+        TrackerError: With `required`, if the run cannot start (the reason and the fix).
 
     Example:
         >>> prec = amptrain.resolve("auto", "cpu")  # doctest: +SKIP
@@ -78,12 +128,21 @@ class WandbSink:
         run: Any = None,
         log_timeout: float = 60.0,
         finish_timeout: float = 300.0,
+        run_dir: str | Path | None = None,
+        required: bool = False,
         **init_kwargs: Any,
     ) -> None:
         requires("wandb", "wandb", "the W&B sink", "use the run directory's metrics.jsonl")
         import wandb
 
+        if required and run is None:
+            check_login(mode)
         self.run = run
+        self.required = required
+        self.failure: dict[str, Any] | None = None
+        """Set when W&B failed: `failure_record(...)`; the sink is disabled from then."""
+        self._step: int | None = None
+        self._start_error: str | None = None
         self._own_run = run is None
         self._log_timeout, self._finish_timeout = log_timeout, finish_timeout
         self._lock = threading.Lock()
@@ -94,6 +153,11 @@ class WandbSink:
         self._worker = threading.Thread(target=self._work, name="amptrain-wandb", daemon=True)
         self._worker.start()
         values = run_config(config, precision, precision_reason)
+        if run_dir is not None:
+            where = str(Path(run_dir).resolve())
+            values["run_dir"] = where
+            init_kwargs.setdefault("name", Path(run_dir).name)
+            init_kwargs.setdefault("notes", f"amptrain run {where}")
         if run is None:
             settings = init_kwargs.pop("settings", None) or {}
             if isinstance(settings, Mapping):
@@ -105,7 +169,9 @@ class WandbSink:
             self._call("init", init_timeout, self._init, wandb, project, values, mode, settings,
                        kwargs, done)  # fmt: skip
             if not done.wait(init_timeout):
-                self._fail(f"W&B did not start a run within {init_timeout:g} s")
+                self._start_error = f"W&B did not start a run within {init_timeout:g} s"
+            if self._start_error:
+                self._refuse_or_warn(self._start_error)
         else:
             self._call("define", self._log_timeout, self._define_axis)
             if values:
@@ -176,7 +242,7 @@ class WandbSink:
             try:
                 fn(*args)
             except Exception as exc:  # any W&B error: warn once, keep training
-                self._fail(f"W&B {what} failed ({type(exc).__name__}: {exc})")
+                self._fail(what, f"W&B {what} failed ({type(exc).__name__}: {exc})")
             finally:
                 self._busy = None
         if self.run is not None and self._own_run:
@@ -184,14 +250,24 @@ class WandbSink:
             try:
                 self.run.finish()
             except Exception as exc:
-                self._fail(f"W&B finish failed ({type(exc).__name__}: {exc})")
+                self._fail("finish", f"W&B finish failed ({type(exc).__name__}: {exc})")
+
+    def _refuse_or_warn(self, message: str) -> None:
+        """A run that did not start: refused when required, else one warning."""
+        if not self.required:
+            self._fail("init", message)
+            return
+        with self._lock:  # refused, not warned: a late init is ended by the worker, silently
+            self._disabled = self._warned = self._closed = True
+        self._queue.put(_STOP)
+        raise TrackerError(f"{scrub(message)}; {START_FIX}")
 
     def _init(self, wandb: Any, project, values, mode, settings, kwargs, done) -> None:
         try:
             run = wandb.init(project=project, config=values, mode=mode, settings=settings,
                              **kwargs)  # fmt: skip
         except Exception as exc:  # bad key, no network, W&B's own timeout...
-            self._fail(f"W&B init failed ({type(exc).__name__}: {exc})")
+            self._start_error = f"W&B init failed ({type(exc).__name__}: {exc})"
             done.set()
             return
         if self._disabled:  # it came up after our timeout: end it rather than leave it open
@@ -202,6 +278,7 @@ class WandbSink:
         done.set()
 
     def _log_now(self, numbers: dict[str, Any], step: int) -> None:
+        self._step = step
         if self._own_run:
             self.run.log(numbers, step=step)
         else:
@@ -231,12 +308,14 @@ class WandbSink:
         what, since, allowed = busy
         if time.monotonic() - since <= allowed:
             return False
-        self._fail(f"W&B {what} has not returned within {allowed:g} s")
+        self._fail(what, f"W&B {what} has not returned within {allowed:g} s")
         return True
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, what: str, message: str) -> None:
         with self._lock:
             self._disabled = True
+            if self.failure is None:
+                self.failure = failure_record("W&B", what, self._step, scrub(message))
             if self._warned:
                 log.debug("%s", scrub(message))
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from amptrain._imports import requires
 
 
 def pyplot():
+    """The pyplot module on the Agg backend (no display needed), or the install hint."""
     requires("matplotlib", "plot", "plots", "read the CSV files instead")
     import matplotlib
 
@@ -17,6 +19,11 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def wrapped(text: str, width: int = 130) -> str:
+    """`text` broken into lines of at most `width` characters, for a figure's title."""
+    return "\n".join(line for part in text.splitlines() for line in textwrap.wrap(part, width))
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
@@ -47,20 +54,25 @@ def plot_training(records: Sequence[dict[str, Any]], path: str | Path, title: st
     return save_figure(fig, path)
 
 
-def plot_bench(report: Any, path: str | Path) -> Path:
-    """Throughput, memory and training-loss curves per arm of a `BenchReport`."""
+def plot_bench(report: Any, path: str | Path, title: str = "amptrain bench") -> Path:
+    """Throughput, memory and training-loss curves per arm of a `BenchReport`, under `title`."""
     plt = pyplot()
     ok = [a for a in report.arms if a.status == "ok"]
     fig, (ax_t, ax_m, ax_l) = plt.subplots(1, 3, figsize=(15, 4))
     names = [a.precision for a in ok]
     tps = [a.tokens_per_s for a in ok]
     # The bars span the step-time IQR, turned into tokens/s (a slow quartile is a low rate).
-    low = [t - t * a.step_ms / a.step_ms_iqr[1] for t, a in zip(tps, ok)]
-    high = [t * a.step_ms / a.step_ms_iqr[0] - t for t, a in zip(tps, ok)]
+    # The median step pools every repeat while the IQR is over them too, but with one repeat
+    # of few steps interpolation can put the median a hair outside it: clip at zero.
+    low = [max(t - t * a.step_ms / a.step_ms_iqr[1], 0.0) for t, a in zip(tps, ok)]
+    high = [max(t * a.step_ms / a.step_ms_iqr[0] - t, 0.0) for t, a in zip(tps, ok)]
     ax_t.bar(names, tps, yerr=[low, high], capsize=6)
     ax_t.set(title="throughput (median step; bars: IQR)", ylabel="tokens/s")
     ax_m.bar(names, [a.mem_mb or 0 for a in ok])
-    ax_m.set(title="memory per arm", ylabel="MB")
+    sources = {a.mem_source.split(":")[0] for a in ok
+               if a.mem_source and "not measured" not in a.mem_source}  # fmt: skip
+    ax_m.set(title=f"memory training adds ({', '.join(sorted(sources)) or 'not measured'})",
+             ylabel="MB above the idle process")  # fmt: skip
     styles = ("-", "--", ":", "-.")
     for i, a in enumerate(ok):  # distinct dashes and markers: equal curves stay visible
         every = max(len(a.loss_curve) // 10, 1)
@@ -72,6 +84,7 @@ def plot_bench(report: Any, path: str | Path) -> Path:
             markevery=every,
             label=a.precision,
         )
-    ax_l.set(title="training loss", xlabel="step", ylabel="loss (nats/token)")
-    ax_l.legend()
+    ax_l.set(title="training loss", xlabel="optimizer step", ylabel="loss (nats/token)")
+    ax_l.legend(title="precision")
+    fig.suptitle(wrapped(title), fontsize=10)
     return save_figure(fig, path)
