@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amptrain import checkpoint, distributed
 from amptrain import data as data_mod
-from amptrain.adapter import check_token_range, probe_vocab
+from amptrain.adapter import check_token_range, probe_vocab, training_device
 from amptrain.attention import AttentionPlan
 from amptrain.attention import plan as plan_attention
 from amptrain.callbacks import Callback, emit
@@ -36,10 +36,10 @@ from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
 from amptrain.models.limits import check_context
 from amptrain.optim import describe, lr_factor, make_optimizer, make_scheduler
-from amptrain.precision import Precision, resolve
+from amptrain.precision import Precision, resolve, resumed
 from amptrain.step import Batch, StepOutput, evaluate, train_step
 
-__all__ = ["FitResult", "TrainState", "check_data", "evaluate", "fit", "train_step"]
+__all__ = ["FitResult", "TrainState", "check_data", "evaluate", "fit", "preflight", "train_step"]
 
 log = logging.getLogger("amptrain")
 
@@ -156,11 +156,9 @@ def fit(
         NonFiniteError: After `max_nonfinite` consecutive non-finite steps.
         Interrupted: After a handled signal, once the checkpoint is saved.
     """
-    opts = FitOptions(**options)
-    device = next(model.parameters()).device
-    prec = resolve(precision, device, **opts.scaler_options)
-    train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index,
-                                opts.batch_size, opts.labels_shifted)  # fmt: skip
+    opts, prec, train_b, val_b = preflight(model, train, val, precision=precision, source=source,
+                                           resume=resume, allow_new_scaler=allow_new_scaler,
+                                           **options)  # fmt: skip
     prec.warn_if_emulated()  # before any training kernel, with the measured figures
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
@@ -169,7 +167,6 @@ def fit(
     torch.manual_seed(opts.seed)  # dropout and other in-model randomness repeat for a seed
     if resume is not None:
         checkpoint.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
-        _check_world_size(resume)
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # an extended run's
             group["lr"] = base * lr_factor(scheduler.last_epoch, opts)  # schedule, from now on
     attn, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume)
@@ -190,6 +187,73 @@ def fit(
     if state.stop_signal:
         raise Interrupted(state.stop_signal, state.step, run.last_checkpoint)
     return dataclasses.replace(_result(prec, state, tracker, train_time), fast_path=fast_path)
+
+
+def preflight(
+    model: nn.Module,
+    train: object,
+    val: object | None = None,
+    *,
+    precision: str | Precision = "auto",
+    source: str = "model",
+    resume: Checkpoint | None = None,
+    allow_new_scaler: bool = False,
+    **options: Any,
+) -> tuple[FitOptions, Precision, data_mod.Blocks, data_mod.Blocks | None]:
+    """Every check `fit` makes before its first training kernel, with what they resolve.
+
+    `fit` starts with it, and a caller that writes files first (`run_training`) calls it
+    before creating or touching any, so bad input leaves nothing behind. It changes neither
+    the model nor the checkpoint. A resumed run keeps its checkpoint's precision (see
+    `precision.resumed`).
+
+    Returns:
+        The options, the resolved precision, and the training and validation blocks.
+
+    Raises:
+        ConfigError, DataError, ModelError, PrecisionError, CheckpointError: The refusal.
+    """
+    opts = FitOptions(**options)
+    device = training_device(model, source)
+    prec = resolve_precision(precision, device, resume, allow_new_scaler, **opts.scaler_options)
+    train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index,
+                                opts.batch_size, opts.labels_shifted)  # fmt: skip
+    data_mod.check_batch_size(train_b, opts.batch_size, distributed.world()[1])
+    if resume is not None:
+        checkpoint.check_resumable(resume, model, prec, allow_new_scaler)
+    return opts, prec, train_b, val_b
+
+
+def resolve_precision(
+    precision: str | Precision,
+    device: torch.device,
+    resume: Checkpoint | None = None,
+    allow_new_scaler: bool = False,
+    asked_by: str = "--precision",
+    **scaler_options: float,
+) -> Precision:
+    """`precision.resolve`, except that a resumed run keeps its checkpoint's precision.
+
+    With `resume`, `auto` is not decided again but taken from the checkpoint, and another
+    precision is refused (see `precision.resumed`); the reason says so and quotes the
+    checkpoint's own.
+    """
+    trained = resume.precision if resume is not None else None
+    if trained is None:
+        return resolve(precision, device, **scaler_options)
+    asked = precision.name if isinstance(precision, Precision) else precision
+    kept = resumed(trained, asked, f"checkpoint {resume.path}", allow_new_scaler, asked_by)
+    if isinstance(precision, Precision):
+        return precision
+    prec = resolve(kept, device, **scaler_options)
+    before = resume.trainer.get("precision_reason")
+    prec.reason = (
+        f"resumed: {kept}, the precision {resume.path.name} was trained in"
+        + (f" ({before})" if before else "")
+        if kept == trained
+        else f"resumed from {resume.path.name} ({trained}) in {kept}, as requested"
+    )
+    return prec
 
 
 def _fast_path(
@@ -235,15 +299,6 @@ def _wrap(model: nn.Module, world_size: int) -> nn.Module:
         return model
     device = next(model.parameters()).device
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _check_world_size(ckpt: Checkpoint) -> None:
-    saved, (_, now) = ckpt.trainer.get("world_size", 1), distributed.world()
-    if saved != now:
-        raise checkpoint.CheckpointError(
-            f"checkpoint {ckpt.path} was written by {saved} process(es) and this run has {now}; "
-            f"the data position depends on the world size, so resume with --nproc {saved}"
-        )
 
 
 @dataclasses.dataclass

@@ -212,6 +212,45 @@ def resolve(
     return Precision(name, device, explicit_reason(name, device, caps), caps, **scaler_options)
 
 
+def resumed(
+    trained: str,
+    requested: str | None,
+    where: str,
+    allow_new_scaler: bool = False,
+    asked_by: str = "--precision",
+) -> str:
+    """The precision a resumed run trains in: the one its checkpoint was trained in.
+
+    `auto` (or None) takes it without deciding again: a new measurement on a busy machine
+    could pick another precision, and the run would go on in it without a word. The same
+    name is accepted; another is refused, except fp16 with `allow_new_scaler` (a fresh loss
+    scale, which `checkpoint.restore` announces).
+
+    Args:
+        trained: The checkpoint's precision.
+        requested: The precision asked for now (a name or alias), or None.
+        where: The checkpoint, as the refusal names it.
+        allow_new_scaler: Accept a change into fp16 with a fresh GradScaler.
+        asked_by: Where `requested` comes from, as the refusal names it.
+
+    Raises:
+        PrecisionError: Naming both precisions and the fixes.
+    """
+    trained = normalize(trained)
+    name = "auto" if requested is None else normalize(requested)
+    if name == "auto" or name == trained or (name == "fp16" and allow_new_scaler):
+        return trained if name == "auto" else name
+    fixes = f"leave --precision out (auto keeps it) or give --precision {trained}"
+    if name == "fp16":
+        fixes += ", or pass --allow-new-scaler to go on in fp16 with a fresh loss scale"
+    raise PrecisionError(
+        f"precision {name!r} ({asked_by}) differs from {trained!r}, the precision {where} was "
+        "trained in; "
+        f"a resumed run keeps its precision (its optimizer state and loss scale belong to it): "
+        f"{fixes}; or train these weights in {name} as a new run with --init-from"
+    )
+
+
 def auto_choice(caps: Capabilities | None, device: torch.device) -> tuple[str, str]:
     """`auto`'s precision and reason, decided from the measured table `caps`.
 

@@ -23,17 +23,18 @@ from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig, run_values
 from amptrain.errors import ConfigError, Interrupted
 from amptrain.interrupts import deferred_signals
-from amptrain.loop import FitResult, fit
+from amptrain.loop import FitResult, fit, preflight, resolve_precision
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
 from amptrain.models import GPTConfig, ModelSpec, build_model
 from amptrain.models.limits import check_context
 from amptrain.models.trained import load_into, run_config, run_tokenizer
-from amptrain.precision import Precision, resolve
+from amptrain.precision import Precision
 from amptrain.resume_config import resumed_config
 from amptrain.runs import (
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
+    check_folder,
     create_run_dir,
     environment,
     write_config,
@@ -72,13 +73,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Precision]:
+def prepare(
+    cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None, **keep: Any
+) -> tuple[nn.Module, data.Blocks, data.Blocks, Precision]:
     """Resolve the precision, load and split the data, and build the model on its device.
 
-    Everything that can be refused is checked here, before any training kernel runs.
+    Everything that can be refused is checked here, before any training kernel runs. With
+    `resume`, the precision is the checkpoint's (`keep`: `allow_new_scaler`, `asked_by`, see
+    `loop.resolve_precision`).
     """
     device = pick_device(cfg.device)
-    precision = resolve(cfg.precision, device, **cfg.fit.scaler_options)
+    precision = resolve_precision(cfg.precision, device, resume, **keep,
+                                  **cfg.fit.scaler_options)  # fmt: skip
     tokenizer = tokenizer_for(cfg)
     if cfg.model == "tiny-gpt":
         check_model_size(cfg, tokenizer.vocab_size, device)
@@ -174,7 +180,11 @@ def run_training(
     """
     ckpt, history, main = None, [], distributed.is_main()
     if resume is None:
+        check_folder(cfg.out)
         model, train, val, precision = prepare(cfg)
+        preflight(
+            model, train, val, precision=precision, source=cfg.model, **dataclasses.asdict(cfg.fit)
+        )  # refused before the run directory exists
         run_dir = create_run_dir(cfg.out, command) if main else None
         run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
         if main:
@@ -184,7 +194,14 @@ def run_training(
         saved = TrainConfig.from_dict(_saved_config(run_dir))
         _check_config_hash(saved, ckpt)
         cfg = resumed_config(saved, given or {}, ckpt.trainer["step"])
-        model, train, val, precision = prepare(cfg)
+        asked = (given or {}).get("precision")  # else config.json's, checked all the same
+        model, train, val, precision = prepare(
+            dataclasses.replace(cfg, precision=asked or cfg.precision), ckpt,
+            allow_new_scaler=allow_new_scaler,
+            asked_by="--precision" if asked else "the run's config.json")  # fmt: skip
+        # Every check of the resume (shapes, scaler, world size...) before any file is touched.
+        preflight(model, train, val, precision=precision, source=cfg.model, resume=ckpt,
+                  allow_new_scaler=allow_new_scaler, **dataclasses.asdict(cfg.fit))  # fmt: skip
         distributed.barrier()  # every rank has read the checkpoint before rank 0 edits the run
         if main:
             history = truncate_metrics(run_dir, ckpt.trainer["step"])
@@ -255,10 +272,14 @@ def find_resume(out: str | Path, resume: str, command: str) -> tuple[Path, check
 
     Raises:
         FileNotFoundError: If nothing to resume is found.
-        CheckpointError: If an explicitly named checkpoint is incomplete, corrupt or unsafe.
+        CheckpointError: If an explicitly named checkpoint, or every checkpoint of the run, is
+            incomplete, corrupt or unsafe.
     """
     run_dir, path = resume_target(out, resume, command)
-    return run_dir, checkpoint.load(path)  # FileNotFoundError or CheckpointError naming it
+    if resume != "auto" and not (Path(resume) / "checkpoints").is_dir():
+        return run_dir, checkpoint.load(path)  # named: that one, or an error naming it
+    # A run: its newest checkpoint that loads, past any unreadable for whatever reason.
+    return run_dir, checkpoint.load_newest(path.parent, f"--resume {resume}")
 
 
 def resume_target(out: str | Path, resume: str, command: str) -> tuple[Path, Path]:
