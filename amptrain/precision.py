@@ -21,7 +21,7 @@ from contextlib import nullcontext
 
 import torch
 
-from amptrain import capability
+from amptrain import capability, decisions
 from amptrain.capability import Capabilities
 from amptrain.errors import PrecisionError
 
@@ -92,7 +92,8 @@ class Precision:
         self.device = device
         self.reason = reason
         self.probe = probe
-        # Set when the device only emulates this precision: said once, before training.
+        # Set when the device only emulates this precision (and, for auto, when its probe was
+        # unreliable or decided otherwise before): said once, before training.
         self.warning = probe.slow_warning(name) if probe is not None else None
         self.dtype = _LOW_DTYPE.get(name, torch.float32)
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16", **scaler_options)
@@ -208,7 +209,12 @@ def resolve(
     caps = capability.probe(device) if device.type in ("cpu", "cuda") else None
     if name == "auto":
         name, reason = auto_choice(caps, device)
-        return Precision(name, device, reason, caps, **scaler_options)
+        doubt = ""
+        if caps is not None:  # a busy machine's probe must not flip the decision in silence
+            name, reason, doubt = decisions.settle(caps, auto_candidate(caps), name, reason)
+        prec = Precision(name, device, reason, caps, **scaler_options)
+        prec.warning = "; ".join(w for w in (doubt, prec.warning) if w) or None
+        return prec
     return Precision(name, device, explicit_reason(name, device, caps), caps, **scaler_options)
 
 
@@ -262,7 +268,7 @@ def auto_choice(caps: Capabilities | None, device: torch.device) -> tuple[str, s
         return "fp32", f"auto: no mixed-precision rule for device type {device.type!r}; using fp32"
     if caps.device_type == "cuda":
         cc = caps.compute_capability or (0, 0)
-        name = "bf16" if cc >= (8, 0) else "fp16"
+        name = auto_candidate(caps)
         if caps.emulated(name) or not caps.clearly_faster(name):
             return "fp32", f"auto: fp32, since {name} is not clearly faster: {caps.figures(name)}"
         why = "runs bf16 natively (no loss scaling)" if name == "bf16" else "has no native bf16"
@@ -273,6 +279,13 @@ def auto_choice(caps: Capabilities | None, device: torch.device) -> tuple[str, s
         f"auto: fp32, since bf16 is not clearly faster ({caps.figures('bf16')}); "
         "fp16 is never chosen on a CPU"
     )
+
+
+def auto_candidate(caps: Capabilities) -> str:
+    """The lower precision `auto` weighs against fp32: fp16 on CUDA before 8.0, else bf16."""
+    if caps.device_type == "cuda" and (caps.compute_capability or (0, 0)) < (8, 0):
+        return "fp16"
+    return "bf16"
 
 
 def explicit_reason(name: str, device: torch.device, caps: Capabilities | None) -> str:

@@ -29,6 +29,12 @@ def _restore_amptrain_logger():
 
 
 @pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path, monkeypatch):
+    """Each test records `auto` decisions in a cache of its own (subprocesses inherit it)."""
+    monkeypatch.setenv("AMPTRAIN_CACHE_DIR", str(tmp_path / "amptrain-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _deterministic_cpu():
     dtype = torch.get_default_dtype()
     threads = torch.get_num_threads()
