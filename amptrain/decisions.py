@@ -1,10 +1,10 @@
 """The record of `auto` precision decisions, one per device, so a busy machine cannot flip them.
 
 `auto` decides from a matmul probe, and a probe on a loaded machine can misread a precision's
-speed: two identical runs could then train in different precisions. So each decision is
-recorded, and a later `auto` whose probe is unreliable (its rounds disagree, see
-`Capabilities.unreliable`) keeps the recorded one, saying so; a reliable probe that decides
-otherwise wins, with a warning naming the earlier decision.
+speed: two identical runs could then train in different precisions. So the first decision on
+a device is recorded and later `auto`s keep it, with a warning whenever their own probe would
+choose otherwise, saying whether that probe is unreliable (its rounds disagree, see
+`Capabilities.unreliable`) and how to decide again.
 
 The record is `precision.json` in amptrain's cache folder: `$AMPTRAIN_CACHE_DIR`, else
 `$XDG_CACHE_HOME/amptrain`, else `~/.cache/amptrain`. It is keyed by the device (type, name,
@@ -90,6 +90,9 @@ def _read() -> dict[str, Any]:
 def settle(caps: Capabilities, candidate: str, name: str, reason: str) -> tuple[str, str, str]:
     """`auto`'s final precision, reason and warning ("" if none), given the probe's decision.
 
+    The recorded decision stands; without one, the probe's decision is recorded. Whenever the
+    probe would choose otherwise than what is kept, or is unreliable, the warning says so.
+
     Args:
         caps: The probe's table.
         candidate: The lower precision the decision weighed against fp32.
@@ -97,25 +100,23 @@ def settle(caps: Capabilities, candidate: str, name: str, reason: str) -> tuple[
         reason: Its reason.
     """
     doubt, before = caps.unreliable(candidate), recorded(caps)
-    if doubt and before is not None:
-        kept, when = before["precision"], before.get("when", "earlier")
-        return kept, (
-            f"auto: {kept}, as decided for this device on {when}, since this probe is "
-            f"unreliable: {doubt}"
-        ), (
-            f"the precision probe is unreliable now ({doubt}); keeping {kept}, decided for this "
-            f"device on {when} (it would have chosen {name}); --precision fixes the choice"
-        )  # fmt: skip
-    record(caps, name, reason, reliable=not doubt)
     if doubt:
-        return name, f"{reason}; unreliable: {doubt}", (
-            f"the precision probe is unreliable now ({doubt}); chose {name} from its best "
-            f"figures, and recorded it for the next runs; --precision fixes the choice"
-        )  # fmt: skip
-    if before is not None and before["precision"] != name:
-        return name, reason, (
-            f"auto chose {name} ({caps.figures(candidate)}), where it chose "
-            f"{before['precision']} on this device on {before.get('when', 'earlier')}; a busy "
-            "machine can change the measurement: --precision fixes the choice"
-        )  # fmt: skip
-    return name, reason, ""
+        reason = f"{reason}; unreliable: {doubt}"
+    if before is None:
+        record(caps, name, reason, reliable=not doubt)
+        if doubt:
+            return name, reason, (
+                f"the precision probe is unreliable now ({doubt}); chose {name} from its best "
+                "figures and recorded it for the next runs; --precision fixes the choice"
+            )  # fmt: skip
+        return name, reason, ""
+    kept, when = before["precision"], before.get("when", "earlier")
+    if kept == name:
+        return name, reason, ""
+    why = f"this probe is unreliable ({doubt})" if doubt else (
+        f"this probe reads {caps.figures(candidate)}")  # fmt: skip
+    return kept, f"auto: {kept}, as decided for this device on {when}", (
+        f"auto keeps {kept}, decided for this device on {when}, where {why} and would choose "
+        f"{name}; pass --precision {name} to train in it, or delete {cache_dir() / FILE_NAME} "
+        "to decide again"
+    )  # fmt: skip

@@ -28,10 +28,13 @@ def _restore_amptrain_logger():
     logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
-@pytest.fixture(autouse=True)
-def _own_cache_dir(tmp_path, monkeypatch):
-    """Each test records `auto` decisions in a cache of its own (subprocesses inherit it)."""
-    monkeypatch.setenv("AMPTRAIN_CACHE_DIR", str(tmp_path / "amptrain-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory):
+    """The session's `auto` decisions go to a cache of its own, never the user's; shared, as on
+    a user's machine, by every run of the session, subprocesses and module fixtures included."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AMPTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("amptrain-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)

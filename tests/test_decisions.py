@@ -27,6 +27,11 @@ BUSY_SAYS_FP32 = _caps((1.0, 2.0, 1.0), (1.3, 1.3, 1.3))
 BUSY_SAYS_BF16 = _caps((1.0, 1.0, 1.0), (1.3, 0.9, 1.0))
 
 
+@pytest.fixture(autouse=True)
+def _empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMPTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+
+
 def test_the_probe_times_interleaved_rounds_and_keeps_each():
     caps = capability.measure(torch.device("cpu"), budget_s=0.03)
     assert set(caps.rounds) == set(caps.tflops) == {"fp32", "bf16", "fp16"}
@@ -58,30 +63,32 @@ def test_an_unreliable_probe_keeps_the_decision_recorded_for_the_device(fake_pro
     second = resolve("auto", "cpu")
     assert second.name == "bf16"
     assert second.reason.startswith("auto: bf16, as decided for this device on ")
-    assert "the precision probe is unreliable now" in second.warning
-    assert "it would have chosen fp32" in second.warning
+    assert "where this probe is unreliable (its 3 rounds put bf16 at" in second.warning
+    assert "would choose fp32; pass --precision fp32" in second.warning
 
 
 def test_two_identical_fresh_runs_on_a_busy_machine_pick_the_same_precision(fake_probe):
     fake_probe(BUSY_SAYS_FP32)
     first = resolve("auto", "cpu")
-    assert first.name == "fp32" and "unreliable" in first.reason
-    assert "chose fp32 from its best figures, and recorded it" in first.warning
+    assert first.name == "fp32" and "unreliable: its 3 rounds" in first.reason
+    assert "chose fp32 from its best figures and recorded it" in first.warning
     fake_probe(BUSY_SAYS_BF16)  # the next probe, as busy, reads the other way
     second = resolve("auto", "cpu")
-    assert second.name == "fp32" and "keeping fp32" in second.warning
+    assert second.name == "fp32" and "auto keeps fp32" in second.warning
+    saved = json.loads((decisions.cache_dir() / "precision.json").read_text())
+    assert [e["reliable"] for e in saved.values()] == [False]
 
 
-def test_a_reliable_probe_that_decides_otherwise_wins_and_says_so(fake_probe):
+def test_a_reliable_probe_that_decides_otherwise_is_said_and_overruled(fake_probe):
     fake_probe(QUIET_FAST)
     assert resolve("auto", "cpu").name == "bf16"
-    fake_probe(QUIET_SLOW)
+    fake_probe(QUIET_SLOW)  # consistent rounds, at a busy moment: the first decision stands
     again = resolve("auto", "cpu")
-    assert again.name == "fp32"
-    assert (
-        "auto chose fp32" in again.warning and "where it chose bf16 on this device" in again.warning
-    )
-    assert resolve("auto", "cpu").warning is None  # the record follows the reliable probe
+    assert again.name == "bf16"
+    assert "auto keeps bf16, decided for this device on" in again.warning
+    assert "this probe reads bf16 0.5 TFLOP/s vs fp32 1.0" in again.warning
+    assert str(decisions.cache_dir() / "precision.json") in again.warning
+    assert resolve("fp32", "cpu").name == "fp32"  # an explicit request is never changed
 
 
 def test_a_damaged_or_unwritable_record_is_only_a_record_fewer(fake_probe, tmp_path, monkeypatch):
