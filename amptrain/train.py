@@ -11,9 +11,9 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -178,37 +178,13 @@ def run_training(
     Raises:
         Interrupted: After SIGINT/SIGTERM, once the checkpoint is saved.
     """
-    ckpt, history, main = None, [], distributed.is_main()
+    main = distributed.is_main()
     if resume is None:
-        check_folder(cfg.out)
-        model, train, val, precision = prepare(cfg)
-        preflight(
-            model, train, val, precision=precision, source=cfg.model, **dataclasses.asdict(cfg.fit)
-        )  # refused before the run directory exists
-        run_dir = create_run_dir(cfg.out, command) if main else None
-        run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
-        if main:
-            write_config(run_dir, command, cfg)
+        run = _new_run(cfg, command)
     else:
-        run_dir, ckpt = find_resume(cfg.out, resume, command)
-        saved = TrainConfig.from_dict(_saved_config(run_dir))
-        _check_config_hash(saved, ckpt)
-        cfg = resumed_config(saved, given or {}, ckpt.trainer["step"])
-        asked = (given or {}).get("precision")  # else config.json's, checked all the same
-        model, train, val, precision = prepare(
-            dataclasses.replace(cfg, precision=asked or cfg.precision), ckpt,
-            allow_new_scaler=allow_new_scaler,
-            asked_by="--precision" if asked else "the run's config.json")  # fmt: skip
-        # Every check of the resume (shapes, scaler, world size...) before any file is touched.
-        preflight(model, train, val, precision=precision, source=cfg.model, resume=ckpt,
-                  allow_new_scaler=allow_new_scaler, **dataclasses.asdict(cfg.fit))  # fmt: skip
-        distributed.barrier()  # every rank has read the checkpoint before rank 0 edits the run
-        if main:
-            history = truncate_metrics(run_dir, ckpt.trainer["step"])
-            if cfg != saved:  # extended: config.json says what the run now is
-                config = {**cfg.to_dict(), "environment": environment()}
-                atomic_write_json(run_dir / "config.json", config)
-        log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, ckpt.trainer["step"])
+        run = _resumed_run(cfg, resume, command, given or {}, allow_new_scaler)
+    cfg, run_dir, model, train, val, precision = run[:6]
+    ckpt, history = run.ckpt, run.history
     if main:
         checkpoint.clean_temporaries(run_dir / "checkpoints")
     log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
@@ -244,6 +220,61 @@ def run_training(
         newest = checkpoint.latest(run_dir / "checkpoints")
         raise Interrupted(received[0], result.steps, newest)
     return TrainRun(result, run_dir, model, train, val)
+
+
+class _Opened(NamedTuple):
+    """A run ready for `fit`: checked in full, its directory created or reopened."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    model: nn.Module
+    train: data.Blocks
+    val: data.Blocks
+    precision: Precision
+    ckpt: checkpoint.Checkpoint | None = None
+    history: Sequence[dict[str, Any]] = ()
+
+
+def _new_run(cfg: TrainConfig, command: str) -> _Opened:
+    """Check everything `fit` will, then create the run directory and its config.json."""
+    check_folder(cfg.out)
+    model, train, val, precision = prepare(cfg)
+    preflight(
+        model, train, val, precision=precision, source=cfg.model, **dataclasses.asdict(cfg.fit)
+    )  # refused before the run directory exists
+    main = distributed.is_main()
+    run_dir = create_run_dir(cfg.out, command) if main else None
+    run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
+    if main:
+        write_config(run_dir, command, cfg)
+    return _Opened(cfg, run_dir, model, train, val, precision)
+
+
+def _resumed_run(
+    cfg: TrainConfig, resume: str, command: str, given: dict[str, Any], allow_new_scaler: bool
+) -> _Opened:
+    """Load and check the checkpoint against everything, and only then edit the run's files."""
+    run_dir, ckpt = find_resume(cfg.out, resume, command)
+    saved = TrainConfig.from_dict(_saved_config(run_dir))
+    _check_config_hash(saved, ckpt)
+    cfg = resumed_config(saved, given, ckpt.trainer["step"])
+    asked = given.get("precision")  # else config.json's, checked against the checkpoint too
+    model, train, val, precision = prepare(
+        dataclasses.replace(cfg, precision=asked or cfg.precision), ckpt,
+        allow_new_scaler=allow_new_scaler,
+        asked_by="--precision" if asked else "the run's config.json")  # fmt: skip
+    # Every check of the resume (shapes, scaler, world size...) before any file is touched.
+    preflight(model, train, val, precision=precision, source=cfg.model, resume=ckpt,
+              allow_new_scaler=allow_new_scaler, **dataclasses.asdict(cfg.fit))  # fmt: skip
+    distributed.barrier()  # every rank has read the checkpoint before rank 0 edits the run
+    history = []
+    if distributed.is_main():
+        history = truncate_metrics(run_dir, ckpt.trainer["step"])
+        if cfg != saved:  # extended: config.json says what the run now is
+            config = {**cfg.to_dict(), "environment": environment()}
+            atomic_write_json(run_dir / "config.json", config)
+    log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, ckpt.trainer["step"])
+    return _Opened(cfg, run_dir, model, train, val, precision, ckpt, history)
 
 
 def _plot(result: FitResult, path: Path, title: str) -> None:
