@@ -16,7 +16,7 @@ from amptrain.config import TrainConfig
 from amptrain.errors import ConfigError
 
 # Given with --resume, these only say where to look or how to report: never a difference.
-# The precision is checked against the checkpoint's instead (`loop.resolve_precision`): `auto`
+# The precision is checked against the checkpoint's instead (`preflight.resolve_precision`): `auto`
 # keeps it, and the run's config.json may say `auto` where the checkpoint says `bf16`.
 _PLACE = ("out", "precision")
 

@@ -23,12 +23,13 @@ from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig, run_values
 from amptrain.errors import ConfigError, Interrupted
 from amptrain.interrupts import deferred_signals
-from amptrain.loop import FitResult, fit, preflight, resolve_precision
+from amptrain.loop import FitResult, fit
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
 from amptrain.models import GPTConfig, ModelSpec, build_model
 from amptrain.models.limits import check_context
 from amptrain.models.trained import load_into, run_config, run_tokenizer
 from amptrain.precision import Precision
+from amptrain.preflight import preflight, resolve_precision
 from amptrain.resume_config import resumed_config
 from amptrain.runs import (
     atomic_torch_save,
@@ -80,7 +81,7 @@ def prepare(
 
     Everything that can be refused is checked here, before any training kernel runs. With
     `resume`, the precision is the checkpoint's (`keep`: `allow_new_scaler`, `asked_by`, see
-    `loop.resolve_precision`).
+    `preflight.resolve_precision`).
     """
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, resume, **keep,
