@@ -90,8 +90,10 @@ def _read() -> dict[str, Any]:
 def settle(caps: Capabilities, candidate: str, name: str, reason: str) -> tuple[str, str, str]:
     """`auto`'s final precision, reason and warning ("" if none), given the probe's decision.
 
-    The recorded decision stands; without one, the probe's decision is recorded. Whenever the
-    probe would choose otherwise than what is kept, or is unreliable, the warning says so.
+    The recorded decision stands; without one (or with one `auto` could not have made here,
+    from an edited file), the probe's decision is recorded. Whenever the probe would choose
+    otherwise than what is kept, the warning says so and whether the probe is unreliable; an
+    unreliable probe is also named in the reason.
 
     Args:
         caps: The probe's table.
@@ -100,6 +102,8 @@ def settle(caps: Capabilities, candidate: str, name: str, reason: str) -> tuple[
         reason: Its reason.
     """
     doubt, before = caps.unreliable(candidate), recorded(caps)
+    if before is not None and before["precision"] not in ("fp32", candidate):
+        before = None
     if doubt:
         reason = f"{reason}; unreliable: {doubt}"
     if before is None:

@@ -97,7 +97,11 @@ def test_a_damaged_or_unwritable_record_is_only_a_record_fewer(fake_probe, tmp_p
     folder.mkdir(parents=True)
     (folder / "precision.json").write_text("{cut")
     assert resolve("auto", "cpu").name == "bf16"
-    assert json.loads((folder / "precision.json").read_text())  # rewritten whole
+    saved = json.loads((folder / "precision.json").read_text())  # rewritten whole
+    (key,) = saved
+    saved[key]["precision"] = "tf32"  # edited by hand: auto never takes tf32 on a CPU
+    (folder / "precision.json").write_text(json.dumps(saved))
+    assert resolve("auto", "cpu").name == "bf16"
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     monkeypatch.setenv("AMPTRAIN_CACHE_DIR", str(blocked / "cache"))  # cannot be created
