@@ -43,6 +43,25 @@ def extract_logits(outputs: object) -> torch.Tensor:
     )
 
 
+def training_device(model: nn.Module, source: str = "model") -> torch.device:
+    """The device of the model's trainable floating-point parameters, where training runs.
+
+    Raises:
+        ModelError: If the model has no floating-point parameter that requires a gradient,
+            so an optimizer would have nothing to train.
+    """
+    trainable = [p for p in model.parameters() if p.is_floating_point() and p.requires_grad]
+    if not trainable:
+        count = sum(1 for _ in model.parameters())
+        raise ModelError(
+            f"model {source} has no trainable floating-point parameters ({count} parameter "
+            "tensor(s), none a float that requires a gradient), so there is nothing to train; "
+            "give it learnable layers (nn.Embedding, nn.Linear) or unfreeze them "
+            "(requires_grad=True)"
+        )
+    return trainable[0].device
+
+
 def forward_logits(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Call `model` on `ids` and return its logits, passing next-token targets when it takes them.
 

@@ -28,6 +28,9 @@ import torch
 EMULATED_SLOWDOWN = 2.0
 # `auto` takes a lower precision only when its matmuls beat fp32 by at least this factor.
 CLEARLY_FASTER = 1.25
+# The probe runs in this many interleaved rounds, so that a load which comes and goes shows
+# as a spread between them instead of tilting one precision's figure alone.
+ROUNDS = 3
 
 _DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
           "bf16": torch.bfloat16}  # fmt: skip
@@ -46,6 +49,8 @@ class Capabilities:
     shape: tuple[int, int, int]
     seconds: float
     compute_capability: tuple[int, int] | None = None
+    rounds: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+    """Each precision's best TFLOP/s in each probe round; `tflops` holds the best of them."""
 
     @property
     def label(self) -> str:
@@ -66,6 +71,29 @@ class Capabilities:
         """True when the precision's matmuls beat fp32's by `CLEARLY_FASTER` or more."""
         ratio = self.ratio(precision)
         return ratio is not None and ratio >= CLEARLY_FASTER
+
+    def ratio_range(self, precision: str) -> tuple[float, float] | None:
+        """The lowest and highest speed over fp32's the rounds (and their best) give."""
+        ours, ref, best = self.rounds.get(precision), self.rounds.get("fp32"), self.ratio(precision)
+        if not ours or not ref or best is None:
+            return None
+        ratios = [a / b for a, b in zip(ours, ref) if b] + [best]
+        return min(ratios), max(ratios)
+
+    def unreliable(self, precision: str) -> str | None:
+        """Why the probe cannot tell whether `precision` is clearly faster, or None if it can.
+
+        The rounds disagree when their ratios to fp32 lie on both sides of `CLEARLY_FASTER`:
+        then another probe could well decide the other way.
+        """
+        span = self.ratio_range(precision)
+        if span is None or not span[0] < CLEARLY_FASTER <= span[1]:
+            return None
+        return (
+            f"its {len(self.rounds[precision])} rounds put {precision} at {span[0]:.2f}x to "
+            f"{span[1]:.2f}x fp32's matmul speed, on both sides of the {CLEARLY_FASTER}x auto "
+            "asks for (the machine is probably busy)"
+        )
 
     def figures(self, precision: str) -> str:
         """E.g. "bf16 0.18 TFLOP/s vs fp32 0.07 on AMD EPYC (avx512_bf16)"."""
@@ -93,6 +121,7 @@ class Capabilities:
         out = dataclasses.asdict(self)
         out["ratio_vs_fp32"] = {p: self.ratio(p) for p in self.tflops}
         out["emulated"] = [p for p in self.tflops if self.emulated(p)]
+        out["unreliable"] = {p: why for p in self.tflops if (why := self.unreliable(p))}
         return out
 
 
@@ -126,6 +155,9 @@ def clear_cache() -> None:
 def measure(device: torch.device, budget_s: float = 0.08) -> Capabilities:
     """Measure the table now: per precision, the best of matmuls timed for up to `budget_s`.
 
+    The time is spread over `ROUNDS` rounds, each timing every precision in turn; the table
+    keeps each precision's best and every round's, whose spread says how far to trust it.
+
     Args:
         device: A CPU or CUDA device (any other type gets an fp32-only table).
         budget_s: Time per precision (an emulated dtype may take one matmul's time instead).
@@ -137,10 +169,15 @@ def measure(device: torch.device, budget_s: float = 0.08) -> Capabilities:
     elif device.type != "cpu":
         names = ["fp32"]
     n, k, m = (4096, 4096, 4096) if device.type == "cuda" else (256, 256, 256)
-    tflops = {p: matmul_tflops(device, p, (n, k, m), budget_s) for p in names}
+    rounds: dict[str, list[float]] = {p: [] for p in names}
+    for _ in range(ROUNDS):
+        for p in names:
+            rounds[p].append(matmul_tflops(device, p, (n, k, m), budget_s / ROUNDS))
+    tflops = {p: max(r) for p, r in rounds.items()}
     name, hints, cc = _describe(device)
     return Capabilities(device.type, name, hints, tflops, torch.get_num_threads(), (n, k, m),
-                        time.perf_counter() - start, cc)  # fmt: skip
+                        time.perf_counter() - start, cc,
+                        {p: tuple(r) for p, r in rounds.items()})  # fmt: skip
 
 
 def matmul_tflops(

@@ -58,6 +58,14 @@ class Checkpoint:
     trainer: dict[str, Any]
     tensors: dict[str, Any]
 
+    @property
+    def precision(self) -> str | None:
+        """The precision the run was trained in (from trainer.json, else the scaler's record)."""
+        scaler = self.tensors.get("scaler")
+        return self.trainer.get("precision") or (
+            scaler.get("name") if isinstance(scaler, dict) else None
+        )
+
 
 def config_hash(config: dict[str, Any]) -> str:
     """A short stable hash of a run's settings."""
@@ -268,9 +276,47 @@ def safe_torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(weights_only_refusal(path, exc)) from None
-    except RuntimeError as exc:  # e.g. PytorchStreamReader failed reading zip archive
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+        if re.search(r"unsupported (global|class)", str(exc), flags=re.IGNORECASE):
+            raise CheckpointError(weights_only_refusal(path, exc)) from None
+        raise CheckpointError(_unreadable(path, exc)) from None
+    except Exception as exc:  # noqa: BLE001 - garbage bytes fail anywhere in the unpickler
+        raise CheckpointError(_unreadable(path, exc)) from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """Why a file is no torch.save output, in one line (torch's own text can run to ten)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    why = next((line for line in lines if "Unsupported" in line), lines[-1] if lines else "")
+    return (
+        f"cannot read {path}: it is damaged or not a file torch.save wrote "
+        f"({type(exc).__name__}{': ' + why[:200] if why else ''})"
+    )
+
+
+def load_newest(root: str | Path, refuse: str = "--resume") -> Checkpoint:
+    """Load the newest checkpoint under `root` that loads, falling back past any that do not.
+
+    A checkpoint can fail for any reason: files that do not match the manifest, a payload
+    that matches it and is garbage or holds code, a newer format. Each one skipped is named in
+    a warning, with why, beside the one used.
+
+    Raises:
+        FileNotFoundError: If `root` holds no checkpoint at all.
+        CheckpointError: If none loads, with each one's reason.
+    """
+    skipped = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            ckpt = load(path)
+        except CheckpointError as exc:
+            skipped.append(f"checkpoint {path.name} incomplete/corrupt ({exc})")
+            continue
+        if skipped:
+            log.warning("skipped %s; using %s", "; ".join(skipped), path.name)
+        return ckpt
+    if not skipped:
+        raise FileNotFoundError(f"{refuse}: {root} holds no checkpoint")
+    raise CheckpointError(f"{refuse}: no checkpoint under {root} can be used: {'; '.join(skipped)}")
 
 
 def latest(root: str | Path) -> Path | None:
@@ -290,6 +336,12 @@ def latest(root: str | Path) -> Path | None:
 
 def restore_module(model: nn.Module, state: dict[str, Any], where: Path) -> None:
     """`load_state_dict`, with a readable error listing differences of keys and shapes."""
+    check_module(model, state, where)
+    model.load_state_dict(state)
+
+
+def check_module(model: nn.Module, state: dict[str, Any], where: Path) -> None:
+    """Refuse a state dict whose keys or shapes differ from the model's, listing them."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -300,7 +352,6 @@ def restore_module(model: nn.Module, state: dict[str, Any], where: Path) -> None
             f"checkpoint {where} does not fit this model: missing keys {missing[:10]}, "
             f"unexpected keys {unexpected[:10]}, shape mismatches {shapes[:10]}"
         )
-    model.load_state_dict(state)
 
 
 def capture(model, optimizer, scheduler, precision, state, rngs=None) -> tuple[dict, dict]:
@@ -316,7 +367,7 @@ def capture(model, optimizer, scheduler, precision, state, rngs=None) -> tuple[d
         "rng": {"ranks": rngs if rngs is not None else [rng_state()]},
     }
     counters = {k: v for k, v in dataclasses.asdict(state).items() if k not in _TRANSIENT}
-    return tensors, {**counters, "precision": precision.name}
+    return tensors, {**counters, "precision": precision.name, "precision_reason": precision.reason}
 
 
 def _rank_rng(saved: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -333,23 +384,53 @@ def _rank_rng(saved: dict[str, Any], where: Path) -> dict[str, Any]:
     return ranks[rank]
 
 
+def check_resumable(ckpt: Checkpoint, model, precision, allow_new_scaler: bool = False) -> None:
+    """Every reason `restore` would refuse `ckpt`, checked without changing anything.
+
+    A resumed run calls this before it touches any file of the run, so a refusal leaves the
+    run exactly as it was.
+
+    Raises:
+        CheckpointError: A scaler missing for fp16, other keys or shapes than the model's,
+            or another world size than the run's.
+    """
+    scaler = ckpt.tensors["scaler"]
+    if precision.scaler.is_enabled() and not scaler.get("enabled") and not allow_new_scaler:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was trained in {scaler.get('name', 'another precision')} "
+            f"and has no GradScaler state for {precision.name}; resume in "
+            f"{scaler.get('name')} or pass --allow-new-scaler to start a fresh loss scale"
+        )
+    check_module(model, ckpt.tensors["model"], ckpt.path)
+    _check_world_size(ckpt)
+    _rank_rng(ckpt.tensors["rng"], ckpt.path)
+
+
+def _check_world_size(ckpt: Checkpoint) -> None:
+    from amptrain.distributed import world
+
+    saved, now = ckpt.trainer.get("world_size", 1), world()[1]
+    if saved != now:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was written by {saved} process(es) and this run has {now}; "
+            f"the data position depends on the world size, so resume with --nproc {saved}"
+        )
+
+
 def restore(
     ckpt: Checkpoint, model, optimizer, scheduler, precision, state, allow_new_scaler: bool = False
 ) -> None:
-    """Put a checkpoint back into fresh training objects, so the run continues bit for bit."""
+    """Put a checkpoint back into fresh training objects, so the run continues bit for bit.
+
+    Every check of `check_resumable` comes first, so a refusal changes nothing.
+    """
+    check_resumable(ckpt, model, precision, allow_new_scaler)
     t = ckpt.tensors
-    scaler = t["scaler"]
-    if precision.scaler.is_enabled() and not scaler.get("enabled"):
-        if not allow_new_scaler:
-            raise CheckpointError(
-                f"checkpoint {ckpt.path} was trained in {scaler.get('name', 'another precision')} "
-                f"and has no GradScaler state for {precision.name}; resume in "
-                f"{scaler.get('name')} or pass --allow-new-scaler to start a fresh loss scale"
-            )
+    if precision.scaler.is_enabled() and not t["scaler"].get("enabled"):
         log.warning("resuming %s with a fresh GradScaler (allow_new_scaler)", precision.name)
     else:
-        precision.load_state_dict(scaler)
-    restore_module(model, t["model"], ckpt.path)
+        precision.load_state_dict(t["scaler"])
+    model.load_state_dict(t["model"])
     load_state_keeping_impl(optimizer, t["optimizer"])  # still fused after a resume
     scheduler.load_state_dict(t["scheduler"])
     set_rng_state(_rank_rng(t["rng"], ckpt.path))

@@ -22,7 +22,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amptrain import checkpoint, distributed
 from amptrain import data as data_mod
-from amptrain.adapter import probe_vocab
 from amptrain.attention import AttentionPlan
 from amptrain.attention import plan as plan_attention
 from amptrain.callbacks import Callback, emit
@@ -36,12 +35,12 @@ from amptrain.metrics import tracking
 from amptrain.metrics.meters import Throughput, peak_memory_mb
 from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
-from amptrain.models.limits import check_context
 from amptrain.optim import describe, lr_factor, make_optimizer, make_scheduler
-from amptrain.precision import Precision, resolve
+from amptrain.precision import Precision
+from amptrain.preflight import check_data, preflight
 from amptrain.step import Batch, StepOutput, evaluate, train_step
 
-__all__ = ["FitResult", "TrainState", "check_data", "evaluate", "fit", "train_step"]
+__all__ = ["FitResult", "TrainState", "check_data", "evaluate", "fit", "preflight", "train_step"]
 
 log = logging.getLogger("amptrain")
 
@@ -158,11 +157,9 @@ def fit(
         NonFiniteError: After `max_nonfinite` consecutive non-finite steps.
         Interrupted: After a handled signal, once the checkpoint is saved.
     """
-    opts = FitOptions(**options)
-    device = next(model.parameters()).device
-    prec = resolve(precision, device, **opts.scaler_options)
-    train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index,
-                                opts.batch_size, opts.labels_shifted)  # fmt: skip
+    opts, prec, train_b, val_b = preflight(model, train, val, precision=precision, source=source,
+                                           resume=resume, allow_new_scaler=allow_new_scaler,
+                                           **options)  # fmt: skip
     prec.warn_if_emulated()  # before any training kernel, with the measured figures
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
@@ -171,7 +168,6 @@ def fit(
     torch.manual_seed(opts.seed)  # dropout and other in-model randomness repeat for a seed
     if resume is not None:
         checkpoint.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
-        _check_world_size(resume)
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # an extended run's
             group["lr"] = base * lr_factor(scheduler.last_epoch, opts)  # schedule, from now on
     attn, loss_plan, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume)
@@ -262,15 +258,6 @@ def _wrap(model: nn.Module, world_size: int) -> nn.Module:
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _check_world_size(ckpt: Checkpoint) -> None:
-    saved, (_, now) = ckpt.trainer.get("world_size", 1), distributed.world()
-    if saved != now:
-        raise checkpoint.CheckpointError(
-            f"checkpoint {ckpt.path} was written by {saved} process(es) and this run has {now}; "
-            f"the data position depends on the world size, so resume with --nproc {saved}"
-        )
-
-
 @dataclasses.dataclass
 class _Loop:
     """Everything one training run works on."""
@@ -306,33 +293,6 @@ def _on_signal(state: TrainState) -> Callable[[int], None]:
             raise _EvalCut
 
     return request_stop
-
-
-def check_data(
-    model: nn.Module,
-    train: object,
-    val: object | None,
-    device: torch.device,
-    source: str,
-    ignore_index: int,
-    batch_size: int = 1,
-    labels_shifted: bool = False,
-) -> tuple[data_mod.Blocks, data_mod.Blocks | None]:
-    """Convert the data to blocks and check them against the model before any work.
-
-    The context must fit the model's positions and the memory, and every id must be inside
-    the model's probed vocabulary.
-    """
-    train_b = data_mod.as_blocks(train, name="training data", labels_shifted=labels_shifted)
-    val_b = None
-    if val is not None:
-        val_b = data_mod.as_blocks(val, name="validation data", labels_shifted=labels_shifted)
-    check_context(model, train_b.context, batch_size, device, source)
-    vocab = probe_vocab(model, train_b.context, device, source)
-    for blocks in (train_b, val_b):
-        if blocks is not None:
-            data_mod.check_ids(blocks, vocab, ignore_index)
-    return train_b, val_b
 
 
 def _run(run: _Loop) -> float:

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 
 import torch
 
-from amptrain import capability
+from amptrain import capability, decisions
 from amptrain.capability import Capabilities
 from amptrain.errors import PrecisionError
 
@@ -92,7 +92,8 @@ class Precision:
         self.device = device
         self.reason = reason
         self.probe = probe
-        # Set when the device only emulates this precision: said once, before training.
+        # Set when the device only emulates this precision (and, for auto, when its probe was
+        # unreliable or decided otherwise before): said once, before training.
         self.warning = probe.slow_warning(name) if probe is not None else None
         self.dtype = _LOW_DTYPE.get(name, torch.float32)
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16", **scaler_options)
@@ -208,8 +209,52 @@ def resolve(
     caps = capability.probe(device) if device.type in ("cpu", "cuda") else None
     if name == "auto":
         name, reason = auto_choice(caps, device)
-        return Precision(name, device, reason, caps, **scaler_options)
+        doubt = ""
+        if caps is not None:  # a busy machine's probe must not flip the decision in silence
+            name, reason, doubt = decisions.settle(caps, auto_candidate(caps), name, reason)
+        prec = Precision(name, device, reason, caps, **scaler_options)
+        prec.warning = "; ".join(w for w in (doubt, prec.warning) if w) or None
+        return prec
     return Precision(name, device, explicit_reason(name, device, caps), caps, **scaler_options)
+
+
+def resumed(
+    trained: str,
+    requested: str | None,
+    where: str,
+    allow_new_scaler: bool = False,
+    asked_by: str = "--precision",
+) -> str:
+    """The precision a resumed run trains in: the one its checkpoint was trained in.
+
+    `auto` (or None) takes it without deciding again: a new measurement on a busy machine
+    could pick another precision, and the run would go on in it without a word. The same
+    name is accepted; another is refused, except fp16 with `allow_new_scaler` (a fresh loss
+    scale, which `checkpoint.restore` announces).
+
+    Args:
+        trained: The checkpoint's precision.
+        requested: The precision asked for now (a name or alias), or None.
+        where: The checkpoint, as the refusal names it.
+        allow_new_scaler: Accept a change into fp16 with a fresh GradScaler.
+        asked_by: Where `requested` comes from, as the refusal names it.
+
+    Raises:
+        PrecisionError: Naming both precisions and the fixes.
+    """
+    trained = normalize(trained)
+    name = "auto" if requested is None else normalize(requested)
+    if name == "auto" or name == trained or (name == "fp16" and allow_new_scaler):
+        return trained if name == "auto" else name
+    fixes = f"leave --precision out (auto keeps it) or give --precision {trained}"
+    if name == "fp16":
+        fixes += ", or pass --allow-new-scaler to go on in fp16 with a fresh loss scale"
+    raise PrecisionError(
+        f"precision {name!r} ({asked_by}) differs from {trained!r}, the precision {where} was "
+        "trained in; "
+        f"a resumed run keeps its precision (its optimizer state and loss scale belong to it): "
+        f"{fixes}; or train these weights in {name} as a new run with --init-from"
+    )
 
 
 def auto_choice(caps: Capabilities | None, device: torch.device) -> tuple[str, str]:
@@ -223,7 +268,7 @@ def auto_choice(caps: Capabilities | None, device: torch.device) -> tuple[str, s
         return "fp32", f"auto: no mixed-precision rule for device type {device.type!r}; using fp32"
     if caps.device_type == "cuda":
         cc = caps.compute_capability or (0, 0)
-        name = "bf16" if cc >= (8, 0) else "fp16"
+        name = auto_candidate(caps)
         if caps.emulated(name) or not caps.clearly_faster(name):
             return "fp32", f"auto: fp32, since {name} is not clearly faster: {caps.figures(name)}"
         why = "runs bf16 natively (no loss scaling)" if name == "bf16" else "has no native bf16"
@@ -234,6 +279,13 @@ def auto_choice(caps: Capabilities | None, device: torch.device) -> tuple[str, s
         f"auto: fp32, since bf16 is not clearly faster ({caps.figures('bf16')}); "
         "fp16 is never chosen on a CPU"
     )
+
+
+def auto_candidate(caps: Capabilities) -> str:
+    """The lower precision `auto` weighs against fp32: fp16 on CUDA before 8.0, else bf16."""
+    if caps.device_type == "cuda" and (caps.compute_capability or (0, 0)) < (8, 0):
+        return "fp16"
+    return "bf16"
 
 
 def explicit_reason(name: str, device: torch.device, caps: Capabilities | None) -> str:

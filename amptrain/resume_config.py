@@ -16,13 +16,16 @@ from amptrain.config import TrainConfig
 from amptrain.errors import ConfigError
 
 # Given with --resume, these only say where to look or how to report: never a difference.
-_PLACE = ("out",)
+# The precision is checked against the checkpoint's instead (`preflight.resolve_precision`): `auto`
+# keeps it, and the run's config.json may say `auto` where the checkpoint says `bf16`.
+_PLACE = ("out", "precision")
 
 
 def resumed_config(saved: TrainConfig, given: dict[str, Any], step: int) -> TrainConfig:
     """`saved`, with `--max-steps` raised if `given` asks for more steps than it has.
 
-    `out` only says where to find the run, so it is never a difference.
+    `out` only says where to find the run, so it is never a difference; `precision` is kept
+    as saved and checked against the checkpoint's by the caller.
 
     Args:
         saved: The run's config.json.
@@ -55,7 +58,7 @@ def resumed_config(saved: TrainConfig, given: dict[str, Any], step: int) -> Trai
             f"--max-steps {max_steps} is below the run's {saved_steps} (checkpoint at step "
             f"{step}); a resumed run can only be extended: give --max-steps {saved_steps} or more"
         )
-    return TrainConfig.from_dict({**new, "out": old["out"]})
+    return TrainConfig.from_dict({**new, **{name: old[name] for name in _PLACE}})
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple]:

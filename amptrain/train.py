@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -33,12 +33,14 @@ from amptrain.models import GPTConfig, ModelSpec, build_model, provenance
 from amptrain.models.limits import check_context
 from amptrain.models.provenance import BASE_FILE
 from amptrain.models.trained import WEIGHTS, load_into, run_config, run_tokenizer
-from amptrain.precision import Precision, resolve
+from amptrain.precision import Precision
+from amptrain.preflight import preflight, resolve_precision
 from amptrain.resume_config import resumed_config
 from amptrain.runs import (
     atomic_safetensors_save,
     atomic_write_bytes,
     atomic_write_json,
+    check_folder,
     create_run_dir,
     environment,
     write_config,
@@ -78,13 +80,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Precision]:
+def prepare(
+    cfg: TrainConfig, resume: checkpoint.Checkpoint | None = None, **keep: Any
+) -> tuple[nn.Module, data.Blocks, data.Blocks, Precision]:
     """Resolve the precision, load and split the data, and build the model on its device.
 
-    Everything that can be refused is checked here, before any training kernel runs.
+    Everything that can be refused is checked here, before any training kernel runs. With
+    `resume`, the precision is the checkpoint's (`keep`: `allow_new_scaler`, `asked_by`, see
+    `preflight.resolve_precision`).
     """
     device = pick_device(cfg.device)
-    precision = resolve(cfg.precision, device, **cfg.fit.scaler_options)
+    precision = resolve_precision(cfg.precision, device, resume, **keep,
+                                  **cfg.fit.scaler_options)  # fmt: skip
     tokenizer = tokenizer_for(cfg)
     if cfg.model == "tiny-gpt":
         check_model_size(cfg, tokenizer.vocab_size, device)
@@ -227,27 +234,13 @@ def run_training(
     Raises:
         Interrupted: After SIGINT/SIGTERM, once the checkpoint is saved.
     """
-    ckpt, history, main = None, [], distributed.is_main()
+    main = distributed.is_main()
     if resume is None:
-        model, train, val, precision = prepare(cfg)
-        run_dir = create_run_dir(cfg.out, command) if main else None
-        run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
-        if main:
-            write_config(run_dir, command, cfg)
-            _write_sources(run_dir, cfg)
+        run = _new_run(cfg, command)
     else:
-        run_dir, ckpt = find_resume(cfg.out, resume, command)
-        saved = TrainConfig.from_dict(_saved_config(run_dir))
-        _check_config_hash(saved, ckpt)
-        cfg = resumed_config(saved, given or {}, ckpt.trainer["step"])
-        model, train, val, precision = prepare(cfg)
-        distributed.barrier()  # every rank has read the checkpoint before rank 0 edits the run
-        if main:
-            history = truncate_metrics(run_dir, ckpt.trainer["step"])
-            if cfg != saved:  # extended: config.json says what the run now is
-                config = {**cfg.to_dict(), "environment": environment()}
-                atomic_write_json(run_dir / "config.json", config)
-        log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, ckpt.trainer["step"])
+        run = _resumed_run(cfg, resume, command, given or {}, allow_new_scaler)
+    cfg, run_dir, model, train, val, precision = run[:6]
+    ckpt, history = run.ckpt, run.history
     sinks = [*(sinks or []), *(tracking.start(trackers, run_dir, resume is None) if main else [])]
     if main:
         checkpoint.clean_temporaries(run_dir / "checkpoints")
@@ -306,6 +299,62 @@ def _export(model: nn.Module, run_dir: Path, tokenizer: str | None) -> None:
                     type(exc).__name__, exc, WEIGHTS)  # fmt: skip
 
 
+class _Opened(NamedTuple):
+    """A run ready for `fit`: checked in full, its directory created or reopened."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    model: nn.Module
+    train: data.Blocks
+    val: data.Blocks
+    precision: Precision
+    ckpt: checkpoint.Checkpoint | None = None
+    history: Sequence[dict[str, Any]] = ()
+
+
+def _new_run(cfg: TrainConfig, command: str) -> _Opened:
+    """Check everything `fit` will, then create the run directory and its config.json."""
+    check_folder(cfg.out)
+    model, train, val, precision = prepare(cfg)
+    preflight(
+        model, train, val, precision=precision, source=cfg.model, **dataclasses.asdict(cfg.fit)
+    )  # refused before the run directory exists
+    main = distributed.is_main()
+    run_dir = create_run_dir(cfg.out, command) if main else None
+    run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
+    if main:
+        write_config(run_dir, command, cfg)
+        _write_sources(run_dir, cfg)
+    return _Opened(cfg, run_dir, model, train, val, precision)
+
+
+def _resumed_run(
+    cfg: TrainConfig, resume: str, command: str, given: dict[str, Any], allow_new_scaler: bool
+) -> _Opened:
+    """Load and check the checkpoint against everything, and only then edit the run's files."""
+    run_dir, ckpt = find_resume(cfg.out, resume, command)
+    saved = TrainConfig.from_dict(_saved_config(run_dir))
+    _check_config_hash(saved, ckpt)
+    cfg = resumed_config(saved, given, ckpt.trainer["step"])
+    asked = given.get("precision")  # else config.json's, checked against the checkpoint too
+    model, train, val, precision = prepare(
+        dataclasses.replace(cfg, precision=asked or cfg.precision), ckpt,
+        allow_new_scaler=allow_new_scaler,
+        asked_by="--precision" if asked else "the run's config.json")  # fmt: skip
+    # Every check of the resume (shapes, scaler, world size...) before any file is touched.
+    preflight(model, train, val, precision=precision, source=cfg.model, resume=ckpt,
+              allow_new_scaler=allow_new_scaler, **dataclasses.asdict(cfg.fit))  # fmt: skip
+    distributed.barrier()  # every rank has read the checkpoint before rank 0 edits the run
+    history = []
+    if distributed.is_main():
+        history = truncate_metrics(run_dir, ckpt.trainer["step"])
+        if cfg != saved:  # extended: config.json says what the run now is
+            config = {**cfg.to_dict(), "environment": environment()}
+            atomic_write_json(run_dir / "config.json", config)
+    log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, ckpt.trainer["step"])
+    return _Opened(cfg, run_dir, model, train, val, precision, ckpt, history)
+
+
 def _plot(result: FitResult, path: Path, title: str) -> None:
     """loss.png, an optional after-step: when it fails the run has still succeeded."""
     if not MATPLOTLIB_AVAILABLE:
@@ -332,10 +381,14 @@ def find_resume(out: str | Path, resume: str, command: str) -> tuple[Path, check
 
     Raises:
         FileNotFoundError: If nothing to resume is found.
-        CheckpointError: If an explicitly named checkpoint is incomplete, corrupt or unsafe.
+        CheckpointError: If an explicitly named checkpoint, or every checkpoint of the run, is
+            incomplete, corrupt or unsafe.
     """
     run_dir, path = resume_target(out, resume, command)
-    return run_dir, checkpoint.load(path)  # FileNotFoundError or CheckpointError naming it
+    if resume != "auto" and not (Path(resume) / "checkpoints").is_dir():
+        return run_dir, checkpoint.load(path)  # named: that one, or an error naming it
+    # A run: its newest checkpoint that loads, past any unreadable for whatever reason.
+    return run_dir, checkpoint.load_newest(path.parent, f"--resume {resume}")
 
 
 def resume_target(out: str | Path, resume: str, command: str) -> tuple[Path, Path]:

@@ -28,6 +28,15 @@ def _restore_amptrain_logger():
     logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory):
+    """The session's `auto` decisions go to a cache of its own, never the user's; shared, as on
+    a user's machine, by every run of the session, subprocesses and module fixtures included."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AMPTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("amptrain-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_cpu():
     dtype = torch.get_default_dtype()

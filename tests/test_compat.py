@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import VOCAB, pattern_blocks, save_tiny_gpt2, tiny_model
 
-from amptrain import capability
 from amptrain.bench import ArmResult, BenchReport
 from amptrain.capability import Capabilities
 from amptrain.compat import (
@@ -25,6 +24,7 @@ from amptrain.compat import (
 )
 from amptrain.compat.bench import benchmark_dict
 from amptrain.errors import ConfigError, ModelError
+from amptrain.precision import resolve
 
 FINE_TUNING_KEYS = {"loss_history", "grad_norm_history", "final_loss", "initial_loss",
                     "training_time_seconds", "samples_per_second", "metrics_summary",
@@ -38,7 +38,6 @@ COMPARISON_KEYS = {"parameter_count", "inference_speed_ms", "perplexity", "basel
 SUMMARY_COLUMNS = ["epoch", "train/loss", "train/perplexity", "train/accuracy", "val/loss",
                    "val/perplexity", "val/accuracy", "learning_rate", "gradient_norm",
                    "epoch_duration"]  # fmt: skip
-AMP = "bf16" if capability.probe("cpu").clearly_faster("bf16") else "fp32"
 
 
 @pytest.fixture
@@ -69,7 +68,8 @@ def test_fine_tuning_returns_the_original_keys_and_trains_in_place():
     steps = 2 * (40 // 8)  # 50 built-in blocks, a seeded 80/20 split
     assert len(r["loss_history"]) == len(r["grad_norm_history"]) == steps
     assert r["initial_loss"] == r["loss_history"][0] and r["final_loss"] == r["loss_history"][-1]
-    assert r["precision"] == AMP and r["amp_enabled"] == (AMP == "bf16")
+    amp = resolve("auto", "cpu").name  # what auto decides here, as the toolkit asked it
+    assert r["precision"] == amp and r["amp_enabled"] == (amp == "bf16")
     assert r["final_loss_scale"] is None  # no GradScaler: not fp16
     summary = r["metrics_summary"]
     assert list(summary.columns) == SUMMARY_COLUMNS and list(summary["epoch"]) == [0, 1]

@@ -15,10 +15,11 @@ import torch.multiprocessing as mp
 from conftest import pattern_blocks, tiny_model
 
 import amptrain
-from amptrain import checkpoint, distributed, loop
+from amptrain import checkpoint, distributed
 from amptrain.callbacks import Callback
 from amptrain.config import FitOptions, TrainConfig
 from amptrain.errors import Interrupted
+from amptrain.precision import resolve
 
 COMMON = dict(max_steps=4, lr=1e-2, warmup=0.25, eval_every=2, eval_batches=2)
 
@@ -156,4 +157,4 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     ckpt = checkpoint.load(checkpoint.latest(tmp_path))
     ckpt.trainer["world_size"] = 2
     with pytest.raises(checkpoint.CheckpointError, match="written by 2 process.*--nproc 2"):
-        loop._check_world_size(ckpt)
+        checkpoint.check_resumable(ckpt, tiny_model(), resolve("fp32"))

@@ -35,7 +35,8 @@ def test_unknown_precision_lists_valid_values(bad):
         assert valid in message
 
 
-def test_auto_on_this_machine_follows_its_probe():
+def test_auto_on_this_machine_follows_its_probe(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMPTRAIN_CACHE_DIR", str(tmp_path))  # no decision recorded before
     chosen = P.resolve("auto", "cpu")
     assert chosen.name == ("bf16" if capability.probe("cpu").clearly_faster("bf16") else "fp32")
     assert chosen.reason.startswith("auto:") and "TFLOP/s" in chosen.reason

@@ -17,9 +17,11 @@ from conftest import pattern_blocks, rewrite_manifest_entry, tiny_model
 
 import amptrain
 from amptrain import checkpoint, loop
+from amptrain.capability import Capabilities
 from amptrain.checkpoint import CheckpointError
 from amptrain.cli import main
 from amptrain.config import FitOptions
+from amptrain.errors import PrecisionError
 from amptrain.optim import lr_factor
 from amptrain.precision import resolve
 
@@ -191,7 +193,7 @@ def _checkpoint_of(tmp_path, precision, **overrides):
 
 def test_fp16_resume_from_a_bf16_checkpoint_offers_allow_new_scaler(tmp_path):
     ckpt = _checkpoint_of(tmp_path, "bf16")
-    with pytest.raises(CheckpointError, match="--allow-new-scaler"):
+    with pytest.raises(PrecisionError, match="'fp16' .* differs from 'bf16'.*--allow-new-scaler"):
         amptrain.fit(tiny_model(), pattern_blocks(16), precision="fp16", max_steps=4,
                      batch_size=4, resume=ckpt)  # fmt: skip
     result = amptrain.fit(tiny_model(), pattern_blocks(16), precision="fp16", max_steps=4,
@@ -225,11 +227,11 @@ def test_missing_path_and_newer_format_are_refused(tmp_path):
 def test_resume_refuses_differing_flags_by_name(tmp_path, corpus, capsys):
     common = ["train", "--data", str(corpus), "--max-steps", "2", "--out", str(tmp_path), *ARGS]
     assert main(common) == 0
-    code = main([*common, "--lr", "0.1", "--precision", "bf16", "--resume", "auto"])
+    code = main([*common, "--lr", "0.1", "--batch-size", "2", "--resume", "auto"])
     err = capsys.readouterr().err
     assert code == 2
     assert "--lr (the run has 0.001, the command gives 0.1)" in err
-    assert "--precision (the run has 'auto', the command gives 'bf16')" in err
+    assert "--batch-size (the run has 4, the command gives 2)" in err
     code = main(["train", "--resume", "auto", "--out", str(tmp_path / "empty")])
     assert code == 2 and "no train run under" in capsys.readouterr().err
 
@@ -265,3 +267,116 @@ def test_an_extension_cut_before_its_first_checkpoint_resumes(tmp_path, corpus):
     (run / "config.json").write_text(json.dumps(config))
     assert main(["train", "--resume", "auto", "--out", str(out), "--no-progress"]) == 0
     assert checkpoint.latest(run / "checkpoints").name == f"step-{6:09d}"
+
+
+def _files(run):
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+NET = """
+from torch import nn
+
+WIDTH = {width}
+
+
+class Net(nn.Module):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, WIDTH)
+        self.head = nn.Linear(WIDTH, vocab_size)
+
+    def forward(self, idx):
+        return self.head(self.emb(idx))
+"""
+
+
+def test_a_refused_resume_leaves_every_file_of_the_run_byte_identical(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    monkeypatch.setattr("amptrain.train.MATPLOTLIB_AVAILABLE", False)
+    net, out = tmp_path / "net.py", tmp_path / "runs"
+    net.write_text(NET.format(width=8))
+    common = ["train", "--model", f"{net}:Net", "--data", str(corpus), "--context", "16",
+              "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1",
+              "--checkpoint-every", "3", "--precision", "fp32", "--max-steps", "6",
+              "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(common) == 0
+    (run,) = out.iterdir()
+    # The newest checkpoint unreadable: resuming goes back to step 3, past 3 logged steps.
+    (run / "checkpoints" / f"step-{6:09d}" / "model.pt").write_bytes(b"cut")
+    step3 = run / "checkpoints" / f"step-{3:09d}"
+    before = _files(run)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) > 6
+    net.write_text(NET.format(width=12))  # the model file was edited since
+    refusals = {"shape mismatches ['emb.weight: checkpoint [256, 8] vs model [256, 12]'": []}
+    refusals["'bf16' (--precision) differs from 'fp32'"] = ["--precision", "bf16"]
+    for said, extra in refusals.items():
+        capsys.readouterr()
+        assert main([*common, "--resume", "auto", *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in " ".join(err.split()) and "Traceback" not in err
+        assert _files(run) == before, said
+    net.write_text(NET.format(width=8))
+    trainer = json.loads((step3 / "trainer.json").read_text())
+    (step3 / "trainer.json").write_text(json.dumps({**trainer, "world_size": 2}))
+    rewrite_manifest_entry(step3, "trainer.json")
+    before = _files(run)
+    assert main([*common, "--resume", "auto"]) == 2
+    assert "written by 2 process(es) and this run has 1" in capsys.readouterr().err
+    assert _files(run) == before
+
+
+def _capabilities(bf16_tflops):
+    return Capabilities("cpu", "a test CPU", (), {"fp32": 1.0, "bf16": bf16_tflops,
+                        "fp16": 0.01}, 1, (256, 256, 256), 0.1)  # fmt: skip
+
+
+def test_a_resume_under_a_slow_probe_keeps_bf16(tmp_path, corpus, fake_probe, capsys):
+    out = tmp_path / "runs"
+    common = ["train", "--data", str(corpus), "--out", str(out), *ARGS]
+    fake_probe(_capabilities(bf16_tflops=3.0))  # bf16 clearly faster: auto takes it
+    assert main([*common, "--max-steps", "2"]) == 0
+    (run,) = out.iterdir()
+    assert json.loads((run / "summary.json").read_text())["precision"] == "bf16"
+    fake_probe(_capabilities(bf16_tflops=0.5))  # a busy machine misreads bf16 as slow
+    capsys.readouterr()
+    assert main([*common, "--max-steps", "3", "--resume", "auto"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"] == "bf16" and summary["steps"] == 3
+    assert summary["reason"].startswith(f"resumed: bf16, the precision step-{2:09d} was")
+    assert "auto: bf16, whose matmuls clearly beat fp32's" in summary["reason"]
+    assert checkpoint.load(checkpoint.latest(run / "checkpoints")).trainer["precision"] == "bf16"
+    # Asked for by name: the same is taken, another refused with both names.
+    assert main([*common, "--max-steps", "4", "--resume", "auto", "--precision", "bf16"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--max-steps", "5", "--resume", "auto", "--precision", "fp32"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "precision 'fp32' (--precision) differs from 'bf16', the precision checkpoint" in line
+    assert "give --precision bf16" in line
+
+
+def test_a_checkpoint_without_config_hash_is_still_checked_for_precision(tmp_path, corpus, capsys):
+    out = tmp_path / "runs"
+    common = ["train", "--data", str(corpus), "--out", str(out), *ARGS, "--max-steps", "2"]
+    assert main([*common, "--precision", "fp16"]) == 0
+    (run,) = out.iterdir()
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "precision": "bf16"}))
+    for step_dir in checkpoint.list_checkpoints(run / "checkpoints"):
+        trainer = json.loads((step_dir / "trainer.json").read_text())
+        del trainer["config_hash"]
+        (step_dir / "trainer.json").write_text(json.dumps(trainer))
+        rewrite_manifest_entry(step_dir, "trainer.json")
+    capsys.readouterr()
+    assert main(["train", "--resume", "auto", "--out", str(out), "--no-progress"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "precision 'bf16' (the run's config.json) differs from 'fp16'" in line
+    with pytest.raises(PrecisionError, match="'bf16' .* differs from 'fp16'"):
+        amptrain.fit(
+            tiny_model(),
+            pattern_blocks(16),
+            precision="bf16",
+            max_steps=4,
+            batch_size=4,
+            resume=checkpoint.load(checkpoint.latest(run / "checkpoints")),
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import stat
 
@@ -12,7 +13,9 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from amptrain.cli import main  # noqa: E402
+from amptrain.errors import ConfigError  # noqa: E402
 from amptrain.search import report as search_plot  # noqa: E402
+from amptrain.search.journal import open_journal  # noqa: E402
 
 
 @pytest.fixture
@@ -97,3 +100,47 @@ def test_a_train_run_under_a_loose_umask_has_fixed_modes(tmp_path, corpus, loose
             assert mode in (0o755, 0o700), (path, oct(mode))
         else:
             assert mode in (0o644, 0o600), (path, oct(mode))
+
+
+def _journal_study(path, trials):
+    """A study of `trials` quick trials in the journal at `path`, through `open_journal`."""
+    study = optuna.create_study(storage=open_journal(path), study_name="s", load_if_exists=True)
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=trials)
+    return study
+
+
+def test_a_journal_cut_in_its_last_record_is_backed_up_cut_and_resumed(tmp_path, caplog):
+    path = tmp_path / "journal.log"
+    _journal_study(path, 2)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-20])  # a worker killed while appending its last record
+    logging.getLogger("amptrain").propagate = True
+    with caplog.at_level(logging.WARNING, logger="amptrain"):
+        study = _journal_study(path, 1)
+    (backup,) = tmp_path.glob("journal.log.*.bak")
+    assert backup.read_bytes() == whole[:-20]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "amptrain"]
+    assert str(path) in warning and "cut by an interrupted write" in warning
+    assert str(backup) in warning
+    assert len(study.trials) == 3
+    assert len(_journal_study(path, 1).trials) == 4  # and the journal stays readable
+
+
+def test_a_damaged_journal_is_named_with_its_line_and_how_to_recover(tmp_path, corpus, space,
+                                                                      capsys):  # fmt: skip
+    path = tmp_path / "journal.log"
+    _journal_study(path, 1)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([*lines[:2], b"{garbage\n", *lines[2:]]))
+    before = path.read_bytes()
+    out = tmp_path / "runs"
+    assert _search(corpus, space, out, "--storage", str(path)) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("amptrain:")]
+    assert f"search journal {path} is damaged at line 3 (JSONDecodeError" in line
+    assert f"head -n 2 {path} > {path}.fixed" in line and "Traceback" not in err
+    assert path.read_bytes() == before and not out.exists()
+    path.write_bytes(b"not a journal at all")  # another file given by mistake: never cut
+    with pytest.raises(ConfigError, match="damaged at line 1 .*not a journal record"):
+        open_journal(path)
+    assert path.read_bytes() == b"not a journal at all"

@@ -212,6 +212,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def check_batch_size(blocks: Blocks, batch_size: int, world_size: int = 1) -> None:
+    """Refuse a global batch larger than the blocks, which could never fill one batch.
+
+    Raises:
+        DataError: Naming the batch size, the processes and the number of blocks.
+    """
+    if batch_size * world_size > len(blocks):
+        raise DataError(
+            f"batch_size={batch_size} x {world_size} process(es) is larger than the "
+            f"{len(blocks)} training blocks of {blocks.name}; lower --batch-size, or add data"
+        )
+
+
 def batches(
     blocks: Blocks,
     batch_size: int,
@@ -228,12 +241,8 @@ def batches(
     `batch_size * world_size` blocks of the permutation and rank r takes its r-th slice, so
     the ranks together see exactly what one process with the global batch would.
     """
+    check_batch_size(blocks, batch_size, world_size)
     n, global_batch = len(blocks), batch_size * world_size
-    if global_batch > n:
-        raise DataError(
-            f"batch_size={batch_size} x {world_size} process(es) is larger than the {n} "
-            f"training blocks of {blocks.name}; lower --batch-size, or add data"
-        )
     per_epoch = n // global_batch
     epoch, index = divmod(start, per_epoch)
     while True:

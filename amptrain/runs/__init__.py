@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from amptrain.errors import ConfigError
+
 
 def create_run_dir(root: str | Path, command: str) -> Path:
     """Create `root/<command>-<YYYYmmdd-HHMMSS>` (with a numeric suffix if it exists)."""
@@ -40,10 +42,26 @@ def make_dirs(path: str | Path) -> Path:
 
     (`Path.mkdir(parents=True, mode=...)` gives the mode to the last folder only.)
     """
-    path = Path(path)
+    path = check_folder(path)
     for folder in [*reversed(path.parents), path]:
         if not folder.is_dir():
             folder.mkdir(mode=0o755, exist_ok=True)
+    return path
+
+
+def check_folder(path: str | Path, flag: str = "--out") -> Path:
+    """Refuse a folder path that is, or lies under, an existing file; it can never be created.
+
+    Raises:
+        ConfigError: Naming the file in the way.
+    """
+    path = Path(path)
+    for part in [*reversed(path.parents), path]:
+        if part.exists() and not part.is_dir():
+            raise ConfigError(
+                f"{flag} {path}: {part} is a file, not a folder; give a folder for the run "
+                "directories (it is created if missing)"
+            )
     return path
 
 

@@ -26,6 +26,7 @@ from amptrain.config import SEARCH_PRUNERS
 from amptrain.errors import ConfigError
 from amptrain.runs import private_file
 from amptrain.search import space as search_space
+from amptrain.search.journal import open_journal
 from amptrain.search.trial import INTERRUPTED, REPORTS, _objective
 from amptrain.secrets import redact, scrub, url_secrets
 
@@ -56,12 +57,11 @@ def _storage(
     spec: str | None, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int = GRACE_PERIOD
 ) -> Any:
     import optuna
-    from optuna.storages.journal import JournalFileBackend
 
     if spec is None:
         return optuna.storages.InMemoryStorage()
     if not is_url(spec):
-        return optuna.storages.JournalStorage(JournalFileBackend(str(private_file(spec))))
+        return open_journal(spec)
     sqlite_path = spec.partition("sqlite:///")[2]
     if spec.startswith("sqlite:///") and sqlite_path and sqlite_path != ":memory:":
         private_file(sqlite_path)  # an empty file is a new database to SQLite

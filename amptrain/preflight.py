@@ -1,0 +1,117 @@
+"""The checks `fit` makes before its first training kernel, callable on their own.
+
+`fit` starts with `preflight`; a workflow that writes files before training (`run_training`)
+calls it first, so that bad input is refused before a run directory exists or any file of a
+resumed run is touched. A resumed run's precision is decided here too: the checkpoint's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from amptrain import checkpoint, distributed
+from amptrain import data as data_mod
+from amptrain.adapter import probe_vocab, training_device
+from amptrain.checkpoint import Checkpoint
+from amptrain.config import FitOptions
+from amptrain.models.limits import check_context
+from amptrain.precision import Precision, resolve, resumed
+
+__all__ = ["check_data", "preflight", "resolve_precision"]
+
+
+def preflight(
+    model: nn.Module,
+    train: object,
+    val: object | None = None,
+    *,
+    precision: str | Precision = "auto",
+    source: str = "model",
+    resume: Checkpoint | None = None,
+    allow_new_scaler: bool = False,
+    **options: Any,
+) -> tuple[FitOptions, Precision, data_mod.Blocks, data_mod.Blocks | None]:
+    """Every check `fit` makes before its first training kernel, with what they resolve.
+
+    `fit` starts with it, and a caller that writes files first (`run_training`) calls it
+    before creating or touching any, so bad input leaves nothing behind. It changes neither
+    the model nor the checkpoint. A resumed run keeps its checkpoint's precision (see
+    `precision.resumed`).
+
+    Returns:
+        The options, the resolved precision, and the training and validation blocks.
+
+    Raises:
+        ConfigError, DataError, ModelError, PrecisionError, CheckpointError: The refusal.
+    """
+    opts = FitOptions(**options)
+    device = training_device(model, source)
+    prec = resolve_precision(precision, device, resume, allow_new_scaler, **opts.scaler_options)
+    train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index,
+                                opts.batch_size, opts.labels_shifted)  # fmt: skip
+    data_mod.check_batch_size(train_b, opts.batch_size, distributed.world()[1])
+    if resume is not None:
+        checkpoint.check_resumable(resume, model, prec, allow_new_scaler)
+    return opts, prec, train_b, val_b
+
+
+def resolve_precision(
+    precision: str | Precision,
+    device: torch.device,
+    resume: Checkpoint | None = None,
+    allow_new_scaler: bool = False,
+    asked_by: str = "--precision",
+    **scaler_options: float,
+) -> Precision:
+    """`precision.resolve`, except that a resumed run keeps its checkpoint's precision.
+
+    With `resume`, `auto` is not decided again but taken from the checkpoint, and another
+    precision is refused (see `precision.resumed`); the reason says so and quotes the
+    checkpoint's own.
+    """
+    trained = resume.precision if resume is not None else None
+    if trained is None:
+        return resolve(precision, device, **scaler_options)
+    asked = precision.name if isinstance(precision, Precision) else precision
+    kept = resumed(trained, asked, f"checkpoint {resume.path}", allow_new_scaler, asked_by)
+    if isinstance(precision, Precision):
+        return precision
+    prec = resolve(kept, device, **scaler_options)
+    before = resume.trainer.get("precision_reason")
+    prec.reason = (
+        f"resumed: {kept}, the precision {resume.path.name} was trained in"
+        + (f" ({before})" if before else "")
+        if kept == trained
+        else f"resumed from {resume.path.name} ({trained}) in {kept}, as requested"
+    )
+    return prec
+
+
+def check_data(
+    model: nn.Module,
+    train: object,
+    val: object | None,
+    device: torch.device,
+    source: str,
+    ignore_index: int,
+    batch_size: int = 1,
+    labels_shifted: bool = False,
+) -> tuple[data_mod.Blocks, data_mod.Blocks | None]:
+    """Convert the data to blocks and check them against the model before any work.
+
+    The context must fit the model's positions and the memory, and every id must be inside
+    the model's probed vocabulary.
+    """
+    train_b = data_mod.as_blocks(train, name="training data", labels_shifted=labels_shifted)
+    val_b = None
+    if val is not None:
+        val_b = data_mod.as_blocks(val, name="validation data", labels_shifted=labels_shifted)
+    check_context(model, train_b.context, batch_size, device, source)
+    vocab = probe_vocab(model, train_b.context, device, source)
+    for blocks in (train_b, val_b):
+        if blocks is not None:
+            data_mod.check_ids(blocks, vocab, ignore_index)
+    return train_b, val_b
