@@ -15,6 +15,7 @@ from amptrain.data.packing import (
     Blocks,
     as_blocks,
     batches,
+    check_batch_size,
     check_ids,
     epoch_order,
     pack,
@@ -31,6 +32,6 @@ from amptrain.data.tokenizers import BYTE_VOCAB, ByteTokenizer, JsonTokenizer
 
 __all__ = [
     "BUILTIN_MODULES", "BYTE_VOCAB", "SUPPORTED", "Blocks", "ByteTokenizer", "JsonTokenizer",
-    "as_blocks", "batches", "builtin_corpus_files", "check_ids", "epoch_order", "load", "pack",
-    "read_text", "split", "text_files",
+    "as_blocks", "batches", "builtin_corpus_files", "check_batch_size", "check_ids",
+    "epoch_order", "load", "pack", "read_text", "split", "text_files",
 ]  # fmt: skip
