@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint, data, distributed
+from amptrain import checkpoint, data, distributed, sharding
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig, run_values
 from amptrain.errors import ConfigError, Interrupted
@@ -86,6 +86,7 @@ def prepare(cfg: TrainConfig) -> tuple[nn.Module, data.Blocks, data.Blocks, Prec
     train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
     torch.manual_seed(cfg.fit.seed)  # the same seed gives the same initial weights
     model = model_factory(cfg, torch.device("cpu"))()
+    sharding.check_shardable(model, cfg.fit.strategy, cfg.model)
     if cfg.init_from:
         load_into(model, cfg.init_from)
     model = model.to(device)
@@ -214,12 +215,13 @@ def run_training(
                          "max_steps": cfg.fit.max_steps},
         **dataclasses.asdict(cfg.fit),
     )  # fmt: skip
+    weights = sharding.full_state_dict(model)  # gathered from the shards (collective)
     if not main:
         return TrainRun(result, run_dir, model, train, val)
     received: list[int] = []  # a signal now skips the plot; the run is checkpointed already
     with deferred_signals(received.append):
         _record_fast_path(run_dir / "config.json", result.fast_path)
-        atomic_torch_save(model.state_dict(), run_dir / "model.pt")
+        atomic_torch_save(weights, run_dir / "model.pt")
         atomic_write_json(run_dir / "summary.json", summary(result, cfg, model))
         if not received:
             _plot(result, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
