@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +136,10 @@ def restore(
     checkpoint.restore_scaler(ckpt, precision, allow_new_scaler)
     saved = _state(model, optimizer)
     try:
-        dcp.load(saved, checkpoint_id=ckpt.path / checkpoint.SHARDS,
-                 no_dist=distributed.world()[1] == 1)  # fmt: skip
+        with warnings.catch_warnings():  # one process loading every shard is the intent here
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(saved, checkpoint_id=ckpt.path / checkpoint.SHARDS,
+                     no_dist=distributed.world()[1] == 1)  # fmt: skip
     except Exception as exc:  # a key or shape that differs
         raise CheckpointError(
             f"checkpoint {ckpt.path} does not fit this model and optimizer: "

@@ -5,7 +5,13 @@ Each spawned run combines several checks, since starting processes is the slow p
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -200,3 +206,56 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_process(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")
     with pytest.raises(checkpoint.CheckpointError, match=r"shards/.*does not match its sha256"):
         checkpoint.load(ckpt.path)
+
+
+def _wait_for_step(metrics, step, proc, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if any(json.loads(x).get("step", 0) >= step for x in lines if "train/loss" in x):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {step} (exit {proc.poll()})")
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_fsdp_run_checkpoints_and_resume_auto_continues(tmp_path):
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = [sys.executable, "-m", "amptrain", "train", "--out", "runs", "--no-progress"]
+    proc = subprocess.Popen(
+        [*train, "--nproc", "2", "--strategy", "fsdp", "--data", "corpus.txt", "--precision",
+         "fp32", "--context", "16", "--layers", "2", "--width", "16", "--heads", "2",
+         "--batch-size", "2", "--max-steps", "200", "--eval-every", "100"],
+        cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    (run,) = _wait_dir(tmp_path / "runs", proc)
+    _wait_for_step(run / "metrics.jsonl", 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the launcher and every rank
+    proc.communicate(timeout=120)
+    (ckpt,) = checkpoint.list_checkpoints(run / "checkpoints")
+    saved = checkpoint.load(ckpt)
+    assert saved.sharded and 3 <= saved.trainer["step"] < 200, saved.trainer
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+    # --resume auto on one process: the sharded checkpoint loads whole, batch 2 x 2 becomes 4.
+    out = subprocess.run([*train, "--resume", "auto"], cwd=tmp_path, env=env, timeout=600,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "batch_size 4 per process keeps the global batch 4" in " ".join(out.stderr.split())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 200
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in x]  # fmt: skip
+    assert steps == list(range(1, 201))  # each step once, across the interruption
+
+
+def _wait_dir(root, proc, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(root.glob("train-*")) if root.exists() else []
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"no run directory under {root} (exit {proc.poll()})")
