@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +260,52 @@ def _wait_dir(root, proc, timeout=300.0):
             return found
         time.sleep(0.05)
     raise AssertionError(f"no run directory under {root} (exit {proc.poll()})")
+
+
+def _style_models():
+    """nanoGPT (tied embedding and head), a Llama-style file, and a Hugging Face Llama."""
+    sys.path.insert(0, str(Path(__file__).parent / "model_styles"))
+    from llama_style import ModelArgs, Transformer
+    from nanogpt_model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    models = {
+        "nanogpt": GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=16)),
+        "llama_style": Transformer(ModelArgs(dim=16, n_layers=2, n_heads=2, vocab_size=32,
+                                             max_seq_len=16)),
+    }  # fmt: skip
+    try:
+        import transformers
+    except ImportError:
+        return models
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    models["hf_llama"] = transformers.AutoModelForCausalLM.from_config(config)
+    return models
+
+
+def _case_styles(rank, tmp):
+    for name, model in _style_models().items():
+        keys = sorted(model.state_dict())
+        result = amptrain.fit(model, pattern_blocks(16), precision="fp32", batch_size=2,
+                              max_steps=2, strategy="fsdp", source=name)  # fmt: skip
+        state = sharding.full_state_dict(model)
+        if rank == 0:
+            record = result.fast_path["sharding"]
+            found = {"keys_kept": sorted(state) == keys, "units": record["units"],
+                     "steps": result.steps}  # fmt: skip
+            Path(f"{tmp}/{name}.json").write_text(json.dumps(found))
+
+
+@pytest.mark.slow
+def test_model_styles_shard_per_block(tmp_path):
+    _spawn("styles", tmp_path)
+    found = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert found["nanogpt"] == {"keys_kept": True, "units": "2 x Block (transformer.h) + root",
+                                "steps": 2}  # fmt: skip
+    assert found["llama_style"]["units"] == "2 x TransformerBlock (layers) + root"
+    if "hf_llama" in found:
+        assert found["hf_llama"]["units"] == "2 x LlamaDecoderLayer (model.layers) + root"
+    assert all(r["keys_kept"] and r["steps"] == 2 for r in found.values())
