@@ -7,6 +7,12 @@ the process holds: torch itself, weights, gradients, AdamW moments, activations,
 per arm: the median tokens/s of all ranks together over the steps after the warm-up. The
 arms share the machine's cores equally: one process gets every thread, two get half each.
 
+glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB), so
+the per-block buffers FSDP gathers and frees (28 MB per block here) end up on the heap, which
+is not given back to the system: the RSS then measures the allocator's retention, not the
+tensors. Every arm therefore runs with the same fixed threshold (`MALLOC_MMAP_THRESHOLD_`,
+1 MiB by default; `--mmap-threshold 0` leaves glibc's dynamic one, which the result records).
+
     python benchmarks/sharding.py --quick      # tiny model, a few steps: does it run?
     python benchmarks/sharding.py              # the measurement (memory is meaningful even
                                                # under load; timings need a quiet machine)
@@ -117,7 +123,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads shared by the processes of an arm")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/...")
+    parser.add_argument("--mmap-threshold", type=int, default=1 << 20,
+                        help="MALLOC_MMAP_THRESHOLD_ (bytes) for every arm; 0: glibc's "
+                        "dynamic one")  # fmt: skip
     args = parser.parse_args()
+    if args.mmap_threshold:  # read by glibc when each spawned process starts
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,6 +139,7 @@ def main() -> None:
         "model": SIZES["quick" if args.quick else "full"], "batch_per_process": 1,
         "context": args.context, "precision": "fp32", "steps": args.steps, "warmup": args.warmup,
         "load_average_before_after": [load_before, os.getloadavg()[0]],
+        "malloc_mmap_threshold": args.mmap_threshold or "glibc dynamic",
         "fsdp_vs_ddp_peak_rss": round(ratio, 3), "target_fsdp_vs_ddp": 0.6,
     }  # fmt: skip
     path = args.out or result_path(args)
