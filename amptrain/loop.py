@@ -238,7 +238,7 @@ class _Loop:
     """Everything one training run works on."""
 
     model: nn.Module
-    net: nn.Module  # what the step calls: `model`, or its DDP wrapper
+    net: nn.Module  # what the step calls: `model` (one process, or sharded) or its DDP wrapper
     train: data_mod.Blocks
     val: data_mod.Blocks | None
     prec: Precision
