@@ -309,3 +309,25 @@ def test_model_styles_shard_per_block(tmp_path):
     if "hf_llama" in found:
         assert found["hf_llama"]["units"] == "2 x LlamaDecoderLayer (model.layers) + root"
     assert all(r["keys_kept"] and r["steps"] == 2 for r in found.values())
+
+
+def test_a_staged_checkpoint_lists_its_shards_and_refuses_paths_outside(tmp_path):
+    staged = checkpoint.staging_dir(tmp_path, 7)
+    (staged / "shards").mkdir(parents=True)
+    (staged / "shards" / ".metadata").write_bytes(b"meta")
+    (staged / "shards" / "__0_0.distcp").write_bytes(b"rank 0")
+    tensors = {"scheduler": {}, "scaler": {}, "rng": {"ranks": []}}
+    path = checkpoint.save(tmp_path, 7, tensors, {"step": 7}, staged=staged)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert {"shards/.metadata", "shards/__0_0.distcp"} <= set(manifest)
+    assert checkpoint.verify(path) is None and not staged.exists()
+    assert checkpoint.load(path).sharded and "model" not in checkpoint.load(path).tensors
+    (path / "shards" / ".metadata").unlink()  # a shard gone: never the newest
+    assert "shards/.metadata is missing" in checkpoint.verify(path)
+    assert checkpoint.latest(tmp_path) is None
+    (path / "shards" / ".metadata").write_bytes(b"meta")
+    for name in ("shards/../../x", "../x", "other/x", "shards/a/b"):
+        manifest[name] = {"size": 0, "sha256": ""}
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        assert "outside the checkpoint directory" in checkpoint.verify(path), name
+        del manifest[name]
