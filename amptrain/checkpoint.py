@@ -7,6 +7,10 @@ config hash, format version) and `manifest.json` (size and sha256 of every file)
 It is assembled in a temporary directory beside its final place and renamed into place, so a
 crash leaves either the whole checkpoint or none. A checkpoint whose files do not match its
 manifest is incomplete or corrupt and is never loaded.
+
+A sharded run's checkpoint (see `resharding`) has a `shards/` directory of DCP files, which
+every rank writes into the temporary directory, in place of `model.pt` and `optimizer.pt`;
+its manifest lists those files too.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ _NAME = re.compile(r"step-(\d{9})")
 # Requests of the moment, not state to resume.
 _TRANSIENT = ("should_stop", "stop_signal", "evaluating")
 _TENSOR_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt")
+SHARDS = "shards"
+"""The directory of a sharded checkpoint's DCP files (model and optimizer state)."""
+_SHARDED_FILES = ("scheduler.pt", "scaler.pt", "rng.pt", f"{SHARDS}/.metadata")
 
 
 class CheckpointError(AmptrainError, RuntimeError):
@@ -65,6 +72,11 @@ class Checkpoint:
         return self.trainer.get("precision") or (
             scaler.get("name") if isinstance(scaler, dict) else None
         )
+
+    @property
+    def sharded(self) -> bool:
+        """True when the model and optimizer state are DCP shards under `shards/`."""
+        return (self.path / SHARDS).is_dir()
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -123,6 +135,7 @@ def save(
     tensors: dict[str, Any],
     trainer: dict[str, Any],
     keep_last: int = 3,
+    staged: Path | None = None,
 ) -> Path:
     """Write checkpoint `root/step-<step>` atomically, then delete all but the newest `keep_last`.
 
@@ -132,6 +145,8 @@ def save(
         tensors: `{"model": ..., "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": ...}`.
         trainer: JSON-ready counters; the format version is added.
         keep_last: Complete checkpoints to keep; older ones go only after this one is complete.
+        staged: A temporary directory (`staging_dir`) that already holds files written by
+            every rank (DCP shards); they join the manifest and the rename.
 
     Raises:
         CheckpointWriteError: If any write fails (disk full, permission...); the directory is named,
@@ -139,7 +154,7 @@ def save(
     """
     root = Path(root)
     final = root / f"step-{step:09d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = staged or root / f".tmp-{final.name}-{os.getpid()}"
     # Serialise everything in memory first: a failing payload never touches the disk.
     payloads = {f"{name}.pt": _serialize(value) for name, value in tensors.items()}
     payloads["trainer.json"] = json.dumps({**trainer, "format_version": FORMAT_VERSION},
@@ -148,8 +163,11 @@ def save(
                 for name, p in payloads.items()}  # fmt: skip
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(mode=0o700)
+        if staged is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(mode=0o700)
+        else:
+            manifest.update(_describe_tree(staged))
         for name, payload in payloads.items():
             _write(tmp / name, payload)
         _write(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())  # last
@@ -168,6 +186,20 @@ def save(
         raise
     _rotate(root, keep_last)
     return final
+
+
+def staging_dir(root: str | Path, step: int) -> Path:
+    """The temporary directory every rank writes a sharded checkpoint of `step` into."""
+    return Path(root) / f".tmp-step-{step:09d}-staged"
+
+
+def _describe_tree(staged: Path) -> dict[str, dict[str, Any]]:
+    """Manifest entries of the files below `staged` (one directory level: `shards/`)."""
+    return {
+        file.relative_to(staged).as_posix(): {"size": file.stat().st_size, "sha256": _sha256(file)}
+        for file in sorted(staged.glob("*/*"))
+        if file.is_file()
+    }
 
 
 def _serialize(value: Any) -> bytes:
@@ -226,11 +258,12 @@ def verify(path: Path) -> str | None:
         return f"unreadable manifest.json ({exc})"
     if not isinstance(manifest, dict):
         return "manifest.json is not a JSON object"
-    unlisted = sorted({*_TENSOR_FILES, "trainer.json"} - set(manifest))
+    required = _SHARDED_FILES if f"{SHARDS}/.metadata" in manifest else _TENSOR_FILES
+    unlisted = sorted({*required, "trainer.json"} - set(manifest))
     if unlisted:
         return f"manifest.json does not list {unlisted}"
     for name, meta in manifest.items():
-        if Path(name).name != name or name in ("", ".", ".."):
+        if not _inside(name):
             return f"manifest.json names {name!r}, outside the checkpoint directory"
         if not (isinstance(meta, dict) and isinstance(meta.get("size"), int)
                 and isinstance(meta.get("sha256"), str)):  # fmt: skip
@@ -243,6 +276,14 @@ def verify(path: Path) -> str | None:
         if _sha256(file) != meta["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
+
+
+def _inside(name: str) -> bool:
+    """A manifest name is a file of the checkpoint directory or of its `shards/`."""
+    parts = Path(name).parts
+    if any(part in ("", ".", "..") for part in parts) or "\\" in name or name.startswith("/"):
+        return False
+    return len(parts) == 1 or (len(parts) == 2 and parts[0] == SHARDS)
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -267,7 +308,8 @@ def load(path: str | Path) -> Checkpoint:
         )
     tensors = {}
     for name in _TENSOR_FILES:
-        tensors[name[:-3]] = safe_torch_load(path / name)
+        if (path / name).is_file() or not (path / SHARDS).is_dir():
+            tensors[name[:-3]] = safe_torch_load(path / name)
     return Checkpoint(path, trainer, tensors)
 
 
@@ -366,8 +408,13 @@ def capture(model, optimizer, scheduler, precision, state, rngs=None) -> tuple[d
         "scaler": precision.state_dict(),
         "rng": {"ranks": rngs if rngs is not None else [rng_state()]},
     }
-    counters = {k: v for k, v in dataclasses.asdict(state).items() if k not in _TRANSIENT}
-    return tensors, {**counters, "precision": precision.name, "precision_reason": precision.reason}
+    return tensors, counters(state, precision)
+
+
+def counters(state, precision) -> dict[str, Any]:
+    """The JSON counters of a run's `TrainState` for `trainer.json`, with its precision."""
+    values = {k: v for k, v in dataclasses.asdict(state).items() if k not in _TRANSIENT}
+    return {**values, "precision": precision.name, "precision_reason": precision.reason}
 
 
 def _rank_rng(saved: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -375,13 +422,15 @@ def _rank_rng(saved: dict[str, Any], where: Path) -> dict[str, Any]:
 
     rank, size = world()
     ranks = saved.get("ranks")
-    if not isinstance(ranks, list) or len(ranks) != size:
-        found = len(ranks) if isinstance(ranks, list) else "no"
-        raise CheckpointError(
-            f"{where}/rng.pt holds {found} per-rank generator states and this run has {size} "
-            "rank(s); resume with the world size it was saved with"
-        )
-    return ranks[rank]
+    if not isinstance(ranks, list) or not ranks:
+        raise CheckpointError(f"{where}/rng.pt holds no per-rank generator states; cannot resume")
+    if len(ranks) != size:  # resharded: the data order is kept, in-model randomness is not
+        log.warning(
+            "%s holds %d ranks' generator states and this run has %d; rank %d takes rank %d's: "
+            "dropout and other in-model randomness will not repeat the uninterrupted run",
+            where, len(ranks), size, rank, rank % len(ranks),
+        )  # fmt: skip
+    return ranks[rank % len(ranks)]
 
 
 def check_resumable(ckpt: Checkpoint, model, precision, allow_new_scaler: bool = False) -> None:
@@ -390,9 +439,13 @@ def check_resumable(ckpt: Checkpoint, model, precision, allow_new_scaler: bool =
     A resumed run calls this before it touches any file of the run, so a refusal leaves the
     run exactly as it was.
 
+    Another number of processes is not refused here: `resharding.keep_global_batch` decides
+    whether the run can keep its global batch on it. The shapes of a sharded checkpoint are
+    checked by DCP as it loads.
+
     Raises:
         CheckpointError: A scaler missing for fp16, other keys or shapes than the model's,
-            or another world size than the run's.
+            or no generator states.
     """
     scaler = ckpt.tensors["scaler"]
     if precision.scaler.is_enabled() and not scaler.get("enabled") and not allow_new_scaler:
@@ -401,20 +454,11 @@ def check_resumable(ckpt: Checkpoint, model, precision, allow_new_scaler: bool =
             f"and has no GradScaler state for {precision.name}; resume in "
             f"{scaler.get('name')} or pass --allow-new-scaler to start a fresh loss scale"
         )
-    check_module(model, ckpt.tensors["model"], ckpt.path)
-    _check_world_size(ckpt)
-    _rank_rng(ckpt.tensors["rng"], ckpt.path)
-
-
-def _check_world_size(ckpt: Checkpoint) -> None:
-    from amptrain.distributed import world
-
-    saved, now = ckpt.trainer.get("world_size", 1), world()[1]
-    if saved != now:
-        raise CheckpointError(
-            f"checkpoint {ckpt.path} was written by {saved} process(es) and this run has {now}; "
-            f"the data position depends on the world size, so resume with --nproc {saved}"
-        )
+    if not ckpt.sharded:
+        check_module(model, ckpt.tensors["model"], ckpt.path)
+    ranks = ckpt.tensors["rng"].get("ranks")
+    if not isinstance(ranks, list) or not ranks:
+        raise CheckpointError(f"{ckpt.path}/rng.pt holds no per-rank generator states")
 
 
 def restore(
@@ -425,15 +469,31 @@ def restore(
     Every check of `check_resumable` comes first, so a refusal changes nothing.
     """
     check_resumable(ckpt, model, precision, allow_new_scaler)
-    t = ckpt.tensors
-    if precision.scaler.is_enabled() and not t["scaler"].get("enabled"):
+    restore_scaler(ckpt, precision, allow_new_scaler)
+    restore_module(model, ckpt.tensors["model"], ckpt.path)
+    load_state_keeping_impl(optimizer, ckpt.tensors["optimizer"])  # still fused after a resume
+    restore_counters(ckpt, scheduler, state)
+
+
+def restore_scaler(ckpt: Checkpoint, precision, allow_new_scaler: bool = False) -> None:
+    """The GradScaler state, or a refusal when fp16 resumes a checkpoint that has none."""
+    scaler = ckpt.tensors["scaler"]
+    if precision.scaler.is_enabled() and not scaler.get("enabled"):
+        if not allow_new_scaler:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} was trained in {scaler.get('name', 'another precision')} "
+                f"and has no GradScaler state for {precision.name}; resume in "
+                f"{scaler.get('name')} or pass --allow-new-scaler to start a fresh loss scale"
+            )
         log.warning("resuming %s with a fresh GradScaler (allow_new_scaler)", precision.name)
     else:
-        precision.load_state_dict(t["scaler"])
-    model.load_state_dict(t["model"])
-    load_state_keeping_impl(optimizer, t["optimizer"])  # still fused after a resume
-    scheduler.load_state_dict(t["scheduler"])
-    set_rng_state(_rank_rng(t["rng"], ckpt.path))
+        precision.load_state_dict(scaler)
+
+
+def restore_counters(ckpt: Checkpoint, scheduler, state) -> None:
+    """The schedule, this rank's generator states and the run's counters."""
+    scheduler.load_state_dict(ckpt.tensors["scheduler"])
+    set_rng_state(_rank_rng(ckpt.tensors["rng"], ckpt.path))
     for field in dataclasses.fields(state):
         if field.name in ckpt.trainer and field.name not in _TRANSIENT:
             setattr(state, field.name, ckpt.trainer[field.name])

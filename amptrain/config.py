@@ -14,6 +14,9 @@ from typing import Any
 
 from amptrain.errors import ConfigError
 
+STRATEGIES = ("ddp", "fsdp")
+"""How several processes share the training: replicated (DDP) or sharded (FSDP2)."""
+
 
 def _check(ok: bool, field: str, value: object, limit: str) -> None:
     if not ok:
@@ -79,6 +82,9 @@ class FitOptions:
     `fused` (wherever the head is found) or `unfused`."""
     compile: bool = False
     """Compile the model in place (`torch.compile`) before training; compile time reported apart."""
+    strategy: str = "ddp"
+    """Several processes: `ddp` (every rank holds the whole model) or `fsdp` (parameters,
+    gradients and optimizer state sharded over the ranks, one unit per repeated block)."""
 
     def __post_init__(self) -> None:
         for field in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -109,6 +115,8 @@ class FitOptions:
         _check(self.optimizer_impl in impls, "optimizer_impl", self.optimizer_impl,
                f"one of {', '.join(impls)}")  # fmt: skip
         _check(isinstance(self.compile, bool), "compile", self.compile, "true or false")
+        _check(self.strategy in STRATEGIES, "strategy", self.strategy,
+               f"one of {', '.join(STRATEGIES)}")  # fmt: skip
         attention = ("auto", "default", "math")
         _check(self.attention in attention, "attention", self.attention,
                f"one of {', '.join(attention)}")  # fmt: skip

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from amptrain import checkpoint, distributed
+from amptrain import checkpoint, distributed, resharding, sharding
 from amptrain import data as data_mod
 from amptrain.attention import AttentionPlan
 from amptrain.attention import plan as plan_attention
@@ -160,25 +159,29 @@ def fit(
     opts, prec, train_b, val_b = preflight(model, train, val, precision=precision, source=source,
                                            resume=resume, allow_new_scaler=allow_new_scaler,
                                            **options)  # fmt: skip
+    rank, world_size = distributed.world()
     prec.warn_if_emulated()  # before any training kernel, with the measured figures
+    shards = sharding.shard(model, prec, opts.strategy, world_size)  # before the optimizer
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
     tracker, state = Tracker(), TrainState()
     tracker.records.extend(history)
     torch.manual_seed(opts.seed)  # dropout and other in-model randomness repeat for a seed
     if resume is not None:
-        checkpoint.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
+        resharding.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # an extended run's
             group["lr"] = base * lr_factor(scheduler.last_epoch, opts)  # schedule, from now on
     attn, loss_plan, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume)
-    rank, world_size = distributed.world()
+    fast_path["sharding"] = shards
     sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
     resolved = {"fit": dataclasses.asdict(opts), "precision": prec.name,
                 "precision_reason": prec.reason, "fast_path": fast_path}  # fmt: skip
     tracking.tell_config(sinks, resolved)  # trackers log the run as it runs, not as asked
-    meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend}
-    run = _Loop(model, _wrap(model, world_size), train_b, val_b, prec, optimizer, scheduler, opts,
-                state, sinks, list(callbacks), checkpoint_dir, meta, attn, loss_plan)  # fmt: skip
+    meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend,
+            "batch_size": opts.batch_size, "strategy": opts.strategy}  # fmt: skip
+    net = sharding.wrap(model, world_size)
+    run = _Loop(model, net, train_b, val_b, prec, optimizer, scheduler, opts, state, sinks,
+                list(callbacks), checkpoint_dir, meta, attn, loss_plan)  # fmt: skip
     model.train()
     with prec.activate(), deferred_signals(_on_signal(state), handle_signals):
         emit(run.callbacks, "on_fit_start", state)
@@ -250,20 +253,12 @@ def _attention_plan(
     return plan_attention(opts.attention, model, prec, sample)
 
 
-def _wrap(model: nn.Module, world_size: int) -> nn.Module:
-    """The module the training step calls: DDP-wrapped under torch.distributed."""
-    if world_size == 1:
-        return model
-    device = next(model.parameters()).device
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 @dataclasses.dataclass
 class _Loop:
     """Everything one training run works on."""
 
     model: nn.Module
-    net: nn.Module  # what the step calls: `model`, or its DDP wrapper
+    net: nn.Module  # what the step calls: `model` (one process, or sharded) or its DDP wrapper
     train: data_mod.Blocks
     val: data_mod.Blocks | None
     prec: Precision
@@ -352,8 +347,15 @@ def _agree_on_stop(state: TrainState) -> None:
 
 
 def _save_checkpoint(run: _Loop) -> None:
-    """Rank 0 writes, with every rank's RNG state; the others wait for it."""
+    """Rank 0 writes, with every rank's RNG state; the others wait for it (or write shards)."""
     rngs = distributed.gather(checkpoint.rng_state())
+    if sharding.is_sharded(run.model):  # every rank writes its shards
+        path = resharding.save(
+            run.checkpoint_dir, run.model, run.optimizer, run.scheduler, run.prec, run.state,
+            rngs, run.checkpoint_meta, run.opts.keep_last,
+        )  # fmt: skip
+        run.last_checkpoint, run.saved_step = path, run.state.step
+        return
     path = None
     if distributed.is_main():
         tensors, counters = checkpoint.capture(

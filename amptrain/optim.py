@@ -8,6 +8,7 @@ in one pass, so amptrain asks for it wherever torch has it and says why when it 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -88,16 +89,19 @@ def describe(optimizer: torch.optim.Optimizer) -> dict[str, str]:
     }
 
 
-def load_state_keeping_impl(optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_state_keeping_impl(
+    optimizer: torch.optim.Optimizer, state: dict, load: Callable[[dict], None] | None = None
+) -> None:
     """`optimizer.load_state_dict(state)`, keeping this optimizer's fused/foreach choice.
 
     torch's `load_state_dict` replaces each param group with the saved one, `fused` and
     `foreach` flags included, so a checkpoint written by a for-loop AdamW would silently
     turn a fused optimizer back into the slow one. The fused kernel also wants its `step`
-    counters as fp32 tensors on the parameters' device.
+    counters as fp32 tensors on the parameters' device. `load` replaces
+    `optimizer.load_state_dict` (a sharded optimizer loads through DCP's `set_state_dict`).
     """
     flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    (load or optimizer.load_state_dict)(state)
     for group, saved in zip(optimizer.param_groups, flags):
         group.update(saved)
         if not saved["fused"]:

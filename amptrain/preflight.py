@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint, distributed
+from amptrain import checkpoint, distributed, resharding, sharding
 from amptrain import data as data_mod
 from amptrain.adapter import probe_vocab, training_device
 from amptrain.checkpoint import Checkpoint
@@ -48,11 +48,15 @@ def preflight(
         ConfigError, DataError, ModelError, PrecisionError, CheckpointError: The refusal.
     """
     opts = FitOptions(**options)
+    world_size = distributed.world()[1]
+    sharding.check_shardable(model, opts.strategy, source)
+    resharding.check_layout(resume, sharding.will_shard(opts.strategy, world_size))
+    opts = resharding.keep_global_batch(opts, resume, world_size)  # another number of processes
     device = training_device(model, source)
     prec = resolve_precision(precision, device, resume, allow_new_scaler, **opts.scaler_options)
     train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index,
                                 opts.batch_size, opts.labels_shifted)  # fmt: skip
-    data_mod.check_batch_size(train_b, opts.batch_size, distributed.world()[1])
+    data_mod.check_batch_size(train_b, opts.batch_size, world_size)
     if resume is not None:
         checkpoint.check_resumable(resume, model, prec, allow_new_scaler)
     return opts, prec, train_b, val_b

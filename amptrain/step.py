@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amptrain import data as data_mod
 from amptrain import distributed
@@ -24,6 +23,7 @@ from amptrain.adapter import count_targets, forward_logits, next_token_hits, nex
 from amptrain.config import FitOptions
 from amptrain.head_loss import UNFUSED, LossPlan
 from amptrain.precision import Precision
+from amptrain.sharding import deferred_sync, is_sharded
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -51,9 +51,10 @@ def train_step(
 ) -> StepOutput:
     """One optimizer step over the micro-batches of `window` (gradient accumulation).
 
-    Under DDP `model` is the wrapped module: micro-batches before the last skip the
-    gradient all-reduce (`no_sync`), and the loss is normalised by the token count of all
-    ranks, so N ranks with batch B train exactly like one process with batch N*B.
+    Under DDP `model` is the wrapped module, under FSDP the sharded one: micro-batches before
+    the last skip the gradient reduction (`sharding.deferred_sync`), and the loss is
+    normalised by the token count of all ranks, so N ranks with batch B train exactly like
+    one process with batch N*B.
     `attention` scopes the forward passes (the SDPA backend of `amptrain.attention`); the
     backward follows the kernels the forward chose. `loss_plan` computes the loss from the
     logits, or from the head's input without building them (`amptrain.head_loss`).
@@ -64,13 +65,12 @@ def train_step(
     lr = optimizer.param_groups[0]["lr"]
     total = torch.zeros((), device=window[0][0].device)
     for i, (x, y) in enumerate(window):
-        defer_sync = isinstance(model, DDP) and i < len(window) - 1
-        with model.no_sync() if defer_sync else contextlib.nullcontext(), precision.autocast():
+        with deferred_sync(model, i < len(window) - 1), precision.autocast():
             with attention():
                 loss_sum = loss_plan.forward_loss(model, x, y, opts.ignore_index)
             # Normalise by the whole window's token count: every token weighs the same, so
-            # accumulating A batches of B equals one batch of A*B. DDP averages over ranks,
-            # hence the world size.
+            # accumulating A batches of B equals one batch of A*B. DDP and FSDP average over
+            # ranks, hence the world size.
             precision.backward(loss_sum * (world_size / n_targets))
         total += loss_sum.detach()
     precision.unscale_(optimizer)  # clipping must see the true (unscaled) gradients
@@ -118,11 +118,18 @@ def evaluate(
     rank, world_size = distributed.world()
     per_eval = batch_size * world_size  # the global batch, as in training
     n = len(blocks) if max_batches is None else min(len(blocks), max_batches * per_eval)
-    for start in range(rank * batch_size, n, world_size * batch_size):  # sharded over ranks
-        x, y = blocks.take(slice(start, start + batch_size))
+    # A sharded model gathers each block's parameters in its forward, a collective: every rank
+    # runs the same number of forwards, one on a stand-in row where its share has run out.
+    lockstep = is_sharded(model)
+    for start in range(rank * batch_size, -(-n // per_eval) * per_eval, per_eval):
+        if start >= n and not lockstep:
+            break
+        x, y = blocks.take(slice(start, start + batch_size) if start < n else slice(0, 1))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with precision.autocast(), attention():
             logits = forward_logits(model, x, y)
+            if start >= n:
+                continue  # the stand-in counts for nothing
             loss_sum += next_token_loss(logits, y, ignore_index).item()
         hits += int(next_token_hits(logits, y, ignore_index))
         count += count_targets(y, ignore_index)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from amptrain import checkpoint, data, distributed
+from amptrain import checkpoint, data, distributed, sharding
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.adapter import probe_vocab
 from amptrain.config import TrainConfig, run_values
@@ -99,6 +99,7 @@ def prepare(
     train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
     torch.manual_seed(cfg.fit.seed)  # the same seed gives the same initial weights
     model = model_factory(cfg, torch.device("cpu"))()
+    sharding.check_shardable(model, cfg.fit.strategy, cfg.model)
     if cfg.init_from:
         load_into(model, cfg.init_from)
     model = model.to(device)
@@ -265,12 +266,13 @@ def run_training(
                          "max_steps": cfg.fit.max_steps},
         **dataclasses.asdict(cfg.fit),
     )  # fmt: skip
+    weights = sharding.full_state_dict(model)  # gathered from the shards (collective)
     if not main:
         return TrainRun(result, run_dir, model, train, val)
     received: list[int] = []  # a signal now skips the plot; the run is checkpointed already
     with deferred_signals(received.append):
         _record_fast_path(run_dir / "config.json", result.fast_path)
-        atomic_safetensors_save(model.state_dict(), run_dir / WEIGHTS)
+        atomic_safetensors_save(weights, run_dir / WEIGHTS)
         if is_hf_model(model):
             _export(model, run_dir, tokenizer_file(cfg))
         atomic_write_json(run_dir / "summary.json", summary(result, cfg, model, sinks))

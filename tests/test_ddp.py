@@ -6,45 +6,23 @@ import json
 import math
 import os
 import signal
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import pattern_blocks, tiny_model
+from spawning import spawn
 
 import amptrain
-from amptrain import checkpoint, distributed
+from amptrain import checkpoint, resharding
 from amptrain.callbacks import Callback
 from amptrain.config import FitOptions, TrainConfig
 from amptrain.errors import Interrupted
-from amptrain.precision import resolve
 
 COMMON = dict(max_steps=4, lr=1e-2, warmup=0.25, eval_every=2, eval_batches=2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(case, tmp_path, *args):
-    port = _free_port()
-    mp.start_processes(_worker, args=(2, port, case, str(tmp_path), *args), nprocs=2,
-                       start_method="spawn")  # fmt: skip
-
-
-def _worker(rank, world, port, case, tmp, *args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)  # fmt: skip
-    globals()[f"_case_{case}"](rank, tmp, *args)
-    distributed.shutdown()
-    # Skip interpreter teardown: a spawned gloo worker occasionally aborts there ("terminate
-    # called without an active exception") after all its work is done and saved.
-    os._exit(0)
+    spawn("test_ddp", case, tmp_path, *args)
 
 
 class InfOnRank(Callback):
@@ -151,10 +129,16 @@ def test_sigterm_on_one_rank_stops_both_and_resume_matches(tmp_path):
     assert len(a.tensors["rng"]["ranks"]) == 2
 
 
-def test_resume_with_another_world_size_is_refused(tmp_path):
+def test_resume_with_another_world_size_keeps_the_global_batch(tmp_path):
     amptrain.fit(tiny_model(), pattern_blocks(16), precision="fp32", max_steps=2, batch_size=4,
                  checkpoint_dir=tmp_path, checkpoint_meta={})  # fmt: skip
     ckpt = checkpoint.load(checkpoint.latest(tmp_path))
-    ckpt.trainer["world_size"] = 2
+    assert ckpt.trainer["batch_size"] == 4 and ckpt.trainer["world_size"] == 1
+    ckpt.trainer["world_size"] = 2  # as if written by 2 processes of batch 4: global batch 8
+    assert resharding.keep_global_batch(FitOptions(batch_size=4), ckpt, 1).batch_size == 8
+    assert resharding.keep_global_batch(FitOptions(batch_size=2), ckpt, 4).batch_size == 2
+    with pytest.raises(checkpoint.CheckpointError, match="global batch of 8 .*divides 8"):
+        resharding.keep_global_batch(FitOptions(batch_size=4), ckpt, 3)
+    del ckpt.trainer["batch_size"]  # written before checkpoints recorded it
     with pytest.raises(checkpoint.CheckpointError, match="written by 2 process.*--nproc 2"):
-        checkpoint.check_resumable(ckpt, tiny_model(), resolve("fp32"))
+        resharding.keep_global_batch(FitOptions(batch_size=4), ckpt, 1)

@@ -1,4 +1,4 @@
-"""`amptrain train`: fine-tune a model, in one process or several (DDP through torchrun)."""
+"""`amptrain train`: fine-tune a model, in one process or several (DDP or FSDP through torchrun)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
     parser = sub.add_parser("train", help="fine-tune a model with fp32/tf32/fp16/bf16")
     add_train_flags(parser)
     parser.add_argument("--resume", help="auto (newest run under --out), a run or checkpoint dir")
-    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine, DDP "
-                        "through torch's launcher (default: 1)")  # fmt: skip
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes on this machine, through torch's launcher; --strategy "
+                        "says how they share the model (default: 1)")  # fmt: skip
     parser.add_argument("--allow-new-scaler", action="store_true",
                         help="resume fp16 from a checkpoint without GradScaler state")  # fmt: skip
     parser.add_argument("--wandb", nargs="?", const="amptrain", default=None, metavar="PROJECT",

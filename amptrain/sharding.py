@@ -1,0 +1,137 @@
+"""How several processes share a model: DDP replicas, or FSDP2 shards (`fully_shard`).
+
+Under `strategy="fsdp"` every repeated block of the model (found by `blocks.repeated_blocks`)
+becomes one `fully_shard` unit, then the root takes what is left (embeddings, final norm,
+head). Each rank then holds 1/N of the parameters, of their gradients and of AdamW's two
+moments; a block's parameters are gathered just before its forward and backward and freed
+after.
+
+Precision changes under sharding. `bf16` and `fp16` gather the parameters in the low dtype
+(`MixedPrecisionPolicy(param_dtype=...)`: half the all-gather traffic and unsharded memory)
+and reduce the gradients in fp32 (a sum over many ranks keeps its precision); the sharded
+fp32 parameters stay the master copy. fp16 keeps torch's own `GradScaler`: a reduce-scatter
+leaves an overflow in the shard of one rank only, and the scaler's found-inf check on the
+sharded (DTensor) gradients is reduced with a max over the ranks by DTensor itself (its
+`found_inf_reduce_handler`, torch 2.13), so every rank skips the same steps and backs off the
+same scale (`tests/test_fsdp.py` checks it). torch's `ShardedGradScaler` would all-reduce the
+flag a second time and refuses the fused AdamW. fp32 and tf32 need no policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from amptrain.blocks import repeated_blocks
+from amptrain.errors import ModelError
+from amptrain.precision import Precision
+
+log = logging.getLogger("amptrain")
+
+_POLICY_REASON = {
+    "bf16": "parameters gathered in bf16 (half the all-gather traffic and unsharded memory), "
+    "gradients reduced in fp32 (sums over ranks keep their precision); autocast stays on for "
+    "the ops it keeps in fp32",
+    "fp16": "parameters gathered in fp16, gradients reduced in fp32; the GradScaler's "
+    "found-inf flag on the sharded gradients is max-reduced over the ranks (DTensor), so "
+    "every rank skips the same steps",
+}
+
+
+def check_shardable(model: nn.Module, strategy: str, source: str) -> None:
+    """Refuse, before any work, a model that `strategy` cannot shard.
+
+    Raises:
+        ModelError: Under `fsdp`, when the model has no stack of repeated blocks.
+    """
+    if strategy == "fsdp" and repeated_blocks(model) is None:
+        raise ModelError(
+            f"{source} ({type(model).__name__}) cannot be sharded with strategy 'fsdp': it has "
+            "no stack of repeated blocks (an nn.ModuleList or nn.Sequential of two or more "
+            "children of one class) to make the sharding units; hold the blocks in an "
+            "nn.ModuleList, or use strategy 'ddp'"
+        )
+
+
+def will_shard(strategy: str, world_size: int) -> bool:
+    """True when `shard` shards: strategy `fsdp` on more than one process."""
+    return strategy == "fsdp" and world_size > 1
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when `fully_shard` was applied to `model`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard(model: nn.Module, prec: Precision, strategy: str, world_size: int) -> dict[str, Any]:
+    """Apply `fully_shard` per repeated block and to the root, in place, under `fsdp`.
+
+    Returns the record of what was done and why (for the fast-path record and summary.json).
+    Under `ddp`, or in one process, nothing changes and the record says so.
+    """
+    if not will_shard(strategy, world_size):
+        why = "one process: nothing to shard" if world_size == 1 else "replicas (DDP)"
+        return {"strategy": strategy, "sharded": False, "reason": why}
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    found = repeated_blocks(model)
+    assert found is not None, "check_shardable runs first"
+    units = f"{len(found.blocks)} x {found.block_class} ({found.path}) + root"  # before the
+    # class swap: fully_shard turns a Block into an FSDPBlock
+    policy = MixedPrecisionPolicy()
+    if prec.uses_autocast:
+        policy = MixedPrecisionPolicy(param_dtype=prec.dtype, reduce_dtype=torch.float32)
+    for block in found.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    record = {
+        "strategy": "fsdp", "sharded": True, "world_size": world_size,
+        "units": units,
+        "param_dtype": str(policy.param_dtype or torch.float32).removeprefix("torch."),
+        "reduce_dtype": str(policy.reduce_dtype or torch.float32).removeprefix("torch."),
+        "reason": _POLICY_REASON.get(prec.name, f"{prec.name}: no mixed-precision policy"),
+    }  # fmt: skip
+    log.info("sharding: %s", record)
+    return record
+
+
+def wrap(model: nn.Module, world_size: int) -> nn.Module:
+    """The module the training step calls: itself (one process, or sharded), else DDP."""
+    if world_size == 1 or is_sharded(model):
+        return model
+    device = next(model.parameters()).device
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def deferred_sync(net: nn.Module, defer: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient reduction of a micro-batch that is not the last of its window.
+
+    DDP has `no_sync()`; FSDP2 a flag (`set_requires_gradient_sync`), which also leaves the
+    unsharded gradients to accumulate in the reduce dtype until the last micro-batch.
+    """
+    if isinstance(net, DDP):
+        return net.no_sync() if defer else contextlib.nullcontext()
+    if is_sharded(net):
+        net.set_requires_gradient_sync(not defer)
+    return contextlib.nullcontext()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU; under FSDP gathered (collective: every rank calls).
+
+    Ranks other than 0 get an empty dict under FSDP, so `model.pt` is one full state dict that
+    `eval`, `generate`, `compare` and `--init-from` load unchanged.
+    """
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
