@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import itertools
 import json
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +24,17 @@ CONTEXT = 16
 
 @pytest.fixture(autouse=True)
 def _restore_amptrain_logger():
-    """The CLI sets up the "amptrain" logger for a terminal; undo it so caplog sees records."""
+    """Each test starts with the library's own "amptrain" logger: no handler, propagating.
+
+    The CLI sets it up for a terminal (a RichHandler, no propagation). A module-scoped fixture
+    that runs the CLI does so before any function-scoped fixture, so restoring what was there
+    would keep that set-up for every later test of the process, and caplog (which attaches to
+    a logger that does not propagate) would then see records twice.
+    """
     logger = logging.getLogger("amptrain")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
+    logger.handlers[:], logger.propagate, logger.level = [], True, logging.NOTSET
     yield
-    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+    logger.handlers[:], logger.propagate, logger.level = [], True, logging.NOTSET
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,6 +43,30 @@ def _session_cache_dir(tmp_path_factory):
     a user's machine, by every run of the session, subprocesses and module fixtures included."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AMPTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("amptrain-cache")))
+        yield
+
+
+@contextlib.contextmanager
+def model_styles_importable():
+    """tests/model_styles importable for a block, leaving no module of it behind.
+
+    Its `layers.py` must not stay in `sys.modules`: a later test imports a model file whose
+    own sibling is also called `layers`.
+    """
+    sys.path.insert(0, str(Path(__file__).parent / "model_styles"))
+    before = set(sys.modules)
+    try:
+        yield
+    finally:
+        sys.path.remove(str(Path(__file__).parent / "model_styles"))
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+
+
+@pytest.fixture
+def model_styles():
+    """The model-style files importable in one test (see `model_styles_importable`)."""
+    with model_styles_importable():
         yield
 
 

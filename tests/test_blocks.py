@@ -1,21 +1,7 @@
-import sys
-from pathlib import Path
-
-import pytest
 from torch import nn
 
 from amptrain.blocks import repeated_blocks
 from amptrain.models import GPTConfig, TinyGPT
-
-
-@pytest.fixture
-def styles(monkeypatch):
-    """The model-style files importable for one test, leaving no module behind for others."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent / "model_styles"))
-    before = set(sys.modules)
-    yield
-    for name in set(sys.modules) - before:
-        del sys.modules[name]
 
 
 def test_the_built_in_model_s_blocks_are_found_in_order():
@@ -25,7 +11,7 @@ def test_the_built_in_model_s_blocks_are_found_in_order():
     assert list(found.blocks) == list(model.blocks)
 
 
-def test_nanogpt_and_llama_styles_find_their_stacks(styles):
+def test_nanogpt_and_llama_styles_find_their_stacks(model_styles):
     from llama_style import ModelArgs, Transformer
     from nanogpt_model import GPT
     from nanogpt_model import GPTConfig as NanoConfig

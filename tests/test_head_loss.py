@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,10 +163,9 @@ def test_post_processing_the_dry_run_missed_is_refused_in_the_step():
         plan.forward_loss(model.train(), ids, ids, -100)
 
 
-def test_a_final_dtype_cast_counts_as_the_head():
+def test_a_final_dtype_cast_counts_as_the_head(model_styles):
     # llama's reference model returns `self.output(h).float()`: under bf16 autocast a new
     # tensor, equal to the head's output cast; the loss computes in fp32 anyway.
-    sys.path.insert(0, str(Path(__file__).parent / "model_styles"))
     import llama_style
 
     torch.manual_seed(0)
