@@ -74,8 +74,9 @@ class FitOptions:
     """AdamW kernel: `auto` (fused where torch has it), `fused`, `foreach` or `for-loop`."""
     attention: str = "auto"
     """SDPA backend in the step: `auto` (measured at run start), `default` or `math`."""
-    compile: bool = False
-    """Compile the model in place (`torch.compile`) before training; compile time reported apart."""
+    compile: bool | str = "auto"
+    """Compile the step's forward and loss (`torch.compile`): true, false, or `auto` (when the
+    run is long enough for the measured saving to repay the compile time)."""
 
     def __post_init__(self) -> None:
         for field in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -105,7 +106,8 @@ class FitOptions:
         impls = ("auto", "fused", "foreach", "for-loop")
         _check(self.optimizer_impl in impls, "optimizer_impl", self.optimizer_impl,
                f"one of {', '.join(impls)}")  # fmt: skip
-        _check(isinstance(self.compile, bool), "compile", self.compile, "true or false")
+        _check(isinstance(self.compile, bool) or self.compile == "auto", "compile", self.compile,
+               'true, false or "auto"')  # fmt: skip
         attention = ("auto", "default", "math")
         _check(self.attention in attention, "attention", self.attention,
                f"one of {', '.join(attention)}")  # fmt: skip

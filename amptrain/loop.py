@@ -25,9 +25,10 @@ from amptrain import data as data_mod
 from amptrain.adapter import check_token_range, probe_vocab
 from amptrain.attention import AttentionPlan
 from amptrain.attention import plan as plan_attention
+from amptrain.autocompile import plan_compile
 from amptrain.callbacks import Callback, emit
 from amptrain.checkpoint import Checkpoint
-from amptrain.compiling import compile_in_place
+from amptrain.compiling import LossFn
 from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
 from amptrain.interrupts import deferred_signals
@@ -35,9 +36,9 @@ from amptrain.metrics.meters import Throughput, peak_memory_mb
 from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
 from amptrain.models.limits import check_context
-from amptrain.optim import describe, lr_factor, make_optimizer, make_scheduler
+from amptrain.optim import describe, make_optimizer, make_scheduler, reset_lr
 from amptrain.precision import Precision, resolve
-from amptrain.step import Batch, StepOutput, evaluate, train_step
+from amptrain.step import Batch, DeviceCounters, evaluate, train_step
 
 __all__ = ["FitResult", "TrainState", "check_data", "evaluate", "fit", "train_step"]
 
@@ -170,14 +171,13 @@ def fit(
     if resume is not None:
         checkpoint.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
         _check_world_size(resume)
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # an extended run's
-            group["lr"] = base * lr_factor(scheduler.last_epoch, opts)  # schedule, from now on
-    attn, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume)
+        reset_lr(optimizer, scheduler, opts)  # an extended run's schedule, from now on
+    attn, loss_fn, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume, state.step)
     rank, world_size = distributed.world()
     sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
     meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend}
     run = _Loop(model, _wrap(model, world_size), train_b, val_b, prec, optimizer, scheduler, opts,
-                state, sinks, list(callbacks), checkpoint_dir, meta, attn)  # fmt: skip
+                state, sinks, list(callbacks), checkpoint_dir, meta, attn, loss_fn)  # fmt: skip
     model.train()
     with prec.activate(), deferred_signals(_on_signal(state), handle_signals):
         emit(run.callbacks, "on_fit_start", state)
@@ -199,18 +199,22 @@ def _fast_path(
     optimizer: torch.optim.Optimizer,
     opts: FitOptions,
     resume: Checkpoint | None,
-) -> tuple[AttentionPlan, dict[str, Any]]:
-    """The attention plan, the model compiled when asked, and the record of both."""
+    done: int,
+) -> tuple[AttentionPlan, LossFn | None, dict[str, Any]]:
+    """The attention plan, the step's loss function (compiled or not), and the record of both.
+
+    `done` optimizer steps are behind (a resumed run): the compile decision is for the rest.
+    """
     attn = _attention_plan(model, train_b, prec, opts, resume)
     fast_path: dict[str, Any] = {
         **describe(optimizer), "attention": attn.backend, "attention_reason": attn.reason,
-        "loss": "chunked fp32 cross-entropy (amptrain.losses)", "compiled": opts.compile,
+        "loss": "chunked fp32 cross-entropy (amptrain.losses)",
     }  # fmt: skip
-    if opts.compile:
-        sample = train_b.inputs[: opts.batch_size].to(next(model.parameters()).device)
-        fast_path["compile_s"] = compile_in_place(model, prec, sample, attn.context)
+    sample = train_b.inputs[: opts.batch_size].to(next(model.parameters()).device)
+    plan = plan_compile(model, prec, sample, attn.context, opts, opts.max_steps - done)
+    fast_path.update(plan.record)
     log.info("fast path: %s", fast_path)
-    return attn, fast_path
+    return attn, plan.loss_fn, fast_path
 
 
 def _attention_plan(
@@ -264,6 +268,7 @@ class _Loop:
     checkpoint_dir: str | Path | None
     checkpoint_meta: dict[str, Any]
     attention: AttentionPlan
+    loss_fn: LossFn | None = None  # the compiled forward+loss; None: eager
     last_checkpoint: Path | None = None
     saved_step: int = -1
 
@@ -325,25 +330,30 @@ def _run(run: _Loop) -> float:
         _eval_and_log(run)  # the first one, or the one a signal interrupted before the resume
     clock = _now(device)
     meter, train_time = Throughput(clock), 0.0
+    counters = DeviceCounters(device, state.skipped_steps, state.consecutive_nonfinite)
     while state.step < opts.max_steps and not state.should_stop:
         window = [_to_device(next(batches), device) for _ in range(opts.grad_accum)]
         out = train_step(run.net, window, run.prec, run.optimizer, run.scheduler, opts,
-                         run.attention.context)  # fmt: skip
+                         run.attention.context, run.loss_fn)  # fmt: skip
         state.step, state.batches = state.step + 1, state.batches + opts.grad_accum
-        state.tokens += out.tokens
-        meter.update(out.tokens)
-        _count_nonfinite(out, run.prec, state)
-        metrics = _step_metrics(out, run.prec, state)
+        counters.add(out, state.step)
+        metrics: dict[str, Any] = {}
         last = state.step == opts.max_steps
-        if state.step % opts.log_every == 0 or last or not out.stepped:
+        due = opts.checkpoint_every and state.step % opts.checkpoint_every == 0
+        eval_due = run.val is not None and state.step % opts.eval_every == 0
+        # Reading the counters is a host sync: only when something needs them.
+        if state.step % opts.log_every == 0 or last or due or eval_due or state.should_stop:
+            metrics = _read_counters(run, counters, out.lr)
+            meter.update(metrics.pop("tokens"))
             metrics.update(meter.compute(_now(device)))
             metrics.update(_memory(device))
             _log(run.sinks, metrics, state.step)
-        if state.consecutive_nonfinite >= opts.max_nonfinite:
-            raise _nonfinite_error(run.prec, state)
+            if state.consecutive_nonfinite >= opts.max_nonfinite:
+                raise _nonfinite_error(run.prec, state)
         emit(run.callbacks, "on_step_end", state, metrics)
         _agree_on_stop(state)
-        due = opts.checkpoint_every and state.step % opts.checkpoint_every == 0
+        if state.should_stop and counters.pending:
+            _read_counters(run, counters, out.lr)  # a stop request: the checkpoint needs them
         stop = last or (state.should_stop and not state.stop_signal)
         state.eval_pending = run.val is not None and (state.step % opts.eval_every == 0 or stop)
         # After a signal the grace period may be short: checkpoint at once, evaluate on resume.
@@ -399,33 +409,37 @@ def _memory(device: torch.device) -> dict[str, Any]:
     return {"mem/peak_mb": peak, "mem/source": source}
 
 
-def _step_metrics(out: StepOutput, prec: Precision, state: TrainState) -> dict[str, Any]:
+def _read_counters(run: _Loop, counters: DeviceCounters, lr: float) -> dict[str, Any]:
+    """Read the device counters into the state; the step metrics, plus `tokens` since last read.
+
+    Steps skipped since the last read are taken back from the schedule here (the step
+    stepped the scheduler as if they were real updates).
+    """
+    state, read = run.state, counters.read()
+    skipped = int(read["skipped"]) - state.skipped_steps
+    state.tokens += int(read["tokens"])
+    state.skipped_steps = int(read["skipped"])
+    state.consecutive_nonfinite = int(read["consecutive"])
+    state.last_finite_loss = read["last_finite_loss"]
+    state.last_finite_step = int(read["last_finite_step"])
+    if skipped:
+        run.scheduler.last_epoch -= skipped
+        reset_lr(run.optimizer, run.scheduler, run.opts)
+        log.info("%d step(s) up to step %d had a non-finite gradient norm and were skipped; "
+                 "loss scale now %g", skipped, state.step, run.prec.loss_scale)  # fmt: skip
     return {
-        "train/loss": out.loss,
-        "train/lr": out.lr,
-        "train/grad_norm": out.grad_norm,
-        "amp/loss_scale": prec.loss_scale,
+        "train/loss": read["loss"],
+        "train/lr": lr,
+        "train/grad_norm": read["grad_norm"],
+        "amp/loss_scale": run.prec.loss_scale,
         "amp/skipped_steps": state.skipped_steps,
+        "tokens": int(read["tokens"]),
     }
 
 
 def _log(sinks: Sequence[Sink], metrics: Mapping[str, Any], step: int) -> None:
     for sink in sinks:
         sink.log(metrics, step)
-
-
-def _count_nonfinite(out: StepOutput, prec: Precision, state: TrainState) -> None:
-    """Track finite and skipped steps for the non-finite policy."""
-    if out.stepped and math.isfinite(out.loss):
-        state.consecutive_nonfinite = 0
-        state.last_finite_loss, state.last_finite_step = out.loss, state.step
-        return
-    state.skipped_steps += not out.stepped
-    state.consecutive_nonfinite += 1
-    log.info(
-        "step %d: non-finite gradient norm (%s); optimizer step skipped, loss scale now %g",
-        state.step, out.grad_norm, prec.loss_scale,
-    )  # fmt: skip
 
 
 def _nonfinite_error(prec: Precision, state: TrainState) -> NonFiniteError:

@@ -213,7 +213,7 @@ def bench(
     eval_batches: int = 8,
     quality_tol: float = 0.02,
     memory: bool = True,
-    compile: bool = False,
+    compile: bool | str = "auto",
 ) -> BenchReport:
     """Benchmark precisions side by side on one model and one batch sequence.
 
@@ -234,7 +234,9 @@ def bench(
         quality_tol: An arm's quality is ok when its validation loss is within this relative
             difference of fp32's.
         memory: Measure each arm's memory in isolation (one more short run per arm).
-        compile: Time compiled arms (`fit(compile=True)`; compilation is outside the timing).
+        compile: Compile the arms' steps: True, False, or "auto" (decided per arm from the
+            run's length and a measurement, see `amptrain.autocompile`); compilation is
+            outside the timing.
 
     Returns:
         A `BenchReport`; failed arms are rows with `status` "failed" or "oom".
