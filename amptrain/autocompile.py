@@ -49,10 +49,12 @@ class Decision:
 
 @dataclasses.dataclass(frozen=True)
 class CompilePlan:
-    """The step's loss function (None: eager) and the record of the decision."""
+    """The step's loss function (None: eager), the record of the decision, and the clean-up."""
 
     loss_fn: LossFn | None
     record: dict[str, Any]
+    undo: Callable[[], None] = lambda: None
+    """Removes the compile-region marks from the model's blocks; call it after training."""
 
 
 def plan_compile(
@@ -84,14 +86,20 @@ def plan_compile(
     if "eager_step_s" in decision.figures:
         save_record(key, decision.figures)
     if not decision.compile:
+        compiled.undo()
         return _plan(None, decision)
-    return _plan(compiled.fn, decision, compiled.record)
+    return _plan(compiled.fn, decision, compiled.record, compiled.undo)
 
 
-def _plan(loss_fn: LossFn | None, decision: Decision, extra: dict | None = None) -> CompilePlan:
+def _plan(
+    loss_fn: LossFn | None,
+    decision: Decision,
+    extra: dict | None = None,
+    undo: Callable[[], None] = lambda: None,
+) -> CompilePlan:
     record = {"compiled": decision.compile, "compile_reason": decision.reason,
               **decision.figures, **(extra or {})}  # fmt: skip
-    return CompilePlan(loss_fn, record)
+    return CompilePlan(loss_fn, record, undo)
 
 
 def forced(requested: bool) -> Decision:

@@ -25,10 +25,10 @@ from amptrain import data as data_mod
 from amptrain.adapter import check_token_range, probe_vocab
 from amptrain.attention import AttentionPlan
 from amptrain.attention import plan as plan_attention
-from amptrain.autocompile import plan_compile
+from amptrain.autocompile import CompilePlan, plan_compile
 from amptrain.callbacks import Callback, emit
 from amptrain.checkpoint import Checkpoint
-from amptrain.compiling import LossFn
+from amptrain.compiling import LossFn, compiled_graphs
 from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
 from amptrain.interrupts import deferred_signals
@@ -172,21 +172,31 @@ def fit(
         checkpoint.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
         _check_world_size(resume)
         reset_lr(optimizer, scheduler, opts)  # an extended run's schedule, from now on
-    attn, loss_fn, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume, state.step)
+    attn, compiled, fast_path = _fast_path(
+        model, train_b, prec, optimizer, opts, resume, state.step
+    )
     rank, world_size = distributed.world()
     sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
     meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend}
     run = _Loop(model, _wrap(model, world_size), train_b, val_b, prec, optimizer, scheduler, opts,
-                state, sinks, list(callbacks), checkpoint_dir, meta, attn, loss_fn)  # fmt: skip
+                state, sinks, list(callbacks), checkpoint_dir, meta, attn,
+                compiled.loss_fn)  # fmt: skip
     model.train()
     with prec.activate(), deferred_signals(_on_signal(state), handle_signals):
         emit(run.callbacks, "on_fit_start", state)
+        graphs = compiled_graphs()
         try:
             train_time = _run(run)
         finally:
+            compiled.undo()
             emit(run.callbacks, "on_fit_end", state)
             for sink in run.sinks:
                 sink.close()
+    if compiled.loss_fn is not None:  # a shape or guard change during training recompiles
+        fast_path["recompiles"] = compiled_graphs() - graphs
+        if fast_path["recompiles"]:
+            log.warning("the compiled step was recompiled %d time(s) during training",
+                        fast_path["recompiles"])  # fmt: skip
     if state.stop_signal:
         raise Interrupted(state.stop_signal, state.step, run.last_checkpoint)
     return dataclasses.replace(_result(prec, state, tracker, train_time), fast_path=fast_path)
@@ -200,7 +210,7 @@ def _fast_path(
     opts: FitOptions,
     resume: Checkpoint | None,
     done: int,
-) -> tuple[AttentionPlan, LossFn | None, dict[str, Any]]:
+) -> tuple[AttentionPlan, CompilePlan, dict[str, Any]]:
     """The attention plan, the step's loss function (compiled or not), and the record of both.
 
     `done` optimizer steps are behind (a resumed run): the compile decision is for the rest.
@@ -214,7 +224,7 @@ def _fast_path(
     plan = plan_compile(model, prec, sample, attn.context, opts, opts.max_steps - done)
     fast_path.update(plan.record)
     log.info("fast path: %s", fast_path)
-    return attn, plan.loss_fn, fast_path
+    return attn, plan, fast_path
 
 
 def _attention_plan(
@@ -343,13 +353,7 @@ def _run(run: _Loop) -> float:
         eval_due = run.val is not None and state.step % opts.eval_every == 0
         # Reading the counters is a host sync: only when something needs them.
         if state.step % opts.log_every == 0 or last or due or eval_due or state.should_stop:
-            metrics = _read_counters(run, counters, out.lr)
-            meter.update(metrics.pop("tokens"))
-            metrics.update(meter.compute(_now(device)))
-            metrics.update(_memory(device))
-            _log(run.sinks, metrics, state.step)
-            if state.consecutive_nonfinite >= opts.max_nonfinite:
-                raise _nonfinite_error(run.prec, state)
+            metrics = _log_step(run, counters, meter, out.lr)
         emit(run.callbacks, "on_step_end", state, metrics)
         _agree_on_stop(state)
         if state.should_stop and counters.pending:
@@ -407,6 +411,19 @@ def _memory(device: torch.device) -> dict[str, Any]:
     peak, source = peak_memory_mb(device)
     (peak,) = distributed.all_reduce([peak], "max")  # the rank that needs the most
     return {"mem/peak_mb": peak, "mem/source": source}
+
+
+def _log_step(run: _Loop, counters: DeviceCounters, meter: Throughput, lr: float) -> dict:
+    """Read the counters, log the step's metrics, apply the non-finite policy; the metrics."""
+    device = next(run.model.parameters()).device
+    metrics = _read_counters(run, counters, lr)
+    meter.update(metrics.pop("tokens"))
+    metrics.update(meter.compute(_now(device)))
+    metrics.update(_memory(device))
+    _log(run.sinks, metrics, run.state.step)
+    if run.state.consecutive_nonfinite >= run.opts.max_nonfinite:
+        raise _nonfinite_error(run.prec, run.state)
+    return metrics
 
 
 def _read_counters(run: _Loop, counters: DeviceCounters, lr: float) -> dict[str, Any]:

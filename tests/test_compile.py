@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,9 @@ import torch.nn.functional as F
 from conftest import CONTEXT, pattern_blocks, tiny_model
 
 import amptrain
-from amptrain import autocompile
+from amptrain import autocompile, checkpoint
 from amptrain.autocompile import decide
-from amptrain.compiling import eager_loss, fused_loss, unchunked_loss
+from amptrain.compiling import compile_loss, eager_loss, fused_loss, unchunked_loss
 from amptrain.models import ModelSpec, build_model
 
 STYLES = Path(__file__).parent / "model_styles"
@@ -23,58 +22,131 @@ STYLES = Path(__file__).parent / "model_styles"
 COMPILED_RTOL, COMPILED_ATOL = 1e-4, 1e-5
 
 
-def _styles(tmp_path) -> dict[str, torch.nn.Module]:
-    """The built-in model and every model style of tests/model_styles, tiny."""
-    shutil.copytree(STYLES, tmp_path / "styles")
+@pytest.fixture
+def styles(tmp_path, monkeypatch) -> dict[str, torch.nn.Module]:
+    """The built-in model, every model style of tests/model_styles and Hugging Face's Llama and
+    Qwen2 (when transformers is installed), tiny."""
     root = tmp_path / "styles"
+    shutil.copytree(STYLES, root)
+    monkeypatch.syspath_prepend(str(root))  # minGPT imports `mingpt.utils`, llama `layers`
     small = {"n_layer": 2, "n_head": 2, "n_embd": 16}
     specs = {
         "nanogpt": ModelSpec(f"{root}/nanogpt_model.py:GPT", small),
         "mingpt": ModelSpec(f"{root}/mingpt/model.py:GPT", {"model_type": None, **small}),
-        "llama-style": ModelSpec(f"{root}/llama_style.py:Transformer", {"dim": 16}),
+        "llama-style": ModelSpec(f"{root}/llama_style.py:Transformer", {"dim": 16, "n_layers": 2}),
     }
-    models = {"tiny-gpt": tiny_model()}
-    sys.path.insert(0, str(root))  # minGPT's model file imports `mingpt.utils`
+    models = {"tiny-gpt": tiny_model(), **{n: build_model(s, 32, 8) for n, s in specs.items()}}
     try:
-        for name, spec in specs.items():
-            models[name] = build_model(spec, 32, 8)
-    finally:
-        sys.path.remove(str(root))
+        import transformers
+    except ImportError:  # the hf extra: without it, the Hugging Face families are not tested
+        return models
+    for family in ("Llama", "Qwen2"):
+        config = getattr(transformers, f"{family}Config")(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        )  # fmt: skip
+        models[f"hf-{family}"] = transformers.AutoModelForCausalLM.from_config(config)
     return models
 
 
 @pytest.mark.slow
-def test_zero_graph_breaks_for_the_built_in_model_and_every_style(tmp_path):
+def test_zero_graph_breaks_for_the_built_in_model_and_every_style(styles):
     ids = torch.randint(0, 32, (2, 8))
-    for name, model in _styles(tmp_path).items():
+    for name, model in styles.items():
         torch._dynamo.reset()
         explained = torch._dynamo.explain(fused_loss(model, -100, chunked=False))(model, ids, ids)
         assert explained.graph_break_count == 0, (name, explained.break_reasons)
         assert explained.graph_count == 1, name
 
 
+class StopAt(amptrain.Callback):
+    """Asks training to stop after step `step`, as a signal would (the step is checkpointed)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state, metrics) -> None:
+        state.should_stop = state.should_stop or state.step == self.step
+
+
 @pytest.fixture(scope="module")
-def compiled_step():
-    """One compiled forward+loss of the tiny model, shared by the tests that need inductor."""
-    model = tiny_model()
-    return model, torch.compile(fused_loss(model, -100, chunked=False))
+def compiled_runs(tmp_path_factory):
+    """An eager and a compiled fp32 run of the tiny model, and a compiled run cut at step 2 and
+    resumed: one compiled graph (inductor's cache serves the repeats), shared by the tests."""
+    tmp = tmp_path_factory.mktemp("compiled")
+    train, val = pattern_blocks(48, seed=0), pattern_blocks(16, seed=1)
+    common = dict(precision="fp32", max_steps=4, batch_size=4, eval_every=2, lr=1e-2)
+    runs = {}
+    for name, compile in (("eager", False), ("compiled", True)):
+        model = tiny_model()
+        runs[name] = (amptrain.fit(model, train, val, compile=compile, **common), model)
+    amptrain.fit(tiny_model(), train, val, compile=True, checkpoint_dir=tmp, callbacks=[StopAt(2)],
+                 **common)  # fmt: skip
+    ckpt = checkpoint.load(checkpoint.latest(tmp))
+    resumed = tiny_model()
+    result = amptrain.fit(resumed, train, val, compile=True, resume=ckpt, **common)
+    runs["resumed"] = (result, resumed)
+    return runs
 
 
 @pytest.mark.slow
-def test_compiled_and_eager_steps_agree(compiled_step):
-    model, compiled = compiled_step
-    ids = pattern_blocks(4).inputs
-    grads = []
-    losses = []
-    for fn in (eager_loss(-100), compiled):
-        model.zero_grad(set_to_none=True)
-        loss = fn(model, ids, ids)
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append([p.grad.clone() for p in model.parameters()])
+def test_compiled_and_eager_runs_agree_without_recompiles(compiled_runs):
+    (eager, plain), (compiled, model) = compiled_runs["eager"], compiled_runs["compiled"]
+    record = compiled.fast_path
+    assert record["compiled"] and record["compile_reason"] == "forced by --compile / compile=True"
+    assert record["compile_s"] > 0 and record["compiled_loss"].startswith("F.cross_entropy")
+    assert record["recompiles"] == 0  # evaluation runs the eager model: no recompile
+    assert list(model.state_dict()) == list(plain.state_dict())  # the model is not wrapped
+    for key in ("final_train_loss", "final_val_loss"):
+        assert getattr(compiled, key) == pytest.approx(getattr(eager, key), rel=COMPILED_RTOL)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=COMPILED_RTOL, atol=COMPILED_ATOL)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_resumes_to_the_same_weights(compiled_runs):
+    (straight, model), (resumed, again) = compiled_runs["compiled"], compiled_runs["resumed"]
+    assert resumed.fast_path["compiled"] and resumed.steps == 4
+    assert resumed.final_val_loss == pytest.approx(straight.final_val_loss, rel=COMPILED_RTOL)
+    for p, q in zip(model.parameters(), again.parameters()):
+        torch.testing.assert_close(p, q, rtol=COMPILED_RTOL, atol=COMPILED_ATOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regional", [False, True], ids=["one-graph", "regional"])
+def test_compiled_and_eager_steps_agree_on_loss_and_gradients(regional):
+    model = tiny_model()
+    ids = pattern_blocks(4).inputs  # the shape of compiled_runs: inductor's cache serves it
+    compiled = compile_loss(model, ids, 32, -100, regional=regional)
+    losses, grads = [], []
+    try:
+        for fn in (eager_loss(-100), compiled.fn):
+            loss = fn(model, ids, ids.clone())
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append([p.grad.clone() for p in model.parameters()])
+            model.zero_grad(set_to_none=True)
+    finally:
+        compiled.undo()
+    if regional:
+        assert compiled.record["compiled_blocks"] == "2 x Block (blocks), compiled once"
     torch.testing.assert_close(losses[1], losses[0], rtol=COMPILED_RTOL, atol=COMPILED_ATOL)
     for got, want in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, want, rtol=COMPILED_RTOL, atol=COMPILED_ATOL)
+
+
+@pytest.mark.slow
+def test_the_grad_scaler_skip_still_skips_under_compile(train_val):
+    from test_loop import InjectInf
+
+    model = tiny_model()
+    inject = InjectInf(model, bad_steps={2})
+    result = amptrain.fit(model, train_val[0], precision="fp16", callbacks=[inject],
+                          max_steps=3, batch_size=4, compile=True)  # fmt: skip
+    assert result.fast_path["compiled"] and result.skipped_steps == 1
+    for before, after in zip(inject.snapshots[1], inject.snapshots[2]):
+        assert torch.equal(before, after)  # the skipped step left every weight alone
+    assert result.loss_scale == 65536.0 / 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

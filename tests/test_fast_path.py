@@ -139,20 +139,6 @@ def test_models_without_sdpa_keep_the_default():
     )
 
 
-@pytest.mark.slow
-def test_compiled_step_keeps_checkpoint_keys_and_trains_alike(train_val):
-    plain, compiled = tiny_model(), tiny_model()
-    keys = list(compiled.state_dict())
-    ref = amptrain.fit(plain, train_val[0], train_val[1], precision="fp32", max_steps=3,
-                       batch_size=4, eval_every=3)  # fmt: skip
-    got = amptrain.fit(compiled, train_val[0], train_val[1], precision="fp32", max_steps=3,
-                       batch_size=4, eval_every=3, compile=True)  # fmt: skip
-    assert list(compiled.state_dict()) == keys  # the model is not wrapped: no `_orig_mod.`
-    assert got.fast_path["compiled"] and got.fast_path["compile_s"] > 0
-    assert got.final_train_loss == pytest.approx(ref.final_train_loss, rel=1e-4)
-    assert got.final_val_loss == pytest.approx(ref.final_val_loss, rel=1e-4)
-
-
 def test_compile_must_be_a_boolean_or_auto():
     with pytest.raises(ConfigError, match="compile='yes' is invalid"):
         FitOptions(compile="yes")
