@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from amptrain import distributed
 from amptrain.adapter import probe_vocab
 from amptrain.compiling import LossFn, compile_loss, eager_loss, time_steps
 from amptrain.config import FitOptions
@@ -64,24 +65,31 @@ def plan_compile(
     attention: Callable[[], contextlib.AbstractContextManager],
     opts: FitOptions,
     steps: int,
+    net: nn.Module | None = None,
 ) -> CompilePlan:
     """Decide (`opts.compile`: True, False or "auto"), compile if so, and time what it takes.
 
     Compiling happens here, before training, on one batch of the training shape (the loader
     drops a last partial batch, so training reuses the graph); its seconds are reported apart.
+    `net` is what the step calls (the DDP wrapper under torch.distributed), so the graph
+    compiled here is the one training runs; every rank decides on the slowest rank's times,
+    so all ranks decide alike.
     """
+    net = net or model
     if opts.compile is False:
         return _plan(None, forced(False))
     key = record_key(model, sample, precision.name, opts.grad_accum)
     decision = forced(True)
     if opts.compile == "auto":
         eager = time_steps(eager_loss(opts.ignore_index), model, precision, sample, attention, 2)
-        decision = decide(steps, eager[-1] * opts.grad_accum, load_record(key))
+        (eager_s,) = distributed.all_reduce([eager[-1]], "max")
+        decision = decide(steps, eager_s * opts.grad_accum, load_record(key))
         if not decision.compile:
             return _plan(None, decision)
     vocab = probe_vocab(model, sample.size(1), sample.device, "model")
     compiled = compile_loss(model, sample, vocab, opts.ignore_index)
-    first, then = time_steps(compiled.fn, model, precision, sample, attention, 2)
+    first, then = time_steps(compiled.fn, net, precision, sample, attention, 2)
+    first, then = distributed.all_reduce([first, then], "max")
     decision = confirm(decision, first, then * opts.grad_accum)
     if "eager_step_s" in decision.figures:
         save_record(key, decision.figures)

@@ -172,13 +172,13 @@ def fit(
         checkpoint.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
         _check_world_size(resume)
         reset_lr(optimizer, scheduler, opts)  # an extended run's schedule, from now on
-    attn, compiled, fast_path = _fast_path(
-        model, train_b, prec, optimizer, opts, resume, state.step
-    )
     rank, world_size = distributed.world()
+    net = _wrap(model, world_size)
+    attn, compiled, fast_path = _fast_path(model, net, train_b, prec, optimizer, opts, resume,
+                                           state.step)  # fmt: skip
     sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
     meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend}
-    run = _Loop(model, _wrap(model, world_size), train_b, val_b, prec, optimizer, scheduler, opts,
+    run = _Loop(model, net, train_b, val_b, prec, optimizer, scheduler, opts,
                 state, sinks, list(callbacks), checkpoint_dir, meta, attn,
                 compiled.loss_fn)  # fmt: skip
     model.train()
@@ -204,6 +204,7 @@ def fit(
 
 def _fast_path(
     model: nn.Module,
+    net: nn.Module,
     train_b: data_mod.Blocks,
     prec: Precision,
     optimizer: torch.optim.Optimizer,
@@ -214,6 +215,7 @@ def _fast_path(
     """The attention plan, the step's loss function (compiled or not), and the record of both.
 
     `done` optimizer steps are behind (a resumed run): the compile decision is for the rest.
+    `net` is the module the step calls (`model`, or its DDP wrapper).
     """
     attn = _attention_plan(model, train_b, prec, opts, resume)
     fast_path: dict[str, Any] = {
@@ -221,7 +223,7 @@ def _fast_path(
         "loss": "chunked fp32 cross-entropy (amptrain.losses)",
     }  # fmt: skip
     sample = train_b.inputs[: opts.batch_size].to(next(model.parameters()).device)
-    plan = plan_compile(model, prec, sample, attn.context, opts, opts.max_steps - done)
+    plan = plan_compile(model, prec, sample, attn.context, opts, opts.max_steps - done, net)
     fast_path.update(plan.record)
     log.info("fast path: %s", fast_path)
     return attn, plan, fast_path
