@@ -114,10 +114,16 @@ class _Recorder(Callback):
         self.device, self.stamps = device, []
         self.checksum = torch.zeros((), dtype=torch.float64, device=device)
         self._weights: torch.Tensor | None = None
+        self.started = False  # the passes before training (fit's measurements) are not batches
         self._handle = model.register_forward_pre_hook(self._hook)
 
+    def on_fit_start(self, state: Any) -> None:
+        self.started = True
+
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        if not module.training or not args or not isinstance(args[0], torch.Tensor):
+        if not self.started or not module.training or not args:
+            return
+        if not isinstance(args[0], torch.Tensor):
             return
         ids = args[0]
         if self._weights is None or self._weights.shape != ids.shape:
