@@ -62,15 +62,20 @@ def training_device(model: nn.Module, source: str = "model") -> torch.device:
     return trainable[0].device
 
 
-def forward_logits(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def forward_logits(
+    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, with_targets: bool | None = None
+) -> torch.Tensor:
     """Call `model` on `ids` and return its logits, passing next-token targets when it takes them.
 
     A forward with a `targets` parameter (nanoGPT, minGPT) returns logits for every position
     only when targets are given, so they are passed by keyword: `targets[:, t]` is the label
     of position t+1, and -1 (their `ignore_index`) where there is none. Its own loss is not
     used: amptrain computes the same loss for every model, so metrics stay comparable.
+    `with_targets` gives that answer in advance (a compiled trace cannot call `inspect`).
     """
-    if not takes_targets(type(getattr(model, "module", model))):  # unwrap DDP
+    if with_targets is None:
+        with_targets = takes_targets(type(getattr(model, "module", model)))  # unwrap DDP
+    if not with_targets:
         return extract_logits(model(ids))
     return extract_logits(model(ids, targets=shifted_targets(labels)))
 

@@ -80,8 +80,9 @@ class FitOptions:
     loss: str = "auto"
     """Next-token loss: `auto` (fused with the head where its fp32 logits would be large),
     `fused` (wherever the head is found) or `unfused`."""
-    compile: bool = False
-    """Compile the model in place (`torch.compile`) before training; compile time reported apart."""
+    compile: bool | str = "auto"
+    """Compile the step's forward and loss (`torch.compile`): true, false, or `auto` (when the
+    run is long enough for the measured saving to repay the compile time)."""
     strategy: str = "ddp"
     """Several processes: `ddp` (every rank holds the whole model) or `fsdp` (parameters,
     gradients and optimizer state sharded over the ranks, one unit per repeated block)."""
@@ -114,7 +115,8 @@ class FitOptions:
         impls = ("auto", "fused", "foreach", "for-loop")
         _check(self.optimizer_impl in impls, "optimizer_impl", self.optimizer_impl,
                f"one of {', '.join(impls)}")  # fmt: skip
-        _check(isinstance(self.compile, bool), "compile", self.compile, "true or false")
+        _check(isinstance(self.compile, bool) or self.compile == "auto", "compile", self.compile,
+               'true, false or "auto"')  # fmt: skip
         _check(self.strategy in STRATEGIES, "strategy", self.strategy,
                f"one of {', '.join(STRATEGIES)}")  # fmt: skip
         attention = ("auto", "default", "math")

@@ -82,6 +82,15 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return tensor.tolist()
 
 
+def all_reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor across ranks, left on the device (no host read); itself when single."""
+    if world()[1] == 1:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor
+
+
 def gather(obj: Any) -> list[Any] | None:
     """Every rank's `obj` on rank 0 (a list by rank); None on the other ranks."""
     rank, size = world()

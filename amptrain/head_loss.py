@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -72,6 +73,10 @@ class LossPlan:
                 "did not show; train it with loss='unfused' (--loss unfused)"
             )
         return fused_next_token_loss(captured["hidden"], self.head, labels, ignore_index)
+
+    def step_fn(self, ignore_index: int) -> Callable[..., torch.Tensor]:
+        """This plan as the step's `loss_fn(model, ids, labels)` (see `step.train_step`)."""
+        return functools.partial(self.forward_loss, ignore_index=ignore_index)
 
     def record(self) -> dict[str, str]:
         """The fast-path record's entries for the loss."""

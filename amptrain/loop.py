@@ -23,21 +23,22 @@ from amptrain import checkpoint, distributed, resharding, sharding
 from amptrain import data as data_mod
 from amptrain.attention import AttentionPlan
 from amptrain.attention import plan as plan_attention
+from amptrain.autocompile import CompilePlan, plan_compile
 from amptrain.callbacks import Callback, emit
 from amptrain.checkpoint import Checkpoint
-from amptrain.compiling import compile_in_place
+from amptrain.compiling import LossFn, compiled_graphs
 from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
-from amptrain.head_loss import LossPlan, plan_loss
+from amptrain.head_loss import plan_loss
 from amptrain.interrupts import deferred_signals
 from amptrain.metrics import tracking
 from amptrain.metrics.meters import Throughput, peak_memory_mb
 from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
-from amptrain.optim import describe, lr_factor, make_optimizer, make_scheduler
+from amptrain.optim import describe, make_optimizer, make_scheduler, reset_lr
 from amptrain.precision import Precision
 from amptrain.preflight import check_data, preflight
-from amptrain.step import Batch, StepOutput, evaluate, train_step
+from amptrain.step import Batch, DeviceCounters, evaluate, train_step
 
 __all__ = ["FitResult", "TrainState", "check_data", "evaluate", "fit", "preflight", "train_step"]
 
@@ -169,9 +170,10 @@ def fit(
     torch.manual_seed(opts.seed)  # dropout and other in-model randomness repeat for a seed
     if resume is not None:
         resharding.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # an extended run's
-            group["lr"] = base * lr_factor(scheduler.last_epoch, opts)  # schedule, from now on
-    attn, loss_plan, fast_path = _fast_path(model, train_b, prec, optimizer, opts, resume)
+        reset_lr(optimizer, scheduler, opts)  # an extended run's schedule, from now on
+    net = sharding.wrap(model, world_size)  # DDP's wrapper, or the sharded model itself
+    attn, compiled, loss_fn, fast_path = _fast_path(model, net, train_b, prec, optimizer, opts,
+                                                    resume, state.step)  # fmt: skip
     fast_path["sharding"] = shards
     sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
     resolved = {"fit": dataclasses.asdict(opts), "precision": prec.name,
@@ -179,18 +181,24 @@ def fit(
     tracking.tell_config(sinks, resolved)  # trackers log the run as it runs, not as asked
     meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend,
             "batch_size": opts.batch_size, "strategy": opts.strategy}  # fmt: skip
-    net = sharding.wrap(model, world_size)
     run = _Loop(model, net, train_b, val_b, prec, optimizer, scheduler, opts, state, sinks,
-                list(callbacks), checkpoint_dir, meta, attn, loss_plan)  # fmt: skip
+                list(callbacks), checkpoint_dir, meta, attn, loss_fn)  # fmt: skip
     model.train()
     with prec.activate(), deferred_signals(_on_signal(state), handle_signals):
         emit(run.callbacks, "on_fit_start", state)
+        graphs = compiled_graphs()
         try:
             train_time = _run(run)
         finally:
+            compiled.undo()
             emit(run.callbacks, "on_fit_end", state)
             for sink in run.sinks:
                 sink.close()
+    if compiled.loss_fn is not None:  # a shape or guard change during training recompiles
+        fast_path["recompiles"] = compiled_graphs() - graphs
+        if fast_path["recompiles"]:
+            log.warning("the compiled step was recompiled %d time(s) during training",
+                        fast_path["recompiles"])  # fmt: skip
     if state.stop_signal:
         raise Interrupted(state.stop_signal, state.step, run.last_checkpoint)
     return dataclasses.replace(_result(prec, state, tracker, train_time), fast_path=fast_path)
@@ -198,24 +206,31 @@ def fit(
 
 def _fast_path(
     model: nn.Module,
+    net: nn.Module,
     train_b: data_mod.Blocks,
     prec: Precision,
     optimizer: torch.optim.Optimizer,
     opts: FitOptions,
     resume: Checkpoint | None,
-) -> tuple[AttentionPlan, LossPlan, dict[str, Any]]:
-    """The attention and loss plans, the model compiled when asked, and the record of all."""
+    done: int,
+) -> tuple[AttentionPlan, CompilePlan, LossFn, dict[str, Any]]:
+    """The attention plan, the compile decision, the step's loss function, and their record.
+
+    `done` optimizer steps are behind (a resumed run): the compile decision is for the rest.
+    `net` is the module the step calls (`model`, its DDP wrapper or the sharded model). The
+    loss is the compiled forward+loss when compiling, else the loss plan's (fused with the
+    head, or from the logits).
+    """
     attn = _attention_plan(model, train_b, prec, opts, resume)
     sample = train_b.take(slice(opts.batch_size))[0].to(next(model.parameters()).device)
-    loss_plan = plan_loss(opts.loss, model, prec, sample, compiled=opts.compile is True)
+    plan = plan_compile(model, prec, sample, attn.context, opts, opts.max_steps - done, net)
+    loss_plan = plan_loss(opts.loss, model, prec, sample, compiled=plan.loss_fn is not None)
     fast_path: dict[str, Any] = {
         **describe(optimizer), "attention": attn.backend, "attention_reason": attn.reason,
-        **loss_plan.record(), "compiled": opts.compile,
+        **loss_plan.record(), **plan.record,
     }  # fmt: skip
-    if opts.compile:
-        fast_path["compile_s"] = compile_in_place(model, prec, sample, attn.context)
     _say_fast_path(fast_path)
-    return attn, loss_plan, fast_path
+    return attn, plan, plan.loss_fn or loss_plan.step_fn(opts.ignore_index), fast_path
 
 
 _last_fast_path: list[str] = []  # what this process said last (a search says it once)
@@ -230,7 +245,7 @@ def _say_fast_path(fast_path: Mapping[str, Any]) -> None:
                 else "not compiled")  # fmt: skip
     line = (
         f"fast path: {fast_path['optimizer']} {fast_path['optimizer_impl']}, attention "
-        f"{fast_path['attention']}, {fast_path['loss'].split(' (')[0]}, {compiled}"
+        f"{fast_path['attention']}, {fast_path['loss']} loss, {compiled}"
     )
     if _last_fast_path[-1:] != [line]:
         _last_fast_path[:] = [line]
@@ -271,7 +286,7 @@ class _Loop:
     checkpoint_dir: str | Path | None
     checkpoint_meta: dict[str, Any]
     attention: AttentionPlan
-    loss_plan: LossPlan
+    loss_fn: LossFn | None = None  # the forward+loss of one micro-batch; None: eager
     last_checkpoint: Path | None = None
     saved_step: int = -1
 
@@ -304,25 +319,24 @@ def _run(run: _Loop) -> float:
         _eval_and_log(run)  # the first one, or the one a signal interrupted before the resume
     clock = _now(device)
     meter, train_time = Throughput(clock), 0.0
+    counters = DeviceCounters(device, state.skipped_steps, state.consecutive_nonfinite)
     while state.step < opts.max_steps and not state.should_stop:
         window = [_to_device(next(batches), device) for _ in range(opts.grad_accum)]
         out = train_step(run.net, window, run.prec, run.optimizer, run.scheduler, opts,
-                         run.attention.context, run.loss_plan)  # fmt: skip
+                         run.attention.context, run.loss_fn)  # fmt: skip
         state.step, state.batches = state.step + 1, state.batches + opts.grad_accum
-        state.tokens += out.tokens
-        meter.update(out.tokens)
-        _count_nonfinite(out, run.prec, state)
-        metrics = _step_metrics(out, run.prec, state)
+        counters.add(out, state.step)
+        metrics: dict[str, Any] = {}
         last = state.step == opts.max_steps
-        if state.step % opts.log_every == 0 or last or not out.stepped:
-            metrics.update(meter.compute(_now(device)))
-            metrics.update(_memory(device))
-            _log(run.sinks, metrics, state.step)
-        if state.consecutive_nonfinite >= opts.max_nonfinite:
-            raise _nonfinite_error(run.prec, state)
+        due = opts.checkpoint_every and state.step % opts.checkpoint_every == 0
+        eval_due = run.val is not None and state.step % opts.eval_every == 0
+        # Reading the counters is a host sync: only when something needs them.
+        if state.step % opts.log_every == 0 or last or due or eval_due or state.should_stop:
+            metrics = _log_step(run, counters, meter, out.lr)
         emit(run.callbacks, "on_step_end", state, metrics)
         _agree_on_stop(state)
-        due = opts.checkpoint_every and state.step % opts.checkpoint_every == 0
+        if state.should_stop and counters.pending:
+            _read_counters(run, counters, out.lr)  # a stop request: the checkpoint needs them
         stop = last or (state.should_stop and not state.stop_signal)
         state.eval_pending = run.val is not None and (state.step % opts.eval_every == 0 or stop)
         # After a signal the grace period may be short: checkpoint at once, evaluate on resume.
@@ -385,33 +399,50 @@ def _memory(device: torch.device) -> dict[str, Any]:
     return {"mem/peak_mb": peak, "mem/source": source}
 
 
-def _step_metrics(out: StepOutput, prec: Precision, state: TrainState) -> dict[str, Any]:
+def _log_step(run: _Loop, counters: DeviceCounters, meter: Throughput, lr: float) -> dict:
+    """Read the counters, log the step's metrics, apply the non-finite policy; the metrics."""
+    device = next(run.model.parameters()).device
+    metrics = _read_counters(run, counters, lr)
+    meter.update(metrics.pop("tokens"))
+    metrics.update(meter.compute(_now(device)))
+    metrics.update(_memory(device))
+    _log(run.sinks, metrics, run.state.step)
+    if run.state.consecutive_nonfinite >= run.opts.max_nonfinite:
+        raise _nonfinite_error(run.prec, run.state)
+    return metrics
+
+
+def _read_counters(run: _Loop, counters: DeviceCounters, lr: float) -> dict[str, Any]:
+    """Read the device counters into the state; the step metrics, plus `tokens` since last read.
+
+    Steps skipped since the last read are taken back from the schedule here (the step
+    stepped the scheduler as if they were real updates).
+    """
+    state, read = run.state, counters.read()
+    skipped = int(read["skipped"]) - state.skipped_steps
+    state.tokens += int(read["tokens"])
+    state.skipped_steps = int(read["skipped"])
+    state.consecutive_nonfinite = int(read["consecutive"])
+    state.last_finite_loss = read["last_finite_loss"]
+    state.last_finite_step = int(read["last_finite_step"])
+    if skipped:
+        run.scheduler.last_epoch -= skipped
+        reset_lr(run.optimizer, run.scheduler, run.opts)
+        log.info("%d step(s) up to step %d had a non-finite gradient norm and were skipped; "
+                 "loss scale now %g", skipped, state.step, run.prec.loss_scale)  # fmt: skip
     return {
-        "train/loss": out.loss,
-        "train/lr": out.lr,
-        "train/grad_norm": out.grad_norm,
-        "amp/loss_scale": prec.loss_scale,
+        "train/loss": read["loss"],
+        "train/lr": lr,
+        "train/grad_norm": read["grad_norm"],
+        "amp/loss_scale": run.prec.loss_scale,
         "amp/skipped_steps": state.skipped_steps,
+        "tokens": int(read["tokens"]),
     }
 
 
 def _log(sinks: Sequence[Sink], metrics: Mapping[str, Any], step: int) -> None:
     for sink in sinks:
         sink.log(metrics, step)
-
-
-def _count_nonfinite(out: StepOutput, prec: Precision, state: TrainState) -> None:
-    """Track finite and skipped steps for the non-finite policy."""
-    if out.stepped and math.isfinite(out.loss):
-        state.consecutive_nonfinite = 0
-        state.last_finite_loss, state.last_finite_step = out.loss, state.step
-        return
-    state.skipped_steps += not out.stepped
-    state.consecutive_nonfinite += 1
-    log.info(
-        "step %d: non-finite gradient norm (%s); optimizer step skipped, loss scale now %g",
-        state.step, out.grad_norm, prec.loss_scale,
-    )  # fmt: skip
 
 
 def _nonfinite_error(prec: Precision, state: TrainState) -> NonFiniteError:

@@ -127,3 +127,13 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over `lr_factor`; step it only after a real (not skipped) optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, opts))
+
+
+def reset_lr(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    opts: FitOptions,
+) -> None:
+    """Set every group's lr to the schedule's value at `scheduler.last_epoch`."""
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * lr_factor(scheduler.last_epoch, opts)

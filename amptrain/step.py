@@ -1,8 +1,8 @@
 """One optimizer step and one evaluation: the numerical core of training.
 
 `train_step()` reads top to bottom: forward under autocast, backward through the precision's
-scaler, unscale, measure and clip the gradient norm, step (or skip a non-finite step), update
-the loss scale, zero the gradients. The scheduler steps only after a real optimizer step.
+scaler, unscale, measure and clip the gradient norm, step (or skip a non-finite step, on the
+device), update the loss scale, zero the gradients. Its figures stay on the device.
 Under DDP the same function runs on every rank; the few collectives it needs are no-ops in
 a single process.
 """
@@ -20,8 +20,8 @@ from torch import nn
 from amptrain import data as data_mod
 from amptrain import distributed
 from amptrain.adapter import count_targets, forward_logits, next_token_hits, next_token_loss
+from amptrain.compiling import LossFn, eager_loss
 from amptrain.config import FitOptions
-from amptrain.head_loss import UNFUSED, LossPlan
 from amptrain.precision import Precision
 from amptrain.sharding import deferred_sync, is_sharded
 
@@ -30,13 +30,21 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
-    """What one optimizer step reports."""
+    """What one optimizer step reports, as tensors on the device: reading one is a host sync.
 
-    loss: float
-    grad_norm: float
+    The loop reads them only on logging steps (see `loop.DeviceCounters`), so a CUDA step
+    queues its kernels without waiting for the previous one.
+    """
+
+    loss: torch.Tensor
+    """Mean loss per target token over the window (all ranks), fp32."""
+    grad_norm: torch.Tensor
+    """Total gradient norm before clipping (unscaled)."""
+    skipped: torch.Tensor
+    """True when the gradient norm was inf or NaN: the optimizer step was skipped."""
+    tokens: torch.Tensor
+    """Target tokens of the window, all ranks."""
     lr: float
-    stepped: bool
-    tokens: int
 
 
 def train_step(
@@ -47,7 +55,7 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     opts: FitOptions,
     attention: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    loss_plan: LossPlan = UNFUSED,
+    loss_fn: LossFn | None = None,
 ) -> StepOutput:
     """One optimizer step over the micro-batches of `window` (gradient accumulation).
 
@@ -56,18 +64,25 @@ def train_step(
     normalised by the token count of all ranks, so N ranks with batch B train exactly like
     one process with batch N*B.
     `attention` scopes the forward passes (the SDPA backend of `amptrain.attention`); the
-    backward follows the kernels the forward chose. `loss_plan` computes the loss from the
-    logits, or from the head's input without building them (`amptrain.head_loss`).
+    backward follows the kernels the forward chose. `loss_fn` is the forward and loss of one
+    micro-batch: compiled (`amptrain.compiling`), fused with the head (`amptrain.head_loss`),
+    or by default the eager one.
+
+    Nothing here reads a tensor on the host (with a fused optimizer): the step of a non-finite
+    gradient is skipped on the device, and the scheduler is stepped as if it were not; the loop
+    takes a skipped step back from the schedule when it next reads the counters.
     """
+    loss_fn = loss_fn or eager_loss(opts.ignore_index)
     _, world_size = distributed.world()
-    local_targets = sum(count_targets(y, opts.ignore_index) for _, y in window)
-    (n_targets,) = distributed.all_reduce([float(local_targets)])
+    n_targets = distributed.all_reduce_tensor(
+        sum(target_count(y, opts.ignore_index) for _, y in window)
+    )
     lr = optimizer.param_groups[0]["lr"]
     total = torch.zeros((), device=window[0][0].device)
     for i, (x, y) in enumerate(window):
         with deferred_sync(model, i < len(window) - 1), precision.autocast():
             with attention():
-                loss_sum = loss_plan.forward_loss(model, x, y, opts.ignore_index)
+                loss_sum = loss_fn(model, x, y)
             # Normalise by the whole window's token count: every token weighs the same, so
             # accumulating A batches of B equals one batch of A*B. DDP and FSDP average over
             # ranks, hence the world size.
@@ -75,17 +90,36 @@ def train_step(
         total += loss_sum.detach()
     precision.unscale_(optimizer)  # clipping must see the true (unscaled) gradients
     norm = _grad_norm(model, opts.clip_norm)
-    # One host sync per optimizer step: the non-finite policy must decide before stepping
-    # (GradScaler.step makes the same sync to read its found-inf flag).
-    grad_norm = norm.item()
-    stepped = math.isfinite(grad_norm)
-    if stepped:
-        precision.step(optimizer)
-        scheduler.step()  # never after a skipped step, so the schedule counts real updates
+    skipped = ~torch.isfinite(norm)
+    step_unless(optimizer, skipped)
+    scheduler.step()  # the loop takes it back if the step was skipped (the schedule counts updates)
     precision.update()  # backs the loss scale off when unscale_ found inf/NaN
     optimizer.zero_grad(set_to_none=True)
-    (loss,) = distributed.all_reduce([total.item()])
-    return StepOutput(loss / n_targets, grad_norm, lr, stepped, int(n_targets))
+    loss = distributed.all_reduce_tensor(total) / n_targets
+    return StepOutput(loss, norm.detach(), skipped, n_targets, lr)
+
+
+def target_count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The positions `next_token_loss` scores, as a device tensor (no host read)."""
+    return (labels[:, 1:] != ignore_index).sum()
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """Step the optimizer unless `skip` (a device bool), deciding on the device where it can.
+
+    The gradients are already unscaled (fp16's `unscale_` ran), so the GradScaler has nothing
+    left to do but skip, and a non-finite gradient in fp32 or bf16 must be skipped alike:
+    kernels that take GradScaler's `found_inf` (fused AdamW) are given it and skip the update,
+    step counter included, on the device. Other kernels cannot: one host read decides.
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):  # torch's own flag
+        optimizer.grad_scale, optimizer.found_inf = None, skip.float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
+    elif not bool(skip):  # a host sync: the for-loop and foreach kernels cannot skip themselves
+        optimizer.step()
 
 
 def _grad_norm(model: nn.Module, clip_norm: float | None) -> torch.Tensor:
@@ -141,3 +175,40 @@ def evaluate(
         "val/perplexity": math.exp(mean) if mean < 700 else math.inf,
         "val/accuracy": hits / max(count, 1),
     }
+
+
+class DeviceCounters:
+    """The run's step figures, accumulated on the device and read together on logging steps.
+
+    Reading a CUDA tensor waits for every queued kernel; reading these once per logging step
+    (one `tolist()`) instead of once per step lets the device run ahead of the host.
+    """
+
+    def __init__(self, device: torch.device, skipped: int, consecutive: int) -> None:
+        zeros = torch.zeros(7, dtype=torch.float64, device=device)
+        # loss, grad norm, tokens since the last read, skipped (total), consecutive
+        # non-finite, last finite loss, its step
+        zeros[3], zeros[4], zeros[5], zeros[6] = skipped, consecutive, math.nan, -1
+        self.values = zeros
+        self.pending = 0  # steps since the last read
+
+    def add(self, out: StepOutput, step: int) -> None:
+        """Fold one step's output in, on the device."""
+        v = self.values
+        bad = out.skipped | ~torch.isfinite(out.loss)
+        v[0], v[1] = out.loss, out.grad_norm
+        v[2] += out.tokens
+        v[3] += out.skipped
+        v[4] = (v[4] + 1) * bad
+        v[5] = torch.where(bad, v[5], out.loss.double())
+        v[6] = torch.where(bad, v[6], step)
+        self.pending += 1
+
+    def read(self) -> dict[str, float]:
+        """The figures, read on the host (one sync); the token count restarts."""
+        loss, norm, tokens, skipped, consecutive, last, last_step = self.values.tolist()
+        self.values[2] = 0
+        self.pending = 0
+        return {"loss": loss, "grad_norm": norm, "tokens": tokens, "skipped": skipped,
+                "consecutive": consecutive, "last_finite_loss": last,
+                "last_finite_step": last_step}  # fmt: skip

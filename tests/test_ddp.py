@@ -142,3 +142,28 @@ def test_resume_with_another_world_size_keeps_the_global_batch(tmp_path):
     del ckpt.trainer["batch_size"]  # written before checkpoints recorded it
     with pytest.raises(checkpoint.CheckpointError, match="written by 2 process.*--nproc 2"):
         resharding.keep_global_batch(FitOptions(batch_size=4), ckpt, 1)
+
+
+def _case_compiled(rank, tmp):
+    train, val = pattern_blocks(48), pattern_blocks(16, seed=1)
+    model = tiny_model(seed=1)
+    result = amptrain.fit(model, train, val, precision="fp32", batch_size=4, compile=True,
+                          **COMMON)  # fmt: skip
+    torch.save({"state": model.state_dict(), "result": result.to_dict()},
+               f"{tmp}/compiled-{rank}.pt")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_compiled_processes_match_one(tmp_path):
+    _spawn("compiled", tmp_path)
+    single = tiny_model(seed=1)
+    train, val = pattern_blocks(48), pattern_blocks(16, seed=1)
+    expected = amptrain.fit(single, train, val, precision="fp32", batch_size=8, compile=False,
+                            **COMMON)  # fmt: skip
+    got = [torch.load(tmp_path / f"compiled-{r}.pt", weights_only=True) for r in (0, 1)]
+    assert got[0]["result"]["fast_path"]["compiled"]
+    for name, param in single.state_dict().items():
+        # the compiled step's stated tolerance (tests/test_compile.py): fused kernels reorder sums
+        torch.testing.assert_close(got[0]["state"][name], param, atol=1e-4, rtol=1e-4)
+        assert torch.equal(got[0]["state"][name], got[1]["state"][name])  # ranks agree
+    assert got[0]["result"]["final_val_loss"] == pytest.approx(expected.final_val_loss, rel=1e-4)

@@ -114,10 +114,16 @@ class _Recorder(Callback):
         self.device, self.stamps = device, []
         self.checksum = torch.zeros((), dtype=torch.float64, device=device)
         self._weights: torch.Tensor | None = None
+        self.started = False  # the passes before training (fit's measurements) are not batches
         self._handle = model.register_forward_pre_hook(self._hook)
 
+    def on_fit_start(self, state: Any) -> None:
+        self.started = True
+
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        if not module.training or not args or not isinstance(args[0], torch.Tensor):
+        if not self.started or not module.training or not args:
+            return
+        if not isinstance(args[0], torch.Tensor):
             return
         ids = args[0]
         if self._weights is None or self._weights.shape != ids.shape:
@@ -213,7 +219,7 @@ def bench(
     eval_batches: int = 8,
     quality_tol: float = 0.02,
     memory: bool = True,
-    compile: bool = False,
+    compile: bool | str = "auto",
 ) -> BenchReport:
     """Benchmark precisions side by side on one model and one batch sequence.
 
@@ -234,7 +240,9 @@ def bench(
         quality_tol: An arm's quality is ok when its validation loss is within this relative
             difference of fp32's.
         memory: Measure each arm's memory in isolation (one more short run per arm).
-        compile: Time compiled arms (`fit(compile=True)`; compilation is outside the timing).
+        compile: Compile the arms' steps: True, False, or "auto" (decided per arm from the
+            run's length and a measurement, see `amptrain.autocompile`); compilation is
+            outside the timing.
 
     Returns:
         A `BenchReport`; failed arms are rows with `status` "failed" or "oom".

@@ -36,8 +36,12 @@ def add_train_flags(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                             help=f"tiny-gpt {field} (default: the built-in size)")  # fmt: skip
     if "--compile" not in skip:
-        parser.add_argument("--compile", action="store_true", default=argparse.SUPPRESS,
-                            help="compile the model in place (torch.compile)")  # fmt: skip
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--compile", action="store_true", default=argparse.SUPPRESS,
+                           help="always compile the step (torch.compile); default: compile "
+                           "when the run is long enough to repay the compile time")  # fmt: skip
+        group.add_argument("--no-compile", action="store_true", default=argparse.SUPPRESS,
+                           help="never compile the step")  # fmt: skip
     parser.add_argument("--config", type=Path, help="a JSON config, e.g. a run's config.json")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
@@ -119,8 +123,8 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
                 f"{values['model']} pass --model-kwargs"
             )
         values["model_kwargs"] = {**values.get("model_kwargs", {}), **sizes}
-    if given.get("compile"):
-        values["fit"]["compile"] = True
+    if given.get("compile") or given.get("no_compile"):
+        values["fit"]["compile"] = bool(given.get("compile"))
     if "context" not in values and "model" in values:
         from amptrain.models.trained import run_config
 

@@ -62,10 +62,9 @@ def plot_bench(report: Any, path: str | Path, title: str = "amptrain bench") -> 
     names = [a.precision for a in ok]
     tps = [a.tokens_per_s for a in ok]
     # The bars span the step-time IQR, turned into tokens/s (a slow quartile is a low rate).
-    # The median step pools every repeat while the IQR is over them too, but with one repeat
-    # of few steps interpolation can put the median a hair outside it: clip at zero.
-    low = [max(t - t * a.step_ms / a.step_ms_iqr[1], 0.0) for t, a in zip(tps, ok)]
-    high = [max(t * a.step_ms / a.step_ms_iqr[0] - t, 0.0) for t, a in zip(tps, ok)]
+    # (Clamped at 0: with two timed steps the median can round just past a quartile.)
+    low = [max(0.0, t - t * a.step_ms / a.step_ms_iqr[1]) for t, a in zip(tps, ok)]
+    high = [max(0.0, t * a.step_ms / a.step_ms_iqr[0] - t) for t, a in zip(tps, ok)]
     ax_t.bar(names, tps, yerr=[low, high], capsize=6)
     ax_t.set(title="throughput (median step; bars: IQR)", ylabel="tokens/s")
     ax_m.bar(names, [a.mem_mb or 0 for a in ok])
