@@ -76,7 +76,7 @@ def test_not_a_terminal_prints_a_loss_line_per_logged_step():
 def test_the_fast_path_is_one_line_said_again_only_when_it_changes(caplog):
     record = {"optimizer": "AdamW", "optimizer_impl": "fused", "optimizer_reason": "auto: ...",
               "attention": "default", "attention_reason": "fp32: torch's default",
-              "loss": "chunked fp32 cross-entropy (amptrain.losses)",
+              "loss": "unfused", "loss_reason": "chunked fp32 cross-entropy on the logits",
               "compiled": False}  # fmt: skip
     logging.getLogger("amptrain").propagate = True
     loop._last_fast_path.clear()
@@ -86,8 +86,8 @@ def test_the_fast_path_is_one_line_said_again_only_when_it_changes(caplog):
         loop._say_fast_path({**record, "compiled": True, "compile_s": 12.34})
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fast path")]
     assert said == [
-        "fast path: AdamW fused, attention default, chunked fp32 cross-entropy, not compiled",
-        "fast path: AdamW fused, attention default, chunked fp32 cross-entropy, compiled in 12.3 s",
+        "fast path: AdamW fused, attention default, unfused loss, not compiled",
+        "fast path: AdamW fused, attention default, unfused loss, compiled in 12.3 s",
     ]
 
 
