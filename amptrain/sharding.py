@@ -63,6 +63,20 @@ def will_shard(strategy: str, world_size: int) -> bool:
     return strategy == "fsdp" and world_size > 1
 
 
+def full_value(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of `value`: the whole of a DTensor (a norm over sharded gradients)."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def holds_shards(optimizer: torch.optim.Optimizer) -> bool:
+    """True when the optimizer's parameters are DTensor shards (a model under `fully_shard`)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True when `fully_shard` was applied to `model`."""
     from torch.distributed.fsdp import FSDPModule

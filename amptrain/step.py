@@ -23,7 +23,7 @@ from amptrain.adapter import count_targets, forward_logits, next_token_hits, nex
 from amptrain.compiling import LossFn, eager_loss
 from amptrain.config import FitOptions
 from amptrain.precision import Precision
-from amptrain.sharding import deferred_sync, is_sharded
+from amptrain.sharding import deferred_sync, full_value, holds_shards, is_sharded
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -89,7 +89,7 @@ def train_step(
             precision.backward(loss_sum * (world_size / n_targets))
         total += loss_sum.detach()
     precision.unscale_(optimizer)  # clipping must see the true (unscaled) gradients
-    norm = _grad_norm(model, opts.clip_norm)
+    norm = full_value(_grad_norm(model, opts.clip_norm))  # FSDP: the norm over every shard
     skipped = ~torch.isfinite(norm)
     step_unless(optimizer, skipped)
     scheduler.step()  # the loop takes it back if the step was skipped (the schedule counts updates)
@@ -110,9 +110,11 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
     The gradients are already unscaled (fp16's `unscale_` ran), so the GradScaler has nothing
     left to do but skip, and a non-finite gradient in fp32 or bf16 must be skipped alike:
     kernels that take GradScaler's `found_inf` (fused AdamW) are given it and skip the update,
-    step counter included, on the device. Other kernels cannot: one host read decides.
+    step counter included, on the device. Other kernels cannot, nor can a sharded (DTensor)
+    optimizer state, which takes no plain found-inf tensor: one host read decides.
     """
-    if getattr(optimizer, "_step_supports_amp_scaling", False):  # torch's own flag
+    on_device = getattr(optimizer, "_step_supports_amp_scaling", False)  # torch's own flag
+    if on_device and not holds_shards(optimizer):
         optimizer.grad_scale, optimizer.found_inf = None, skip.float()  # type: ignore[attr-defined]
         try:
             optimizer.step()

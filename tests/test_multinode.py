@@ -19,6 +19,8 @@ import pytest
 import torch
 from spawning import free_port
 
+from amptrain.models.trained import WEIGHTS, read_weights
+
 README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
 SMALL = ("--data corpus.txt --precision fp32 --context 32 --layers 2 --width 32 --heads 2 "
          "--max-steps 6 --eval-every 3 --no-progress")  # fmt: skip
@@ -62,7 +64,7 @@ def _two_nodes(cwd: Path, line: str, out: str) -> Path:
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
-    x, y = (torch.load(p / "model.pt", weights_only=True) for p in (a, b))
+    x, y = (read_weights(p / WEIGHTS) for p in (a, b))
     assert x.keys() == y.keys()
     got, want = (torch.cat([s[k].flatten() for k in sorted(s)]) for s in (x, y))
     assert float((got - want).norm() / want.norm()) <= 1e-5
