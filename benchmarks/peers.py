@@ -20,7 +20,7 @@ are then not to be trusted.
     python benchmarks/peers.py --rounds 3 --ablation   # the real measurement, on a quiet machine
     python benchmarks/peers.py --job gpt-v128k --arms plain,expert,amptrain --precisions fp32
 
-The result goes to benchmarks/results/peers-<cpu>-t<threads>-torch<version>.json.
+The result goes to benchmarks/results/peers-<job>-<cpu>-<isa>-t<threads>-torch<version>.json.
 """
 
 from __future__ import annotations
@@ -81,8 +81,21 @@ def cpu_model() -> str:
         return platform.processor() or "unknown-cpu"
 
 
+def cpu_isa() -> str:
+    """The CPU's widest bf16-relevant instruction set: one model name covers several kinds."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((x for x in f if x.startswith("flags")), "").split()
+    except OSError:
+        return "unknown-isa"
+    for flag, name in (("amx_bf16", "amx"), ("avx512_bf16", "avx512bf16"), ("avx512f", "avx512")):
+        if flag in flags:
+            return name
+    return "avx2" if "avx2" in flags else "no-avx2"
+
+
 def result_path(args: argparse.Namespace) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") + "-" + cpu_isa()
     name = f"peers-{args.job}-{slug}-t{torch.get_num_threads()}-torch{torch.__version__}"
     return Path(__file__).parent / "results" / f"{name.replace('+', '-')}.json"
 
