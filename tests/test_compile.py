@@ -165,6 +165,14 @@ def test_auto_stays_eager_for_a_short_run_and_says_why():
     assert not decision.compile
     assert decision.reason.startswith("eager: 40 steps x 0.05 s x 10% saved = 0.2 s < 60 s")
     assert decision.figures["compile_s_estimate"] == autocompile.COMPILE_GUESS_S
+    bf16 = decide(40, eager_step_s=0.05, recorded=None, autocast=True)
+    assert not bf16.compile and "x 20% saved = 0.4 s < 60 s" in bf16.reason
+
+
+def test_under_autocast_a_2000_step_run_of_the_benchmark_s_shape_compiles():
+    # peers.py's gpt job in bf16 on a 2-core AVX512-BF16 CPU: about 0.25 s a step
+    assert not decide(2000, eager_step_s=0.25, recorded=None).compile  # 50 s < 60 s in fp32
+    assert decide(2000, eager_step_s=0.25, recorded=None, autocast=True).compile  # 100 s
 
 
 def test_auto_compiles_a_long_run_and_trusts_a_recorded_measurement():
