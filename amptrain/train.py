@@ -236,13 +236,18 @@ def run_training(
         Interrupted: After SIGINT/SIGTERM, once the checkpoint is saved.
     """
     main = distributed.is_main()
+    def start(run_dir: Path, created: bool) -> list[Sink]:  # requested trackers, or a refusal
+        return tracking.start(trackers, run_dir, created) if main else []
+
     if resume is None:
         run = _new_run(cfg, command)
-    else:
-        run = _resumed_run(cfg, resume, command, given or {}, allow_new_scaler)
+        started = start(run.run_dir, True)
+    else:  # started before the run's files are edited: a refusal leaves them as they were
+        run = _resumed_run(cfg, resume, command, given or {}, allow_new_scaler, start)
+        started = list(run.trackers)
     cfg, run_dir, model, train, val, precision = run[:6]
     ckpt, history = run.ckpt, run.history
-    sinks = [*(sinks or []), *(tracking.start(trackers, run_dir, resume is None) if main else [])]
+    sinks = [*(sinks or []), *started]
     if main:
         checkpoint.clean_temporaries(run_dir / "checkpoints")
     log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
@@ -312,6 +317,7 @@ class _Opened(NamedTuple):
     precision: Precision
     ckpt: checkpoint.Checkpoint | None = None
     history: Sequence[dict[str, Any]] = ()
+    trackers: Sequence[Sink] = ()
 
 
 def _new_run(cfg: TrainConfig, command: str) -> _Opened:
@@ -331,7 +337,12 @@ def _new_run(cfg: TrainConfig, command: str) -> _Opened:
 
 
 def _resumed_run(
-    cfg: TrainConfig, resume: str, command: str, given: dict[str, Any], allow_new_scaler: bool
+    cfg: TrainConfig,
+    resume: str,
+    command: str,
+    given: dict[str, Any],
+    allow_new_scaler: bool,
+    start: Callable[[Path, bool], list[Sink]],
 ) -> _Opened:
     """Load and check the checkpoint against everything, and only then edit the run's files."""
     run_dir, ckpt = find_resume(cfg.out, resume, command)
@@ -346,6 +357,7 @@ def _resumed_run(
     # Every check of the resume (shapes, scaler, world size...) before any file is touched.
     preflight(model, train, val, precision=precision, source=cfg.model, resume=ckpt,
               allow_new_scaler=allow_new_scaler, **dataclasses.asdict(cfg.fit))  # fmt: skip
+    started = start(run_dir, False)  # the trackers too: a refused one changes nothing
     distributed.barrier()  # every rank has read the checkpoint before rank 0 edits the run
     history = []
     if distributed.is_main():
@@ -354,7 +366,7 @@ def _resumed_run(
             config = {**cfg.to_dict(), "environment": environment()}
             atomic_write_json(run_dir / "config.json", config)
     log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, ckpt.trainer["step"])
-    return _Opened(cfg, run_dir, model, train, val, precision, ckpt, history)
+    return _Opened(cfg, run_dir, model, train, val, precision, ckpt, history, started)
 
 
 def _plot(result: FitResult, path: Path, title: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,25 @@ def test_a_tracker_failing_mid_run_is_kept_in_summary_json(tmp_path, monkeypatch
     assert "MlflowException" in failure["error"]
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warning.startswith("MLflow log failed") and "continues without MLflow" in warning
+
+
+def test_a_tracker_refused_on_resume_leaves_every_file_of_the_run_as_it_was(tmp_path):
+    from amptrain.config import FitOptions, TrainConfig
+    from amptrain.errors import TrackerError
+    from amptrain.train import run_training
+
+    cfg = TrainConfig(context=16, model_kwargs={"n_layer": 1, "n_embd": 16, "n_head": 2},
+                      out=str(tmp_path / "runs"), precision="fp32",
+                      fit=FitOptions(max_steps=4, batch_size=4, eval_every=2, eval_batches=1,
+                                     checkpoint_every=2))  # fmt: skip
+    run_dir = run_training(cfg).run_dir
+    shutil.rmtree(run_dir / "checkpoints" / f"step-{4:09d}")  # resuming at 2 would cut metrics
+    files = lambda: {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}  # noqa: E731
+    before = files()
+
+    def refused(run_dir):
+        raise TrackerError("the tracker could not start (a test's refusal)")
+
+    with pytest.raises(TrackerError):
+        run_training(cfg, trackers=refused, resume="auto")
+    assert files() == before  # metrics.jsonl, config.json and the checkpoints untouched
