@@ -236,6 +236,7 @@ def run_training(
         Interrupted: After SIGINT/SIGTERM, once the checkpoint is saved.
     """
     main = distributed.is_main()
+
     def start(run_dir: Path, created: bool) -> list[Sink]:  # requested trackers, or a refusal
         return tracking.start(trackers, run_dir, created) if main else []
 
