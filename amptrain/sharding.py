@@ -71,10 +71,13 @@ def full_value(value: torch.Tensor) -> torch.Tensor:
 
 
 def holds_shards(optimizer: torch.optim.Optimizer) -> bool:
-    """True when the optimizer's parameters are DTensor shards (a model under `fully_shard`)."""
+    """True when the optimizer's parameters are DTensor shards (a model under `fully_shard`).
+
+    `shard` shards every parameter or none, so the first one tells: the step asks each time.
+    """
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+    return isinstance(optimizer.param_groups[0]["params"][0], DTensor)
 
 
 def is_sharded(model: nn.Module) -> bool:

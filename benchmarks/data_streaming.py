@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import re
 import resource
 import subprocess
 import sys
@@ -109,18 +108,17 @@ def measure(path: Path, before: str | None = None) -> dict:
     return row
 
 
-def _cpu() -> str:
+def _peers():  # the CPU naming every benchmark's result files share
     sys.path.insert(0, str(Path(__file__).parent))
-    from peers import cpu_model
+    import peers
 
-    return cpu_model()
+    return peers
 
 
 def result_path() -> Path:
     import torch
 
-    slug = re.sub(r"[^a-z0-9]+", "-", _cpu().lower()).strip("-")
-    name = f"data_streaming-{slug}-torch{torch.__version__}".replace("+", "-")
+    name = f"data_streaming-{_peers().cpu_slug()}-torch{torch.__version__}".replace("+", "-")
     return Path(__file__).parent / "results" / f"{name}.json"
 
 
@@ -148,7 +146,7 @@ def main() -> None:
             rows += [measure(small), measure(small, args.before)]
     import torch
 
-    meta = {"benchmark": "data_streaming", "cpu": _cpu(), "context": CONTEXT,
+    meta = {"benchmark": "data_streaming", "cpu": _peers().cpu_model(), "context": CONTEXT,
             "torch": torch.__version__, "platform": platform.platform(), "mb": args.mb,
             "load_average_before_after": [load_before[0], os.getloadavg()[0]],
             "note": "peak_rss_mb - rss_before_load_mb is what loading cost; a .bin's pages are "

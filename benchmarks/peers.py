@@ -94,9 +94,13 @@ def cpu_isa() -> str:
     return "avx2" if "avx2" in flags else "no-avx2"
 
 
+def cpu_slug() -> str:
+    """The CPU for result file names (`amd-epyc-avx512bf16`); every benchmark names it so."""
+    return re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") + "-" + cpu_isa()
+
+
 def result_path(args: argparse.Namespace) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") + "-" + cpu_isa()
-    name = f"peers-{args.job}-{slug}-t{torch.get_num_threads()}-torch{torch.__version__}"
+    name = f"peers-{args.job}-{cpu_slug()}-t{torch.get_num_threads()}-torch{torch.__version__}"
     return Path(__file__).parent / "results" / f"{name.replace('+', '-')}.json"
 
 

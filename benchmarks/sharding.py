@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import socket
 import statistics
@@ -39,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import cpu_model  # noqa: E402
+from peers import cpu_model, cpu_slug  # noqa: E402
 
 ARMS = {"one": (1, "ddp"), "ddp": (2, "ddp"), "fsdp": (2, "fsdp")}
 SIZES = {"full": dict(n_layer=12, n_embd=768, n_head=12), "quick": dict(n_layer=2, n_embd=64,
@@ -97,7 +96,7 @@ def run_arm(arm: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def result_path(args: argparse.Namespace) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")
+    slug = cpu_slug()
     quick = "-quick" if args.quick else ""
     name = f"sharding{quick}-{slug}-t{args.threads}-torch{torch.__version__}"
     return Path(__file__).parent / "results" / f"{name.replace('+', '-')}.json"
