@@ -20,7 +20,7 @@ from amptrain.compare import (
     text_windows,
 )
 from amptrain.compare import report as compare_report
-from amptrain.compare.report import paired_stats, t_critical, t_two_sided_p
+from amptrain.compare.stats import paired_stats, t_critical, t_two_sided_p
 from amptrain.errors import ConfigError, ModelError
 from amptrain.models import GPTConfig, TinyGPT
 from amptrain.precision import resolve

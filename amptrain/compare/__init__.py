@@ -28,25 +28,19 @@ from amptrain.adapter import (
     check_token_range,
     probe_vocab,
 )
-from amptrain.compare.report import (
-    BUDGET_METHOD,
-    TEXT_METHOD,
-    MetricStats,
-    budget_verdict,
-    paired_stats,
-    text_verdict,
-)
+from amptrain.compare.report import BUDGET_METHOD, TEXT_METHOD, budget_verdict, text_verdict
+from amptrain.compare.stats import MetricStats, paired_stats
 from amptrain.compare.text import (
     MAX_WINDOW,
     REFERENCES,
-    _encode,
-    _latency_ms,
-    _tokenizer_name,
-    _window,
     check_baseline_dir,
+    encode,
+    latency_ms,
     load_baseline,
     score_tokens,
+    scoring_window,
     text_windows,
+    tokenizer_name,
 )
 from amptrain.config import COMPARE_STEPS as DEFAULT_STEPS
 from amptrain.config import FitOptions
@@ -435,19 +429,19 @@ class _Side:
     window: int = 0
 
     def prepare(self, text: str, device: torch.device, role: str) -> None:
-        self.ids = _encode(self.tokenizer, text)
+        self.ids = encode(self.tokenizer, text)
         if self.ids.numel() < 2:
             raise DataError(f"the text is {self.ids.numel()} {role} token(s); need at least 2")
-        self.window = min(_window(self.model, self.context), self.ids.numel())
+        self.window = min(scoring_window(self.model, self.context), self.ids.numel())
         vocab = probe_vocab(self.model, self.window, device, f"the {role} model {self.name}")
         check_token_range(self.ids, vocab, f"the text in {role} tokens")
 
     def score(self, role: str, n_bytes: int, prec: Precision, iters: int) -> TextScore:
         nats, scored = score_tokens(self.model, self.ids, self.window, prec)
         device = next(self.model.parameters()).device
-        latency = _latency_ms(self.model, self.ids[: self.window][None].to(device), prec, iters)
+        latency = latency_ms(self.model, self.ids[: self.window][None].to(device), prec, iters)
         window_kb = self.window * n_bytes / self.ids.numel() / 1000
-        return TextScore(role, self.name, _tokenizer_name(self.tokenizer),
+        return TextScore(role, self.name, tokenizer_name(self.tokenizer),
                          nats / (math.log(2) * n_bytes), nats, self.ids.numel(), scored, n_bytes,
                          self.window, latency, latency / window_kb)  # fmt: skip
 

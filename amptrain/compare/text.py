@@ -124,7 +124,8 @@ def load_baseline(path: str | Path) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def _encode(tokenizer: Any, text: str) -> torch.Tensor:
+def encode(tokenizer: Any, text: str) -> torch.Tensor:
+    """`text` as a tensor of token ids, without the BOS/EOS a Hugging Face tokenizer may add."""
     if hasattr(tokenizer, "backend_tokenizer"):  # Hugging Face: no BOS/EOS, no length warning
         ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
     elif "add_special_tokens" in inspect.signature(tokenizer.encode).parameters:
@@ -134,7 +135,8 @@ def _encode(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _tokenizer_name(tokenizer: Any) -> str:
+def tokenizer_name(tokenizer: Any) -> str:
+    """How the report names a tokenizer: its name or type and its vocabulary size."""
     if isinstance(tokenizer, ByteTokenizer):
         return "bytes"
     name = getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "name", None)
@@ -144,7 +146,12 @@ def _tokenizer_name(tokenizer: Any) -> str:
     return f"{name or type(tokenizer).__name__} ({size} tokens)"
 
 
-def _window(model: nn.Module, fallback: int | None) -> int:
+def scoring_window(model: nn.Module, fallback: int | None) -> int:
+    """The context the model's config declares (at most `MAX_WINDOW`), else `fallback`.
+
+    Raises:
+        ConfigError: If the config declares none and there is no fallback.
+    """
     cfg = getattr(model, "config", None)
     for attr in ("block_size", "n_positions", "max_position_embeddings"):
         value = getattr(cfg, attr, None)
@@ -161,7 +168,8 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _latency_ms(model: nn.Module, x: torch.Tensor, prec: Precision, iters: int) -> float:
+def latency_ms(model: nn.Module, x: torch.Tensor, prec: Precision, iters: int) -> float:
+    """Median milliseconds of `iters` forwards of `x` in eval mode, after 3 warm-up forwards."""
     was_training = model.training
     model.eval()
     times = []
