@@ -28,22 +28,21 @@ from amptrain.doctor.audit import Float32, audit, wrap_fp32
 from amptrain.doctor.findings import diagnose, verdict
 from amptrain.doctor.probe import (
     AMP,
-    ROOT,
-    _copy,
-    _divergence,
-    _firsts,
-    _layers,
-    _measure,
-    _Measured,
-    _pass,
-    _Recorder,
-    _Setup,
+    Measured,
+    Setup,
+    divergence_rows,
+    first_nonfinite,
+    headroom_rows,
+    measure,
+    run_pass,
 )
+from amptrain.doctor.recorder import Recorder
 from amptrain.doctor.records import (
     DoctorReport,
     FixResult,
     LayerHeadroom,
 )
+from amptrain.doctor.tensors import ROOT, copy_model
 from amptrain.errors import ConfigError, ModelError
 from amptrain.loop import check_data
 from amptrain.precision import Precision, normalize, resolve
@@ -64,7 +63,7 @@ def _flagged(layers: Sequence[LayerHeadroom], first_forward: str | None, margin:
 
 
 def _fix(
-    model: nn.Module, names: list[str], sample: list, setup: _Setup, m: _Measured
+    model: nn.Module, names: list[str], sample: list, setup: Setup, m: Measured
 ) -> tuple[FixResult, nn.Module | None]:
     """Wrap `names` in a copy of `model`, rerun the fp16 passes, compare with before."""
     before = m.free["fp16"]
@@ -72,10 +71,10 @@ def _fix(
     if not names:
         same = (before.first_forward, before.first_forward, backward_before, backward_before)
         return FixResult((), m.losses["fp32"], m.losses["fp16"], m.losses["fp16"], *same), None
-    fixed = wrap_fp32(_copy(model), names)
-    check, rec = _copy(fixed).float(), _Recorder("free")
+    fixed = wrap_fp32(copy_model(model), names)
+    check, rec = copy_model(fixed).float(), Recorder("free")
     autocast = resolve("fp16", sample[0][0].device).autocast
-    losses = [_pass(check, b, rec, autocast(), setup.loss_scale, setup) for b in sample]
+    losses = [run_pass(check, b, rec, autocast(), setup.loss_scale, setup) for b in sample]
     backward_after = rec.first_backward if all(map(math.isfinite, losses)) else None
     result = FixResult(
         tuple(names),
@@ -173,17 +172,17 @@ def doctor(
     device = first.device
     arms = check_arms(precisions, device)
     chosen = resolve(precision, device, init_scale=loss_scale)
-    work = _copy(model).float().train()
+    work = copy_model(model).float().train()
     blocks, _ = check_data(work, data, None, device, source, ignore_index)
     size = min(batch_size, len(blocks))
     sample = [(x.to(device), y.to(device)) for x, y in
               itertools.islice(data_mod.batches(blocks, size, seed), batches)]  # fmt: skip
-    setup = _Setup(seed, ignore_index, float(loss_scale))
+    setup = Setup(seed, ignore_index, float(loss_scale))
     log.info("doctor: %d batch(es) of %d; fp32 against %s; auditing one %s step",
              len(sample), size, ", ".join(arms), chosen.name)  # fmt: skip
-    m = _measure(work, sample, arms, setup)
-    layers, firsts = _layers(m), _firsts(m, setup.loss_scale)
-    divergence = _divergence(m, arms)
+    m = measure(work, sample, arms, setup)
+    layers, firsts = headroom_rows(m), first_nonfinite(m, setup.loss_scale)
+    divergence = divergence_rows(m, arms)
     set_up = audit(model, sample[0], chosen, lr, ignore_index)
     findings = diagnose(layers, firsts, divergence, set_up, margin_bits, setup.loss_scale)
     fixed = result = None

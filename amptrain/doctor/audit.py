@@ -18,10 +18,10 @@ from torch import nn
 
 from amptrain import capability
 from amptrain.config import FitOptions
-from amptrain.doctor.probe import ROOT, _copy, _floats, _map
 from amptrain.doctor.records import (
     Audit,
 )
+from amptrain.doctor.tensors import ROOT, copy_model, float_tensors, map_floats
 from amptrain.errors import ModelError
 from amptrain.optim import make_optimizer, make_scheduler
 from amptrain.precision import Precision, resolve
@@ -78,14 +78,16 @@ def audit(
     device = next(model.parameters()).device
     given = resolve(precision, device)
     prec = resolve(given.name, device, init_scale=given.loss_scale)  # a fresh scaler
-    work = _copy(model).train()
+    work = copy_model(model).train()
     opts = FitOptions(lr=lr, ignore_index=ignore_index)
     optimizer = make_optimizer(work, opts)
     matmuls: Counter = Counter()
     grads: Counter = Counter()  # read as each gradient is complete: the step frees them after
     kinds = (nn.Linear, nn.modules.conv._ConvNd)
-    handles = [m.register_forward_hook(lambda mod, args, out: matmuls.update(_dtypes(_floats(out))))
-               for m in work.modules() if isinstance(m, kinds)]  # fmt: skip
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: matmuls.update(_dtypes(float_tensors(out))))
+        for m in work.modules() if isinstance(m, kinds)
+    ]  # fmt: skip
     handles += [p.register_post_accumulate_grad_hook(lambda p: grads.update(_dtypes([p.grad])))
                 for p in work.parameters() if p.requires_grad]  # fmt: skip
     step_error = None
@@ -115,8 +117,8 @@ class Float32(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Cast floating inputs to fp32, then call the module with autocast off."""
-        args, kwargs = _map((args, kwargs), lambda t: t.float())
-        tensors = _floats((args, kwargs)) or list(self.inner.parameters())
+        args, kwargs = map_floats((args, kwargs), lambda t: t.float())
+        tensors = float_tensors((args, kwargs)) or list(self.inner.parameters())
         device_type = tensors[0].device.type if tensors else "cpu"
         with torch.autocast(device_type, enabled=False):
             return self.inner(*args, **kwargs)
