@@ -15,6 +15,7 @@ import pytest
 import torch
 from pg_server import PgServer, find_bindir
 
+from amptrain import checkpoint
 from amptrain.data import Blocks
 from amptrain.models import GPTConfig, TinyGPT
 
@@ -190,3 +191,24 @@ def rewrite_manifest_entry(ckpt_dir, name: str) -> None:
     data = (ckpt_dir / name).read_bytes()
     manifest[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     manifest_path.write_text(json.dumps(manifest, indent=2))
+
+
+def step_name(step: int) -> str:
+    """The directory name of a checkpoint of `step`."""
+    return f"step-{step:09d}"
+
+
+def checkpoint_payload(step: int) -> dict:
+    """All five tensor files `checkpoint.load` reads, small and recognisable by `step`."""
+    return {
+        "model": {"w": torch.full((8,), float(step))},
+        "optimizer": {"state": {}, "param_groups": []},
+        "scheduler": {"last_epoch": step},
+        "scaler": {"enabled": False},
+        "rng": {"torch": torch.get_rng_state()},
+    }
+
+
+def checkpoint_names(root: Path) -> list[str]:
+    """The complete checkpoints under `root`, oldest first."""
+    return [p.name for p in checkpoint.list_checkpoints(root)]
