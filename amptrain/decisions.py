@@ -6,39 +6,24 @@ a device is recorded and later `auto`s keep it, with a warning whenever their ow
 choose otherwise, saying whether that probe is unreliable (its rounds disagree, see
 `Capabilities.unreliable`) and how to decide again.
 
-The record is `precision.json` in amptrain's cache folder: `$AMPTRAIN_CACHE_DIR`, else
-`$XDG_CACHE_HOME/amptrain`, else `~/.cache/amptrain`. It is keyed by the device (type, name,
-hints, compute capability), the thread count and the torch version, and not by the model,
-since the decision reads the device's matmul table alone. It is written whole and renamed into
-place, so a crash never leaves half of it; a missing, unreadable or unwritable record is only
-a record fewer (two processes writing at once may keep one of their entries, never a mix).
+The record is `precision.json` in amptrain's cache folder (see `amptrain.cache`). It is keyed
+by the device (type, name, hints, compute capability), the thread count and the torch version,
+and not by the model, since the decision reads the device's matmul table alone. It is written
+whole and renamed into place, so a crash never leaves half of it; a missing, unreadable or
+unwritable record is only a record fewer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import json
-import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from amptrain.cache import cache_dir, read_entries, write_entries
 from amptrain.capability import Capabilities
 
-log = logging.getLogger("amptrain")
-
 FILE_NAME = "precision.json"
-
-
-def cache_dir() -> Path:
-    """The folder of amptrain's cache (see the module docstring); not created here."""
-    if os.environ.get("AMPTRAIN_CACHE_DIR"):
-        return Path(os.environ["AMPTRAIN_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "amptrain"
 
 
 def device_key(caps: Capabilities) -> str:
@@ -52,39 +37,19 @@ def device_key(caps: Capabilities) -> str:
 
 def recorded(caps: Capabilities) -> dict[str, Any] | None:
     """The decision recorded for this device, or None."""
-    entry = _read().get(device_key(caps))
+    entry = read_entries(FILE_NAME).get(device_key(caps))
     ok = isinstance(entry, dict) and isinstance(entry.get("precision"), str)
     return entry if ok else None
 
 
 def record(caps: Capabilities, precision: str, reason: str, reliable: bool) -> None:
     """Record `precision` as this device's decision (atomically; a failure is only logged)."""
-    entries = _read()
+    entries = read_entries(FILE_NAME)
     entries[device_key(caps)] = {
         "precision": precision, "reason": reason, "reliable": reliable,
         "when": dt.datetime.now().isoformat(timespec="seconds"),
     }  # fmt: skip
-    path = cache_dir() / FILE_NAME
-    tmp = path.with_name(f".{FILE_NAME}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600), "w") as f:
-            json.dump(entries, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.debug("precision decision not recorded in %s: %s", path, exc)
-        with contextlib.suppress(OSError):  # a folder that cannot exist holds no temporary
-            tmp.unlink(missing_ok=True)
-
-
-def _read() -> dict[str, Any]:
-    try:
-        entries = json.loads((cache_dir() / FILE_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return entries if isinstance(entries, dict) else {}
+    write_entries(FILE_NAME, entries)
 
 
 def settle(caps: Capabilities, candidate: str, name: str, reason: str) -> tuple[str, str, str]:
