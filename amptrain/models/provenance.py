@@ -6,16 +6,21 @@ absolute path and a sha256 of the files that define it (a model file; a Hugging 
 directory's config and weights; a run's config and weights); `base_source` gives the source to
 build from wherever the run now is, and refuses in one line when the base is gone or changed.
 A run whose model is the built-in tiny-gpt, or that carries its own `hf/` export, needs no base.
+
+What identifies the base is its content: the sha256 over the names and bytes of those files,
+the same whichever way it is computed. The path only says where to find it. The digest is
+computed once per version of the files and then remembered (see `digests`), so starting or
+loading a run from a multi-GB base does not read it all again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from amptrain.errors import ModelError
+from amptrain.models.digests import files_digest
 
 BASE_FILE = "base.json"
 _HF_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json")
@@ -39,7 +44,7 @@ def record(source: str) -> dict[str, Any]:
         "path": str(absolute),
         "symbol": symbol,
         "files": [f.name for f in files],
-        "sha256": _digest(absolute, files),
+        "sha256": files_digest(files),
     }
 
 
@@ -64,7 +69,7 @@ def base_source(run_dir: str | Path, saved: dict[str, Any]) -> str:
            f"--model SOURCE --init-from {run_dir}")  # fmt: skip
     if not where.exists():
         raise ModelError(f"{run_dir} was trained from {where}, which is gone; {fix}")
-    if _digest(where, _files(where, base["kind"])) != base["sha256"]:
+    if files_digest(_files(where, base["kind"])) != base["sha256"]:
         raise ModelError(
             f"{run_dir} was trained from {where}, whose files changed since (sha256 differs), "
             f"so its architecture may no longer fit these weights; {fix}"
@@ -99,13 +104,3 @@ def _files(path: Path, kind: str) -> list[Path]:
         return [path] if path.is_file() else []
     patterns = _RUN_FILES if kind == "run" else _HF_FILES
     return sorted({f for pattern in patterns for f in path.glob(pattern) if f.is_file()})
-
-
-def _digest(root: Path, files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
