@@ -224,8 +224,8 @@ def test_init_timeout_costs_one_warning(wandb_env, amptrain_log):
     assert time.perf_counter() - start < 0.5 and not sink.enabled
     fit(tiny_model(), pattern_blocks(32), precision="fp32", sinks=[sink], max_steps=1,
         batch_size=8)  # fmt: skip
-    sink._worker.join(15)  # the late run is finished by the worker, not left open
-    assert not sink._worker.is_alive() and sink.run is None
+    assert sink.wait(15)  # the late run is finished by the worker, not left open
+    assert sink.run is None
     (warning,) = amptrain_log.warnings()
     assert "within 0.01 s" in warning
 
@@ -252,7 +252,7 @@ def test_log_failure_and_stall_cost_one_warning_each(wandb_env, amptrain_log, mo
     assert time.perf_counter() - start < 0.9
     first, second = amptrain_log.warnings()
     assert "not returned within 0.2 s" in second
-    stuck._worker.join(5)
+    stuck.wait(5)
     run.finish()
 
 

@@ -215,6 +215,16 @@ class WandbSink:
         while self._worker.is_alive() and not self._stalled():
             self._worker.join(0.05)
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` seconds for the sink's worker to end; True once it has.
+
+        `close()` stops waiting at a stalled W&B call, and a run that started after its
+        `init_timeout` is finished by the worker later; this waits for either to end (before
+        a process exits, or in a test).
+        """
+        self._worker.join(timeout)
+        return not self._worker.is_alive()
+
     @property
     def run_id(self) -> str | None:
         """The id of the run this sink started (None for a shared run, or if W&B failed)."""
