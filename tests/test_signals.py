@@ -32,7 +32,8 @@ MOMENTS = {
     "training step": ("amptrain.loop.train_step", 5, 5),  # the 5th step finishes, then stops
     "evaluation": ("amptrain.loop.evaluate", 2, 4),  # the evaluation after step 4 is cut
     "checkpoint write": ("amptrain.checkpoint._write", 1, 3),  # the save of step 3 completes
-    "logging": ("amptrain.loop._log", 8, 6),  # step 6's metrics (8th record) are written
+    # step 6's metrics (8th record) are written; metrics.jsonl is the first sink of a run
+    "logging": ("amptrain.metrics.sinks.JsonlSink.log", 8, 6),
     "plotting": ("amptrain.runs.plotting.plot_training", 1, STEPS),  # after the run's last step
 }
 
@@ -45,9 +46,17 @@ from amptrain.cli import main
 torch.set_num_threads(1)  # as in this process (conftest), so the runs agree bit for bit
 
 target, nth, mark, argv = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
-module_name, _, attr = target.rpartition(".")
-module = importlib.import_module(module_name)
-real, calls = getattr(module, attr), []
+parts = target.split(".")  # a module's function, or a method of one of its classes
+for split in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module
+    try:
+        owner = importlib.import_module(".".join(parts[:split]))
+        break
+    except ModuleNotFoundError:
+        continue
+for name in parts[split:-1]:
+    owner = getattr(owner, name)
+attr = parts[-1]
+real, calls = getattr(owner, attr), []
 
 def held(*args, **kwargs):
     calls.append(1)
@@ -58,7 +67,7 @@ def held(*args, **kwargs):
             time.sleep(0.02)  # the signal's handler runs here, as it would inside real work
     return real(*args, **kwargs)
 
-setattr(module, attr, held)
+setattr(owner, attr, held)
 sys.exit(main(argv))
 """
 
