@@ -48,9 +48,18 @@ _REFUSED = {
     "Use 'bf16' (bf16-mixed)",
 }
 
-_WARNED: set[tuple[str, str]] = set()
+_WARNED: set[tuple[str, str]] = set()  # (device, precision) pairs warned in this process
 
 _LOW_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def reset_warnings() -> None:
+    """Forget which emulated-precision warnings were said, so the next run says them again.
+
+    `Precision.warn_if_emulated` warns once per process and device (a benchmark's repeats
+    say it once); a long-lived process whose machine changed, or a test, starts over here.
+    """
+    _WARNED.clear()
 
 
 def normalize(name: str) -> str:

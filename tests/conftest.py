@@ -89,10 +89,11 @@ def fake_probe(monkeypatch):
 
     def use(table):
         monkeypatch.setattr(capability, "probe", lambda device="cpu": table)
-        monkeypatch.setattr(precision, "_WARNED", set())
+        precision.reset_warnings()  # the fake machine warns afresh
         return table
 
-    return use
+    yield use
+    precision.reset_warnings()  # and this machine after it
 
 
 def pytest_collection_modifyitems(config, items):
