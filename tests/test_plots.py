@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from amptrain.compare.plot import _seed_labels  # noqa: E402
+from amptrain.compare.plot import label_seeds  # noqa: E402
 from amptrain.runs.plotting import pyplot, wrapped  # noqa: E402
 
 
@@ -14,7 +14,7 @@ def test_seed_labels_are_pushed_apart_and_point_at_their_seed():
     fig, ax = pyplot().subplots()
     points = [(0, 5.500), (1, 5.5004), (2, 5.5008), (3, 5.40), (4, 5.60)]  # three nearly equal
     ax.plot([1] * len(points), [v for _, v in points], "o")
-    _seed_labels(ax, points)
+    label_seeds(ax, points)
     low, high = ax.get_ylim()
     labels = sorted(ax.texts, key=lambda t: t.xyann[1])
     ys = [t.xyann[1] for t in labels]

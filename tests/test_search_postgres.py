@@ -26,7 +26,7 @@ from test_search import QUICK, SPACE  # noqa: E402
 from amptrain.cli import main  # noqa: E402
 from amptrain.errors import ConfigError  # noqa: E402
 from amptrain.search import search  # noqa: E402
-from amptrain.search.study import STALE, _counted  # noqa: E402
+from amptrain.search.study import STALE, counted  # noqa: E402
 
 TESTS = Path(__file__).parent
 BEAT = dict(heartbeat_interval=1, grace_period=2)
@@ -55,7 +55,7 @@ def test_four_workers_finish_exactly_forty_trials(pg_server, pg_url, train_val, 
     trials = _study(pg_url, "four").trials
     numbers = [t.number for t in trials]
     assert sorted(numbers) == list(range(40)) and result.n_trials == 40
-    assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") and _counted(t) for t in trials)
+    assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") and counted(t) for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 4
     assert not [r for r in caplog.records if "worker processes exited" in r.getMessage()]
     _no_lock_trouble(pg_server)
@@ -139,7 +139,7 @@ def test_two_commands_finish_one_study_together(pg_url, corpus, tmp_path):
     printed = [proc.communicate(timeout=400) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], printed
     trials = _study(pg_url, "shared").trials
-    counted = sum(_counted(t) for t in trials)
+    counted = sum(counted(t) for t in trials)
     # Each process stops once the study is full, so it may finish one trial too many.
     assert 12 <= counted <= 12 + 3, [(t.number, t.state.name) for t in trials]
     assert len({t.number for t in trials}) == len(trials)

@@ -35,7 +35,7 @@ def _paired_losses(ax: Any, report: Any) -> None:
     reference = {r.seed: r for r in report.runs if r.role == "reference"}
     for r in custom:
         ax.plot([0, 1], [r.val_loss, reference[r.seed].val_loss], "o-", color="0.6", lw=1)
-    _seed_labels(ax, [(r.seed, reference[r.seed].val_loss) for r in custom])
+    label_seeds(ax, [(r.seed, reference[r.seed].val_loss) for r in custom])
     stat = report.stat("val_loss")
     ax.errorbar([0, 1], [stat.custom_mean, stat.reference_mean],
                 yerr=[stat.custom_sd, stat.reference_sd], fmt="s", color="C3", capsize=6,
@@ -48,7 +48,7 @@ def _paired_losses(ax: Any, report: Any) -> None:
     ax.legend(fontsize=8)
 
 
-def _seed_labels(ax: Any, points: list[tuple[int, float]]) -> None:
+def label_seeds(ax: Any, points: list[tuple[int, float]]) -> None:
     """Name each seed right of its reference point, labels pushed apart so none overlap."""
     if not points:
         return

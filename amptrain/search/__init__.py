@@ -45,13 +45,13 @@ from amptrain.search.study import (
     _best,
     _best_value,
     _count,
-    _counted,
     _enqueue_baseline,
     _fail_orphans,
     _open_study,
     _optimize,
     _settings,
     _spawn,
+    counted,
     is_url,
     redact,
 )
@@ -372,5 +372,5 @@ def _record(t: Any) -> TrialRecord:
         metrics=dict(t.user_attrs.get("metrics", {})),
         intermediate=dict(t.intermediate_values), baseline=bool(t.user_attrs.get("baseline")),
         # Optuna's retry callback names the trial a retry replaces (`retried_trial_number`).
-        counted=_counted(t), retry_of=t.system_attrs.get("failed_trial"),
+        counted=counted(t), retry_of=t.system_attrs.get("failed_trial"),
     )  # fmt: skip

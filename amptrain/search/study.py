@@ -214,8 +214,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _counted(trial: Any) -> bool:
-    """Trials with an outcome count towards `n_trials`; interrupted ones are replaced."""
+def counted(trial: Any) -> bool:
+    """Whether `trial` counts towards `n_trials`: whether it has an outcome.
+
+    Complete, pruned and failed-with-a-reason trials count; interrupted ones, and those the
+    heartbeat failed, do not: they are replaced.
+    """
     state = trial.state.name
     if state == "FAIL":  # no reason: failed by the heartbeat, outside any objective
         reason = trial.user_attrs.get("reason")
@@ -224,7 +228,7 @@ def _counted(trial: Any) -> bool:
 
 
 def _count(study: Any) -> int:
-    return sum(_counted(t) for t in study.get_trials(deepcopy=False))
+    return sum(counted(t) for t in study.get_trials(deepcopy=False))
 
 
 def _best(study: Any) -> Any:
