@@ -139,9 +139,9 @@ def test_two_commands_finish_one_study_together(pg_url, corpus, tmp_path):
     printed = [proc.communicate(timeout=400) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], printed
     trials = _study(pg_url, "shared").trials
-    counted = sum(counted(t) for t in trials)
+    n_counted = sum(counted(t) for t in trials)
     # Each process stops once the study is full, so it may finish one trial too many.
-    assert 12 <= counted <= 12 + 3, [(t.number, t.state.name) for t in trials]
+    assert 12 <= n_counted <= 12 + 3, [(t.number, t.state.name) for t in trials]
     assert len({t.number for t in trials}) == len(trials)
     assert not [t for t in trials if t.state.name == "RUNNING"]
     assert len({t.user_attrs["worker"] for t in trials}) >= 3, "both commands ran trials"
