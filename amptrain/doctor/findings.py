@@ -6,15 +6,15 @@ import math
 from collections.abc import Sequence
 
 from amptrain.doctor.records import (
-    _SEVERITY,
     DIVERGENCE_WARN,
     FLUSH_WARN,
+    SEVERITY,
     Audit,
     Divergence,
     Finding,
     FirstNonfinite,
     LayerHeadroom,
-    _order,
+    pass_order,
     pct,
 )
 
@@ -66,7 +66,7 @@ def _backward_findings(
     rows = [r for r in layers if r.grad_headroom_bits is not None and r.grad_headroom_bits < margin]
     if not rows:
         return []
-    rows.sort(key=lambda r: _order(r, "backward"))
+    rows.sort(key=lambda r: pass_order(r, "backward"))
     over = [r for r in rows if r.grad_headroom_bits < 0]
     first = over[0] if over else min(rows, key=lambda r: r.grad_headroom_bits)
     scale_bits = math.log2(scale)
@@ -215,7 +215,7 @@ def diagnose(
     found += _underflow_findings(layers, loss_scale)
     found += _divergence_findings(divergence)
     found += _audit_findings(audit)
-    return tuple(sorted(found, key=lambda f: _SEVERITY[f.severity]))
+    return tuple(sorted(found, key=lambda f: SEVERITY[f.severity]))
 
 
 def verdict(layers: Sequence[LayerHeadroom], findings: Sequence[Finding], scale: float) -> str:

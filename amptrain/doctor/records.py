@@ -30,7 +30,8 @@ FLUSH_WARN = 0.05
 """Warn when more than this fraction of a tensor's nonzero values would become 0 in fp16."""
 DIVERGENCE_WARN = 0.05
 """Warn when a module's local relative error under AMP exceeds this."""
-_SEVERITY = {"error": 0, "warning": 1, "info": 2}
+SEVERITY = {"error": 0, "warning": 1, "info": 2}
+"""Finding severities, most severe first: their sort keys."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +156,7 @@ class DoctorReport:
         rows = [
             r for r in self.layers if _bits(r, direction) is not None and _bits(r, direction) < 0
         ]
-        return [r.name for r in sorted(rows, key=lambda r: _order(r, direction))]
+        return [r.name for r in sorted(rows, key=lambda r: pass_order(r, direction))]
 
     def nonfinite(self, precision: str = "fp16") -> FirstNonfinite | None:
         """Where inf/NaN first appeared under `precision`."""
@@ -186,7 +187,8 @@ def _bits(row: LayerHeadroom, direction: str) -> float | None:
     return row.act_headroom_bits if direction == "forward" else row.grad_headroom_bits
 
 
-def _order(row: LayerHeadroom, direction: str) -> int:
+def pass_order(row: LayerHeadroom, direction: str) -> int:
+    """When the module ran in the `forward` or `backward` pass; last if it never did."""
     order = row.forward_order if direction == "forward" else row.backward_order
     return order if order is not None else 1 << 30
 
