@@ -42,18 +42,18 @@ from amptrain.search.study import (
     OBJECTIVES,
     PRUNERS,
     STALE,
-    _best,
-    _best_value,
-    _count,
-    _enqueue_baseline,
-    _fail_orphans,
-    _open_study,
-    _optimize,
-    _settings,
-    _spawn,
+    best_trial,
+    best_trial_value,
+    count_trials,
     counted,
+    enqueue_baseline,
+    fail_orphans,
     is_url,
+    open_study,
+    optimize_trials,
     redact,
+    spawn_workers,
+    study_settings,
 )
 
 __all__ = [
@@ -118,7 +118,7 @@ class SearchResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Job:
+class SearchJob:
     """Everything a worker needs to run trials; picklable for spawned processes."""
 
     base: TrainConfig
@@ -276,7 +276,7 @@ def _make_job(
     n_train: int,
     n_val: int,
     **source: Any,
-) -> _Job:
+) -> SearchJob:
     """Check every search setting and the space, before any trial runs."""
     from amptrain.precision import default_precisions
 
@@ -308,43 +308,43 @@ def _make_job(
     if steps is None and tokens is None:
         fit = base.fit
         tokens = DEFAULT_BUDGET_STEPS * fit.batch_size * fit.grad_accum * (base.context - 1)
-    return _Job(
+    return SearchJob(
         base, dims, str(device), n_trials, steps, tokens, base.context - 1,
         search_space.eval_blocks(base, sizes, n_val), objectives, pruner, seed, storage,
         study_name, tuple(catch), **source,
     )  # fmt: skip
 
 
-def _execute(job: _Job, workers: int, baseline: bool, progress: bool) -> SearchResult:
+def _execute(job: SearchJob, workers: int, baseline: bool, progress: bool) -> SearchResult:
     from amptrain.search.report import SearchProgress
 
-    study = _open_study(job, worker=0)
+    study = open_study(job, worker=0)
     if not is_url(job.storage):  # an RDB storage's heartbeat finds dead workers on any machine
-        _fail_orphans(study)
+        fail_orphans(study)
     if baseline and not study.trials:
-        _enqueue_baseline(study, job)
-    remaining = job.n_trials - _count(study)
+        enqueue_baseline(study, job)
+    remaining = job.n_trials - count_trials(study)
     log.info("study %r in %s: %d of %d trials to run", job.study_name,
              redact(job.storage or "memory"), max(remaining, 0), job.n_trials)  # fmt: skip
     bar = SearchProgress(job.n_trials, enabled=progress)
-    tick = lambda *_: bar.update(_count(study), _best_value(study))  # noqa: E731
+    tick = lambda *_: bar.update(count_trials(study), best_trial_value(study))  # noqa: E731
     try:
         if remaining > 0 and workers == 1:
-            _optimize(study, job, remaining, [tick])
+            optimize_trials(study, job, remaining, [tick])
         elif remaining > 0:
-            _spawn(job, remaining, workers, tick)
+            spawn_workers(job, remaining, workers, tick)
     finally:
         bar.close()
-    short = job.n_trials - _count(study)
+    short = job.n_trials - count_trials(study)
     if short > 0:
         log.warning("%d trial(s) short of %d; run the search again to finish them", short,
                     job.n_trials)  # fmt: skip
     return _result(study, job)
 
 
-def _result(study: Any, job: _Job) -> SearchResult:
+def _result(study: Any, job: SearchJob) -> SearchResult:
     trials = tuple(_record(t) for t in study.get_trials(deepcopy=False))
-    best = _best(study)
+    best = best_trial(study)
     baseline = next((t for t in trials if t.baseline), None)
     command = None
     if best is not None and job.factory is None:
@@ -358,7 +358,7 @@ def _result(study: Any, job: _Job) -> SearchResult:
         best_values=None if best is None else tuple(best.values), best_command=command,
         baseline_number=None if baseline is None else baseline.number,
         baseline_value=None if baseline is None else baseline.value,
-        settings=_settings(job), trials=trials, study=study,
+        settings=study_settings(job), trials=trials, study=study,
     )  # fmt: skip
 
 

@@ -27,11 +27,11 @@ from amptrain.errors import ConfigError
 from amptrain.runs import private_file
 from amptrain.search import space as search_space
 from amptrain.search.journal import open_journal
-from amptrain.search.trial import INTERRUPTED, REPORTS, _objective
+from amptrain.search.trial import INTERRUPTED, REPORTS, run_trial
 from amptrain.secrets import redact, scrub, url_secrets
 
 if TYPE_CHECKING:
-    from amptrain.search import _Job
+    from amptrain.search import SearchJob
 
 OBJECTIVES = {"val_loss": "minimize", "tokens_per_s": "maximize"}
 PRUNERS = SEARCH_PRUNERS
@@ -119,7 +119,12 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {}
 
 
-def _open_study(job: _Job, worker: int) -> Any:
+def open_study(job: SearchJob, worker: int) -> Any:
+    """Create or join the job's study, refusing one run with other settings; seed its sampler.
+
+    Raises:
+        ConfigError: If the stored study was run with other settings, naming them.
+    """
     import optuna
 
     directions = [OBJECTIVES[o] for o in job.objectives]
@@ -127,7 +132,7 @@ def _open_study(job: _Job, worker: int) -> Any:
     study = optuna.create_study(storage=storage, study_name=job.study_name,
                                 directions=directions, load_if_exists=True,
                                 pruner=_pruner(job))  # fmt: skip
-    settings = _settings(job)
+    settings = study_settings(job)
     saved = study.user_attrs.get("settings")
     if saved is None:
         study.set_user_attr("settings", settings)
@@ -146,7 +151,7 @@ def _open_study(job: _Job, worker: int) -> Any:
     return study
 
 
-def _pruner(job: _Job) -> Any:
+def _pruner(job: SearchJob) -> Any:
     import optuna
 
     if not isinstance(job.pruner, str):
@@ -160,7 +165,7 @@ def _pruner(job: _Job) -> Any:
                                        n_warmup_steps=REPORTS // 2)  # fmt: skip
 
 
-def _settings(job: _Job) -> dict[str, Any]:
+def study_settings(job: SearchJob) -> dict[str, Any]:
     """What makes trials comparable; a resumed study must have the same."""
     base = {k: v for k, v in job.base.to_dict().items() if k not in ("out", "device")}
     settings = {
@@ -171,7 +176,8 @@ def _settings(job: _Job) -> dict[str, Any]:
     return json.loads(json.dumps(settings, default=str))
 
 
-def _enqueue_baseline(study: Any, job: _Job) -> None:
+def enqueue_baseline(study: Any, job: SearchJob) -> None:
+    """Queue the base configuration as the first trial, when it lies inside the space."""
     from amptrain.precision import resolve
 
     names = [n for n, d in job.dims.items() if d.searched]
@@ -186,7 +192,7 @@ def _enqueue_baseline(study: Any, job: _Job) -> None:
     study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
 
 
-def _fail_orphans(study: Any) -> None:
+def fail_orphans(study: Any) -> None:
     """Fail (with reason `interrupted`) RUNNING trials whose worker on this host is gone.
 
     For file and memory storages; an RDB storage's heartbeat does this for every machine, and
@@ -227,31 +233,35 @@ def counted(trial: Any) -> bool:
     return state in ("COMPLETE", "PRUNED")
 
 
-def _count(study: Any) -> int:
+def count_trials(study: Any) -> int:
+    """The study's trials that count towards `n_trials` (see `counted`)."""
     return sum(counted(t) for t in study.get_trials(deepcopy=False))
 
 
-def _best(study: Any) -> Any:
+def best_trial(study: Any) -> Any:
     """The COMPLETE trial of lowest validation loss (on the Pareto front when multi-objective)."""
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     return min(done, key=lambda t: t.values[0]) if done else None
 
 
-def _best_value(study: Any) -> float | None:
-    best = _best(study)
+def best_trial_value(study: Any) -> float | None:
+    """The best trial's validation loss, or None before any trial is complete."""
+    best = best_trial(study)
     return None if best is None else best.values[0]
 
 
-def _optimize(study: Any, job: _Job, n: int, callbacks: Sequence[Callable]) -> None:
+def optimize_trials(study: Any, job: SearchJob, n: int, callbacks: Sequence[Callable]) -> None:
+    """Run up to `n` trials in this process, stopping once the study holds enough."""
+
     def stop_when_done(study: Any, trial: Any) -> None:
-        if _count(study) >= job.n_trials:  # other processes may have finished the study
+        if count_trials(study) >= job.n_trials:  # other processes may have finished the study
             study.stop()
 
-    study.optimize(lambda trial: _objective(trial, job), n_trials=n, catch=job.catch,
+    study.optimize(lambda trial: run_trial(trial, job), n_trials=n, catch=job.catch,
                    callbacks=[stop_when_done, *callbacks])  # fmt: skip
 
 
-def _spawn(job: _Job, n: int, workers: int, tick: Callable[[], None]) -> None:
+def spawn_workers(job: SearchJob, n: int, workers: int, tick: Callable[[], None]) -> None:
     """Run `n` trials in `workers` fresh processes on the study, while this one shows progress."""
     import multiprocessing
 
@@ -285,11 +295,11 @@ def _spawn(job: _Job, n: int, workers: int, tick: Callable[[], None]) -> None:
                     len(procs), failed)  # fmt: skip
 
 
-def _worker(job: _Job, n: int, index: int, threads: int, verbosity: int) -> None:
+def _worker(job: SearchJob, n: int, index: int, threads: int, verbosity: int) -> None:
     import optuna
     import torch
 
     torch.set_num_threads(threads)  # the workers share the cores
     optuna.logging.set_verbosity(verbosity)
     with contextlib.suppress(KeyboardInterrupt):  # the trial is already marked interrupted
-        _optimize(_open_study(job, worker=index), job, n, [])
+        optimize_trials(open_study(job, worker=index), job, n, [])

@@ -22,12 +22,12 @@ SCALE_FLOOR = 1.0  # ... or once the fp16 loss scale fell below this (1.0 for ot
 INTERRUPTED = "interrupted"
 
 if TYPE_CHECKING:
-    from amptrain.search import _Job
+    from amptrain.search import SearchJob
 
 log = logging.getLogger("amptrain")
 
 
-def _objective(trial: Any, job: _Job) -> float | tuple[float, ...]:
+def run_trial(trial: Any, job: SearchJob) -> float | tuple[float, ...]:
     """Train one sampled configuration; return its objective values, or prune or fail it."""
     import optuna
 
@@ -88,7 +88,7 @@ class _Watch(Callback):
             state.should_stop = True
 
 
-def _train(trial: Any, job: _Job, watch: _Watch) -> Any:
+def _train(trial: Any, job: SearchJob, watch: _Watch) -> Any:
     """Sample a config, build a fresh model and data for it, train with exactly its options."""
     import torch
 
