@@ -31,7 +31,7 @@ def _train(corpus, out, *extra):
     return main(["train", "--data", str(corpus), "--out", str(out), *TINY, *extra])
 
 
-def _signal_at_step_end(monkeypatch, step, signum):
+def signal_at_step_end(monkeypatch, step, signum):
     real = loop.emit
 
     def emit(callbacks, hook, *args):
@@ -99,7 +99,7 @@ def test_exit_3_the_environment_failed_a_write(tmp_path, corpus):
 
 def _stopped_then_resumed(out, corpus, monkeypatch, capsys, signum) -> int:
     """Train 3 steps with `signum` after step 1; check the message and the resume; the code."""
-    _signal_at_step_end(monkeypatch, 1, signum)
+    signal_at_step_end(monkeypatch, 1, signum)
     code = _train(corpus, out, "--max-steps", "3")
     name = signal.Signals(signum).name
     assert f"stopped by {name} after step 1" in capsys.readouterr().err
@@ -120,7 +120,7 @@ def test_a_second_ctrl_c_aborts_with_one_line_and_no_temporary(
     tmp_path, corpus, monkeypatch, capsys
 ):
     out = tmp_path / "runs"
-    _signal_at_step_end(monkeypatch, 1, signal.SIGINT)
+    signal_at_step_end(monkeypatch, 1, signal.SIGINT)
     real_write, writes = checkpoint._write, []
 
     def write(path, payload):

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 from conftest import save_tiny_gpt2
-from test_security import _fit_checkpoints, _zip_payload
+from test_security import fit_checkpoints, zip_payload
 
 from amptrain import checkpoint
 from amptrain.cli import main
@@ -20,7 +20,7 @@ def test_a_crafted_pytorch_model_bin_is_one_line_exit_2_and_never_advises_unsafe
     for weights in model_dir.glob("*.safetensors"):
         weights.unlink()
     marker = tmp_path / "pwned"
-    _zip_payload(model_dir / "pytorch_model.bin", marker)
+    zip_payload(model_dir / "pytorch_model.bin", marker)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox " * 50)
     out = tmp_path / "runs"
@@ -38,7 +38,7 @@ def test_a_crafted_pytorch_model_bin_is_one_line_exit_2_and_never_advises_unsafe
 
 def test_a_refused_checkpoint_file_is_described_in_our_words(tmp_path):
     path = tmp_path / "evil.pt"
-    _zip_payload(path, tmp_path / "pwned")
+    zip_payload(path, tmp_path / "pwned")
     with pytest.raises(checkpoint.CheckpointError) as info:
         checkpoint.safe_torch_load(path)
     message = str(info.value)
@@ -47,7 +47,7 @@ def test_a_refused_checkpoint_file_is_described_in_our_words(tmp_path):
 
 
 def test_resume_warnings_name_every_skipped_checkpoint_and_the_one_used(tmp_path, caplog):
-    root = _fit_checkpoints(tmp_path / "ck", max_steps=3)  # keeps steps 1, 2, 3
+    root = fit_checkpoints(tmp_path / "ck", max_steps=3)  # keeps steps 1, 2, 3
     for step in (2, 3):
         model_pt = root / f"step-{step:09d}" / "model.pt"
         model_pt.write_bytes(model_pt.read_bytes()[:-10])

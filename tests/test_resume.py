@@ -55,7 +55,7 @@ def _final_state(out):
     return run, ckpt
 
 
-def _assert_bitwise_equal(a, b):
+def assert_bitwise_equal(a, b):
     def flat(obj, prefix=""):
         if isinstance(obj, dict):
             for k, v in obj.items():
@@ -103,7 +103,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(
     run_b, b = _final_state(tmp_path / "cut")
     assert a.trainer["step"] == b.trainer["step"] == steps
     for part in ("model", "optimizer", "scheduler", "scaler", "rng"):
-        _assert_bitwise_equal(a.tensors[part], b.tensors[part])
+        assert_bitwise_equal(a.tensors[part], b.tensors[part])
     summary_a = json.loads((run_a / "summary.json").read_text())
     summary_b = json.loads((run_b / "summary.json").read_text())
     for key in ("final_val_loss", "final_train_loss", "initial_val_loss", "best_val_loss"):

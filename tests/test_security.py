@@ -40,7 +40,7 @@ class _WritesMarker:
         return (pathlib.Path.write_text, (pathlib.Path(self.marker), "pwned"))
 
 
-def _zip_payload(path: Path, marker: Path) -> None:
+def zip_payload(path: Path, marker: Path) -> None:
     # Hidden among real tensors, as in a tampered state dict.
     torch.save({"wte.weight": torch.zeros(2, 2), "evil": _WritesMarker(marker)}, path)
 
@@ -53,10 +53,10 @@ def _raw_pickle_payload(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps(_WritesMarker(marker), protocol=2))
 
 
-PAYLOADS = {"zip": _zip_payload, "legacy": _legacy_payload, "raw-pickle": _raw_pickle_payload}
+PAYLOADS = {"zip": zip_payload, "legacy": _legacy_payload, "raw-pickle": _raw_pickle_payload}
 
 
-def _fit_checkpoints(root: Path, precision: str = "fp32", max_steps: int = 2) -> Path:
+def fit_checkpoints(root: Path, precision: str = "fp32", max_steps: int = 2) -> Path:
     amptrain.fit(tiny_model(n_layer=1), pattern_blocks(24), pattern_blocks(8, seed=1),
                  precision=precision, checkpoint_dir=root, max_steps=max_steps, batch_size=4,
                  eval_every=max_steps, eval_batches=1, checkpoint_every=1)  # fmt: skip
@@ -66,7 +66,7 @@ def _fit_checkpoints(root: Path, precision: str = "fp32", max_steps: int = 2) ->
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """A real checkpoint root written by `fit` (read-only use: copy before tampering)."""
-    return _fit_checkpoints(tmp_path_factory.mktemp("pristine") / "ck")
+    return fit_checkpoints(tmp_path_factory.mktemp("pristine") / "ck")
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_s1_code_in_any_checkpoint_file_is_refused_not_run(step_dir, marker, nam
 def test_s1_a_swapped_file_without_a_matching_manifest_is_refused_as_corrupt(
     step_dir, marker, name
 ):
-    _zip_payload(step_dir / name, marker)
+    zip_payload(step_dir / name, marker)
     with pytest.raises(CheckpointError, match="incomplete or corrupt") as info:
         checkpoint.load(step_dir)
     assert name in str(info.value)
@@ -154,7 +154,7 @@ def test_a_malformed_manifest_is_reported_as_corrupt_not_crashing(step_dir, kind
 
 def test_s1_safe_torch_load_refuses_code_with_a_checkpoint_error(tmp_path, marker):
     path = tmp_path / "evil.pt"
-    _zip_payload(path, marker)
+    zip_payload(path, marker)
     with pytest.raises(CheckpointError, match="weights_only"):
         checkpoint.safe_torch_load(path)
     assert not marker.exists()
@@ -183,7 +183,7 @@ def test_s1_cli_resume_of_a_tampered_checkpoint_exits_nonzero_without_running_it
     out = tmp_path / "runs"
     run = Path(shutil.copytree(cli_run, out / cli_run.name))
     step_dir = checkpoint.latest(run / "checkpoints")
-    _zip_payload(step_dir / name, marker)
+    zip_payload(step_dir / name, marker)
     rewrite_manifest_entry(step_dir, name)
     resume = {"checkpoint": str(step_dir), "run": str(run), "auto": "auto"}[target]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
@@ -248,7 +248,7 @@ def _only_torch_safe_globals() -> None:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_s2_every_checkpoint_file_loads_with_weights_only(tmp_path, precision):
-    root = _fit_checkpoints(tmp_path / "ck", precision)
+    root = fit_checkpoints(tmp_path / "ck", precision)
     steps = checkpoint.list_checkpoints(root)
     assert [p.name for p in steps] == ["step-000000001", "step-000000002"]
     _only_torch_safe_globals()
@@ -297,7 +297,7 @@ def test_s7_fit_writes_checkpoints_only_under_the_given_root(tmp_path):
     cwd = os.getcwd()
     os.chdir(tmp_path / "cwd")  # relative writes would land here
     try:
-        root = _fit_checkpoints(tmp_path / "ck", max_steps=5)
+        root = fit_checkpoints(tmp_path / "ck", max_steps=5)
     finally:
         os.chdir(cwd)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "cwd"]
@@ -319,7 +319,7 @@ def _assert_not_world_writable(path: Path) -> None:
 def test_s8_checkpoint_directories_are_not_world_writable_even_with_umask_0(tmp_path):
     old = os.umask(0)  # the most permissive umask: only amptrain's own modes protect the dirs
     try:
-        root = _fit_checkpoints(tmp_path / "ck", max_steps=1)
+        root = fit_checkpoints(tmp_path / "ck", max_steps=1)
     finally:
         os.umask(old)
     step = checkpoint.latest(root)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from test_resume import _assert_bitwise_equal
+from test_resume import assert_bitwise_equal
 
 from amptrain import checkpoint, loop
 from amptrain.cli import main
@@ -132,7 +132,7 @@ def test_sigterm_at_any_moment_checkpoints_the_newest_step_and_resumes_exactly(
     b = checkpoint.load(checkpoint.latest(run / "checkpoints"))
     assert a.trainer["step"] == b.trainer["step"] == STEPS
     for part in ("model", "optimizer", "scheduler", "scaler"):
-        _assert_bitwise_equal(a.tensors[part], b.tensors[part])
+        assert_bitwise_equal(a.tensors[part], b.tensors[part])
     # Across processes only torch's generator is comparable: Python's and NumPy's, which
     # amptrain never draws from, move with whatever a process imports (test_resume.py compares
     # them too, within one process).

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("wandb")
 
-from test_exit_codes import _signal_at_step_end  # noqa: E402
+from test_exit_codes import signal_at_step_end  # noqa: E402
 from test_wandb import wandb_env  # noqa: E402, F401
 
 from amptrain import loop  # noqa: E402
@@ -29,7 +29,7 @@ ARGS = ["--max-steps", "3", "--batch-size", "4", "--context", "16", "--layers", 
 @pytest.mark.slow
 def test_resume_with_wandb_continues_the_same_wandb_run(wandb_env, monkeypatch):  # noqa: F811
     out, real_emit = wandb_env / "runs", loop.emit
-    _signal_at_step_end(monkeypatch, 1, signal.SIGTERM)
+    signal_at_step_end(monkeypatch, 1, signal.SIGTERM)
     assert main(["train", "--wandb", "resume-test", "--out", str(out), *ARGS]) == 143
     monkeypatch.setattr(loop, "emit", real_emit)  # not undo(): W&B's settings must stay
     (run,) = out.glob("train-*")
