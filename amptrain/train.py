@@ -24,7 +24,7 @@ from amptrain import checkpoint, data, distributed, sharding
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.adapter import probe_vocab
 from amptrain.config import TrainConfig, run_values
-from amptrain.errors import ConfigError, DataError, Interrupted
+from amptrain.errors import AmptrainError, ConfigError, DataError, Interrupted
 from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
 from amptrain.metrics import tracking
@@ -107,6 +107,29 @@ def prepare(
     if str(cfg.data).lower().endswith(".bin") and blocks.max_id is not None:
         check_token_file(model, blocks, cfg, device)
     return model, train, val, precision
+
+
+def check_before_launch(cfg: TrainConfig) -> None:
+    """Refuse, before `--nproc` starts any process, a model `cfg.fit.strategy` cannot shard.
+
+    The model is built on the meta device (no memory, no weights): only its module tree is
+    needed. A model that cannot be built there is left to the processes' own checks.
+
+    Raises:
+        ModelError: A model FSDP cannot shard; also a model that cannot be built at all.
+    """
+    if cfg.fit.strategy != "fsdp":
+        return
+    meta = torch.device("meta")
+    try:
+        with meta:
+            model = model_factory(cfg, meta)()
+    except (AmptrainError, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the processes build it on their own device
+        log.debug("model not built on the meta device (%s); the processes check it", exc)
+        return
+    sharding.check_shardable(model, cfg.fit.strategy, cfg.model)
 
 
 def load_data(cfg: TrainConfig, tokenizer: data.ByteTokenizer | data.JsonTokenizer) -> data.Blocks:

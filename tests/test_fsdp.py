@@ -165,6 +165,12 @@ def test_refusals_exit_2_with_one_line(tmp_path, capsys):
     assert "Traceback" not in err and "run directory" not in err
     assert "cannot be sharded with strategy 'fsdp'" in err.strip().splitlines()[-1], err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    # --nproc 2: refused before the launcher starts (its own report would bury the line)
+    assert main([*common, "--nproc", "2", "--strategy", "fsdp", "--model",
+                 f"{model_file}:Flat"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "cannot be sharded with strategy 'fsdp'" in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err and "torch.distributed" not in err
 
 
 def _case_resume(rank, tmp):

@@ -7,6 +7,8 @@ warm-up steps are excluded; CUDA is synchronised before every clock read. The co
 rather than assumes, that each arm started from the same weights and saw the same batches.
 Memory is measured per arm in isolation: allocator peaks on CUDA, and on CPU the peak-RSS
 increment of a forked worker process. A failing or out-of-memory arm becomes a row saying so.
+On several processes (`amptrain bench --nproc N --strategy ddp|fsdp`) every rank trains every
+arm; `bench.ranks` says what the figures then mean.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import hardware
+from amptrain import distributed, hardware, sharding
+from amptrain.bench import ranks
 from amptrain.bench import verdict as bench_verdict
 from amptrain.callbacks import Callback
+from amptrain.config import FitOptions
 from amptrain.data import Blocks, as_blocks
 from amptrain.errors import ConfigError
 from amptrain.loop import FitResult, check_data, fit
@@ -41,8 +45,8 @@ from amptrain.precision import (
 )
 
 __all__ = [
-    "ArmResult", "BenchReport", "bench", "default_plan", "default_precisions", "skip_reason",
-    "state_digest",
+    "ArmResult", "BenchReport", "arm_names", "bench", "check_settings", "default_plan",
+    "default_precisions", "skip_reason", "state_digest",
 ]  # fmt: skip
 
 log = logging.getLogger("amptrain")
@@ -84,6 +88,8 @@ class ArmResult:
     init_digest: str | None = None
     batch_digest: str | None = None
     loss_curve: tuple[float, ...] = ()
+    sharding: dict[str, Any] | None = None
+    """How the processes shared the model in this arm (`fit`'s record: strategy, policy)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +179,7 @@ def train_once(
         result = fit(model, train, val, precision=precision, callbacks=[recorder], **opts)
     finally:
         batch_digest = recorder.close()
+    batch_digest = ranks.global_digest(batch_digest)  # every rank's batches, on rank 0
     stamps = recorder.stamps
     return _Run([b - a for a, b in zip(stamps, stamps[1:])], result, init_digest, batch_digest)
 
@@ -201,6 +208,7 @@ def _aggregate(runs: Sequence[_Run], warmup: int, tokens_per_step: int) -> dict[
         "loss_curve": tuple(r["train/loss"] for r in last.history if "train/loss" in r),
         "init_digest": runs[0].init_digest,
         "batch_digest": runs[0].batch_digest,
+        "sharding": last.fast_path.get("sharding"),
     }
 
 
@@ -220,6 +228,8 @@ def bench(
     quality_tol: float = 0.02,
     memory: bool = True,
     compile: bool | str = "auto",
+    strategy: str = "ddp",
+    source: str = "model",
 ) -> BenchReport:
     """Benchmark precisions side by side on one model and one batch sequence.
 
@@ -243,26 +253,29 @@ def bench(
         compile: Compile the arms' steps: True, False, or "auto" (decided per arm from the
             run's length and a measurement, see `amptrain.autocompile`); compilation is
             outside the timing.
+        strategy: Under torch.distributed (torchrun), how the processes share each arm's
+            model: `ddp` or `fsdp` (see `amptrain.bench.ranks` for what the figures mean
+            then); `fsdp` in one process is refused.
+        source: How to name the model in error messages.
 
     Returns:
         A `BenchReport`; failed arms are rows with `status` "failed" or "oom".
     """
-    if repeats < 1 or warmup < 0 or steps < warmup + 2:
-        raise ConfigError(
-            f"steps={steps}, warmup={warmup}, repeats={repeats}: need repeats >= 1 and "
-            "steps >= warmup + 2 (at least two timed steps)"
-        )
-    if not 0 < quality_tol < 1:
-        raise ConfigError(f"quality_tol={quality_tol} must be in (0, 1)")
+    check_settings(steps, warmup, repeats, quality_tol)
+    world_size = distributed.world()[1]
+    FitOptions(strategy=strategy)  # an unknown strategy, refused by name
+    ranks.check_strategy(strategy, world_size)
     if not isinstance(model, nn.Module):
         torch.manual_seed(seed)
         model = model()
+    sharding.check_shardable(model, strategy, source)
     device = next(model.parameters()).device
-    arms, skipped = _arm_names(precisions, device)
+    arms, skipped = arm_names(precisions, device)
     train_b, val_b = as_blocks(train, name="training data"), as_blocks(val, name="validation data")
     check_data(model, train_b, val_b, device, "model", -100)
     opts = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                eval_every=steps, eval_batches=eval_batches, compile=compile)  # fmt: skip
+                eval_every=steps, eval_batches=eval_batches, compile=compile,
+                strategy=strategy)  # fmt: skip
     runs: dict[str, list[_Run]] = {name: [] for name in arms}
     errors: dict[str, tuple[str, str]] = {}
     for repeat in range(repeats):
@@ -277,7 +290,7 @@ def bench(
             except Exception as exc:  # one arm's failure must not stop the others
                 errors[name] = ("failed", f"{type(exc).__name__}: {exc}")
             _free(device)
-    tokens_per_step = batch_size * (train_b.context - 1)
+    tokens_per_step = batch_size * (train_b.context - 1) * world_size  # every rank's
     why = "timed as asked" if precisions is not None else "timed: not emulated here"
     rows = [_row(name, runs[name], errors.get(name), warmup, tokens_per_step, device, why)
             for name in arms]  # fmt: skip
@@ -285,21 +298,42 @@ def bench(
     if memory:
         mem_opts = {**opts, "max_steps": min(steps, 4), "eval_every": steps}
         rows = [_with_memory(row, model, train_b, val_b, mem_opts, device) for row in rows]
-    rows, flops = _with_mfu(rows, model, train_b, device, batch_size)
+    rows, flops = _with_mfu(rows, model, train_b, device, batch_size, world_size)
     rows = _compare_to_fp32(rows, quality_tol)
     best, verdict = bench_verdict.verdict(rows, quality_tol)
     rows += [ArmResult(name, "skipped", text, error=text) for name, text in skipped.items()]
     settings = dict(precisions=arms, steps=steps, warmup=warmup, repeats=repeats,
                     batch_size=batch_size, context=train_b.context, lr=lr, seed=seed,
-                    eval_batches=eval_batches, quality_tol=quality_tol, **flops)  # fmt: skip
+                    eval_batches=eval_batches, quality_tol=quality_tol, processes=world_size,
+                    strategy=strategy, **flops)  # fmt: skip
     caps = probe_of(device)
     return BenchReport(tuple(rows), best, verdict, _targets(rows), settings,
                        _environment(device), caps.to_dict() if caps else {})  # fmt: skip
 
 
-def _arm_names(
+def check_settings(steps: int, warmup: int, repeats: int, quality_tol: float) -> None:
+    """Refuse run lengths and a tolerance the benchmark cannot use, before any work.
+
+    Raises:
+        ConfigError: Naming the values and the limits.
+    """
+    if repeats < 1 or warmup < 0 or steps < warmup + 2:
+        raise ConfigError(
+            f"steps={steps}, warmup={warmup}, repeats={repeats}: need repeats >= 1 and "
+            "steps >= warmup + 2 (at least two timed steps)"
+        )
+    if not 0 < quality_tol < 1:
+        raise ConfigError(f"quality_tol={quality_tol} must be in (0, 1)")
+
+
+def arm_names(
     precisions: Sequence[str] | None, device: torch.device
 ) -> tuple[list[str], dict[str, str]]:
+    """The arms to run (fp32 first), and the default arms left out with why.
+
+    Raises:
+        PrecisionError: A precision the device cannot serve, before any work.
+    """
     if precisions is None:
         return default_plan(probe_of(device), device)
     names = []
@@ -342,7 +376,7 @@ def _with_memory(row, model, train, val, opts, device) -> ArmResult:
     if row.status != "ok":
         return row
     try:
-        peak, delta, source = hardware.measure_memory(
+        peak, delta, source = ranks.measure_memory(
             device, lambda: train_once(model, train, val, row.precision, opts)
         )
     except torch.OutOfMemoryError as exc:
@@ -355,7 +389,7 @@ def _with_memory(row, model, train, val, opts, device) -> ArmResult:
     return dataclasses.replace(row, peak_mem_mb=peak, mem_mb=delta, mem_source=source)
 
 
-def _with_mfu(rows, model, train: Blocks, device, batch_size: int):
+def _with_mfu(rows, model, train: Blocks, device, batch_size: int, world_size: int = 1):
     probe_model = copy.deepcopy(model)
     ids = train.take(slice(2))[0].to(device)
     flops_per_token, how = hardware.train_flops_per_token(probe_model, ids)
@@ -366,7 +400,7 @@ def _with_mfu(rows, model, train: Blocks, device, batch_size: int):
         if row.status != "ok":
             out.append(row)
             continue
-        achieved = flops_per_token * row.tokens_per_s / 1e12
+        achieved = flops_per_token * row.tokens_per_s / world_size / 1e12  # per device
         peak, source = hardware.peak_tflops(device, row.precision, model, tokens)
         if achieved > peak:  # training outran every probe: the probe under-read, not MFU > 1
             peak, source = achieved, f"training's own rate (the probe read {peak:.3g})"
