@@ -35,7 +35,7 @@ from amptrain.models.provenance import BASE_FILE
 from amptrain.models.trained import WEIGHTS, load_into, run_config, run_tokenizer
 from amptrain.precision import Precision
 from amptrain.preflight import preflight, resolve_precision
-from amptrain.resume_config import resumed_config
+from amptrain.resume_config import SWITCHABLE, resumed_config
 from amptrain.runs import (
     atomic_safetensors_save,
     atomic_write_bytes,
@@ -455,9 +455,11 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
 
 def _check_config_hash(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:
     expected = ckpt.trainer.get("config_hash")
-    # An extended run's config.json has the new max_steps before its first new checkpoint.
-    steps = ckpt.trainer.get("max_steps", cfg.fit.max_steps)
-    cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, max_steps=steps))
+    # An extended or switched run's config.json has the new max_steps, strategy or checkpoint
+    # format before its first new checkpoint: the checkpoint's own values are the ones hashed.
+    written = {name[4:]: ckpt.trainer[name[4:]] for name in SWITCHABLE
+               if name[4:] in ckpt.trainer}  # fmt: skip
+    cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, **written))
     if expected and expected != checkpoint.config_hash(cfg.to_dict()):
         raise checkpoint.CheckpointError(
             f"checkpoint {ckpt.path} belongs to other settings than its run's config.json "

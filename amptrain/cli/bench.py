@@ -18,7 +18,8 @@ from amptrain.cli.common import (
 # Flags of `train` that `bench` does not take: it sets steps, evaluation and precisions itself.
 SKIP = (
     "--max-steps", "--eval-every", "--log-every", "--max-nonfinite", "--precision",
-    "--checkpoint-every", "--keep-last", "--init-scale", "--growth-interval",
+    "--checkpoint-every", "--keep-last",
+    "--checkpoint-format", "--init-scale", "--growth-interval",
 )  # fmt: skip
 
 
