@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import hashlib
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -27,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import distributed, hardware, sharding
-from amptrain.bench import ranks
+from amptrain import distributed, sharding
+from amptrain.bench import figures, ranks
 from amptrain.bench import verdict as bench_verdict
 from amptrain.callbacks import Callback
 from amptrain.config import FitOptions
@@ -272,7 +270,7 @@ def bench(
     device = next(model.parameters()).device
     arms, skipped = arm_names(precisions, device)
     train_b, val_b = as_blocks(train, name="training data"), as_blocks(val, name="validation data")
-    check_data(model, train_b, val_b, device, "model", -100)
+    check_data(model, train_b, val_b, device, source, -100)
     opts = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                 eval_every=steps, eval_batches=eval_batches, compile=compile,
                 strategy=strategy)  # fmt: skip
@@ -289,7 +287,7 @@ def bench(
                 errors[name] = ("oom", f"out of memory at batch_size={batch_size}: {exc}")
             except Exception as exc:  # one arm's failure must not stop the others
                 errors[name] = ("failed", f"{type(exc).__name__}: {exc}")
-            _free(device)
+            figures.free(device)
     tokens_per_step = batch_size * (train_b.context - 1) * world_size  # every rank's
     why = "timed as asked" if precisions is not None else "timed: not emulated here"
     rows = [_row(name, runs[name], errors.get(name), warmup, tokens_per_step, device, why)
@@ -297,9 +295,10 @@ def bench(
     check_fair(rows)
     if memory:
         mem_opts = {**opts, "max_steps": min(steps, 4), "eval_every": steps}
-        rows = [_with_memory(row, model, train_b, val_b, mem_opts, device) for row in rows]
-    rows, flops = _with_mfu(rows, model, train_b, device, batch_size, world_size)
-    rows = _compare_to_fp32(rows, quality_tol)
+        rows = [figures.with_memory(row, device, _memory_run(model, train_b, val_b, row, mem_opts))
+                for row in rows]  # fmt: skip
+    rows, flops = figures.with_mfu(rows, model, train_b, device, batch_size, world_size)
+    rows = figures.compare_to_fp32(rows, quality_tol)
     best, verdict = bench_verdict.verdict(rows, quality_tol)
     rows += [ArmResult(name, "skipped", text, error=text) for name, text in skipped.items()]
     settings = dict(precisions=arms, steps=steps, warmup=warmup, repeats=repeats,
@@ -307,8 +306,8 @@ def bench(
                     eval_batches=eval_batches, quality_tol=quality_tol, processes=world_size,
                     strategy=strategy, **flops)  # fmt: skip
     caps = probe_of(device)
-    return BenchReport(tuple(rows), best, verdict, _targets(rows), settings,
-                       _environment(device), caps.to_dict() if caps else {})  # fmt: skip
+    return BenchReport(tuple(rows), best, verdict, figures.targets(rows), settings,
+                       figures.environment(device), caps.to_dict() if caps else {})  # fmt: skip
 
 
 def check_settings(steps: int, warmup: int, repeats: int, quality_tol: float) -> None:
@@ -348,12 +347,6 @@ def arm_names(
     return names, {}
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _row(name, runs, error, warmup, tokens_per_step, device, why) -> ArmResult:
     prec = resolve(name, device)
     why = "timed: fp32 is the reference" if name == "fp32" else why
@@ -372,90 +365,6 @@ def check_fair(rows: Sequence[ArmResult]) -> None:
             raise RuntimeError(f"benchmark arms differ in {field}: {seen}; the comparison is void")
 
 
-def _with_memory(row, model, train, val, opts, device) -> ArmResult:
-    if row.status != "ok":
-        return row
-    try:
-        peak, delta, source = ranks.measure_memory(
-            device, lambda: train_once(model, train, val, row.precision, opts)
-        )
-    except torch.OutOfMemoryError as exc:
-        return dataclasses.replace(row, status="oom", error=f"out of memory: {exc}")
-    except Exception as exc:
-        log.warning("bench: memory of %s not measured: %s", row.precision, exc)
-        return dataclasses.replace(row, mem_source=f"not measured: {exc}")
-    finally:
-        _free(device)
-    return dataclasses.replace(row, peak_mem_mb=peak, mem_mb=delta, mem_source=source)
-
-
-def _with_mfu(rows, model, train: Blocks, device, batch_size: int, world_size: int = 1):
-    probe_model = copy.deepcopy(model)
-    ids = train.take(slice(2))[0].to(device)
-    flops_per_token, how = hardware.train_flops_per_token(probe_model, ids)
-    del probe_model
-    tokens = batch_size * (train.context - 1)
-    out = []
-    for row in rows:
-        if row.status != "ok":
-            out.append(row)
-            continue
-        achieved = flops_per_token * row.tokens_per_s / world_size / 1e12  # per device
-        peak, source = hardware.peak_tflops(device, row.precision, model, tokens)
-        if achieved > peak:  # training outran every probe: the probe under-read, not MFU > 1
-            peak, source = achieved, f"training's own rate (the probe read {peak:.3g})"
-        sheet = hardware.datasheet_tflops(device, row.precision)
-        out.append(dataclasses.replace(
-            row, achieved_tflops=achieved, probe_tflops=peak, peak_source=source,
-            datasheet_tflops=sheet, mfu_probe=achieved / peak if peak else None,
-            mfu_datasheet=achieved / sheet if sheet else None,
-        ))  # fmt: skip
-    return out, {"flops_per_token": flops_per_token, "flops_counted_how": how}
-
-
-def _compare_to_fp32(rows: Sequence[ArmResult], tol: float) -> list[ArmResult]:
-    ref = next((r for r in rows if r.precision == "fp32" and r.status == "ok"), None)
-    if ref is None:
-        return list(rows)
-    out = []
-    for row in rows:
-        if row.status != "ok" or row is ref:
-            out.append(dataclasses.replace(row, quality_ok=True) if row is ref else row)
-            continue
-        rel = (row.val_loss - ref.val_loss) / ref.val_loss
-        mem = None
-        if row.mem_mb is not None and ref.mem_mb:
-            mem = 1 - row.mem_mb / ref.mem_mb
-        out.append(dataclasses.replace(
-            row, speedup_vs_fp32=row.tokens_per_s / ref.tokens_per_s,
-            mem_reduction_vs_fp32=mem, val_loss_rel_diff=rel,
-            val_accuracy_diff=row.val_accuracy - ref.val_accuracy,
-            quality_ok=abs(rel) <= tol,
-        ))  # fmt: skip
-    return out
-
-
-def _targets(rows: Sequence[ArmResult]) -> dict[str, dict[str, Any]]:
-    """The original tier-3 targets, measured rather than assumed, for every non-fp32 arm."""
-    out = {}
-    for r in rows:
-        if r.precision == "fp32" or r.status != "ok" or r.speedup_vs_fp32 is None:
-            continue
-        mem = r.mem_reduction_vs_fp32
-        out[r.precision] = {
-            "speedup >= 1.5x": r.speedup_vs_fp32 >= 1.5,
-            "memory reduction >= 40%": None if mem is None else mem >= 0.40,
-            "|accuracy difference| < 0.01": abs(r.val_accuracy_diff) < 0.01,
-        }
-    return out
-
-
-def _environment(device: torch.device) -> dict[str, Any]:
-    from amptrain.runs import environment
-
-    env = environment()
-    env["device"] = str(device)
-    env["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
-    env["matmul_fp32_precision"] = torch.backends.cuda.matmul.fp32_precision
-    env["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return env
+def _memory_run(model, train, val, row: ArmResult, opts: dict[str, Any]) -> Callable[[], _Run]:
+    """One short run of `row`'s arm, for its memory figures."""
+    return lambda: train_once(model, train, val, row.precision, opts)
