@@ -403,12 +403,18 @@ def _case_styles(rank, tmp):
     for name, model in _style_models().items():
         keys = sorted(model.state_dict())
         result = amptrain.fit(model, pattern_blocks(16), precision="fp32", batch_size=2,
-                              max_steps=2, strategy="fsdp", source=name)  # fmt: skip
+                              max_steps=2, strategy="fsdp", source=name,
+                              checkpoint_dir=f"{tmp}/{name}", checkpoint_format="full")  # fmt: skip
         state = sharding.full_state_dict(model)
+        # The full checkpoint (gathered; nanoGPT ties its head to the embedding) goes back
+        # into the shards of a fresh copy.
+        ckpt = checkpoint.load(f"{tmp}/{name}/step-000000002")
+        resumed = amptrain.fit(_style_models()[name], pattern_blocks(16), precision="fp32",
+                               batch_size=2, max_steps=3, strategy="fsdp", resume=ckpt)  # fmt: skip
         if rank == 0:
             record = result.fast_path["sharding"]
             found = {"keys_kept": sorted(state) == keys, "units": record["units"],
-                     "steps": result.steps}  # fmt: skip
+                     "steps": result.steps, "resumed_steps": resumed.steps}  # fmt: skip
             Path(f"{tmp}/{name}.json").write_text(json.dumps(found))
 
 
@@ -417,11 +423,16 @@ def test_model_styles_shard_per_block(tmp_path):
     _spawn("styles", tmp_path)
     found = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert found["nanogpt"] == {"keys_kept": True, "units": "2 x Block (transformer.h) + root",
-                                "steps": 2}  # fmt: skip
+                                "steps": 2, "resumed_steps": 3}  # fmt: skip
     assert found["llama_style"]["units"] == "2 x TransformerBlock (layers) + root"
     if "hf_llama" in found:
         assert found["hf_llama"]["units"] == "2 x LlamaDecoderLayer (model.layers) + root"
     assert all(r["keys_kept"] and r["steps"] == 2 for r in found.values())
+    assert all(r["resumed_steps"] == 3 for r in found.values())
+    for name in found:  # a full checkpoint: AdamW state for every parameter, keyed as torch keys it
+        optimizer = checkpoint.load(tmp_path / name / "step-000000002").tensors["optimizer"]
+        ids = [i for group in optimizer["param_groups"] for i in group["params"]]
+        assert sorted(optimizer["state"]) == sorted(ids) == list(range(len(ids))), name
 
 
 def test_a_staged_checkpoint_lists_its_shards_and_refuses_paths_outside(tmp_path):
