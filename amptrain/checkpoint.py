@@ -401,9 +401,17 @@ def capture(model, optimizer, scheduler, precision, state, rngs=None) -> tuple[d
 
     `rngs` is every rank's `rng_state()` in rank order (this process's alone by default).
     """
+    return capture_states(model.state_dict(), optimizer.state_dict(), scheduler, precision,
+                          state, rngs)  # fmt: skip
+
+
+def capture_states(
+    model_state, optimizer_state, scheduler, precision, state, rngs=None
+) -> tuple[dict, dict]:
+    """`capture` of given model and optimizer state dicts (gathered from shards, say)."""
     tensors = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "scaler": precision.state_dict(),
         "rng": {"ranks": rngs if rngs is not None else [rng_state()]},

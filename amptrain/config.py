@@ -16,6 +16,8 @@ from amptrain.errors import ConfigError
 
 STRATEGIES = ("ddp", "fsdp")
 """How several processes share the training: replicated (DDP) or sharded (FSDP2)."""
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
+"""How checkpoints are written: `auto` is `sharded` under FSDP, `full` otherwise."""
 
 
 def _check(ok: bool, field: str, value: object, limit: str) -> None:
@@ -86,6 +88,10 @@ class FitOptions:
     strategy: str = "ddp"
     """Several processes: `ddp` (every rank holds the whole model) or `fsdp` (parameters,
     gradients and optimizer state sharded over the ranks, one unit per repeated block)."""
+    checkpoint_format: str = "auto"
+    """`sharded` (every rank writes its part with torch.distributed.checkpoint; resumes on any
+    number of processes), `full` (rank 0 writes the whole state, gathered under fsdp) or
+    `auto` (sharded under fsdp, full otherwise)."""
 
     def __post_init__(self) -> None:
         for field in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -119,6 +125,8 @@ class FitOptions:
                'true, false or "auto"')  # fmt: skip
         _check(self.strategy in STRATEGIES, "strategy", self.strategy,
                f"one of {', '.join(STRATEGIES)}")  # fmt: skip
+        _check(self.checkpoint_format in CHECKPOINT_FORMATS, "checkpoint_format",
+               self.checkpoint_format, f"one of {', '.join(CHECKPOINT_FORMATS)}")  # fmt: skip
         attention = ("auto", "default", "math")
         _check(self.attention in attention, "attention", self.attention,
                f"one of {', '.join(attention)}")  # fmt: skip

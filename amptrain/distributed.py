@@ -33,9 +33,14 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def world_size_from_env() -> int:
+    """The WORLD_SIZE torchrun (or another launcher) set for this process; 1 if none."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_by_torchrun() -> bool:
     """True when torchrun (or another launcher) set WORLD_SIZE > 1 for this process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size_from_env() > 1
 
 
 def init_from_env() -> torch.device | None:

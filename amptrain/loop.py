@@ -180,9 +180,11 @@ def fit(
                 "precision_reason": prec.reason, "fast_path": fast_path}  # fmt: skip
     tracking.tell_config(sinks, resolved)  # trackers log the run as it runs, not as asked
     meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend,
-            "batch_size": opts.batch_size, "strategy": opts.strategy}  # fmt: skip
+            "batch_size": opts.batch_size, "strategy": opts.strategy,
+            "checkpoint_format": opts.checkpoint_format}  # fmt: skip
+    shard_files = resharding.writes_shards(opts.checkpoint_format, sharding.is_sharded(model))
     run = _Loop(model, net, train_b, val_b, prec, optimizer, scheduler, opts, state, sinks,
-                list(callbacks), checkpoint_dir, meta, attn, loss_fn)  # fmt: skip
+                list(callbacks), checkpoint_dir, meta, attn, shard_files, loss_fn)  # fmt: skip
     model.train()
     with prec.activate(), deferred_signals(_on_signal(state), handle_signals):
         emit(run.callbacks, "on_fit_start", state)
@@ -286,6 +288,7 @@ class _Loop:
     checkpoint_dir: str | Path | None
     checkpoint_meta: dict[str, Any]
     attention: AttentionPlan
+    shards: bool  # checkpoints in the sharded format (DCP), not rank 0's full files
     loss_fn: LossFn | None = None  # the forward+loss of one micro-batch; None: eager
     last_checkpoint: Path | None = None
     saved_step: int = -1
@@ -363,7 +366,7 @@ def _agree_on_stop(state: TrainState) -> None:
 def _save_checkpoint(run: _Loop) -> None:
     """Rank 0 writes, with every rank's RNG state; the others wait for it (or write shards)."""
     rngs = distributed.gather(checkpoint.rng_state())
-    if sharding.is_sharded(run.model):  # every rank writes its shards
+    if run.shards:  # every rank writes its shards (under DDP DCP writes each tensor once)
         path = resharding.save(
             run.checkpoint_dir, run.model, run.optimizer, run.scheduler, run.prec, run.state,
             rngs, run.checkpoint_meta, run.opts.keep_last,
@@ -371,10 +374,11 @@ def _save_checkpoint(run: _Loop) -> None:
         run.last_checkpoint, run.saved_step = path, run.state.step
         return
     path = None
-    if distributed.is_main():
-        tensors, counters = checkpoint.capture(
-            run.model, run.optimizer, run.scheduler, run.prec, run.state, rngs
-        )
+    # Gathered from the shards under FSDP (collective), rank 0's own state otherwise.
+    captured = resharding.capture_full(run.model, run.optimizer, run.scheduler, run.prec,
+                                       run.state, rngs)  # fmt: skip
+    if captured is not None:  # rank 0
+        tensors, counters = captured
         path = checkpoint.save(
             run.checkpoint_dir, run.state.step, tensors, {**counters, **run.checkpoint_meta},
             run.opts.keep_last,

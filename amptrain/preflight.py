@@ -50,7 +50,6 @@ def preflight(
     opts = FitOptions(**options)
     world_size = distributed.world()[1]
     sharding.check_shardable(model, opts.strategy, source)
-    resharding.check_layout(resume, sharding.will_shard(opts.strategy, world_size))
     opts = resharding.keep_global_batch(opts, resume, world_size)  # another number of processes
     device = training_device(model, source)
     prec = resolve_precision(precision, device, resume, allow_new_scaler, **opts.scaler_options)

@@ -1,13 +1,20 @@
-"""Checkpoints that reshard, and resuming on another number of processes.
+"""Checkpoints that reshard, resuming on another number of processes, and switching strategy.
 
-A sharded (FSDP) run checkpoints with `torch.distributed.checkpoint` (DCP): every rank writes
-its own shards of the model and optimizer state into the checkpoint's temporary directory,
-then rank 0 adds the schedule, loss scale, every rank's generator states and the counters,
-hashes everything into the manifest and renames the directory into place, as
-`checkpoint.save` does for a whole checkpoint. A half-written checkpoint is never the newest.
+A checkpoint is written in one of two formats (`FitOptions.checkpoint_format`): `sharded`,
+the default under FSDP, and `full`, the default otherwise. A sharded checkpoint is written
+with `torch.distributed.checkpoint` (DCP): every rank writes its own shards of the model and
+optimizer state into the checkpoint's temporary directory (under DDP, where every rank holds
+the same state, DCP's planner has each tensor written once), then rank 0 adds the schedule,
+loss scale, every rank's generator states and the counters, hashes everything into the
+manifest and renames the directory into place, as `checkpoint.save` does for a full
+checkpoint. A full checkpoint is rank 0's `torch.save` files, gathered from the shards first
+under FSDP. Either way a half-written checkpoint is never the newest.
 
-DCP records each tensor's global shape and every shard's place, so a checkpoint loads into
-any number of processes: sharded over 2 or 4 ranks, or whole in one process.
+DCP records each tensor's global shape and every shard's place, so a sharded checkpoint loads
+into any number of processes: sharded over 2 or 4 ranks, or whole (DDP, one process). A full
+checkpoint loads whole, or into an FSDP run, each rank keeping its own slices of it; both
+formats name the parameters alike (FSDP2 keeps the model's own names), so a run can switch
+between `ddp` and `fsdp` when it resumes.
 
 The data position is counted in global batches (`data.batches`), so a resumed run continues
 the same global batch sequence when the global batch (processes x `batch_size`) is kept. A
@@ -18,10 +25,12 @@ given batch size would change the global batch, the resume is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +77,61 @@ def keep_global_batch(opts: FitOptions, ckpt: Checkpoint | None, world_size: int
     return dataclasses.replace(opts, batch_size=total // world_size)
 
 
+def writes_shards(checkpoint_format: str, sharded: bool) -> bool:
+    """True when a run writes sharded (DCP) checkpoints; `sharded`: its model is sharded.
+
+    `auto` (`FitOptions.checkpoint_format`) is `sharded` under FSDP, `full` otherwise.
+    """
+    return checkpoint_format == "sharded" or (checkpoint_format == "auto" and sharded)
+
+
+def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parameter names in the optimizer's order: the ids of `optimizer.state_dict()`."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An `optimizer.state_dict()` keyed by parameter name, as DCP's `set_state_dict` takes."""
+    return {
+        "state": {names[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                         for g in state["param_groups"]],
+    }  # fmt: skip
+
+
+def _by_id(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of `_by_name`: an optimizer state keyed as `optimizer.state_dict()` keys it."""
+    index = {name: i for i, name in enumerate(names)}
+    return {
+        "state": {index[name]: value for name, value in state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                         for g in state["param_groups"]],
+    }  # fmt: skip
+
+
+def capture_full(model, optimizer, scheduler, precision, state, rngs) -> tuple[dict, dict] | None:
+    """The tensors and counters of a full checkpoint, on rank 0; None on the other ranks.
+
+    A sharded model's state is gathered first (collective: every rank calls), into the
+    layout a model and optimizer in one process have, so the checkpoint is the same whichever
+    strategy wrote it.
+    """
+    if not sharding.is_sharded(model):
+        if not distributed.is_main():
+            return None
+        return checkpoint.capture(model, optimizer, scheduler, precision, state, rngs)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    if not distributed.is_main():
+        return None
+    optimizer_state = _by_id(optimizer_state, _names(model, optimizer))
+    return checkpoint.capture_states(model_state, optimizer_state, scheduler, precision, state,
+                                     rngs)  # fmt: skip
+
+
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -93,7 +157,8 @@ def save(
         staged.mkdir(mode=0o700)
     distributed.barrier()
     try:
-        dcp.save(_state(model, optimizer), checkpoint_id=staged / checkpoint.SHARDS)
+        with _one_process_allowed():
+            dcp.save(_state(model, optimizer), checkpoint_id=staged / checkpoint.SHARDS)
     except Exception as exc:  # DCP raises one CheckpointException on every rank
         if distributed.is_main():
             shutil.rmtree(staged, ignore_errors=True)
@@ -112,32 +177,29 @@ def save(
     return Path(distributed.broadcast(str(path) if path else None))
 
 
-def check_layout(ckpt: Checkpoint | None, sharded: bool) -> None:
-    """Refuse a whole checkpoint for a sharded run (`sharded`), before anything is loaded.
-
-    Raises:
-        CheckpointError: Naming the checkpoint, its strategy and the fix.
-    """
-    if ckpt is not None and sharded and not ckpt.sharded:
-        raise CheckpointError(
-            f"checkpoint {ckpt.path} holds the whole model (strategy "
-            f"{ckpt.trainer.get('strategy', 'ddp')!r}); a sharded run resumes from sharded "
-            "checkpoints only: resume it with strategy 'ddp'"
-        )
+@contextlib.contextmanager
+def _one_process_allowed() -> Iterator[None]:
+    """DCP without a process group: one process writing or reading every shard is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
 
 
 def restore(
     ckpt: Checkpoint, model, optimizer, scheduler, precision, state, allow_new_scaler: bool
 ) -> None:
-    """Put a whole or a sharded checkpoint back, into a sharded or a whole model.
+    """Put a full or a sharded checkpoint back, into a sharded or a whole model.
 
     Raises:
-        CheckpointError: If a sharded model is given a whole checkpoint, or the shards do not
-            fit this model and optimizer.
+        CheckpointError: If the checkpoint does not fit this model and optimizer.
     """
     if not ckpt.sharded:
-        check_layout(ckpt, sharding.is_sharded(model))
-        checkpoint.restore(ckpt, model, optimizer, scheduler, precision, state, allow_new_scaler)
+        if sharding.is_sharded(model):
+            _restore_full_into_shards(ckpt, model, optimizer, scheduler, precision, state,
+                                      allow_new_scaler)  # fmt: skip
+        else:
+            checkpoint.restore(ckpt, model, optimizer, scheduler, precision, state,
+                               allow_new_scaler)  # fmt: skip
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -145,8 +207,7 @@ def restore(
     checkpoint.restore_scaler(ckpt, precision, allow_new_scaler)
     saved = _state(model, optimizer)
     try:
-        with warnings.catch_warnings():  # one process loading every shard is the intent here
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        with _one_process_allowed():
             dcp.load(saved, checkpoint_id=ckpt.path / checkpoint.SHARDS,
                      no_dist=distributed.world()[1] == 1)  # fmt: skip
     except Exception as exc:  # a key or shape that differs
@@ -160,4 +221,27 @@ def restore(
                        optim_state_dict=optimizer_state)  # fmt: skip
 
     load_state_keeping_impl(optimizer, saved["optimizer"], load)
+    checkpoint.restore_counters(ckpt, scheduler, state)
+
+
+def _restore_full_into_shards(
+    ckpt: Checkpoint, model, optimizer, scheduler, precision, state, allow_new_scaler: bool
+) -> None:
+    """A full checkpoint into a sharded model: every rank keeps its own slices of each tensor.
+
+    Every rank has loaded the whole checkpoint; DCP's `set_state_dict` with full state dicts
+    cuts each rank's shards out of the whole tensors.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    checkpoint.check_resumable(ckpt, model, precision, allow_new_scaler)
+    checkpoint.restore_scaler(ckpt, precision, allow_new_scaler)
+    options = StateDictOptions(full_state_dict=True)
+    saved = _by_name(ckpt.tensors["optimizer"], _names(model, optimizer))
+
+    def load(optimizer_state: dict[str, Any]) -> None:
+        set_state_dict(model, optimizer, model_state_dict=ckpt.tensors["model"],
+                       optim_state_dict=optimizer_state, options=options)  # fmt: skip
+
+    load_state_keeping_impl(optimizer, saved, load)
     checkpoint.restore_counters(ckpt, scheduler, state)

@@ -3,9 +3,11 @@
 People resume by running the command they ran before with `--resume` added, so the flags of
 that command are accepted when they equal the run's saved settings. A flag that differs is
 refused with its saved and its given value, because the checkpoint's optimizer state, data
-order and schedule belong to the saved ones. The one exception is a larger `--max-steps`,
-which extends the run: the warm-up and cosine schedule are recomputed for the new total, so
-the learning rate at the resume step rises to where the longer schedule has it.
+order and schedule belong to the saved ones. The exceptions: a larger `--max-steps`, which
+extends the run (the warm-up and cosine schedule are recomputed for the new total, so the
+learning rate at the resume step rises to where the longer schedule has it), and
+`--strategy` and `--checkpoint-format`, which say how the processes share the work and write
+checkpoints, not what is trained: a run that outgrows DDP continues under FSDP.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from amptrain.errors import ConfigError
 # The precision is checked against the checkpoint's instead (`preflight.resolve_precision`): `auto`
 # keeps it, and the run's config.json may say `auto` where the checkpoint says `bf16`.
 _PLACE = ("out", "precision")
+SWITCHABLE = ("fit.max_steps", "fit.strategy", "fit.checkpoint_format")
+"""Settings a resumed run may change; the checkpoint records the values it was written with."""
 
 
 def resumed_config(saved: TrainConfig, given: dict[str, Any], step: int) -> TrainConfig:
-    """`saved`, with `--max-steps` raised if `given` asks for more steps than it has.
+    """`saved`, with a larger `--max-steps`, `--strategy` and `--checkpoint-format` as given.
 
     `out` only says where to find the run, so it is never a difference; `precision` is kept
     as saved and checked against the checkpoint's by the caller.
@@ -44,7 +48,7 @@ def resumed_config(saved: TrainConfig, given: dict[str, Any], step: int) -> Trai
     differences = [
         f"{_flag(name)} (the run has {before!r}, the command gives {after!r})"
         for name, before, after in _diff(old, new)
-        if name not in _PLACE and name != "fit.max_steps"
+        if name not in _PLACE and name not in SWITCHABLE
     ]
     if differences:
         raise ConfigError(

@@ -24,7 +24,7 @@ from amptrain import checkpoint, data, distributed, sharding
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.adapter import probe_vocab
 from amptrain.config import TrainConfig, run_values
-from amptrain.errors import ConfigError, DataError, Interrupted
+from amptrain.errors import AmptrainError, ConfigError, DataError, Interrupted
 from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
 from amptrain.metrics import tracking
@@ -35,7 +35,7 @@ from amptrain.models.provenance import BASE_FILE
 from amptrain.models.trained import WEIGHTS, load_into, run_config, run_tokenizer
 from amptrain.precision import Precision
 from amptrain.preflight import preflight, resolve_precision
-from amptrain.resume_config import resumed_config
+from amptrain.resume_config import SWITCHABLE, resumed_config
 from amptrain.runs import (
     atomic_safetensors_save,
     atomic_write_bytes,
@@ -107,6 +107,29 @@ def prepare(
     if str(cfg.data).lower().endswith(".bin") and blocks.max_id is not None:
         check_token_file(model, blocks, cfg, device)
     return model, train, val, precision
+
+
+def check_before_launch(cfg: TrainConfig) -> None:
+    """Refuse, before `--nproc` starts any process, a model `cfg.fit.strategy` cannot shard.
+
+    The model is built on the meta device (no memory, no weights): only its module tree is
+    needed. A model that cannot be built there is left to the processes' own checks.
+
+    Raises:
+        ModelError: A model FSDP cannot shard; also a model that cannot be built at all.
+    """
+    if cfg.fit.strategy != "fsdp":
+        return
+    meta = torch.device("meta")
+    try:
+        with meta:
+            model = model_factory(cfg, meta)()
+    except (AmptrainError, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the processes build it on their own device
+        log.debug("model not built on the meta device (%s); the processes check it", exc)
+        return
+    sharding.check_shardable(model, cfg.fit.strategy, cfg.model)
 
 
 def load_data(cfg: TrainConfig, tokenizer: data.ByteTokenizer | data.JsonTokenizer) -> data.Blocks:
@@ -432,9 +455,11 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
 
 def _check_config_hash(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:
     expected = ckpt.trainer.get("config_hash")
-    # An extended run's config.json has the new max_steps before its first new checkpoint.
-    steps = ckpt.trainer.get("max_steps", cfg.fit.max_steps)
-    cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, max_steps=steps))
+    # An extended or switched run's config.json has the new max_steps, strategy or checkpoint
+    # format before its first new checkpoint: the checkpoint's own values are the ones hashed.
+    written = {name[4:]: ckpt.trainer[name[4:]] for name in SWITCHABLE
+               if name[4:] in ckpt.trainer}  # fmt: skip
+    cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, **written))
     if expected and expected != checkpoint.config_hash(cfg.to_dict()):
         raise checkpoint.CheckpointError(
             f"checkpoint {ckpt.path} belongs to other settings than its run's config.json "

@@ -160,11 +160,22 @@ def test_refusals_exit_2_with_one_line(tmp_path, capsys):
     assert main([*common, "--strategy", "zero3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "strategy='zero3' is invalid" in err[0], err
+    assert main([*common, "--checkpoint-format", "dcp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "checkpoint_format='dcp' is invalid: it must be one of auto, " in err[0]
+    )
     assert main([*common, "--strategy", "fsdp", "--model", f"{model_file}:Flat"]) == 2
     err = capsys.readouterr().err  # after the model file's import notice, the refusal alone
     assert "Traceback" not in err and "run directory" not in err
     assert "cannot be sharded with strategy 'fsdp'" in err.strip().splitlines()[-1], err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    # --nproc 2: refused before the launcher starts (its own report would bury the line)
+    assert main([*common, "--nproc", "2", "--strategy", "fsdp", "--model",
+                 f"{model_file}:Flat"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "cannot be sharded with strategy 'fsdp'" in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err and "torch.distributed" not in err
 
 
 def _case_resume(rank, tmp):
@@ -207,6 +218,108 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_process(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")
     with pytest.raises(checkpoint.CheckpointError, match=r"shards/.*does not match its sha256"):
         checkpoint.load(ckpt.path)
+
+
+RESUME = dict(precision="fp32", batch_size=4, max_steps=8, eval_every=4, eval_batches=1)
+
+
+def _fit_on_ranks(rank, name, tmp, strategy, **kwargs):
+    """Train the resume test's run under `strategy`; rank 0 saves the full weights and result."""
+    model = tiny_model(seed=kwargs.pop("seed", 2))
+    result = amptrain.fit(model, pattern_blocks(40), pattern_blocks(8, seed=1),
+                          strategy=strategy, **{**RESUME, **kwargs})  # fmt: skip
+    state = sharding.full_state_dict(model)  # collective under FSDP
+    if rank == 0:
+        torch.save({"state": state, "result": result.to_dict()}, f"{tmp}/{name}.pt")
+
+
+def _case_formats(rank, tmp):
+    # DDP writing sharded checkpoints, and full ones (the default), on the same trajectory.
+    _fit_on_ranks(rank, "ddp", tmp, "ddp", checkpoint_dir=f"{tmp}/ddp", checkpoint_every=4,
+                  checkpoint_format="sharded")  # fmt: skip
+    _fit_on_ranks(rank, "ddp_full", tmp, "ddp", checkpoint_dir=f"{tmp}/ddp_full",
+                  checkpoint_every=4)  # fmt: skip
+    # Switching strategy: DDP's full checkpoint resumed by FSDP, each rank taking its slices.
+    full = checkpoint.load(f"{tmp}/ddp_full/step-000000004")
+    _fit_on_ranks(rank, "fsdp_from_full", tmp, "fsdp", seed=5, resume=full)
+    # FSDP writing full checkpoints (gathered from the shards) on request.
+    _fit_on_ranks(rank, "fsdp_full", tmp, "fsdp", checkpoint_dir=f"{tmp}/fsdp_full",
+                  checkpoint_every=4, checkpoint_format="full")  # fmt: skip
+    # And back: FSDP's sharded checkpoint resumed by DDP, every rank reading whole tensors.
+    _fit_on_ranks(rank, "fsdp", tmp, "fsdp", checkpoint_dir=f"{tmp}/fsdp", checkpoint_every=4)
+    sharded = checkpoint.load(f"{tmp}/fsdp/step-000000004")
+    _fit_on_ranks(rank, "ddp_from_shards", tmp, "ddp", seed=5, resume=sharded)
+
+
+def _assert_same_run(got, want, rtol=1e-5):
+    """The weights as one vector within `rtol` of its norm, and element-wise within 1e-5.
+
+    Across strategies the reductions run in another order, so the bound is
+    `_assert_equal`'s rather than bitwise.
+    """
+    got = torch.cat([got[name].flatten() for name in want])
+    want = torch.cat([value.flatten() for value in want.values()])
+    assert float((got - want).norm() / want.norm()) <= rtol
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def _shard_bytes(path):
+    return sum(f.stat().st_size for f in (path / "shards").glob("*.distcp"))
+
+
+@pytest.mark.slow
+def test_checkpoint_formats_and_switching_strategy_on_resume(tmp_path):
+    _spawn("formats", tmp_path)
+    runs = {p.stem: torch.load(p, weights_only=True) for p in tmp_path.glob("*.pt")}
+    reference = runs["ddp"]["state"]
+    for name in ("ddp_full", "fsdp_full", "fsdp", "fsdp_from_full", "ddp_from_shards"):
+        _assert_same_run(runs[name]["state"], reference)
+        assert runs[name]["result"]["steps"] == 8, name
+
+    # DDP's sharded checkpoint: DCP files, the replicated state written once between the ranks.
+    ddp_ckpt = checkpoint.load(tmp_path / "ddp" / "step-000000004")
+    assert ddp_ckpt.sharded and ddp_ckpt.trainer["strategy"] == "ddp"
+    assert not checkpoint.load(tmp_path / "ddp_full" / "step-000000004").sharded
+    fsdp_full = checkpoint.load(tmp_path / "fsdp_full" / "step-000000004")
+    assert not fsdp_full.sharded and set(fsdp_full.tensors["model"]) == set(reference)
+
+    # Resumed on one process (batch 4 x 2 ranks becomes 8): equal to the uninterrupted run.
+    for ckpt, out in ((ddp_ckpt, "one"), (fsdp_full, None)):
+        model = tiny_model(seed=5)
+        amptrain.fit(model, pattern_blocks(40), pattern_blocks(8, seed=1), resume=ckpt,
+                     checkpoint_dir=out and tmp_path / out, checkpoint_format="sharded",
+                     **RESUME)  # fmt: skip
+        _assert_same_run(model.state_dict(), reference)
+    # One process wrote the same tensors as the two DDP ranks together: nothing twice.
+    one = checkpoint.load(tmp_path / "one" / "step-000000008")
+    assert one.sharded
+    assert _shard_bytes(ddp_ckpt.path) == pytest.approx(_shard_bytes(one.path), rel=0.05)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_may_switch_strategy_and_checkpoint_format(tmp_path, capsys):
+    from amptrain.cli import main
+
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    common = ["train", "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "runs"),
+              "--precision", "fp32", "--context", "16", "--layers", "2", "--width", "16",
+              "--heads", "2", "--batch-size", "4", "--checkpoint-every", "2",
+              "--no-progress"]  # fmt: skip
+    assert main([*common, "--max-steps", "4"]) == 0  # ddp: full checkpoints
+    switch = ["--strategy", "fsdp", "--checkpoint-format", "sharded"]
+    assert main([*common, "--max-steps", "6", *switch, "--resume", "auto"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    fit = json.loads((run / "config.json").read_text())["fit"]
+    assert (fit["strategy"], fit["checkpoint_format"], fit["max_steps"]) == ("fsdp", "sharded", 6)
+    older, newest = (
+        checkpoint.load(p) for p in checkpoint.list_checkpoints(run / "checkpoints")[-2:]
+    )
+    assert not older.sharded and older.trainer["step"] == 4
+    assert newest.sharded and newest.trainer["strategy"] == "fsdp"
+    # The full checkpoint written before the switch still resumes under the switched config.
+    assert main([*common, "--max-steps", "6", *switch, "--resume", str(older.path)]) == 0
+    assert main([*common, "--max-steps", "6", "--lr", "0.5", "--resume", "auto"]) == 2
+    assert "--lr (the run has 0.001" in capsys.readouterr().err  # others still refused
 
 
 def _wait_for_step(metrics, step, proc, timeout=300.0):
@@ -290,12 +403,18 @@ def _case_styles(rank, tmp):
     for name, model in _style_models().items():
         keys = sorted(model.state_dict())
         result = amptrain.fit(model, pattern_blocks(16), precision="fp32", batch_size=2,
-                              max_steps=2, strategy="fsdp", source=name)  # fmt: skip
+                              max_steps=2, strategy="fsdp", source=name,
+                              checkpoint_dir=f"{tmp}/{name}", checkpoint_format="full")  # fmt: skip
         state = sharding.full_state_dict(model)
+        # The full checkpoint (gathered; nanoGPT ties its head to the embedding) goes back
+        # into the shards of a fresh copy.
+        ckpt = checkpoint.load(f"{tmp}/{name}/step-000000002")
+        resumed = amptrain.fit(_style_models()[name], pattern_blocks(16), precision="fp32",
+                               batch_size=2, max_steps=3, strategy="fsdp", resume=ckpt)  # fmt: skip
         if rank == 0:
             record = result.fast_path["sharding"]
             found = {"keys_kept": sorted(state) == keys, "units": record["units"],
-                     "steps": result.steps}  # fmt: skip
+                     "steps": result.steps, "resumed_steps": resumed.steps}  # fmt: skip
             Path(f"{tmp}/{name}.json").write_text(json.dumps(found))
 
 
@@ -304,11 +423,16 @@ def test_model_styles_shard_per_block(tmp_path):
     _spawn("styles", tmp_path)
     found = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert found["nanogpt"] == {"keys_kept": True, "units": "2 x Block (transformer.h) + root",
-                                "steps": 2}  # fmt: skip
+                                "steps": 2, "resumed_steps": 3}  # fmt: skip
     assert found["llama_style"]["units"] == "2 x TransformerBlock (layers) + root"
     if "hf_llama" in found:
         assert found["hf_llama"]["units"] == "2 x LlamaDecoderLayer (model.layers) + root"
     assert all(r["keys_kept"] and r["steps"] == 2 for r in found.values())
+    assert all(r["resumed_steps"] == 3 for r in found.values())
+    for name in found:  # a full checkpoint: AdamW state for every parameter, keyed as torch keys it
+        optimizer = checkpoint.load(tmp_path / name / "step-000000002").tensors["optimizer"]
+        ids = [i for group in optimizer["param_groups"] for i in group["params"]]
+        assert sorted(optimizer["state"]) == sorted(ids) == list(range(len(ids))), name
 
 
 def test_a_staged_checkpoint_lists_its_shards_and_refuses_paths_outside(tmp_path):

@@ -7,16 +7,16 @@ warm-up steps are excluded; CUDA is synchronised before every clock read. The co
 rather than assumes, that each arm started from the same weights and saw the same batches.
 Memory is measured per arm in isolation: allocator peaks on CUDA, and on CPU the peak-RSS
 increment of a forked worker process. A failing or out-of-memory arm becomes a row saying so.
+On several processes (`amptrain bench --nproc N --strategy ddp|fsdp`) every rank trains every
+arm; `bench.ranks` says what the figures then mean.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import hashlib
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -25,9 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import hardware
+from amptrain import distributed, sharding
+from amptrain.bench import figures, ranks
 from amptrain.bench import verdict as bench_verdict
 from amptrain.callbacks import Callback
+from amptrain.config import FitOptions
 from amptrain.data import Blocks, as_blocks
 from amptrain.errors import ConfigError
 from amptrain.loop import FitResult, check_data, fit
@@ -41,8 +43,8 @@ from amptrain.precision import (
 )
 
 __all__ = [
-    "ArmResult", "BenchReport", "bench", "default_plan", "default_precisions", "skip_reason",
-    "state_digest",
+    "ArmResult", "BenchReport", "arm_names", "bench", "check_settings", "default_plan",
+    "default_precisions", "skip_reason", "state_digest",
 ]  # fmt: skip
 
 log = logging.getLogger("amptrain")
@@ -84,6 +86,8 @@ class ArmResult:
     init_digest: str | None = None
     batch_digest: str | None = None
     loss_curve: tuple[float, ...] = ()
+    sharding: dict[str, Any] | None = None
+    """How the processes shared the model in this arm (`fit`'s record: strategy, policy)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +177,7 @@ def train_once(
         result = fit(model, train, val, precision=precision, callbacks=[recorder], **opts)
     finally:
         batch_digest = recorder.close()
+    batch_digest = ranks.global_digest(batch_digest)  # every rank's batches, on rank 0
     stamps = recorder.stamps
     return _Run([b - a for a, b in zip(stamps, stamps[1:])], result, init_digest, batch_digest)
 
@@ -201,6 +206,7 @@ def _aggregate(runs: Sequence[_Run], warmup: int, tokens_per_step: int) -> dict[
         "loss_curve": tuple(r["train/loss"] for r in last.history if "train/loss" in r),
         "init_digest": runs[0].init_digest,
         "batch_digest": runs[0].batch_digest,
+        "sharding": last.fast_path.get("sharding"),
     }
 
 
@@ -220,6 +226,8 @@ def bench(
     quality_tol: float = 0.02,
     memory: bool = True,
     compile: bool | str = "auto",
+    strategy: str = "ddp",
+    source: str = "model",
 ) -> BenchReport:
     """Benchmark precisions side by side on one model and one batch sequence.
 
@@ -243,26 +251,29 @@ def bench(
         compile: Compile the arms' steps: True, False, or "auto" (decided per arm from the
             run's length and a measurement, see `amptrain.autocompile`); compilation is
             outside the timing.
+        strategy: Under torch.distributed (torchrun), how the processes share each arm's
+            model: `ddp` or `fsdp` (see `amptrain.bench.ranks` for what the figures mean
+            then); `fsdp` in one process is refused.
+        source: How to name the model in error messages.
 
     Returns:
         A `BenchReport`; failed arms are rows with `status` "failed" or "oom".
     """
-    if repeats < 1 or warmup < 0 or steps < warmup + 2:
-        raise ConfigError(
-            f"steps={steps}, warmup={warmup}, repeats={repeats}: need repeats >= 1 and "
-            "steps >= warmup + 2 (at least two timed steps)"
-        )
-    if not 0 < quality_tol < 1:
-        raise ConfigError(f"quality_tol={quality_tol} must be in (0, 1)")
+    check_settings(steps, warmup, repeats, quality_tol)
+    world_size = distributed.world()[1]
+    FitOptions(strategy=strategy)  # an unknown strategy, refused by name
+    ranks.check_strategy(strategy, world_size)
     if not isinstance(model, nn.Module):
         torch.manual_seed(seed)
         model = model()
+    sharding.check_shardable(model, strategy, source)
     device = next(model.parameters()).device
-    arms, skipped = _arm_names(precisions, device)
+    arms, skipped = arm_names(precisions, device)
     train_b, val_b = as_blocks(train, name="training data"), as_blocks(val, name="validation data")
-    check_data(model, train_b, val_b, device, "model", -100)
+    check_data(model, train_b, val_b, device, source, -100)
     opts = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                eval_every=steps, eval_batches=eval_batches, compile=compile)  # fmt: skip
+                eval_every=steps, eval_batches=eval_batches, compile=compile,
+                strategy=strategy)  # fmt: skip
     runs: dict[str, list[_Run]] = {name: [] for name in arms}
     errors: dict[str, tuple[str, str]] = {}
     for repeat in range(repeats):
@@ -276,30 +287,52 @@ def bench(
                 errors[name] = ("oom", f"out of memory at batch_size={batch_size}: {exc}")
             except Exception as exc:  # one arm's failure must not stop the others
                 errors[name] = ("failed", f"{type(exc).__name__}: {exc}")
-            _free(device)
-    tokens_per_step = batch_size * (train_b.context - 1)
+            figures.free(device)
+    tokens_per_step = batch_size * (train_b.context - 1) * world_size  # every rank's
     why = "timed as asked" if precisions is not None else "timed: not emulated here"
     rows = [_row(name, runs[name], errors.get(name), warmup, tokens_per_step, device, why)
             for name in arms]  # fmt: skip
     check_fair(rows)
     if memory:
         mem_opts = {**opts, "max_steps": min(steps, 4), "eval_every": steps}
-        rows = [_with_memory(row, model, train_b, val_b, mem_opts, device) for row in rows]
-    rows, flops = _with_mfu(rows, model, train_b, device, batch_size)
-    rows = _compare_to_fp32(rows, quality_tol)
+        rows = [figures.with_memory(row, device, _memory_run(model, train_b, val_b, row, mem_opts))
+                for row in rows]  # fmt: skip
+    rows, flops = figures.with_mfu(rows, model, train_b, device, batch_size, world_size)
+    rows = figures.compare_to_fp32(rows, quality_tol)
     best, verdict = bench_verdict.verdict(rows, quality_tol)
     rows += [ArmResult(name, "skipped", text, error=text) for name, text in skipped.items()]
     settings = dict(precisions=arms, steps=steps, warmup=warmup, repeats=repeats,
                     batch_size=batch_size, context=train_b.context, lr=lr, seed=seed,
-                    eval_batches=eval_batches, quality_tol=quality_tol, **flops)  # fmt: skip
+                    eval_batches=eval_batches, quality_tol=quality_tol, processes=world_size,
+                    strategy=strategy, **flops)  # fmt: skip
     caps = probe_of(device)
-    return BenchReport(tuple(rows), best, verdict, _targets(rows), settings,
-                       _environment(device), caps.to_dict() if caps else {})  # fmt: skip
+    return BenchReport(tuple(rows), best, verdict, figures.targets(rows), settings,
+                       figures.environment(device), caps.to_dict() if caps else {})  # fmt: skip
 
 
-def _arm_names(
+def check_settings(steps: int, warmup: int, repeats: int, quality_tol: float) -> None:
+    """Refuse run lengths and a tolerance the benchmark cannot use, before any work.
+
+    Raises:
+        ConfigError: Naming the values and the limits.
+    """
+    if repeats < 1 or warmup < 0 or steps < warmup + 2:
+        raise ConfigError(
+            f"steps={steps}, warmup={warmup}, repeats={repeats}: need repeats >= 1 and "
+            "steps >= warmup + 2 (at least two timed steps)"
+        )
+    if not 0 < quality_tol < 1:
+        raise ConfigError(f"quality_tol={quality_tol} must be in (0, 1)")
+
+
+def arm_names(
     precisions: Sequence[str] | None, device: torch.device
 ) -> tuple[list[str], dict[str, str]]:
+    """The arms to run (fp32 first), and the default arms left out with why.
+
+    Raises:
+        PrecisionError: A precision the device cannot serve, before any work.
+    """
     if precisions is None:
         return default_plan(probe_of(device), device)
     names = []
@@ -312,12 +345,6 @@ def _arm_names(
     for name in names:
         resolve(name, device)  # refuse what the device cannot serve, before any work
     return names, {}
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _row(name, runs, error, warmup, tokens_per_step, device, why) -> ArmResult:
@@ -338,90 +365,6 @@ def check_fair(rows: Sequence[ArmResult]) -> None:
             raise RuntimeError(f"benchmark arms differ in {field}: {seen}; the comparison is void")
 
 
-def _with_memory(row, model, train, val, opts, device) -> ArmResult:
-    if row.status != "ok":
-        return row
-    try:
-        peak, delta, source = hardware.measure_memory(
-            device, lambda: train_once(model, train, val, row.precision, opts)
-        )
-    except torch.OutOfMemoryError as exc:
-        return dataclasses.replace(row, status="oom", error=f"out of memory: {exc}")
-    except Exception as exc:
-        log.warning("bench: memory of %s not measured: %s", row.precision, exc)
-        return dataclasses.replace(row, mem_source=f"not measured: {exc}")
-    finally:
-        _free(device)
-    return dataclasses.replace(row, peak_mem_mb=peak, mem_mb=delta, mem_source=source)
-
-
-def _with_mfu(rows, model, train: Blocks, device, batch_size: int):
-    probe_model = copy.deepcopy(model)
-    ids = train.take(slice(2))[0].to(device)
-    flops_per_token, how = hardware.train_flops_per_token(probe_model, ids)
-    del probe_model
-    tokens = batch_size * (train.context - 1)
-    out = []
-    for row in rows:
-        if row.status != "ok":
-            out.append(row)
-            continue
-        achieved = flops_per_token * row.tokens_per_s / 1e12
-        peak, source = hardware.peak_tflops(device, row.precision, model, tokens)
-        if achieved > peak:  # training outran every probe: the probe under-read, not MFU > 1
-            peak, source = achieved, f"training's own rate (the probe read {peak:.3g})"
-        sheet = hardware.datasheet_tflops(device, row.precision)
-        out.append(dataclasses.replace(
-            row, achieved_tflops=achieved, probe_tflops=peak, peak_source=source,
-            datasheet_tflops=sheet, mfu_probe=achieved / peak if peak else None,
-            mfu_datasheet=achieved / sheet if sheet else None,
-        ))  # fmt: skip
-    return out, {"flops_per_token": flops_per_token, "flops_counted_how": how}
-
-
-def _compare_to_fp32(rows: Sequence[ArmResult], tol: float) -> list[ArmResult]:
-    ref = next((r for r in rows if r.precision == "fp32" and r.status == "ok"), None)
-    if ref is None:
-        return list(rows)
-    out = []
-    for row in rows:
-        if row.status != "ok" or row is ref:
-            out.append(dataclasses.replace(row, quality_ok=True) if row is ref else row)
-            continue
-        rel = (row.val_loss - ref.val_loss) / ref.val_loss
-        mem = None
-        if row.mem_mb is not None and ref.mem_mb:
-            mem = 1 - row.mem_mb / ref.mem_mb
-        out.append(dataclasses.replace(
-            row, speedup_vs_fp32=row.tokens_per_s / ref.tokens_per_s,
-            mem_reduction_vs_fp32=mem, val_loss_rel_diff=rel,
-            val_accuracy_diff=row.val_accuracy - ref.val_accuracy,
-            quality_ok=abs(rel) <= tol,
-        ))  # fmt: skip
-    return out
-
-
-def _targets(rows: Sequence[ArmResult]) -> dict[str, dict[str, Any]]:
-    """The original tier-3 targets, measured rather than assumed, for every non-fp32 arm."""
-    out = {}
-    for r in rows:
-        if r.precision == "fp32" or r.status != "ok" or r.speedup_vs_fp32 is None:
-            continue
-        mem = r.mem_reduction_vs_fp32
-        out[r.precision] = {
-            "speedup >= 1.5x": r.speedup_vs_fp32 >= 1.5,
-            "memory reduction >= 40%": None if mem is None else mem >= 0.40,
-            "|accuracy difference| < 0.01": abs(r.val_accuracy_diff) < 0.01,
-        }
-    return out
-
-
-def _environment(device: torch.device) -> dict[str, Any]:
-    from amptrain.runs import environment
-
-    env = environment()
-    env["device"] = str(device)
-    env["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
-    env["matmul_fp32_precision"] = torch.backends.cuda.matmul.fp32_precision
-    env["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return env
+def _memory_run(model, train, val, row: ArmResult, opts: dict[str, Any]) -> Callable[[], _Run]:
+    """One short run of `row`'s arm, for its memory figures."""
+    return lambda: train_once(model, train, val, row.precision, opts)

@@ -20,7 +20,7 @@ CSV_FIELDS = (
     "train_loss", "val_loss", "val_accuracy", "val_loss_rel_diff", "val_accuracy_diff",
     "quality_ok", "loss_scale", "skipped_steps", "scale_backoffs", "scale_growths",
     "achieved_tflops", "probe_tflops", "datasheet_tflops", "mfu_probe", "mfu_datasheet",
-    "reason", "error", "device", "torch", "threads", "precisions",
+    "reason", "error", "device", "torch", "threads", "precisions", "processes", "strategy",
 )  # fmt: skip
 
 
@@ -77,9 +77,16 @@ def console_table(report: BenchReport) -> Table:
 def bench_title(report: BenchReport) -> str:
     """What was measured where: the device, torch, threads, repeats and steps."""
     s, env = report.settings, report.environment
-    return (f"amptrain bench on {env['device']} (torch {env['torch']}, "
+    where = env["device"] + _processes(s)
+    return (f"amptrain bench on {where} (torch {env['torch']}, "
             f"{env['cpu_threads']} threads): {s['repeats']} interleaved repeats x "
             f"{s['steps']} steps, {s['warmup']} warm-up")  # fmt: skip
+
+
+def _processes(settings: dict[str, Any]) -> str:
+    """The title's "x 2 processes (fsdp)" for several processes; nothing for one."""
+    n = settings.get("processes", 1)
+    return f" x {n} processes ({settings.get('strategy', 'ddp')})" if n > 1 else ""
 
 
 def probe_line(probe: dict) -> str:
@@ -117,7 +124,9 @@ def _csv(report: BenchReport) -> str:
         if arm.step_ms_iqr:
             row["step_ms_p25"], row["step_ms_p75"] = arm.step_ms_iqr
         row.update(device=env["device"], torch=env["torch"], threads=env["cpu_threads"],
-                   precisions=" ".join(report.settings["precisions"]))  # fmt: skip
+                   precisions=" ".join(report.settings["precisions"]),
+                   processes=report.settings.get("processes", 1),
+                   strategy=report.settings.get("strategy", "ddp"))  # fmt: skip
         writer.writerow(row)
     return out.getvalue()
 
@@ -148,10 +157,30 @@ def markdown(report: BenchReport) -> str:
         "against the best matmul probe of the same dtype, at the capability shape and the "
         "model's own (datasheet peak in bench.json where known)",
         f"- memory: {next((a.mem_source for a in report.arms if a.mem_source), 'not measured')}",
+        *_sharing(report),
     ]
     for arm in report.arms:
         lines.append(f"- {arm.precision}: {arm.reason}")
     return "\n".join(lines) + "\n"
+
+
+def _sharing(report: BenchReport) -> list[str]:
+    """The conditions lines of a benchmark on several processes: how they shared the model."""
+    s = report.settings
+    if s.get("processes", 1) == 1:
+        return []
+    lines = [
+        f"- {s['processes']} processes, strategy {s['strategy']}: batch {s['batch_size']} per "
+        f"process; tokens/s counts every process's tokens (rank 0's clock); memory is per "
+        "process, the largest of them; MFU per device",
+    ]
+    for arm in report.arms:
+        record = arm.sharding or {}
+        if record.get("sharded"):
+            lines.append(f"- {arm.precision} sharded as {record['units']}: parameters gathered "
+                         f"in {record['param_dtype']}, gradients reduced in "
+                         f"{record['reduce_dtype']}")  # fmt: skip
+    return lines
 
 
 def run_bench(
@@ -165,21 +194,27 @@ def run_bench(
     memory: bool = True,
     run_dir: Path | None = None,
     settings: dict[str, Any] | None = None,
-) -> tuple[BenchReport, Path]:
+) -> tuple[BenchReport, Path | None]:
     """The `bench` command: build model and data like `train`, benchmark, write the report.
 
-    `settings` are the command's own options, recorded in `config.json` to rerun it.
+    `settings` are the command's own options, recorded in `config.json` to rerun it. Under
+    torch.distributed every rank benchmarks and rank 0 alone writes; the others get
+    `(report, None)`.
     """
-    from amptrain.bench import bench
+    from amptrain import distributed
+    from amptrain.bench import bench, ranks
     from amptrain.train import prepare
 
+    ranks.check_strategy(cfg.fit.strategy, distributed.world()[1])
     model, train, val, _ = prepare(cfg)
     report = bench(
         model, train, val, precisions=precisions, steps=steps, warmup=warmup, repeats=repeats,
         batch_size=cfg.fit.batch_size, lr=cfg.fit.lr, seed=cfg.fit.seed,
         eval_batches=cfg.fit.eval_batches, quality_tol=quality_tol, memory=memory,
-        compile=cfg.fit.compile,
+        compile=cfg.fit.compile, strategy=cfg.fit.strategy, source=cfg.model,
     )  # fmt: skip
+    if not distributed.is_main():
+        return report, None
     run_dir = run_dir or create_run_dir(cfg.out, "bench")
     write_config(run_dir, "bench", cfg, settings)
     return report, write_report(report, run_dir)

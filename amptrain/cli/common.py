@@ -10,6 +10,8 @@ import argparse
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -132,6 +134,61 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
         if saved is not None:
             values["context"] = saved["context"]
     return values
+
+
+NPROC_HELP = (
+    "processes on this machine, through torch's launcher; --strategy says how they "
+    "share the model (default: 1)"
+)
+
+
+def check_launch(args: argparse.Namespace, cfg: Any) -> bool:
+    """True when `--nproc N` must start N processes; what they would refuse is refused first.
+
+    In a process the launcher started, `args.nproc` becomes the launcher's count of processes
+    on this machine (what the command records).
+
+    A refusal in the started processes would end in the launcher's own error report, so the
+    checks that need no process group (`--nproc` itself, a model `--strategy` cannot shard)
+    run here, in one line and before anything starts.
+
+    Raises:
+        ConfigError, ModelError: The refusal.
+    """
+    from amptrain import distributed
+    from amptrain.errors import ConfigError
+    from amptrain.train import check_before_launch
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc} is invalid: it must be an integer >= 1")
+    if distributed.launched_by_torchrun():  # a started process: the launcher's own count
+        args.nproc = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc))
+        return False
+    if args.nproc == 1:
+        return False
+    check_before_launch(cfg)
+    return True
+
+
+def relaunch(args: argparse.Namespace) -> int:
+    """`--nproc N`: run the same command in N processes through torch's elastic launcher.
+
+    `--standalone` keeps the rendezvous on localhost with a free port. Every command that
+    takes `--nproc` starts its processes here. `--nproc` itself is left out of their command
+    line (the launcher would take it for its own `--nproc-per-node`); `check_launch` gives it
+    back to them from the launcher's LOCAL_WORLD_SIZE.
+    """
+    argv, skip = [], False
+    for token in args.argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            argv.append(token)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={args.nproc}", "-m", "amptrain", *argv]  # fmt: skip
+    return subprocess.call(launcher)
 
 
 # The libraries amptrain drives and their own switches for quiet; `-v` leaves them as they are.

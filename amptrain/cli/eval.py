@@ -12,6 +12,7 @@ SKIP = (
     "--init-from", "--val-fraction", "--max-steps", "--grad-accum", "--lr", "--warmup",
     "--weight-decay", "--clip-norm", "--eval-every", "--eval-batches", "--log-every",
     "--max-nonfinite", "--init-scale", "--growth-interval", "--checkpoint-every", "--keep-last",
+    "--checkpoint-format",
     "--optimizer-impl", "--attention", "--loss", "--compile",
 )  # fmt: skip
 

@@ -12,7 +12,8 @@ SKIP = (
     "--init-from", "--data", "--text-field", "--data-dtype", "--val-fraction", "--max-steps",
     "--batch-size", "--grad-accum", "--lr", "--warmup", "--weight-decay", "--clip-norm",
     "--eval-every", "--eval-batches", "--log-every", "--max-nonfinite", "--init-scale",
-    "--growth-interval", "--checkpoint-every", "--keep-last", "--optimizer-impl", "--attention",
+    "--growth-interval", "--checkpoint-every", "--keep-last",
+    "--checkpoint-format", "--optimizer-impl", "--attention",
     "--loss", "--compile",
 )  # fmt: skip
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from amptrain.cli.common import (
+    NPROC_HELP,
     add_train_flags,
+    check_launch,
     config_from_args,
     given_values,
     print_ending,
     progress_sinks,
+    relaunch,
 )
 
 
@@ -23,9 +24,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
     parser = sub.add_parser("train", help="fine-tune a model with fp32/tf32/fp16/bf16")
     add_train_flags(parser)
     parser.add_argument("--resume", help="auto (newest run under --out), a run or checkpoint dir")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="processes on this machine, through torch's launcher; --strategy "
-                        "says how they share the model (default: 1)")  # fmt: skip
+    parser.add_argument("--nproc", type=int, default=1, help=NPROC_HELP)
     parser.add_argument("--allow-new-scaler", action="store_true",
                         help="resume fp16 from a checkpoint without GradScaler state")  # fmt: skip
     parser.add_argument("--wandb", nargs="?", const="amptrain", default=None, metavar="PROJECT",
@@ -46,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from amptrain import distributed
     from amptrain.train import run_training
 
-    if args.nproc > 1 and not distributed.launched_by_torchrun():
-        return launch(args)
     cfg = config_from_args(args)
+    if check_launch(args, cfg):
+        return relaunch(args)
     given = given_values(args) if args.resume else None  # checked against the run's settings
     trackers = Trackers(args, cfg)  # missing packages and logins refused before anything
     distributed.init_from_env()
@@ -127,24 +126,6 @@ class Trackers:
         """Close every tracker started (closing twice is harmless)."""
         for sink in self.sinks:
             sink.close()
-
-
-def launch(args: argparse.Namespace) -> int:
-    """`--nproc N`: run the same command in N processes through torch's elastic launcher.
-
-    `--standalone` keeps the rendezvous on localhost with a free port.
-    """
-    argv, skip = [], False
-    for token in args.argv:
-        if skip:
-            skip = False
-        elif token == "--nproc":
-            skip = True
-        elif not token.startswith("--nproc="):
-            argv.append(token)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={args.nproc}", "-m", "amptrain", *argv]  # fmt: skip
-    return subprocess.call(launcher)
 
 
 def summary_rows(run: Any) -> dict[str, object]:
