@@ -140,7 +140,10 @@ def expert(job: Job, precision: str, compiled_epilogue: bool = False):
 
     `compiled_epilogue` compiles the clipping and the optimizer step as well, torch's
     "compiling the optimizer" recipe: a foreach AdamW (dynamo makes it capturable on CUDA),
-    whose update inductor fuses across parameters.
+    whose update inductor fuses across parameters. dynamo traces it as two graphs, the clipping
+    and the update: torch's optimizer breaks the graph around its step on purpose (its
+    `_use_grad_for_differentiable`, pytorch/pytorch#104053), so that the update traces as
+    in-place under no_grad.
     """
     model, rows, stamps = make_model(job), train_rows(job), []
     params = list(model.parameters())
