@@ -14,6 +14,7 @@ import amptrain
 from amptrain import autocompile
 from amptrain.autocompile import confirm, decide, load_record, measure_eager, save_record
 from amptrain.compiling import eager_loss, time_steps
+from amptrain.config import FitOptions
 from amptrain.precision import Precision
 
 KEY = "TinyGPT|1|4x8x1|fp32|cpu|torch"
@@ -106,3 +107,20 @@ def test_a_short_auto_run_reports_its_timed_pass(train_val):
     record = result.fast_path
     assert not record["compiled"] and len(record["eager_passes_s"]) == 1
     assert record["eager_step_s"] == pytest.approx(record["eager_passes_s"][0], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_an_auto_compile_is_confirmed_on_the_median_of_timed_compiled_passes(records):
+    model, sample = tiny_model(), pattern_blocks(4).inputs
+    prec = Precision("fp32", torch.device("cpu"), "test")
+    plan = autocompile.plan_compile(model, prec, sample, contextlib.nullcontext,
+                                    FitOptions(compile="auto"), 10**7)  # fmt: skip
+    plan.undo()
+    record = plan.record
+    assert len(record["eager_passes_s"]) == len(record["compiled_passes_s"]) == 3
+    median = statistics.median(record["compiled_passes_s"])
+    assert record["compiled_step_s"] == pytest.approx(median, abs=1e-6)
+    assert record["compiled"] == (record["compiled_step_s"] < record["eager_step_s"])
+    saved = json.loads(records.read_text())
+    (entry,) = saved.values()  # the measurement went to the record, for the next run
+    assert entry["runs"][-1]["compiled_step_s"] == record["compiled_step_s"]
