@@ -1,14 +1,19 @@
 """`compile="auto"`: compile the step only when the run is long enough to repay the compile time.
 
-The decision is made from figures, not guessed from the hardware. One eager forward+backward of
-the training shape is timed (after one untimed warm-up pass). The compile time and the share of
-the step it saves come from the record a previous run of the same model, shape, precision and
-device left in the compile cache; without one, from cautious defaults (`COMPILE_GUESS_S`,
+The decision is made from figures, not guessed from the hardware, and from medians, not single
+steps: one noisy pass must not decide. Eager forward+backward passes of the training shape are
+timed after one untimed warm-up: one, and two more unless that one already shows the run too
+short to repay any compile; the step's time is their median. The compile time and the share of
+the step it saves come from the record previous runs of the same model, shape, precision and
+device left in the compile cache (their last `RECORD_RUNS` measurements; the median saving,
+the latest compile time); without one, from cautious defaults (`COMPILE_GUESS_S`,
 `SAVING_GUESS`, `AUTOCAST_SAVING_GUESS`). The step is compiled when
-`steps * eager_step_s * saving >= compile_s`; once compiled, a compiled pass is timed too, and
-if it is not faster the run goes back to eager. The figures measured are written back to the
-record, so the next run decides on measurements. The decision, its figures and its reason go
-to the run's fast-path record.
+`steps * eager_step_s * saving >= compile_s`; once compiled, `TIMED_PASSES` compiled passes are
+timed after the compiling one, and if their median is not faster the run goes back to eager.
+The figures measured are added to the record, so later runs decide on measurements; a record
+keeps a model eager only once `VETO_RUNS` of its measurements say so by their median, so one
+bad run cannot lock a model out of compiling. The decision, its figures (the timed passes too)
+and its reason go to the run's fast-path record.
 
 The records live beside inductor's own FX-graph and AOTAutograd caches (which a second run of
 the same model reuses, so its compile is much shorter); `TORCHINDUCTOR_CACHE_DIR` moves both.
@@ -20,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +47,13 @@ SAVING_GUESS = 0.10
 AUTOCAST_SAVING_GUESS = 0.20
 """The same under autocast (bf16, fp16), where compiling also fuses the casts autocast adds to
 every forward: `benchmarks/peers.py` measured 21-22 % on a 2-core AVX512-BF16 CPU."""
+TIMED_PASSES = 3
+"""Passes timed on each side (after a warm-up) whose median decides; eager stops at one when the
+run is too short for compiling to pay even at half that pass's time."""
+RECORD_RUNS = 5
+"""Measurements a record keeps per model (the latest); their median saving decides."""
+VETO_RUNS = 3
+"""Measurements a record needs before its median saying "no faster" keeps a model eager."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,23 +98,47 @@ def plan_compile(
     key = record_key(model, sample, precision.name, opts.grad_accum)
     decision = forced(True)
     if opts.compile == "auto":
-        eager = time_steps(eager_loss(opts.ignore_index), model, precision, sample, attention, 2)
-        (eager_s,) = distributed.all_reduce([eager[-1]], "max")
-        decision = decide(steps, eager_s * opts.grad_accum, load_record(key),
-                          precision.uses_autocast)  # fmt: skip
+        eager = eager_loss(opts.ignore_index)
+        decision = measure_eager(
+            lambda n: time_steps(eager, model, precision, sample, attention, n),
+            steps, opts.grad_accum, precision.uses_autocast, load_record(key),
+        )  # fmt: skip
         if not decision.compile:
             return _plan(None, decision)
     vocab = probe_vocab(model, sample.size(1), sample.device, "model")
     compiled = compile_loss(model, sample, vocab, opts.ignore_index)
-    first, then = time_steps(compiled.fn, net, precision, sample, attention, 2)
-    first, then = distributed.all_reduce([first, then], "max")
-    decision = confirm(decision, first, then * opts.grad_accum)
+    timed = TIMED_PASSES if "eager_step_s" in decision.figures else 1
+    first, *times = time_steps(compiled.fn, net, precision, sample, attention, 1 + timed)
+    first, *times = distributed.all_reduce([first, *times], "max")
+    decision = confirm(decision, first, statistics.median(times) * opts.grad_accum)
+    decision.figures["compiled_passes_s"] = [round(t, 6) for t in times]
     if "eager_step_s" in decision.figures:
         save_record(key, decision.figures)
     if not decision.compile:
         compiled.undo()
         return _plan(None, decision)
     return _plan(compiled.fn, decision, compiled.record, compiled.undo)
+
+
+def measure_eager(
+    time_passes: Callable[[int], list[float]],
+    steps: int,
+    accum: int,
+    autocast: bool,
+    recorded: dict[str, Any] | None,
+) -> Decision:
+    """Time eager passes (`time_passes(n)`: seconds of n passes) and decide on their median.
+
+    After a warm-up pass one is timed, and `TIMED_PASSES - 1` more unless the run would be too
+    short to repay the compile even at half that pass's time. Every rank takes the slowest
+    rank's times, so all ranks time as many passes and decide alike.
+    """
+    times = distributed.all_reduce(time_passes(2)[1:], "max")
+    if decide(steps, times[0] / 2 * accum, recorded, autocast).compile:
+        times += distributed.all_reduce(time_passes(TIMED_PASSES - 1), "max")
+    decision = decide(steps, statistics.median(times) * accum, recorded, autocast)
+    decision.figures["eager_passes_s"] = [round(t, 6) for t in times]
+    return decision
 
 
 def _plan(
@@ -128,19 +165,25 @@ def decide(
 
     Args:
         steps: Optimizer steps still to run.
-        eager_step_s: Measured seconds of one eager forward+backward pass, times the passes
-            per optimizer step (gradient accumulation).
-        recorded: What a previous run of the same model left (`compile_s`, `eager_step_s`,
-            `compiled_step_s`), or None.
+        eager_step_s: Measured seconds of one eager forward+backward pass (a median), times the
+            passes per optimizer step (gradient accumulation).
+        recorded: What previous runs of the same model left (`load_record`: `compile_s`,
+            `saving`, `runs`), or None. A single measurement (`compile_s`, `eager_step_s`,
+            `compiled_step_s`) is read as a record of one run.
         autocast: The step runs under autocast (the saving assumed without a record is larger).
     """
     figures: dict[str, Any] = {"steps": steps, "eager_step_s": round(eager_step_s, 6)}
     guess = AUTOCAST_SAVING_GUESS if autocast else SAVING_GUESS
     compile_s, saving, source = COMPILE_GUESS_S, guess, "assumed (nothing recorded)"
     if recorded:
-        compile_s = float(recorded["compile_s"])
-        saving = 1 - float(recorded["compiled_step_s"]) / float(recorded["eager_step_s"])
-        source = "recorded by a previous run of this model"
+        compile_s, saving = float(recorded["compile_s"]), recorded_saving(recorded)
+        runs = int(recorded.get("runs", 1))
+        source = f"median of {runs} run(s) recorded for this model"
+        figures["record_runs"] = runs
+        if saving <= 0 and runs < VETO_RUNS:
+            source = (f"{runs} recorded run(s) measured no faster, fewer than {VETO_RUNS}: "
+                      f"saving assumed, measured again")  # fmt: skip
+            saving = guess
     figures.update(compile_s_estimate=round(compile_s, 3), saving_estimate=round(saving, 4),
                    estimates=source)  # fmt: skip
     if saving <= 0:
@@ -155,8 +198,19 @@ def decide(
     return Decision(True, f"compiled: {why}", figures)
 
 
+def recorded_saving(recorded: dict[str, Any]) -> float:
+    """The share of the eager step a record says compiling saves (its median, when it has one)."""
+    if "saving" in recorded:
+        return float(recorded["saving"])
+    return 1 - float(recorded["compiled_step_s"]) / float(recorded["eager_step_s"])
+
+
 def confirm(decision: Decision, compile_s: float, compiled_step_s: float) -> Decision:
-    """After compiling: keep the compiled step only if it measured faster than the eager one."""
+    """After compiling: keep the compiled step only if it measured faster than the eager one.
+
+    Both step times are medians of timed passes (`plan_compile`), so one slow pass cannot undo
+    a compile that pays.
+    """
     figures = {**decision.figures, "compile_s": round(compile_s, 3),
                "compiled_step_s": round(compiled_step_s, 6)}  # fmt: skip
     eager = figures.get("eager_step_s")
@@ -183,29 +237,56 @@ def records_path() -> Path:
 
 
 def load_record(key: str) -> dict[str, Any] | None:
-    """The record of a previous run under `key`, or None (missing or unreadable file)."""
+    """What previous runs under `key` measured, summarised, or None (none, or unreadable).
+
+    The summary: `saving`, the median share of the eager step the compiled step saved over the
+    recorded runs; `compile_s`, the latest run's compile seconds (inductor's cache makes every
+    compile after the first one shorter, so the latest says most about the next); `runs`.
+    """
     try:
         records = json.loads(records_path().read_text())
     except (OSError, ValueError):
         return None
-    found = records.get(key) if isinstance(records, dict) else None
-    needed = ("compile_s", "eager_step_s", "compiled_step_s")
-    return found if isinstance(found, dict) and all(k in found for k in needed) else None
+    runs = recorded_runs(records.get(key) if isinstance(records, dict) else None)
+    if not runs:
+        return None
+    savings = [1 - r["compiled_step_s"] / r["eager_step_s"] for r in runs]
+    return {"compile_s": runs[-1]["compile_s"], "saving": statistics.median(savings),
+            "runs": len(runs)}  # fmt: skip
+
+
+def recorded_runs(entry: Any) -> list[dict[str, float]]:
+    """The usable measurements of one record entry, oldest first (a bare one: a list of one)."""
+    runs = entry.get("runs") if isinstance(entry, dict) and "runs" in entry else [entry]
+    names = ("compile_s", "eager_step_s", "compiled_step_s")
+    usable = []
+    for run in runs if isinstance(runs, list) else []:
+        try:
+            figures = {k: float(run[k]) for k in names}
+        except (TypeError, KeyError, ValueError):
+            continue
+        if figures["eager_step_s"] > 0:
+            usable.append(figures)
+    return usable
 
 
 def save_record(key: str, figures: dict[str, Any]) -> None:
-    """Store a run's measured figures under `key` (atomic; a failure only loses the record)."""
+    """Add a run's measured figures to the record under `key`; it keeps the last `RECORD_RUNS`.
+
+    Written atomically; a failure only loses the record.
+    """
     path = records_path()
     try:
         records = json.loads(path.read_text()) if path.exists() else {}
         if not isinstance(records, dict):
             records = {}
         names = ("compile_s", "eager_step_s", "compiled_step_s")
-        records[key] = {k: figures[k] for k in names}
+        runs = recorded_runs(records.get(key)) + [{k: float(figures[k]) for k in names}]
+        records[key] = {"runs": runs[-RECORD_RUNS:]}
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as handle:
             json.dump(records, handle, indent=1)
         os.replace(tmp, path)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass  # the record only saves the next run a measurement

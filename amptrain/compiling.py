@@ -123,7 +123,9 @@ def compile_loss(
     own graph, with the rest of the forward eager: a shorter compile for deep models, fewer
     fusions. The one-region step marking the blocks as a `torch.compiler.nested_compile_region`
     would combine both, but in torch 2.13 its gradients are wrong (a reused region's backward
-    corrupts them), so it is not used.
+    under inductor overwrites buffers its caller still needs: pytorch/pytorch#192840, and a
+    buffer-reuse path only `allow_buffer_reuse=False` avoids; `tests/test_compile_nested.py`),
+    so it is not used.
     """
     logits_bytes = sample.numel() * vocab * 4
     chunked = logits_bytes > CHUNK_ABOVE_BYTES

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import cpu_model, cpu_slug  # noqa: E402 - the same CPU naming as the peers' result files
+from peers import cpu_model, results_file  # noqa: E402 - the same CPU naming as the peers' result files
 
 
 def worker(layers: int, mode: str, precision: str, width: int, context: int) -> dict:
@@ -68,8 +68,7 @@ def spawn(args: argparse.Namespace, layers: int, mode: str, cache: str) -> dict:
 
 
 def result_path() -> Path:
-    name = f"compile-time-{cpu_slug()}-t{torch.get_num_threads()}-torch{torch.__version__}"
-    return Path(__file__).parent / "results" / f"{name.replace('+', '-')}.json"
+    return results_file("compile-time")
 
 
 def main() -> None:

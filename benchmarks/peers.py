@@ -42,9 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers_arms import ABLATION, ARMS, JOBS, PEERS, heldout_loss  # noqa: E402
-
-WIDE_SPREAD = 0.10
-"""An arm whose tokens/s range over rounds exceeds this fraction of its median is flagged."""
+from rounds import WIDE_SPREAD, summary, verdict, write_result  # noqa: E402
 
 _NEEDS = {"lightning": "lightning", "accelerate": "accelerate", "transformers": "transformers"}
 
@@ -99,9 +97,14 @@ def cpu_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") + "-" + cpu_isa()
 
 
-def result_path(args: argparse.Namespace) -> Path:
-    name = f"peers-{args.job}-{cpu_slug()}-t{torch.get_num_threads()}-torch{torch.__version__}"
+def results_file(stem: str) -> Path:
+    """benchmarks/results/<stem>-<cpu>-<isa>-t<threads>-torch<version>.json, for any benchmark."""
+    name = f"{stem}-{cpu_slug()}-t{torch.get_num_threads()}-torch{torch.__version__}"
     return Path(__file__).parent / "results" / f"{name.replace('+', '-')}.json"
+
+
+def result_path(args: argparse.Namespace) -> Path:
+    return results_file(f"peers-{args.job}")
 
 
 def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
@@ -113,14 +116,11 @@ def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
         if not good:
             rows.append({"precision": precision, "arm": arm, "error": ok[0]["error"]})
             continue
-        rates = [r["tokens_per_s"] for r in good]
         rows.append({
-            "precision": precision, "arm": arm, "runs": len(good),
-            "tokens_per_s_median": statistics.median(rates),
-            "tokens_per_s_range": [min(rates), max(rates)],
+            "precision": precision, "arm": arm,
+            **summary([r["tokens_per_s"] for r in good]),
             "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in good),
             "heldout_loss": statistics.median(r["heldout_loss"] for r in good),
-            "spread": (max(rates) - min(rates)) / statistics.median(rates),
         })  # fmt: skip
     for ref in ("plain", "expert"):
         bases = {r["precision"]: r for r in rows if r["arm"] == ref and "error" not in r}
@@ -128,7 +128,7 @@ def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
             base = bases.get(row["precision"])
             if base and "error" not in row:
                 row[f"speed_vs_{ref}"] = row["tokens_per_s_median"] / base["tokens_per_s_median"]
-                row[f"verdict_vs_{ref}"] = _verdict(row, base)
+                row[f"verdict_vs_{ref}"] = verdict(row, base)
             if ref == "plain" and base and "error" not in row:
                 row["loss_vs_plain"] = row["heldout_loss"] / base["heldout_loss"] - 1
                 row["rss_vs_plain"] = row["peak_rss_mb_median"] / base["peak_rss_mb_median"]
@@ -139,21 +139,6 @@ def wide_spreads(rows: list[dict]) -> list[str]:
     """The arms whose spread over rounds is too wide for their ratios to be trusted."""
     return [f"{r['precision']}/{r['arm']} ({r['spread']:.0%})" for r in rows
             if r.get("spread", 0) > WIDE_SPREAD]  # fmt: skip
-
-
-def _verdict(row: dict, base: dict) -> str:
-    """Whether the arm's speed is told apart from the reference's: ranges that overlap are not."""
-    if row is base:
-        return "reference"
-    lo, hi = row["tokens_per_s_range"]
-    base_lo, base_hi = base["tokens_per_s_range"]
-    if row["runs"] < 2 or base["runs"] < 2:
-        return "inconclusive: one run per arm"
-    if lo > base_hi:
-        return "faster (ranges apart)"
-    if hi < base_lo:
-        return "slower (ranges apart)"
-    return "inconclusive: ranges overlap"
 
 
 def table(rows: list[dict]) -> str:
@@ -235,18 +220,8 @@ def main() -> None:
     if wide:
         print(f"\nSPREAD TOO WIDE (over {WIDE_SPREAD:.0%} of the median): {', '.join(wide)}; "
               "their ratios are not to be trusted: rerun alone on a quiet machine")  # fmt: skip
-    path = args.out or result_path(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {**meta, "results": rows, "raw": {f"{p}/{a}": r for (p, a), r in runs.items()}},
-            indent=2,
-        )
-        + "\n"
-    )
-    tmp.replace(path)  # atomic: a reader never sees half a result
-    print(f"\nwritten to {path}")
+    raw = {f"{p}/{a}": r for (p, a), r in runs.items()}
+    write_result(args.out or result_path(args), {**meta, "results": rows, "raw": raw})
 
 
 if __name__ == "__main__":

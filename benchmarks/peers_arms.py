@@ -129,10 +129,29 @@ def _autocast(precision: str) -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def expert(job: Job, precision: str):
-    """nanoGPT's recipe: model and loss compiled as one function, fused AdamW, nothing else."""
+def clip_and_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """The step's epilogue: clip the gradients' norm at 1.0, then step the optimizer."""
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+
+
+def expert(job: Job, precision: str, compiled_epilogue: bool = False):
+    """nanoGPT's recipe: model and loss compiled as one function, fused AdamW, nothing else.
+
+    `compiled_epilogue` compiles the clipping and the optimizer step as well, torch's
+    "compiling the optimizer" recipe: a foreach AdamW (dynamo makes it capturable on CUDA),
+    whose update inductor fuses across parameters. dynamo traces it as two graphs, the clipping
+    and the update: torch's optimizer breaks the graph around its step on purpose (its
+    `_use_grad_for_differentiable`, pytorch/pytorch#104053), so that the update traces as
+    in-place under no_grad.
+    """
     model, rows, stamps = make_model(job), train_rows(job), []
-    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, fused=True)
+    params = list(model.parameters())
+    if compiled_epilogue:
+        optimizer = torch.optim.AdamW(params, lr=job.lr, foreach=True)
+        epilogue = torch.compile(clip_and_step)
+    else:
+        optimizer, epilogue = torch.optim.AdamW(params, lr=job.lr, fused=True), clip_and_step
 
     @torch.compile
     def forward_loss(ids: torch.Tensor) -> torch.Tensor:
@@ -142,8 +161,7 @@ def expert(job: Job, precision: str):
     for step in range(job.steps):
         ids = rows[step * job.batch : (step + 1) * job.batch]
         forward_loss(ids).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        epilogue(params, optimizer)
         optimizer.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
     return stamps, model
@@ -267,6 +285,7 @@ ARMS = {
     "plain+chunked-ce": lambda job, p: plain(job, p, chunked=True),
     "plain+math-attention": lambda job, p: plain(job, p, math_attn=True),
     "plain+all": lambda job, p: plain(job, p, fused=True, chunked=True, math_attn=True),
+    "expert+compiled-epilogue": lambda job, p: expert(job, p, compiled_epilogue=True),
     "amptrain-for-loop-adamw": lambda job, p: amptrain_fit(job, p, optimizer_impl="for-loop"),
     "amptrain-default-attention": lambda job, p: amptrain_fit(job, p, attention="default"),
     "amptrain-compile": lambda job, p: amptrain_fit(job, p, compile=True),

@@ -5,26 +5,38 @@ gradients back). A working copy keeps fp32 master weights, updated by the optimi
 bf16 copy of them refreshed once per optimizer step; the forward and backward run on the copy
 (with fp32 LayerNorm/softmax statistics left to the bf16 kernels, which is where the numbers
 can differ), and the bf16 gradients are accumulated into the fp32 masters. Both arms train
-the same seeded GPT on the same tokens; the script reports the median step time of each and
-the loss of the working copy after the same steps relative to autocast's (the bar: within
-1 %). amptrain does not build the working copy: adopt it only where this shows it faster and
-within the bar, on a CPU with native bf16 (AMX/AVX512-BF16) or a GPU.
+the same seeded GPT on the same tokens. Rounds are interleaved (the order of the arms rotates
+each round); per arm: median tokens/s over rounds, min-max and spread, the ratio to autocast
+with a verdict (inconclusive where the ranges overlap or a spread exceeds 10 %), and the loss
+of the last step, the working copy's relative to autocast's (the bar: within 1 %). amptrain
+does not build the working copy: adopt it only where this shows it faster and within the
+bar, on a CPU with native bf16 (AMX/AVX512-BF16) or a GPU.
 
-    python benchmarks/working_copy.py [--steps 30] [--warmup 5]
-    python benchmarks/working_copy.py --steps 6 --warmup 2 --width 32 --layers 2   # smoke
+    python benchmarks/working_copy.py [--rounds 3] [--steps 30] [--warmup 5]
+    python benchmarks/working_copy.py --steps 6 --warmup 2 --rounds 1 --width 32 --layers 2  # smoke
+
+The result goes to benchmarks/results/working-copy-<cpu>-<isa>-t<threads>-torch<version>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from amptrain.models import GPTConfig, TinyGPT
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import cpu_model, results_file  # noqa: E402
+from rounds import compare, interleave, parse_rounds, round_options, table, write_result  # noqa: E402
 
 
 def _loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -69,24 +81,44 @@ def train(args: argparse.Namespace, working_copy: bool) -> tuple[list[float], fl
     return times[args.warmup :], loss
 
 
-def main() -> None:
+def run(args: argparse.Namespace, working_copy: bool) -> dict:
+    """One run of one arm: median tokens/s over the timed steps and the last step's loss."""
+    times, loss = train(args, working_copy)
+    return {"tokens_per_s": args.batch * (args.context - 1) / statistics.median(times),
+            "loss": loss}  # fmt: skip
+
+
+def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    round_options(parser, steps=30)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
-    args = parser.parse_args()
-    (auto_t, auto_loss), (copy_t, copy_loss) = train(args, False), train(args, True)
-    a, c = statistics.median(auto_t), statistics.median(copy_t)
-    rel = copy_loss / auto_loss - 1
-    print(f"autocast     {a * 1e3:8.1f} ms/step  loss {auto_loss:.4f}")
-    print(f"working copy {c * 1e3:8.1f} ms/step  loss {copy_loss:.4f} ({rel:+.2%} vs autocast)")
-    print(f"speed-up {a / c:.2f}x; loss within 1 %: {'yes' if abs(rel) <= 0.01 else 'NO'}; "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}. Times need a quiet "
-          "machine; they mean nothing where bf16 is emulated (no AMX/AVX512-BF16)")  # fmt: skip
+    return parse_rounds(parser)
+
+
+def main() -> None:
+    args = parse()
+    load_before = os.getloadavg()[0]
+    runs = interleave({"autocast": lambda: run(args, False),
+                       "working copy": lambda: run(args, True)}, args.rounds)  # fmt: skip
+    rows = compare(runs, reference="autocast")
+    rel = rows[1]["loss_vs_reference"]
+    meta = {"benchmark": "working_copy", "cpu": cpu_model(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "platform": platform.platform(),
+            "shape": {k: getattr(args, k) for k in
+                      ("steps", "warmup", "vocab", "width", "layers", "context", "batch")},
+            "rounds": args.rounds, "loss_within_1_percent": abs(rel) <= 0.01,
+            "load_average_before_after": [load_before, os.getloadavg()[0]]}  # fmt: skip
+    print(f"\n{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}\n")
+    print(table(rows))
+    print(
+        f"\nloss within 1 %: {'yes' if abs(rel) <= 0.01 else 'NO'} ({rel:+.2%}). Times need "
+        "a quiet machine; they mean nothing where bf16 is emulated (no AMX/AVX512-BF16)"
+    )
+    write_result(args.out or results_file("working-copy"), {**meta, "results": rows, "raw": runs})
 
 
 if __name__ == "__main__":
