@@ -10,8 +10,9 @@ with `compile=True` (its compile time is outside the timed steps). Every run
 is a fresh process (no shared caches or allocator state); rounds are interleaved and the
 order of the arms rotates each round, so machine drift hits all alike. Per arm and precision:
 median tokens/s over rounds with min-max and the spread ((max - min) / median), the ratios to
-the plain loop and to the expert's loop, with a verdict against each (ranges apart or
-inconclusive), peak RSS of the process, and the held-out loss after the same steps (measured
+the plain loop and to the expert's loop with the min-max of their per-round ratios and a paired
+verdict (faster or slower only when every round agrees; 3 rounds or more), peak RSS of the
+process, and the held-out loss after the same steps (measured
 the same way for every arm). An arm whose spread exceeds `WIDE_SPREAD` is flagged: its ratios
 are then not to be trusted.
 
@@ -42,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers_arms import ABLATION, ARMS, JOBS, PEERS, heldout_loss  # noqa: E402
-from rounds import WIDE_SPREAD, summary, verdict, write_result  # noqa: E402
+from rounds import WIDE_SPREAD, paired, summary, verdict, write_result  # noqa: E402
 
 _NEEDS = {"lightning": "lightning", "accelerate": "accelerate", "transformers": "transformers"}
 
@@ -129,6 +130,11 @@ def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
             if base and "error" not in row:
                 row[f"speed_vs_{ref}"] = row["tokens_per_s_median"] / base["tokens_per_s_median"]
                 row[f"verdict_vs_{ref}"] = verdict(row, base)
+                pairs = [(r["tokens_per_s"], b["tokens_per_s"]) for r, b in
+                         zip(runs[row["precision"], row["arm"]], runs[row["precision"], ref])
+                         if "error" not in r and "error" not in b]  # fmt: skip
+                if row is not base:
+                    row[f"paired_vs_{ref}"] = paired(*map(list, zip(*pairs, strict=True)))
             if ref == "plain" and base and "error" not in row:
                 row["loss_vs_plain"] = row["heldout_loss"] / base["heldout_loss"] - 1
                 row["rss_vs_plain"] = row["peak_rss_mb_median"] / base["peak_rss_mb_median"]
@@ -142,23 +148,30 @@ def wide_spreads(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    """A Markdown table, the same one the README shows."""
-    out = ["| precision | arm | tokens/s median (min-max) | spread | x plain | verdict vs plain "
-           "| x expert | verdict vs expert | peak RSS MB | held-out loss (vs plain) |",
-           "|---|---|---|---:|---:|---|---:|---|---:|---|"]  # fmt: skip
-    nan = float("nan")
+    """A Markdown table, the same one the README shows: per reference arm, the ratio of the
+    medians, the per-round ratios' min-max, and the paired verdict (see `rounds.paired`)."""
+    out = ["| precision | arm | tokens/s median (min-max) | spread | x plain (rounds) "
+           "| vs plain | x expert (rounds) | vs expert | peak RSS MB | held-out loss (vs plain) |",
+           "|---|---|---|---:|---|---|---|---|---:|---|"]  # fmt: skip
     for r in rows:
         if "error" in r:
             out.append(f"| {r['precision']} | {r['arm']} | failed: {r['error'][:80]} |" + " |" * 7)
             continue
         lo, hi = r["tokens_per_s_range"]
+        cells = []
+        for ref in ("plain", "expert"):
+            pair = r.get(f"paired_vs_{ref}")
+            if pair is None:
+                cells += ["1.00", "reference"] if r["arm"] == ref else ["", ""]
+                continue
+            p_lo, p_hi = pair["ratio_range"]
+            cells += [f"{r[f'speed_vs_{ref}']:.2f} ({p_lo:.2f}-{p_hi:.2f})", pair["verdict"]]
+        loss = r.get("loss_vs_plain", float("nan"))
         out.append(
             f"| {r['precision']} | {r['arm']} "
             f"| {r['tokens_per_s_median']:,.0f} ({lo:,.0f}-{hi:,.0f}) | {r['spread']:.0%} "
-            f"| {r.get('speed_vs_plain', nan):.2f} | {r.get('verdict_vs_plain', '')} "
-            f"| {r.get('speed_vs_expert', nan):.2f} | {r.get('verdict_vs_expert', '')} "
-            f"| {r['peak_rss_mb_median']:,.0f} "
-            f"| {r['heldout_loss']:.4f} ({r.get('loss_vs_plain', nan):+.1%}) |"
+            f"| {' | '.join(cells)} | {r['peak_rss_mb_median']:,.0f} "
+            f"| {r['heldout_loss']:.4f} ({loss:+.1%}) |"
         )
     return "\n".join(out)
 

@@ -4,7 +4,9 @@ One machine's speed drifts (other jobs, frequency, caches), so a benchmark runs 
 per round with the order rotated each round, and reports per arm the median over rounds, the
 min-max range and the spread ((max - min) / median). A ratio between two arms is told apart
 only when their ranges do not overlap; where an arm's spread exceeds `WIDE_SPREAD` the verdict
-that includes the spread calls it inconclusive. `peers.py`, `epilogue.py` and
+that includes the spread calls it inconclusive. The paired verdict compares two arms round by
+round instead (their ratio in each round), which cancels the drift between rounds; it tells the
+arms apart only when every round agrees. `peers.py`, `epilogue.py` and
 `working_copy.py` share these helpers.
 """
 
@@ -72,6 +74,24 @@ def verdict(row: dict, base: dict) -> str:
     if hi < base_lo:
         return "slower (ranges apart)"
     return "inconclusive: ranges overlap"
+
+
+def paired(rates: list[float], base_rates: list[float]) -> dict:
+    """The arm's speed over the reference's, round by round (the two ran minutes apart at most,
+    so the machine's drift between rounds cancels): the median ratio, its min-max, and a verdict
+    that tells the arm apart only where every round agrees. Rounds where either arm failed are
+    left out by the caller."""
+    ratios = [r / b for r, b in zip(rates, base_rates, strict=True)]
+    lo, hi = min(ratios), max(ratios)
+    if len(ratios) < 3:
+        said = f"inconclusive: {len(ratios)} paired round(s), 3 needed"
+    elif lo > 1:
+        said = f"faster in all {len(ratios)} rounds"
+    elif hi < 1:
+        said = f"slower in all {len(ratios)} rounds"
+    else:
+        said = "inconclusive: the rounds disagree"
+    return {"ratio_median": statistics.median(ratios), "ratio_range": [lo, hi], "verdict": said}
 
 
 def verdict_within_spread(row: dict, base: dict) -> str:
