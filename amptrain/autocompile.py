@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
 import statistics
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ from torch import nn
 
 from amptrain import distributed
 from amptrain.adapter import probe_vocab
+from amptrain.cache import read_entries, write_entries
 from amptrain.compiling import LossFn, compile_loss, eager_loss, time_steps
 from amptrain.config import FitOptions
 from amptrain.precision import Precision
@@ -229,11 +227,17 @@ def record_key(model: torch.nn.Module, sample: torch.Tensor, precision: str, acc
             f"{sample.device.type}|torch{torch.__version__}")  # fmt: skip
 
 
+RECORDS = "amptrain-compile-records.json"
+
+
 def records_path() -> Path:
-    """The records file, in inductor's cache folder (`TORCHINDUCTOR_CACHE_DIR` moves it)."""
+    """The records file, in inductor's cache folder (`TORCHINDUCTOR_CACHE_DIR` moves it).
+
+    The compile times it holds depend on that cache, so the two are cleared together.
+    """
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    return Path(cache_dir()) / "amptrain-compile-records.json"
+    return Path(cache_dir()) / RECORDS
 
 
 def load_record(key: str) -> dict[str, Any] | None:
@@ -243,11 +247,7 @@ def load_record(key: str) -> dict[str, Any] | None:
     recorded runs; `compile_s`, the latest run's compile seconds (inductor's cache makes every
     compile after the first one shorter, so the latest says most about the next); `runs`.
     """
-    try:
-        records = json.loads(records_path().read_text())
-    except (OSError, ValueError):
-        return None
-    runs = recorded_runs(records.get(key) if isinstance(records, dict) else None)
+    runs = recorded_runs(read_entries(RECORDS, records_path().parent).get(key))
     if not runs:
         return None
     savings = [1 - r["compiled_step_s"] / r["eager_step_s"] for r in runs]
@@ -273,20 +273,11 @@ def recorded_runs(entry: Any) -> list[dict[str, float]]:
 def save_record(key: str, figures: dict[str, Any]) -> None:
     """Add a run's measured figures to the record under `key`; it keeps the last `RECORD_RUNS`.
 
-    Written atomically; a failure only loses the record.
+    Written atomically (`cache.write_entries`); a failure only loses the record.
     """
-    path = records_path()
-    try:
-        records = json.loads(path.read_text()) if path.exists() else {}
-        if not isinstance(records, dict):
-            records = {}
-        names = ("compile_s", "eager_step_s", "compiled_step_s")
-        runs = recorded_runs(records.get(key)) + [{k: float(figures[k]) for k in names}]
-        records[key] = {"runs": runs[-RECORD_RUNS:]}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(records, handle, indent=1)
-        os.replace(tmp, path)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # the record only saves the next run a measurement
+    folder = records_path().parent
+    records = read_entries(RECORDS, folder)
+    names = ("compile_s", "eager_step_s", "compiled_step_s")
+    runs = recorded_runs(records.get(key)) + [{k: float(figures[k]) for k in names}]
+    records[key] = {"runs": runs[-RECORD_RUNS:]}
+    write_entries(RECORDS, records, folder)

@@ -26,21 +26,25 @@ def cache_dir() -> Path:
     return Path(base) / "amptrain"
 
 
-def read_entries(name: str) -> dict[str, Any]:
-    """The entries of the cache record `name`; empty if it is missing or unreadable."""
+def read_entries(name: str, folder: Path | None = None) -> dict[str, Any]:
+    """The entries of the cache record `name` in `folder` (default `cache_dir()`).
+
+    Empty if the record is missing or unreadable.
+    """
     try:
-        entries = json.loads((cache_dir() / name).read_text(encoding="utf-8"))
+        entries = json.loads(((folder or cache_dir()) / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return entries if isinstance(entries, dict) else {}
 
 
-def write_entries(name: str, entries: dict[str, Any]) -> None:
-    """Replace the record `name` with `entries` atomically, readable by the user only.
+def write_entries(name: str, entries: dict[str, Any], folder: Path | None = None) -> None:
+    """Replace the record `name` in `folder` (default `cache_dir()`) with `entries` atomically.
 
-    A failure (read-only home, full disk) is logged at debug level and otherwise ignored.
+    The file is readable by the user only. A failure (read-only home, full disk) is logged at
+    debug level and otherwise ignored.
     """
-    path = cache_dir() / name
+    path = (folder or cache_dir()) / name
     tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
