@@ -111,19 +111,28 @@ def compare(runs: dict[str, list[dict]], reference: str) -> list[dict]:
     for row in rows:
         row["speed_vs_reference"] = row["tokens_per_s_median"] / base["tokens_per_s_median"]
         row["verdict"] = verdict_within_spread(row, base)
+        if row is not base:
+            row["paired"] = paired([r["tokens_per_s"] for r in runs[row["arm"]]],
+                                   [r["tokens_per_s"] for r in runs[reference]])  # fmt: skip
         row["loss_vs_reference"] = row["loss"] / base["loss"] - 1
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """A Markdown table of `compare`'s rows."""
-    out = ["| arm | tokens/s median (min-max) | spread | x reference | verdict | loss (vs ref) |",
-           "|---|---|---:|---:|---|---|"]  # fmt: skip
+    out = ["| arm | tokens/s median (min-max) | spread | x reference | verdict "
+           "| paired by round (min-max) | loss (vs ref) |",
+           "|---|---|---:|---:|---|---|---|"]  # fmt: skip
     for r in rows:
         lo, hi = r["tokens_per_s_range"]
+        pair = r.get("paired")
+        by_round = "reference"
+        if pair:
+            p_lo, p_hi = pair["ratio_range"]
+            by_round = f"{pair['verdict']} ({p_lo:.3f}-{p_hi:.3f})"
         out.append(f"| {r['arm']} | {r['tokens_per_s_median']:,.0f} ({lo:,.0f}-{hi:,.0f}) "
                    f"| {r['spread']:.0%} | {r['speed_vs_reference']:.3f} | {r['verdict']} "
-                   f"| {r['loss']:.4f} ({r['loss_vs_reference']:+.2%}) |")  # fmt: skip
+                   f"| {by_round} | {r['loss']:.4f} ({r['loss_vs_reference']:+.2%}) |")  # fmt: skip
     return "\n".join(out)
 
 
