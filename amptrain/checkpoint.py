@@ -122,7 +122,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write(path: Path, payload: bytes) -> None:
+def write_file(path: Path, payload: bytes) -> None:
+    """Write one file of a checkpoint, durably (fsync), readable by the user only.
+
+    Every byte of a checkpoint reaches the disk through here, so this is where a fault (a full
+    disk, a signal mid-write) meets the checkpoint and where the fault tests inject one.
+    """
     with open(os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600), "wb") as f:
         f.write(payload)
         f.flush()
@@ -169,8 +174,8 @@ def save(
         else:
             manifest.update(_describe_tree(staged))
         for name, payload in payloads.items():
-            _write(tmp / name, payload)
-        _write(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())  # last
+            write_file(tmp / name, payload)
+        write_file(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())  # last
         if final.exists():
             _discard(final)
         os.replace(tmp, final)

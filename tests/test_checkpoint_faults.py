@@ -156,8 +156,8 @@ ERRORS = {
 
 
 def half_written(fail_on: str, error: OSError):
-    """A `_write` that writes half of `fail_on` and then fails, the others whole."""
-    real = checkpoint._write
+    """A `write_file` that writes half of `fail_on` and then fails, the others whole."""
+    real = checkpoint.write_file
 
     def write(path: Path, data: bytes) -> None:
         if path.name == fail_on:
@@ -187,7 +187,7 @@ def test_failed_save_names_the_dir_and_keeps_earlier_checkpoints(tmp_path, monke
 
         monkeypatch.setattr(checkpoint.os, "replace", replace)
     else:
-        monkeypatch.setattr(checkpoint, "_write", half_written(where, error))
+        monkeypatch.setattr(checkpoint, "write_file", half_written(where, error))
     with pytest.raises(CheckpointError) as info:
         checkpoint.save(root, 3, checkpoint_payload(3), {"step": 3}, keep_last=1)
     monkeypatch.undo()
@@ -219,14 +219,14 @@ def test_read_only_checkpoint_dir_is_a_checkpoint_error(tmp_path):
 def test_fit_stops_with_the_checkpoint_error(tmp_path, monkeypatch, kind):
     error, text = ERRORS[kind]
     root = tmp_path / "checkpoints"
-    real = checkpoint._write
+    real = checkpoint.write_file
 
     def write(path: Path, data: bytes) -> None:
         if path.parent.name.startswith(f".tmp-{step_name(4)}"):
             raise error
         real(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write", write)
+    monkeypatch.setattr(checkpoint, "write_file", write)
     steps = []
 
     class Steps(Callback):

@@ -121,7 +121,7 @@ def test_a_second_ctrl_c_aborts_with_one_line_and_no_temporary(
 ):
     out = tmp_path / "runs"
     signal_at_step_end(monkeypatch, 1, signal.SIGINT)
-    real_write, writes = checkpoint._write, []
+    real_write, writes = checkpoint.write_file, []
 
     def write(path, payload):
         writes.append(path)
@@ -129,7 +129,7 @@ def test_a_second_ctrl_c_aborts_with_one_line_and_no_temporary(
             os.kill(os.getpid(), signal.SIGINT)
         real_write(path, payload)
 
-    monkeypatch.setattr(checkpoint, "_write", write)
+    monkeypatch.setattr(checkpoint, "write_file", write)
     assert _train(corpus, out, "--max-steps", "3") == 130
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("amptrain:")]

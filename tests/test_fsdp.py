@@ -334,23 +334,25 @@ def _wait_for_step(metrics, step, proc, timeout=300.0):
 
 @pytest.mark.slow
 def test_sigterm_to_an_fsdp_run_checkpoints_and_resume_auto_continues(tmp_path):
+    total = 600  # steps: enough that a loaded machine cannot end the run before the signal
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 300)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = [sys.executable, "-m", "amptrain", "train", "--out", "runs", "--no-progress"]
     proc = subprocess.Popen(
         [*train, "--nproc", "2", "--strategy", "fsdp", "--data", "corpus.txt", "--precision",
          "fp32", "--context", "16", "--layers", "2", "--width", "16", "--heads", "2",
-         "--batch-size", "2", "--max-steps", "200", "--eval-every", "100"],
+         "--batch-size", "2", "--max-steps", str(total), "--eval-every", str(total // 2)],
         cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     (run,) = _wait_dir(tmp_path / "runs", proc)
     _wait_for_step(run / "metrics.jsonl", 3, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the launcher and every rank
-    proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, f"the run ended before the signal: {err[-2000:]}"
     (ckpt,) = checkpoint.list_checkpoints(run / "checkpoints")
     saved = checkpoint.load(ckpt)
-    assert saved.sharded and 3 <= saved.trainer["step"] < 200, saved.trainer
+    assert saved.sharded and 3 <= saved.trainer["step"] < total, saved.trainer
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
     # --resume auto on one process: the sharded checkpoint loads whole, batch 2 x 2 becomes 4.
@@ -359,10 +361,10 @@ def test_sigterm_to_an_fsdp_run_checkpoints_and_resume_auto_continues(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "batch_size 4 per process keeps the global batch 4" in " ".join(out.stderr.split())
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 200
+    assert summary["steps"] == total
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in x]  # fmt: skip
-    assert steps == list(range(1, 201))  # each step once, across the interruption
+    assert steps == list(range(1, total + 1))  # each step once, across the interruption
 
 
 def _wait_dir(root, proc, timeout=300.0):

@@ -34,7 +34,7 @@ ARGS = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--
 MOMENTS = {
     "training step": ("amptrain.loop.train_step", 5, 5),  # the 5th step finishes, then stops
     "evaluation": ("amptrain.loop.evaluate", 2, 4),  # the evaluation after step 4 is cut
-    "checkpoint write": ("amptrain.checkpoint._write", 1, 3),  # the save of step 3 completes
+    "checkpoint write": ("amptrain.checkpoint.write_file", 1, 3),  # the save of step 3 completes
     # step 6's metrics (8th record) are written; metrics.jsonl is the first sink of a run
     "logging": ("amptrain.metrics.sinks.JsonlSink.log", 8, 6),
     "plotting": ("amptrain.runs.plotting.plot_training", 1, STEPS),  # after the run's last step
