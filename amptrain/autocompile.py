@@ -8,8 +8,10 @@ the step it saves come from the record previous runs of the same model, shape, p
 device left in the compile cache (their last `RECORD_RUNS` measurements; the median saving,
 the latest compile time); without one, from cautious defaults (`COMPILE_GUESS_S`,
 `SAVING_GUESS`, `AUTOCAST_SAVING_GUESS`). The step is compiled when
-`steps * eager_step_s * saving >= compile_s`; once compiled, `TIMED_PASSES` compiled passes are
-timed after the compiling one, and if their median is not faster the run goes back to eager.
+`steps * eager_step_s * saving >= compile_s`; once compiled (and one more untimed pass: a
+compiled step's first passes run slower), `TIMED_PASSES` eager and compiled passes are timed
+alternately, so the machine's drift hits both alike, and if the compiled median is not faster
+than the eager one the run goes back to eager.
 The figures measured are added to the record, so later runs decide on measurements; a record
 keeps a model eager only once `VETO_RUNS` of its measurements say so by their median, so one
 bad run cannot lock a model out of compiling. The decision, its figures (the timed passes too)
@@ -95,8 +97,8 @@ def plan_compile(
         return _plan(None, forced(False))
     key = record_key(model, sample, precision.name, opts.grad_accum)
     decision = forced(True)
+    eager = eager_loss(opts.ignore_index)
     if opts.compile == "auto":
-        eager = eager_loss(opts.ignore_index)
         decision = measure_eager(
             lambda n: time_steps(eager, model, precision, sample, attention, n),
             steps, opts.grad_accum, precision.uses_autocast, load_record(key),
@@ -105,9 +107,20 @@ def plan_compile(
             return _plan(None, decision)
     vocab = probe_vocab(model, sample.size(1), sample.device, "model")
     compiled = compile_loss(model, sample, vocab, opts.ignore_index)
-    timed = TIMED_PASSES if "eager_step_s" in decision.figures else 1
-    first, *times = time_steps(compiled.fn, net, precision, sample, attention, 1 + timed)
-    first, *times = distributed.all_reduce([first, *times], "max")
+    # the compiling pass, then one untimed: a compiled step's first passes run slower
+    first, warm = time_steps(compiled.fn, net, precision, sample, attention, 2)
+    (first,) = distributed.all_reduce([first], "max")
+    times = [warm]
+    if "eager_step_s" in decision.figures:  # auto: both again, alternately, so drift hits both
+        eager_times, times = alternate(
+            lambda: time_steps(eager, model, precision, sample, attention, 1)[0],
+            lambda: time_steps(compiled.fn, net, precision, sample, attention, 1)[0],
+        )
+        decision.figures.update(
+            eager_step_s=round(statistics.median(eager_times) * opts.grad_accum, 6),
+            eager_passes_s=[round(t, 6) for t in eager_times],
+        )
+    times = distributed.all_reduce(times, "max")
     decision = confirm(decision, first, statistics.median(times) * opts.grad_accum)
     decision.figures["compiled_passes_s"] = [round(t, 6) for t in times]
     if "eager_step_s" in decision.figures:
@@ -116,6 +129,17 @@ def plan_compile(
         compiled.undo()
         return _plan(None, decision)
     return _plan(compiled.fn, decision, compiled.record, compiled.undo)
+
+
+def alternate(
+    eager: Callable[[], float], compiled: Callable[[], float]
+) -> tuple[list[float], list[float]]:
+    """`TIMED_PASSES` seconds of each pass kind, timed alternately (the slowest rank's)."""
+    eager_times, compiled_times = [], []
+    for _ in range(TIMED_PASSES):
+        eager_times.append(eager())
+        compiled_times.append(compiled())
+    return distributed.all_reduce(eager_times, "max"), compiled_times
 
 
 def measure_eager(
