@@ -48,20 +48,28 @@ def _session_cache_dir(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def model_styles_importable():
-    """tests/model_styles importable for a block, leaving no module of it behind.
+def importable(folder: Path):
+    """`folder` importable for a block, leaving no module imported meanwhile behind.
 
-    Its `layers.py` must not stay in `sys.modules`: a later test imports a model file whose
-    own sibling is also called `layers`.
+    The model styles' `layers.py` must not stay in `sys.modules`: a later test imports a model
+    file whose own sibling is also called `layers` (dynamo, tracing a model, imports the
+    modules of the functions it meets by name, so build_model's own clean-up is not enough).
     """
-    sys.path.insert(0, str(Path(__file__).parent / "model_styles"))
+    sys.path.insert(0, str(folder))
     before = set(sys.modules)
     try:
         yield
     finally:
-        sys.path.remove(str(Path(__file__).parent / "model_styles"))
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
+        sys.path.remove(str(folder))
+        for name in set(sys.modules) - before:  # only the folder's: torch's own stay loaded
+            origin = getattr(sys.modules[name], "__file__", None) or ""
+            if origin and Path(origin).resolve().is_relative_to(folder.resolve()):
+                del sys.modules[name]
+
+
+def model_styles_importable():
+    """tests/model_styles importable for a block (see `importable`)."""
+    return importable(Path(__file__).parent / "model_styles")
 
 
 @pytest.fixture

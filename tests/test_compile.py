@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONTEXT, pattern_blocks, tiny_model
+from conftest import CONTEXT, importable, pattern_blocks, tiny_model
 
 import amptrain
 from amptrain import autocompile, checkpoint
@@ -23,12 +24,16 @@ COMPILED_RTOL, COMPILED_ATOL = 1e-4, 1e-5
 
 
 @pytest.fixture
-def styles(tmp_path, monkeypatch) -> dict[str, torch.nn.Module]:
+def styles(tmp_path) -> Iterator[dict[str, torch.nn.Module]]:
     """The built-in model, every model style of tests/model_styles and Hugging Face's Llama and
     Qwen2 (when transformers is installed), tiny."""
     root = tmp_path / "styles"
     shutil.copytree(STYLES, root)
-    monkeypatch.syspath_prepend(str(root))  # minGPT imports `mingpt.utils`, llama `layers`
+    with importable(root):  # minGPT imports `mingpt.utils`, llama `layers`
+        yield _style_models(root)
+
+
+def _style_models(root: Path) -> dict[str, torch.nn.Module]:
     small = {"n_layer": 2, "n_head": 2, "n_embd": 16}
     specs = {
         "nanogpt": ModelSpec(f"{root}/nanogpt_model.py:GPT", small),
