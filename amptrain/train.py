@@ -457,8 +457,8 @@ def _check_config_hash(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:
     expected = ckpt.trainer.get("config_hash")
     # An extended or switched run's config.json has the new max_steps, strategy or checkpoint
     # format before its first new checkpoint: the checkpoint's own values are the ones hashed.
-    written = {name[4:]: ckpt.trainer[name[4:]] for name in SWITCHABLE
-               if name[4:] in ckpt.trainer}  # fmt: skip
+    fields = [name.removeprefix("fit.") for name in SWITCHABLE]
+    written = {field: ckpt.trainer[field] for field in fields if field in ckpt.trainer}
     cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, **written))
     if expected and expected != checkpoint.config_hash(cfg.to_dict()):
         raise checkpoint.CheckpointError(

@@ -141,20 +141,25 @@ def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
             if base and "error" not in row:
                 row[f"speed_vs_{ref}"] = row["tokens_per_s_median"] / base["tokens_per_s_median"]
                 row[f"verdict_vs_{ref}"] = verdict(row, base)
-                pairs = [(r["tokens_per_s"], b["tokens_per_s"]) for r, b in
-                         zip(runs[row["precision"], row["arm"]], runs[row["precision"], ref])
-                         if "error" not in r and "error" not in b]  # fmt: skip
                 if row is not base:
-                    row[f"paired_vs_{ref}"] = paired(*map(list, zip(*pairs, strict=True)))
-                    fast = [(r["fast_tokens_per_s"], b["fast_tokens_per_s"]) for r, b in
-                            zip(runs[row["precision"], row["arm"]], runs[row["precision"], ref])
-                            if "fast_tokens_per_s" in r and "fast_tokens_per_s" in b]  # fmt: skip
-                    if fast:
-                        row[f"fast_paired_vs_{ref}"] = paired(*map(list, zip(*fast, strict=True)))
+                    mine, theirs = runs[row["precision"], row["arm"]], runs[row["precision"], ref]
+                    for prefix, key in (("", "tokens_per_s"), ("fast_", "fast_tokens_per_s")):
+                        found = paired_by_round(mine, theirs, key)
+                        if found:
+                            row[f"{prefix}paired_vs_{ref}"] = found
             if ref == "plain" and base and "error" not in row:
                 row["loss_vs_plain"] = row["heldout_loss"] / base["heldout_loss"] - 1
                 row["rss_vs_plain"] = row["peak_rss_mb_median"] / base["peak_rss_mb_median"]
     return rows
+
+
+def paired_by_round(arm_runs: list[dict], ref_runs: list[dict], key: str) -> dict | None:
+    """`rounds.paired` of figure `key` over the rounds where both arms measured it, or None."""
+    pairs = [(r[key], b[key]) for r, b in zip(arm_runs, ref_runs) if key in r and key in b]
+    if not pairs:
+        return None
+    mine, theirs = zip(*pairs, strict=True)
+    return paired(list(mine), list(theirs))
 
 
 def wide_spreads(rows: list[dict]) -> list[str]:
