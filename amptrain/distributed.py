@@ -13,12 +13,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("amptrain")
+
+_left = False  # this process left a process group whose gloo threads may outlive it
 
 
 def world() -> tuple[int, int]:
@@ -67,9 +70,30 @@ def shutdown() -> None:
     Rank 0 still writes files after the others have finished; tearing the group down under it
     can abort the process that hosts the rendezvous store.
     """
+    global _left
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _left = True
+
+
+def end_worker(code: int) -> int:
+    """End a process that left a process group with `code`, skipping interpreter teardown.
+
+    `shutdown` leaves the group, but the gloo backend's worker threads live on while anything
+    still references the group (FSDP's mesh does, through autograd hooks), and are then torn
+    down during interpreter finalization, which aborts the process at random (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch#190489): a finished run
+    that torchrun reports as failed. Once the run is written and the group left, the worker
+    flushes its output and exits at once. Returns `code` unchanged in a process that never
+    left a group.
+    """
+    if not _left:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def _device() -> torch.device:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import socket
 
 import torch
@@ -31,6 +30,4 @@ def _worker(rank, world, port, module, case, tmp, *args):
                             world_size=world)  # fmt: skip
     getattr(importlib.import_module(module), f"_case_{case}")(rank, tmp, *args)
     distributed.shutdown()
-    # Skip interpreter teardown: a spawned gloo worker occasionally aborts there ("terminate
-    # called without an active exception") after all its work is done and saved.
-    os._exit(0)
+    distributed.end_worker(0)

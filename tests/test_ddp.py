@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from conftest import pattern_blocks, tiny_model
 from spawning import spawn
 
 import amptrain
-from amptrain import checkpoint, resharding
+from amptrain import checkpoint, distributed, resharding
 from amptrain.callbacks import Callback
 from amptrain.config import FitOptions, TrainConfig
 from amptrain.errors import Interrupted
@@ -167,3 +169,15 @@ def test_two_compiled_processes_match_one(tmp_path):
         torch.testing.assert_close(got[0]["state"][name], param, atol=1e-4, rtol=1e-4)
         assert torch.equal(got[0]["state"][name], got[1]["state"][name])  # ranks agree
     assert got[0]["result"]["final_val_loss"] == pytest.approx(expected.final_val_loss, rel=1e-4)
+
+
+def _case_ends_without_teardown(rank, tmp):
+    atexit.register(Path(f"{tmp}/torn-down-{rank}").touch)
+    Path(f"{tmp}/ran-{rank}").touch()
+
+
+def test_a_worker_that_left_its_group_ends_without_interpreter_teardown(tmp_path):
+    """gloo's threads outlive the group and can abort interpreter teardown (end_worker)."""
+    assert distributed.end_worker(3) == 3  # this process never left a group: nothing happens
+    _spawn("ends_without_teardown", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ran-0", "ran-1"]

@@ -56,9 +56,11 @@ def _two_nodes(cwd: Path, line: str, out: str) -> Path:
                 for prev, rank_arg in zip(["", *argv], argv)]  # fmt: skip
         nodes.append(subprocess.Popen(node, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))  # fmt: skip
-    for node in nodes:
-        output, _ = node.communicate(timeout=600)
-        assert node.returncode == 0, output[-3000:]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for i, node in enumerate(nodes):
+        assert node.returncode == 0, "\n".join(f"node {j}: {out[-2000:]}"
+                                              for j, out in enumerate(outputs))  # fmt: skip
+        assert "terminate called" not in outputs[i]
     (run,) = (cwd / out).iterdir()
     return run
 

@@ -60,7 +60,16 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code, one meaning each (`amptrain.errors.EXIT_CODES`)."""
+    """Entry point; returns the exit code, one meaning each (`amptrain.errors.EXIT_CODES`).
+
+    A torchrun worker ends here once its command returned (`distributed.end_worker`).
+    """
+    code = _run(argv)
+    distributed = sys.modules.get("amptrain.distributed")  # not imported: no process group
+    return code if distributed is None else distributed.end_worker(code)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)  # --help and usage errors end here
     args.argv = argv
