@@ -17,6 +17,9 @@ from amptrain.errors import ConfigError
 STRATEGIES = ("ddp", "fsdp")
 """How several processes share the training: replicated (DDP) or sharded (FSDP2)."""
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
+
+ALLOCATORS = ("auto", "system")
+"""`auto` keeps freed host memory when the first steps fault (`amptrain.allocator`)."""
 """How checkpoints are written: `auto` is `sharded` under FSDP, `full` otherwise."""
 
 
@@ -88,6 +91,9 @@ class FitOptions:
     strategy: str = "ddp"
     """Several processes: `ddp` (every rank holds the whole model) or `fsdp` (parameters,
     gradients and optimizer state sharded over the ranks, one unit per repeated block)."""
+    allocator: str = "auto"
+    """CPU host memory: `auto` (glibc keeps freed memory for reuse when the first steps' page
+    faults say it pays) or `system` (malloc left as it is)."""
     checkpoint_format: str = "auto"
     """`sharded` (every rank writes its part with torch.distributed.checkpoint; resumes on any
     number of processes), `full` (rank 0 writes the whole state, gathered under fsdp) or
@@ -130,6 +136,8 @@ class FitOptions:
         attention = ("auto", "default", "math")
         _check(self.attention in attention, "attention", self.attention,
                f"one of {', '.join(attention)}")  # fmt: skip
+        _check(self.allocator in ALLOCATORS, "allocator", self.allocator,
+               f"one of {', '.join(ALLOCATORS)}")  # fmt: skip
         losses = ("auto", "fused", "unfused")
         _check(self.loss in losses, "loss", self.loss, f"one of {', '.join(losses)}")
         clip = self.clip_norm

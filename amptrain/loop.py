@@ -21,6 +21,7 @@ from torch import nn
 
 from amptrain import checkpoint, distributed, resharding, sharding
 from amptrain import data as data_mod
+from amptrain.allocator import StepFaults
 from amptrain.attention import AttentionPlan
 from amptrain.attention import plan as plan_attention
 from amptrain.autocompile import CompilePlan, plan_compile
@@ -184,7 +185,9 @@ def fit(
             "checkpoint_format": opts.checkpoint_format}  # fmt: skip
     shard_files = resharding.writes_shards(opts.checkpoint_format, sharding.is_sharded(model))
     run = _Loop(model, net, train_b, val_b, prec, optimizer, scheduler, opts, state, sinks,
-                list(callbacks), checkpoint_dir, meta, attn, shard_files, loss_fn)  # fmt: skip
+                list(callbacks), checkpoint_dir, meta, attn, shard_files,
+                StepFaults(opts.allocator, next(model.parameters()).device,
+                           sharding.is_sharded(model)), loss_fn)  # fmt: skip
     model.train()
     with prec.activate(), deferred_signals(_on_signal(state), handle_signals):
         emit(run.callbacks, "on_fit_start", state)
@@ -196,6 +199,7 @@ def fit(
             emit(run.callbacks, "on_fit_end", state)
             for sink in run.sinks:
                 sink.close()
+    fast_path.update(run.faults.record)
     if compiled.loss_fn is not None:  # a shape or guard change during training recompiles
         fast_path["recompiles"] = compiled_graphs() - graphs
         if fast_path["recompiles"]:
@@ -289,6 +293,7 @@ class _Loop:
     checkpoint_meta: dict[str, Any]
     attention: AttentionPlan
     shards: bool  # checkpoints in the sharded format (DCP), not rank 0's full files
+    faults: StepFaults  # the first steps' page faults, and the allocator's record
     loss_fn: LossFn | None = None  # the forward+loss of one micro-batch; None: eager
     last_checkpoint: Path | None = None
     saved_step: int = -1
@@ -325,8 +330,9 @@ def _run(run: _Loop) -> float:
     counters = DeviceCounters(device, state.skipped_steps, state.consecutive_nonfinite)
     while state.step < opts.max_steps and not state.should_stop:
         window = [_to_device(next(batches), device) for _ in range(opts.grad_accum)]
-        out = train_step(run.net, window, run.prec, run.optimizer, run.scheduler, opts,
-                         run.attention.context, run.loss_fn)  # fmt: skip
+        with run.faults.step(state.step + 1):
+            out = train_step(run.net, window, run.prec, run.optimizer, run.scheduler, opts,
+                             run.attention.context, run.loss_fn)  # fmt: skip
         state.step, state.batches = state.step + 1, state.batches + opts.grad_accum
         counters.add(out, state.step)
         metrics: dict[str, Any] = {}

@@ -21,7 +21,7 @@ from amptrain.errors import ConfigError
 # The precision is checked against the checkpoint's instead (`preflight.resolve_precision`): `auto`
 # keeps it, and the run's config.json may say `auto` where the checkpoint says `bf16`.
 _PLACE = ("out", "precision")
-SWITCHABLE = ("fit.max_steps", "fit.strategy", "fit.checkpoint_format")
+SWITCHABLE = ("fit.max_steps", "fit.strategy", "fit.checkpoint_format", "fit.allocator")
 """Settings a resumed run may change; the checkpoint records the values it was written with."""
 
 

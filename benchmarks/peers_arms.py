@@ -292,6 +292,8 @@ ARMS = {
     "amptrain-no-compile": lambda job, p: amptrain_fit(job, p, compile=False),
     "amptrain-fused-loss": lambda job, p: amptrain_fit(job, p, loss="fused"),
     "amptrain-unfused-loss": lambda job, p: amptrain_fit(job, p, loss="unfused"),
+    "amptrain-system-allocator": lambda job, p: amptrain_fit(job, p, allocator="system"),
+    "amptrain-math-attention": lambda job, p: amptrain_fit(job, p, attention="math"),
 }
 PEERS = ("plain", "expert", "amptrain", "lightning", "accelerate", "transformers")
 ABLATION = tuple(a for a in ARMS if a not in PEERS)

@@ -13,7 +13,7 @@ SKIP = (
     "--weight-decay", "--clip-norm", "--eval-every", "--eval-batches", "--log-every",
     "--max-nonfinite", "--init-scale", "--growth-interval", "--checkpoint-every", "--keep-last",
     "--checkpoint-format",
-    "--optimizer-impl", "--attention", "--loss", "--compile",
+    "--optimizer-impl", "--attention", "--loss", "--compile", "--allocator",
 )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ SKIP = (
     "--eval-every", "--eval-batches", "--log-every", "--max-nonfinite", "--init-scale",
     "--growth-interval", "--checkpoint-every", "--keep-last",
     "--checkpoint-format", "--optimizer-impl", "--attention",
-    "--loss", "--compile",
+    "--loss", "--compile", "--allocator",
 )  # fmt: skip
 
 

@@ -1,0 +1,139 @@
+"""Host memory kept for reuse between CPU steps: glibc's malloc, measured, then tuned.
+
+A CPU training step frees and allocates the same large buffers every step (activations, their
+gradients, the logits). glibc's malloc serves a large block with fresh pages from `mmap` and
+hands freed memory back to the kernel, so each step touches its buffers for the first time
+again: one minor page fault per 4 KiB page, each page zero-filled by the kernel before the
+step writes it. jemalloc and tcmalloc keep freed memory instead (torch's CPU launcher
+preloads one of them); amptrain gets the same from glibc with two `mallopt` settings: freed
+memory is not trimmed back to the kernel, and blocks up to glibc's largest threshold
+(32 MiB) come from the heap, where freed blocks are reused.
+
+By measurement (`allocator="auto"`, on CPU under glibc): the minor page faults of a few
+training steps are counted (`getrusage`, steps 3 to 5, the step alone); when they exceed
+`FAULTS_PER_STEP`, the settings are made and the faults of the next steps are counted again.
+Both counts and the reason go to the fast-path record. Left alone: a sharded (FSDP) model,
+whose point is the memory it gives back, and a process whose environment tunes malloc or
+preloads another one. The settings are process-wide and stay
+for the life of the process (glibc cannot go back to its adaptive thresholds): peak memory is
+unchanged, but the process keeps it between steps rather than giving it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import platform
+import resource
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+FAULTS_PER_STEP = 1024
+"""Minor page faults per step (4 MiB first-touched) above which freed memory is kept."""
+
+TRIM_THRESHOLD = 1 << 30
+"""Freed memory at the top of the heap kept up to this much (glibc's default: 128 KiB)."""
+
+MMAP_THRESHOLD = 32 << 20
+"""Blocks below this come from the heap (glibc's largest allowed value on 64-bit systems)."""
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_TUNED_BY = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+_MEASURED = (3, 6)  # the steps counted before (3, 4, 5) and after (6, 7, 8) the settings
+_kept: list[str] = []  # the settings made in this process, once made
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return libc if hasattr(libc, "mallopt") else None
+
+
+def keep_freed_memory() -> str:
+    """Make glibc keep freed memory for reuse; a description of what was set ("" if nothing)."""
+    if _kept:
+        return _kept[0]
+    libc = _glibc()
+    if libc is None:
+        return ""
+    done = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) and libc.mallopt(
+        _M_MMAP_THRESHOLD, MMAP_THRESHOLD
+    )
+    if not done:
+        return ""
+    _kept.append(f"mallopt(M_TRIM_THRESHOLD={TRIM_THRESHOLD >> 20} MiB, "
+                 f"M_MMAP_THRESHOLD={MMAP_THRESHOLD >> 20} MiB)")  # fmt: skip
+    return _kept[0]
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class StepFaults:
+    """Counts the page faults of the first steps and keeps freed memory when they are many.
+
+    `step(n)` brackets training step `n` (1-based); `record` is what the fast-path record says.
+    """
+
+    def __init__(self, choice: str, device: torch.device, sharded: bool = False) -> None:
+        self.record: dict[str, Any] = {"allocator": "system"}
+        self._counts: dict[str, list[int]] = {}  # the measured phases still open
+        if choice == "system":
+            self.record["allocator_reason"] = "asked for (allocator='system')"
+        elif device.type != "cpu":
+            self.record["allocator_reason"] = f"{device.type}: host memory is not the step's"
+        elif sharded:  # kept, the blocks FSDP gathers and frees stay resident on every rank
+            self.record["allocator_reason"] = "sharded: FSDP frees what it gathers, for memory"
+        elif _glibc() is None:
+            self.record["allocator_reason"] = "not glibc: its allocator is left as it is"
+        elif set(_TUNED_BY) & set(os.environ):
+            given = ", ".join(sorted(set(_TUNED_BY) & set(os.environ)))
+            self.record["allocator_reason"] = f"{given} set in the environment: left as set"
+        elif _kept:
+            self.record.update(allocator="kept", allocator_reason=f"set earlier: {_kept[0]}")
+        else:
+            self.record["allocator_reason"] = "not measured: the run ended before step 6"
+            self._counts = {"before": [], "after": []}
+
+    @contextlib.contextmanager
+    def step(self, n: int) -> Iterator[None]:
+        """Count the minor page faults of step `n` when it is one of the measured steps."""
+        first, second = _MEASURED
+        phase = ("before" if first <= n < second else "after" if second <= n < 2 * second - first
+                 else None)  # fmt: skip
+        if phase is None or phase not in self._counts:
+            yield
+            return
+        start = _minor_faults()
+        yield
+        self._counts[phase].append(_minor_faults() - start)
+        if phase == "before" and len(self._counts["before"]) == second - first:
+            self._decide()
+        elif phase == "after" and len(self._counts["after"]) == second - first:
+            self.record["allocator_faults_after"] = _per_step(self._counts["after"])
+
+    def _decide(self) -> None:
+        faults = _per_step(self._counts["before"])
+        self.record["allocator_faults_per_step"] = faults
+        seen = f"{faults:,} minor page faults per step ({faults * 4 // 1024} MiB first-touched)"
+        if faults <= FAULTS_PER_STEP:
+            self.record["allocator_reason"] = f"{seen}: at most {FAULTS_PER_STEP:,}, left as is"
+            del self._counts["after"]
+            return
+        what = keep_freed_memory()
+        if not what:
+            self.record["allocator_reason"] = f"{seen}, but glibc refused the settings"
+            del self._counts["after"]
+            return
+        self.record.update(allocator="kept", allocator_reason=f"{seen}: {what}")
+
+
+def _per_step(counts: list[int]) -> int:
+    return sorted(counts)[len(counts) // 2]  # the median step
