@@ -48,7 +48,8 @@ _MEASURED = (3, 6)  # the steps counted before (3, 4, 5) and after (6, 7, 8) the
 _kept: list[str] = []  # the settings made in this process, once made
 
 
-def _glibc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc with `mallopt` (Linux), else None."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -59,7 +60,7 @@ def keep_freed_memory() -> str:
     """Make glibc keep freed memory for reuse; a description of what was set ("" if nothing)."""
     if _kept:
         return _kept[0]
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return ""
     done = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) and libc.mallopt(
@@ -70,6 +71,20 @@ def keep_freed_memory() -> str:
     _kept.append(f"mallopt(M_TRIM_THRESHOLD={TRIM_THRESHOLD >> 20} MiB, "
                  f"M_MMAP_THRESHOLD={MMAP_THRESHOLD >> 20} MiB)")  # fmt: skip
     return _kept[0]
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the kernel and serve blocks over 64 KiB by mmap (glibc).
+
+    What a memory measurement that starts in a forked process needs (`hardware.reset_peak_rss`);
+    it undoes `keep_freed_memory` until a run keeps freed memory again.
+    """
+    libc = glibc()
+    if libc is None:
+        return
+    libc.malloc_trim(0)
+    libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)  # fixed: freed large blocks go back at once
+    _kept.clear()
 
 
 def _minor_faults() -> int:
@@ -91,13 +106,14 @@ class StepFaults:
             self.record["allocator_reason"] = f"{device.type}: host memory is not the step's"
         elif sharded:  # kept, the blocks FSDP gathers and frees stay resident on every rank
             self.record["allocator_reason"] = "sharded: FSDP frees what it gathers, for memory"
-        elif _glibc() is None:
+        elif glibc() is None:
             self.record["allocator_reason"] = "not glibc: its allocator is left as it is"
         elif set(_TUNED_BY) & set(os.environ):
             given = ", ".join(sorted(set(_TUNED_BY) & set(os.environ)))
             self.record["allocator_reason"] = f"{given} set in the environment: left as set"
         elif _kept:
-            self.record.update(allocator="kept", allocator_reason=f"set earlier: {_kept[0]}")
+            reason = f"set earlier in this process: {_kept[0]}"
+            self.record.update(allocator="kept", allocator_reason=reason)
         else:
             self.record["allocator_reason"] = "not measured: the run ended before step 6"
             self._counts = {"before": [], "after": []}
@@ -133,6 +149,7 @@ class StepFaults:
             del self._counts["after"]
             return
         self.record.update(allocator="kept", allocator_reason=f"{seen}: {what}")
+        _kept[0] = self.record["allocator_reason"]  # what later runs in this process say
 
 
 def _per_step(counts: list[int]) -> int:

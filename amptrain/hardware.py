@@ -9,7 +9,6 @@ the datasheet figure is shown beside it where the device is known.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import multiprocessing
 import os
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import capability
+from amptrain import allocator, capability
 from amptrain.adapter import forward_logits
 
 # Dense (no sparsity) peak TFLOP/s by precision, from the vendors' datasheets (SXM parts).
@@ -91,23 +90,14 @@ def train_flops_per_token(model: nn.Module, ids: torch.Tensor) -> tuple[float, s
     return 6.0 * n_params, "estimated (6N, N = parameters)"
 
 
-def _glibc_heap_to_os() -> None:
-    """Return freed heap pages to the OS and serve large blocks by mmap from now on (glibc).
-
-    A forked worker inherits its parent's freed-but-resident heap; without this, an arm
-    could reuse those pages and its RSS would understate what it allocates.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
-    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed large blocks go back
-
-
 def reset_peak_rss() -> float | None:
-    """Reset this process's peak RSS to its current RSS (Linux); returns the current RSS in MB."""
-    _glibc_heap_to_os()
+    """Reset this process's peak RSS to its current RSS (Linux); returns the current RSS in MB.
+
+    A forked worker inherits its parent's freed-but-resident heap; it is handed back first
+    (`allocator.return_freed_memory`), or an arm could reuse those pages and its RSS would
+    understate what it allocates.
+    """
+    allocator.return_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return _status_mb("VmRSS")

@@ -16,7 +16,7 @@ from amptrain import allocator
 from amptrain.config import FitOptions
 from amptrain.errors import ConfigError
 
-pytestmark = pytest.mark.skipif(allocator._glibc() is None, reason="glibc's malloc only")
+pytestmark = pytest.mark.skipif(allocator.glibc() is None, reason="glibc's malloc only")
 
 # Step n fills a (4 + n) MiB buffer: each is larger than the block glibc last freed, so by
 # default it comes from fresh mmap pages, first-touched (256 faults per MiB).

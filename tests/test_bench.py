@@ -41,6 +41,8 @@ def test_one_record_per_arm_with_every_figure(report):
             arm.tokens_per_s / report.arm("fp32").tokens_per_s
         )
         assert arm.val_loss_rel_diff is not None and arm.quality_ok is not None
+        assert arm.allocator["allocator"] in ("kept", "system"), arm.allocator  # fit's record
+        assert arm.allocator["allocator_reason"]
     assert fp16.loss_scale > 1 and fp16.scale_backoffs is not None
     assert set(report.targets) == {"fp16", "bf16"}
     assert report.environment["torch"] == torch.__version__

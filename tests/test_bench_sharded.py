@@ -45,6 +45,7 @@ def test_two_sharded_processes_compare_the_precisions(tmp_path, corpus):
     for arm in report["arms"]:
         assert arm["status"] == "ok", arm["error"]
         assert arm["sharding"]["strategy"] == "fsdp" and arm["sharding"]["sharded"]
+        assert arm["allocator"]["allocator_reason"].startswith("sharded: FSDP frees")
         # tokens/s is the job's: both processes' batches of 4 x 15 targets per step
         assert arm["tokens_per_s"] == pytest.approx(2 * 4 * 15 / (arm["step_ms"] / 1e3))
         assert arm["mem_source"].endswith("the largest of 2 ranks") and arm["peak_mem_mb"] > 0

@@ -88,6 +88,9 @@ class ArmResult:
     loss_curve: tuple[float, ...] = ()
     sharding: dict[str, Any] | None = None
     """How the processes shared the model in this arm (`fit`'s record: strategy, policy)."""
+    allocator: dict[str, Any] | None = None
+    """Whether this arm's host memory was kept for reuse, and the page faults that decided it
+    (`fit`'s record, `amptrain.allocator`): it moves CPU step times and peak RSS."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +210,7 @@ def _aggregate(runs: Sequence[_Run], warmup: int, tokens_per_step: int) -> dict[
         "init_digest": runs[0].init_digest,
         "batch_digest": runs[0].batch_digest,
         "sharding": last.fast_path.get("sharding"),
+        "allocator": {k: v for k, v in last.fast_path.items() if k.startswith("allocator")},
     }
 
 
