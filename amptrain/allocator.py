@@ -44,8 +44,8 @@ MMAP_THRESHOLD = 32 << 20
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 _TUNED_BY = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
-_MEASURED = (3, 6)  # the steps counted before (3, 4, 5) and after (6, 7, 8) the settings
-_kept: list[str] = []  # the settings made in this process, once made
+_PHASES = {"before": range(3, 6), "after": range(6, 9)}  # the steps counted, by phase
+_kept: list[str] = []  # why this process keeps freed memory, once it does
 
 
 def glibc() -> ctypes.CDLL | None:
@@ -58,19 +58,12 @@ def glibc() -> ctypes.CDLL | None:
 
 def keep_freed_memory() -> str:
     """Make glibc keep freed memory for reuse; a description of what was set ("" if nothing)."""
-    if _kept:
-        return _kept[0]
     libc = glibc()
-    if libc is None:
+    if libc is None or not (libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                            and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)):  # fmt: skip
         return ""
-    done = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) and libc.mallopt(
-        _M_MMAP_THRESHOLD, MMAP_THRESHOLD
-    )
-    if not done:
-        return ""
-    _kept.append(f"mallopt(M_TRIM_THRESHOLD={TRIM_THRESHOLD >> 20} MiB, "
-                 f"M_MMAP_THRESHOLD={MMAP_THRESHOLD >> 20} MiB)")  # fmt: skip
-    return _kept[0]
+    return (f"mallopt(M_TRIM_THRESHOLD={TRIM_THRESHOLD >> 20} MiB, "
+            f"M_MMAP_THRESHOLD={MMAP_THRESHOLD >> 20} MiB)")  # fmt: skip
 
 
 def return_freed_memory() -> None:
@@ -118,22 +111,25 @@ class StepFaults:
             self.record["allocator_reason"] = "not measured: the run ended before step 6"
             self._counts = {"before": [], "after": []}
 
+    def step(self, n: int) -> contextlib.AbstractContextManager:
+        """The scope of training step `n`: counting its faults if it is a measured one."""
+        for phase, steps in _PHASES.items():
+            if n in steps and phase in self._counts:
+                return self._count(phase)
+        return contextlib.nullcontext()
+
     @contextlib.contextmanager
-    def step(self, n: int) -> Iterator[None]:
-        """Count the minor page faults of step `n` when it is one of the measured steps."""
-        first, second = _MEASURED
-        phase = ("before" if first <= n < second else "after" if second <= n < 2 * second - first
-                 else None)  # fmt: skip
-        if phase is None or phase not in self._counts:
-            yield
-            return
+    def _count(self, phase: str) -> Iterator[None]:
         start = _minor_faults()
         yield
-        self._counts[phase].append(_minor_faults() - start)
-        if phase == "before" and len(self._counts["before"]) == second - first:
+        counts = self._counts[phase]
+        counts.append(_minor_faults() - start)
+        if len(counts) < len(_PHASES[phase]):
+            return
+        if phase == "before":
             self._decide()
-        elif phase == "after" and len(self._counts["after"]) == second - first:
-            self.record["allocator_faults_after"] = _per_step(self._counts["after"])
+        else:
+            self.record["allocator_faults_after"] = _per_step(counts)
 
     def _decide(self) -> None:
         faults = _per_step(self._counts["before"])
@@ -149,7 +145,7 @@ class StepFaults:
             del self._counts["after"]
             return
         self.record.update(allocator="kept", allocator_reason=f"{seen}: {what}")
-        _kept[0] = self.record["allocator_reason"]  # what later runs in this process say
+        _kept[:] = [self.record["allocator_reason"]]  # what later runs in this process say
 
 
 def _per_step(counts: list[int]) -> int:

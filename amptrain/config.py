@@ -17,10 +17,9 @@ from amptrain.errors import ConfigError
 STRATEGIES = ("ddp", "fsdp")
 """How several processes share the training: replicated (DDP) or sharded (FSDP2)."""
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
-
+"""How checkpoints are written: `auto` is `sharded` under FSDP, `full` otherwise."""
 ALLOCATORS = ("auto", "system")
 """`auto` keeps freed host memory when the first steps fault (`amptrain.allocator`)."""
-"""How checkpoints are written: `auto` is `sharded` under FSDP, `full` otherwise."""
 
 
 def _check(ok: bool, field: str, value: object, limit: str) -> None:

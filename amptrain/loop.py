@@ -23,20 +23,18 @@ from amptrain import checkpoint, distributed, resharding, sharding
 from amptrain import data as data_mod
 from amptrain.allocator import StepFaults
 from amptrain.attention import AttentionPlan
-from amptrain.attention import plan as plan_attention
-from amptrain.autocompile import CompilePlan, plan_compile
 from amptrain.callbacks import Callback, emit
 from amptrain.checkpoint import Checkpoint
 from amptrain.compiling import LossFn, compiled_graphs
 from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
-from amptrain.head_loss import plan_loss
+from amptrain.fast_path import plan_fast_path
 from amptrain.interrupts import deferred_signals
 from amptrain.metrics import tracking
 from amptrain.metrics.meters import Throughput, peak_memory_mb
 from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
-from amptrain.optim import describe, make_optimizer, make_scheduler, reset_lr
+from amptrain.optim import make_optimizer, make_scheduler, reset_lr
 from amptrain.precision import Precision
 from amptrain.preflight import check_data, preflight
 from amptrain.step import Batch, DeviceCounters, evaluate, train_step
@@ -173,8 +171,8 @@ def fit(
         resharding.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
         reset_lr(optimizer, scheduler, opts)  # an extended run's schedule, from now on
     net = sharding.wrap(model, world_size)  # DDP's wrapper, or the sharded model itself
-    attn, compiled, loss_fn, fast_path = _fast_path(model, net, train_b, prec, optimizer, opts,
-                                                    resume, state.step)  # fmt: skip
+    attn, compiled, loss_fn, fast_path = plan_fast_path(model, net, train_b, prec, optimizer,
+                                                        opts, resume, state.step)  # fmt: skip
     fast_path["sharding"] = shards
     sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
     resolved = {"fit": dataclasses.asdict(opts), "precision": prec.name,
@@ -208,70 +206,6 @@ def fit(
     if state.stop_signal:
         raise Interrupted(state.stop_signal, state.step, run.last_checkpoint)
     return dataclasses.replace(_result(prec, state, tracker, train_time), fast_path=fast_path)
-
-
-def _fast_path(
-    model: nn.Module,
-    net: nn.Module,
-    train_b: data_mod.Blocks,
-    prec: Precision,
-    optimizer: torch.optim.Optimizer,
-    opts: FitOptions,
-    resume: Checkpoint | None,
-    done: int,
-) -> tuple[AttentionPlan, CompilePlan, LossFn, dict[str, Any]]:
-    """The attention plan, the compile decision, the step's loss function, and their record.
-
-    `done` optimizer steps are behind (a resumed run): the compile decision is for the rest.
-    `net` is the module the step calls (`model`, its DDP wrapper or the sharded model). The
-    loss is the compiled forward+loss when compiling, else the loss plan's (fused with the
-    head, or from the logits).
-    """
-    attn = _attention_plan(model, train_b, prec, opts, resume)
-    sample = train_b.take(slice(opts.batch_size))[0].to(next(model.parameters()).device)
-    plan = plan_compile(model, prec, sample, attn.context, opts, opts.max_steps - done, net)
-    loss_plan = plan_loss(opts.loss, model, prec, sample, compiled=plan.loss_fn is not None)
-    fast_path: dict[str, Any] = {
-        **describe(optimizer), "attention": attn.backend, "attention_reason": attn.reason,
-        **loss_plan.record(), **plan.record,
-    }  # fmt: skip
-    _say_fast_path(fast_path)
-    return attn, plan, plan.loss_fn or loss_plan.step_fn(opts.ignore_index), fast_path
-
-
-_last_fast_path: list[str] = []  # what this process said last (a search says it once)
-
-
-def _say_fast_path(fast_path: Mapping[str, Any]) -> None:
-    """One line naming the step's kernels, when it differs from the last one said.
-
-    The reasons stay in the record (`FitResult.fast_path`, config.json, summary.json).
-    """
-    compiled = (f"compiled in {fast_path['compile_s']:.1f} s" if fast_path.get("compiled")
-                else "not compiled")  # fmt: skip
-    line = (
-        f"fast path: {fast_path['optimizer']} {fast_path['optimizer_impl']}, attention "
-        f"{fast_path['attention']}, {fast_path['loss']} loss, {compiled}"
-    )
-    if _last_fast_path[-1:] != [line]:
-        _last_fast_path[:] = [line]
-        log.info("%s", line)
-
-
-def _attention_plan(
-    model: nn.Module,
-    train_b: data_mod.Blocks,
-    prec: Precision,
-    opts: FitOptions,
-    resume: Checkpoint | None,
-) -> AttentionPlan:
-    """Measure the attention backend, or keep the one a resumed run was started with."""
-    saved = resume.trainer.get("attention") if resume is not None else None
-    if saved is not None and opts.attention == "auto":  # a re-measurement could flip it
-        return AttentionPlan(saved, "resumed: the backend this run started with")
-    device = next(model.parameters()).device
-    sample = train_b.take(slice(opts.batch_size))[0].to(device)
-    return plan_attention(opts.attention, model, prec, sample)
 
 
 @dataclasses.dataclass
