@@ -7,22 +7,27 @@ default arms, the doctor's audit and the benchmark's MFU peak. CPU flags (AMX, A
 AVX512-FP16) and the GPU's compute capability are quoted as hints, never used as the decision:
 a flag can be present while the library in use does not exploit it, and the reverse.
 
-The probe takes well under a second in all: on a CPU that emulates fp16 (0.001 TFLOP/s or
-less) one 256-wide matmul takes tens to hundreds of milliseconds, so each dtype's probe stops after
-its time cap (a single full-size matmul for an emulated dtype), and one so slow that even that
-would overrun keeps the figure of its 64-wide scout, which already tells "emulated" apart.
+How a matmul is timed is `amptrain.matmul_timing`'s job: on a CPU by the CPU time of one
+thread, so that a busy machine reads as a quiet one; on CUDA by events around full-size matmuls
+after a warm-up; on a simulated GPU (`simulate`) by its model of launch cost and peaks. A probe
+whose rounds disagree about a precision is measured again; one that still disagrees says so
+(`unreliable`, `undecided`), and the plans keep to what it can tell.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import math
 import platform
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from amptrain import matmul_timing
+from amptrain.simulated_gpu import SimulatedGpu
 
 # A precision whose matmuls run this many times slower than fp32 counts as emulated here.
 EMULATED_SLOWDOWN = 2.0
@@ -31,9 +36,11 @@ CLEARLY_FASTER = 1.25
 # The probe runs in this many interleaved rounds, so that a load which comes and goes shows
 # as a spread between them instead of tilting one precision's figure alone.
 ROUNDS = 3
-
-_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
-          "bf16": torch.bfloat16}  # fmt: skip
+# A probe whose rounds disagree is taken again, up to this many times in all.
+ATTEMPTS = 3
+# The probe's method: decisions recorded from another method's tables are not kept
+# (`decisions.device_key`). 2: CPU time of one thread, CUDA events, no extrapolated scout.
+METHOD = 2
 _CPU_HINT_FLAGS = ("amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16")
 
 
@@ -86,14 +93,26 @@ class Capabilities:
         The rounds disagree when their ratios to fp32 lie on both sides of `CLEARLY_FASTER`:
         then another probe could well decide the other way.
         """
+        return self._straddles(precision, CLEARLY_FASTER, "the {:g}x auto asks for")
+
+    def undecided(self, precision: str) -> str | None:
+        """Why the probe cannot tell whether `precision` is emulated, or None if it can."""
+        return self._straddles(precision, 1 / EMULATED_SLOWDOWN, "the {:g}x below which it is "
+                               "emulated")  # fmt: skip
+
+    def _straddles(self, precision: str, threshold: float, what: str) -> str | None:
         span = self.ratio_range(precision)
-        if span is None or not span[0] < CLEARLY_FASTER <= span[1]:
+        if span is None or not span[0] < threshold <= span[1]:
             return None
         return (
             f"its {len(self.rounds[precision])} rounds put {precision} at {span[0]:.2f}x to "
-            f"{span[1]:.2f}x fp32's matmul speed, on both sides of the {CLEARLY_FASTER}x auto "
-            "asks for (the machine is probably busy)"
+            f"{span[1]:.2f}x fp32's matmul speed, on both sides of {what.format(threshold)} "
+            "(the machine is probably busy)"
         )
+
+    def agrees(self) -> bool:
+        """True when every round classifies every precision alike (emulated, clearly faster)."""
+        return not any(self.unreliable(p) or self.undecided(p) for p in self.tflops)
 
     def figures(self, precision: str) -> str:
         """E.g. "bf16 0.18 TFLOP/s vs fp32 0.07 on AMD EPYC (avx512_bf16)"."""
@@ -121,7 +140,9 @@ class Capabilities:
         out = dataclasses.asdict(self)
         out["ratio_vs_fp32"] = {p: self.ratio(p) for p in self.tflops}
         out["emulated"] = [p for p in self.tflops if self.emulated(p)]
-        out["unreliable"] = {p: why for p in self.tflops if (why := self.unreliable(p))}
+        out["unreliable"] = {p: why for p in self.tflops
+                             if (why := self.unreliable(p) or self.undecided(p))}  # fmt: skip
+        out["method"] = METHOD
         return out
 
 
@@ -131,6 +152,9 @@ def _tf(value: float | None) -> str:
     return f"{value:.3g}" if value < 1 else f"{value:.1f}"
 
 
+_SIMULATED: SimulatedGpu | None = None
+
+
 def probe(device: str | torch.device = "cpu") -> Capabilities:
     """The device's capability table, measured on first use and cached for the process.
 
@@ -138,12 +162,14 @@ def probe(device: str | torch.device = "cpu") -> Capabilities:
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _probe_cached(device, torch.get_num_threads())
+        device = torch.device("cuda", 0 if _SIMULATED else torch.cuda.current_device())
+    return _probe_cached(device, torch.get_num_threads(), _SIMULATED)
 
 
 @functools.cache
-def _probe_cached(device: torch.device, threads: int) -> Capabilities:
+def _probe_cached(
+    device: torch.device, threads: int, simulated: SimulatedGpu | None
+) -> Capabilities:
     return measure(device)
 
 
@@ -152,84 +178,97 @@ def clear_cache() -> None:
     _probe_cached.cache_clear()
 
 
-def measure(device: torch.device, budget_s: float = 0.08) -> Capabilities:
-    """Measure the table now: per precision, the best of matmuls timed for up to `budget_s`.
+@contextlib.contextmanager
+def simulate(gpu: SimulatedGpu) -> Iterator[SimulatedGpu]:
+    """Within the block, `cuda` is the simulated `gpu`: probed by its clock, and available.
 
-    The time is spread over `ROUNDS` rounds, each timing every precision in turn; the table
-    keeps each precision's best and every round's, whose spread says how far to trust it.
+    For testing the CUDA decisions on a CPU (`amptrain.simulated_gpu`). Not thread-safe.
+    """
+    global _SIMULATED
+    before, _SIMULATED = _SIMULATED, gpu
+    try:
+        yield gpu
+    finally:
+        _SIMULATED = before
+
+
+def cuda_available() -> bool:
+    """True when CUDA can be trained on here (or a GPU is simulated)."""
+    return _SIMULATED is not None or torch.cuda.is_available()
+
+
+def device_name(device: torch.device) -> str:
+    """The device's name as torch reports it (the simulated GPU's under `simulate`)."""
+    if device.type != "cuda":
+        return cpu_model() if device.type == "cpu" else device.type
+    return _SIMULATED.name if _SIMULATED else torch.cuda.get_device_name(device)
+
+
+def measure(device: torch.device, budget_s: float = 0.08) -> Capabilities:
+    """Measure the table now: per precision, the best matmul rate in each of `ROUNDS` rounds.
+
+    Each round times every precision in turn; the table keeps each precision's best and every
+    round's, whose spread says how far to trust it. A probe whose rounds disagree about any
+    precision (emulated or not, clearly faster or not) is taken again, up to `ATTEMPTS` times;
+    the last one is kept, and says it is unreliable.
 
     Args:
         device: A CPU or CUDA device (any other type gets an fp32-only table).
-        budget_s: Time per precision (an emulated dtype may take one matmul's time instead).
+        budget_s: Time per precision by the probe's clock, spread over the rounds (an emulated
+            dtype may take one matmul's time instead).
     """
     start = time.perf_counter()
+    name, hints, cc = _describe(device)
     names = ["fp32", "bf16", "fp16"]
-    if device.type == "cuda":
-        names.insert(1, "tf32")
+    if device.type == "cuda":  # a part before sm_80 has no bf16 or TF32 units: not probed
+        names = ["fp32", "tf32", "bf16", "fp16"] if cc >= (8, 0) else ["fp32", "fp16"]
     elif device.type != "cpu":
         names = ["fp32"]
-    n, k, m = (4096, 4096, 4096) if device.type == "cuda" else (256, 256, 256)
-    rounds: dict[str, list[float]] = {p: [] for p in names}
-    for _ in range(ROUNDS):
-        for p in names:
-            rounds[p].append(matmul_tflops(device, p, (n, k, m), budget_s / ROUNDS))
-    tflops = {p: max(r) for p, r in rounds.items()}
-    name, hints, cc = _describe(device)
-    return Capabilities(device.type, name, hints, tflops, torch.get_num_threads(), (n, k, m),
-                        time.perf_counter() - start, cc,
-                        {p: tuple(r) for p, r in rounds.items()})  # fmt: skip
+    shape = (4096, 4096, 4096) if device.type == "cuda" else (256, 256, 256)
+    with _timer(device) as timer:
+        for _ in range(ATTEMPTS):
+            rounds: dict[str, list[float]] = {p: [] for p in names}
+            for _ in range(ROUNDS):
+                for p in names:
+                    rounds[p].append(matmul_timing.rate(timer, p, shape, budget_s / ROUNDS))
+            caps = Capabilities(
+                device.type, name, hints, {p: max(r) for p, r in rounds.items()},
+                torch.get_num_threads(), shape, time.perf_counter() - start, cc,
+                {p: tuple(r) for p, r in rounds.items()},
+            )  # fmt: skip
+            if caps.agrees():
+                break
+    return caps
 
 
 def matmul_tflops(
     device: torch.device, precision: str, shape: tuple[int, int, int], budget_s: float
 ) -> float:
-    """Best TFLOP/s of an `(n, k) @ (k, m)` matmul in the precision's dtype (TF32 on for tf32).
+    """TFLOP/s of an `(n, k) @ (k, m)` matmul in the precision's dtype (TF32 on for tf32).
 
-    A 64-wide scout runs first and warms the kernels and threads up. Full-size matmuls are
-    then timed until `budget_s` has passed (at least one); only a dtype so slow that one
-    full-size matmul would take several budgets keeps the scout's figure instead.
+    Timed by the probe's clock for the device (`matmul_timing`) for about `budget_s`.
     """
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.fp32_precision
-    matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
-    try:
-        scout = _best_rate(device, precision, tuple(min(d, 64) for d in shape), budget_s / 4)
-        too_slow = 2 * math.prod(shape) / (scout * 1e12) > 4 * budget_s
-        if too_slow and precision != "fp32":  # fp32 is the reference, never emulated
-            return scout
-        return _best_rate(device, precision, shape, budget_s)
-    finally:
-        matmul.fp32_precision = saved
+    with _timer(device) as timer:
+        return matmul_timing.rate(timer, precision, shape, budget_s)
 
 
-def _best_rate(
-    device: torch.device, precision: str, shape: tuple[int, int, int], seconds: float
-) -> float:
-    """The best TFLOP/s of matmuls timed for `seconds` (at least one, at most 1,000)."""
-    n, k, m = shape
-    a = torch.randn(n, k, device=device).to(_DTYPE[precision])
-    b = torch.randn(k, m, device=device).to(_DTYPE[precision])
-    best, deadline = 0.0, time.perf_counter() + seconds
-    for _ in range(1000):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = max(best, 2 * n * k * m / (time.perf_counter() - t0) / 1e12)
-        if time.perf_counter() > deadline:
-            break
-    return best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@contextlib.contextmanager
+def _timer(device: torch.device) -> Iterator[matmul_timing.Timer]:
+    if device.type == "cuda" and _SIMULATED is not None:
+        yield _SIMULATED.timer
+    elif device.type == "cuda":
+        with matmul_timing.cuda_timer(device) as timer:
+            yield timer
+    else:
+        with matmul_timing.cpu_timer() as timer:
+            yield timer
 
 
 def _describe(device: torch.device) -> tuple[str, tuple[str, ...], tuple[int, int] | None]:
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return torch.cuda.get_device_name(device), (f"sm_{major}{minor}",), (major, minor)
+        major, minor = (_SIMULATED.compute_capability if _SIMULATED
+                        else torch.cuda.get_device_capability(device))  # fmt: skip
+        return device_name(device), (f"sm_{major}{minor}",), (major, minor)
     if device.type != "cpu":
         return device.type, (), None
     return cpu_model(), cpu_flags(), None

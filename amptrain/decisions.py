@@ -7,10 +7,10 @@ choose otherwise, saying whether that probe is unreliable (its rounds disagree, 
 `Capabilities.unreliable`) and how to decide again.
 
 The record is `precision.json` in amptrain's cache folder (see `amptrain.cache`). It is keyed
-by the device (type, name, hints, compute capability), the thread count and the torch version,
-and not by the model, since the decision reads the device's matmul table alone. It is written
-whole and renamed into place, so a crash never leaves half of it; a missing, unreadable or
-unwritable record is only a record fewer.
+by the device (type, name, hints, compute capability), the thread count, the torch version and
+the probe's method, and not by the model, since the decision reads the device's matmul table
+alone. It is written whole and renamed into place, so a crash never leaves half of it; a
+missing, unreadable or unwritable record is only a record fewer.
 """
 
 from __future__ import annotations
@@ -21,17 +21,21 @@ from typing import Any
 import torch
 
 from amptrain.cache import cache_dir, read_entries, write_entries
-from amptrain.capability import Capabilities
+from amptrain.capability import METHOD, Capabilities
 
 FILE_NAME = "precision.json"
 
 
 def device_key(caps: Capabilities) -> str:
-    """What a decision belongs to: the device, its threads and the torch version."""
+    """What a decision belongs to: the device, its threads, the torch version, the probe method.
+
+    The probe's method is part of the key, so a decision made by an earlier (wrong) probe is
+    never kept.
+    """
     cc = "" if caps.compute_capability is None else " sm_{}{}".format(*caps.compute_capability)
     return (
         f"{caps.device_type}: {caps.name}{cc} ({', '.join(caps.hints) or 'no hints'}), "
-        f"{caps.threads} threads, torch {torch.__version__}"
+        f"{caps.threads} threads, torch {torch.__version__}, probe v{METHOD}"
     )
 
 

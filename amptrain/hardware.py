@@ -19,26 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import allocator, capability
+from amptrain import allocator, capability, datasheet
 from amptrain.adapter import forward_logits
-
-# Dense (no sparsity) peak TFLOP/s by precision, from the vendors' datasheets (SXM parts).
-DATASHEET_TFLOPS = {
-    "H200": {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
-    "H100": {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
-    "A100": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},
-}
 
 
 def datasheet_tflops(device: torch.device, precision: str) -> float | None:
-    """The datasheet peak for a known GPU, else None."""
+    """The datasheet's dense peak for a known GPU part (`amptrain.datasheet`), else None."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in DATASHEET_TFLOPS.items():
-        if key in name:
-            return peaks[precision]
-    return None
+    sheet = datasheet.lookup(capability.device_name(device))
+    return None if sheet is None else sheet.tflops.get(precision)
 
 
 def peak_tflops(

@@ -36,6 +36,9 @@ from amptrain.adapter import forward_logits, next_token_loss, takes_targets
 from amptrain.errors import ModelError
 from amptrain.precision import Precision
 
+HAS_FUSED_OP = hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions")
+"""torch's chunked linear cross-entropy came with torch 2.13; before it, the loss is unfused."""
+
 FUSE_ABOVE_BYTES = 128 * 2**20
 """`auto` fuses when one micro-batch's fp32 logits exceed this (128 MiB: two chunks or more).
 Measured (benchmarks/loss_memory.py, 1,024 rows of width 256, fp32): at V = 50,257 (206 MB of
@@ -91,29 +94,67 @@ def fused_next_token_loss(
 ) -> torch.Tensor:
     """Summed next-token cross-entropy of `head(hidden)` without building the logits.
 
-    Equal to `next_token_loss(head(hidden), labels)` within fp32 rounding, with gradients for
-    `hidden`, the head's weight and its bias. Under autocast the inputs are rounded to the
-    autocast dtype, as `head(hidden)` rounds them, and the projection runs in fp32 on them
-    (products of bf16/fp16 numbers are exact in fp32): torch's chunked op returns its loss
-    in the dtype of its inputs, which would round a bf16 loss to three digits. The logits
-    of a chunk are kept in fp32, where the unfused head rounds them to the autocast dtype.
+    Equal to `next_token_loss(head(hidden), labels)` within the rounding of the precision, with
+    gradients for `hidden`, the head's weight and its bias. Under autocast on CUDA the
+    projection runs in the autocast dtype with fp32 accumulation (torch's "compact" policy), at
+    the tensor cores' rate, as `head(hidden)` runs it. Elsewhere (the CPU, whose chunked op
+    emulates low-precision matmuls, or fp32) the inputs are rounded to the autocast dtype, as
+    `head(hidden)` rounds them, and projected in fp32: products of bf16/fp16 numbers are exact
+    in fp32, and torch's op returns its loss in the dtype of its inputs.
     """
     device = hidden.device.type
-    hidden, weight, bias = _projection_inputs(hidden, head)
+    low = native_low_dtype(hidden.device)
     rows, width = hidden.shape[0] * hidden.shape[1], hidden.shape[-1]
     targets = torch.full_like(labels, ignore_index)
     targets[:, :-1] = labels[:, 1:]  # the shift folded into the targets: no copy of `hidden`
     vocab = head.weight.shape[0]
-    chunk = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab))
+    chunk = min(rows, max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab)))
+    if low is None:
+        hidden, weight, bias = _projection_inputs(hidden, head)
+        options = nn.LinearCrossEntropyOptions(
+            batch_chunk_size=chunk, chunking_method=None, acc_policy="accurate"
+        )
+        with torch.autocast(device, enabled=False):  # the dtypes are chosen here, explicitly
+            return F.linear_cross_entropy(
+                hidden.reshape(rows, width), weight, targets.reshape(rows), linear_bias=bias,
+                reduction="sum", ignore_index=ignore_index, options=options,
+            )  # fmt: skip
+    return _low_precision_loss(hidden.reshape(rows, width), head, targets.reshape(rows),
+                               ignore_index, low, chunk)  # fmt: skip
+
+
+def native_low_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype the fused projection runs in: autocast's on CUDA, else None (fp32)."""
+    if device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return None
+    return torch.get_autocast_dtype("cuda")
+
+
+def _low_precision_loss(
+    hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, ignore_index: int,
+    low: torch.dtype, chunk: int,
+) -> torch.Tensor:  # fmt: skip
+    """The summed loss with the projection in `low` and fp32 accumulation (CUDA).
+
+    torch returns the loss in `low`: a sum of thousands of rows would overflow fp16, so the
+    mean is taken and multiplied back by the number of scored targets, in fp32. A micro-batch
+    with no target scored gets one fake target whose loss is multiplied by zero: the mean of
+    none would be 0/0, whose gradient is NaN. No value is read on the host.
+    """
+    counted = (targets != ignore_index).sum()
+    targets = targets.clone()
+    targets[-1] = torch.where(counted == 0, 0, targets[-1])
+    bias = None if head.bias is None else head.bias.to(low)
     options = nn.LinearCrossEntropyOptions(
-        batch_chunk_size=min(rows, chunk), chunking_method=None, acc_policy="accurate"
-    )
-    with torch.autocast(device, enabled=False):  # the dtypes are chosen here, explicitly
-        return F.linear_cross_entropy(
-            hidden.reshape(rows, width), weight, targets.reshape(rows), linear_bias=bias,
-            reduction="sum",
+        batch_chunk_size=chunk, chunking_method=None, acc_policy="compact",
+        acc_dtype=torch.float32,
+    )  # fmt: skip
+    with torch.autocast("cuda", enabled=False):  # the dtypes are chosen here, explicitly
+        mean = F.linear_cross_entropy(
+            hidden.to(low), head.weight.to(low), targets, linear_bias=bias, reduction="mean",
             ignore_index=ignore_index, options=options,
         )  # fmt: skip
+    return mean.float() * counted
 
 
 def _projection_inputs(
@@ -165,6 +206,11 @@ def plan_loss(
     """
     if choice == "unfused":
         return dataclasses.replace(UNFUSED, reason="asked for (loss='unfused')")
+    if not HAS_FUSED_OP:
+        return dataclasses.replace(
+            UNFUSED, reason=f"torch {torch.__version__} has no F.linear_cross_entropy (it came "
+            f"with torch 2.13); {UNFUSED.reason}",
+        )  # fmt: skip
     if compiled:
         return dataclasses.replace(UNFUSED, reason=f"the model is compiled; {UNFUSED.reason}")
     head, why_not = find_head(model, precision, sample)
@@ -188,9 +234,19 @@ def plan_loss(
     return LossPlan(
         "fused",
         f"head {why_not} found by a dry run; fp32 logits of a micro-batch would be "
-        f"{logits_bytes / 2**20:,.0f} MiB (torch's chunked F.linear_cross_entropy)",
+        f"{logits_bytes / 2**20:,.0f} MiB (torch's chunked F.linear_cross_entropy); "
+        f"{projection(precision)}",
         head,
     )
+
+
+def projection(precision: Precision) -> str:
+    """What the fused loss's projection runs in for `precision` (see `fused_next_token_loss`)."""
+    if precision.device.type == "cuda" and precision.uses_autocast:
+        return f"projection in {precision.name} with fp32 accumulation (torch's 'compact')"
+    if precision.uses_autocast:
+        return f"projection in fp32 on {precision.name}-rounded inputs (CPU)"
+    return "projection in fp32"
 
 
 @torch.no_grad()

@@ -171,32 +171,33 @@ def fit(
         resharding.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
         reset_lr(optimizer, scheduler, opts)  # an extended run's schedule, from now on
     net = sharding.wrap(model, world_size)  # DDP's wrapper, or the sharded model itself
-    attn, compiled, loss_fn, fast_path = plan_fast_path(model, net, train_b, prec, optimizer,
-                                                        opts, resume, state.step)  # fmt: skip
-    fast_path["sharding"] = shards
-    sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
-    resolved = {"fit": dataclasses.asdict(opts), "precision": prec.name,
-                "precision_reason": prec.reason, "fast_path": fast_path}  # fmt: skip
-    tracking.tell_config(sinks, resolved)  # trackers log the run as it runs, not as asked
-    meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend,
-            "batch_size": opts.batch_size, "strategy": opts.strategy,
-            "checkpoint_format": opts.checkpoint_format}  # fmt: skip
-    shard_files = resharding.writes_shards(opts.checkpoint_format, sharding.is_sharded(model))
-    run = _Loop(model, net, train_b, val_b, prec, optimizer, scheduler, opts, state, sinks,
-                list(callbacks), checkpoint_dir, meta, attn, shard_files,
-                StepFaults(opts.allocator, next(model.parameters()).device,
-                           sharding.is_sharded(model)), loss_fn)  # fmt: skip
-    model.train()
-    with prec.activate(), deferred_signals(_on_signal(state), handle_signals):
-        emit(run.callbacks, "on_fit_start", state)
-        graphs = compiled_graphs()
-        try:
-            train_time = _run(run)
-        finally:
-            compiled.undo()
-            emit(run.callbacks, "on_fit_end", state)
-            for sink in run.sinks:
-                sink.close()
+    with prec.activate():  # the fast path is decided and timed in the run's matmul mode (TF32)
+        attn, compiled, loss_fn, fast_path = plan_fast_path(model, net, train_b, prec, optimizer,
+                                                            opts, resume, state.step)  # fmt: skip
+        fast_path["sharding"] = shards
+        sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
+        resolved = {"fit": dataclasses.asdict(opts), "precision": prec.name,
+                    "precision_reason": prec.reason, "fast_path": fast_path}  # fmt: skip
+        tracking.tell_config(sinks, resolved)  # trackers log the run as it runs, not as asked
+        meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend,
+                "batch_size": opts.batch_size, "strategy": opts.strategy,
+                "checkpoint_format": opts.checkpoint_format}  # fmt: skip
+        shard_files = resharding.writes_shards(opts.checkpoint_format, sharding.is_sharded(model))
+        run = _Loop(model, net, train_b, val_b, prec, optimizer, scheduler, opts, state, sinks,
+                    list(callbacks), checkpoint_dir, meta, attn, shard_files,
+                    StepFaults(opts.allocator, next(model.parameters()).device,
+                               sharding.is_sharded(model)), loss_fn)  # fmt: skip
+        model.train()
+        with deferred_signals(_on_signal(state), handle_signals):
+            emit(run.callbacks, "on_fit_start", state)
+            graphs = compiled_graphs()
+            try:
+                train_time = _run(run)
+            finally:
+                compiled.undo()
+                emit(run.callbacks, "on_fit_end", state)
+                for sink in run.sinks:
+                    sink.close()
     fast_path.update(run.faults.record)
     if compiled.loss_fn is not None:  # a shape or guard change during training recompiles
         fast_path["recompiles"] = compiled_graphs() - graphs

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 
 import torch
 
-from amptrain import capability, decisions
+from amptrain import capability, decisions, tf32
 from amptrain.capability import Capabilities
 from amptrain.errors import PrecisionError
 
@@ -130,19 +130,15 @@ class Precision:
     def activate(self) -> Iterator[None]:
         """Set the fp32 matmul mode for the run (TF32 on for tf32, off for fp32), then restore it.
 
-        On CUDA, "fp32" really means IEEE fp32: cuDNN's TF32 default is switched off too.
+        On CUDA, "fp32" really means IEEE fp32: cuDNN's TF32 default is switched off too. The
+        switch goes through torch's legacy API (`amptrain.tf32`), so every TF32 getter, torch's,
+        inductor's, Lightning's and the doctor's, reads it inside and after the block.
         """
         if self.device.type != "cuda":
             yield
             return
-        matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-        saved = (matmul.fp32_precision, cudnn.conv.fp32_precision)
-        mode = "tf32" if self.name == "tf32" else "ieee"
-        matmul.fp32_precision = cudnn.conv.fp32_precision = mode
-        try:
+        with tf32.matmul_mode(self.name == "tf32"):
             yield
-        finally:
-            matmul.fp32_precision, cudnn.conv.fp32_precision = saved
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context for forward passes: autocast for fp16/bf16, nothing for fp32/tf32."""
@@ -210,7 +206,7 @@ def resolve(
         return requested
     device = torch.device(device)
     name = normalize(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not capability.cuda_available():
         raise PrecisionError(
             f"precision={requested!r} on device {str(device)!r}, but CUDA is not available "
             "here; train on 'cpu' (bf16 or fp16 autocast work there too)"
@@ -349,7 +345,11 @@ def probe_of(device: torch.device) -> capability.Capabilities | None:
 def default_plan(
     caps: capability.Capabilities | None, device: torch.device
 ) -> tuple[list[str], dict[str, str]]:
-    """The default arms from the probe table, and a skip reason for each emulated precision."""
+    """The default arms from the probe table, and a skip reason for each one left out.
+
+    Left out: a precision the device only emulates, and one the probe could not classify
+    (its rounds disagree even after it measured again): the plan keeps to what it can tell.
+    """
     names, skipped = [], {}
     for name in NAMES:
         try:
@@ -358,6 +358,11 @@ def default_plan(
             continue
         if caps is not None and caps.emulated(name):
             skipped[name] = skip_reason(caps, name)
+        elif caps is not None and name != "fp32" and (doubt := caps.undecided(name)):
+            skipped[name] = (
+                f"skipped: the probe could not tell whether {name} is emulated here ({doubt}); "
+                f"pass --precisions {name} to time it anyway"
+            )
         else:
             names.append(name)
     return names, skipped

@@ -223,3 +223,62 @@ def test_fit_in_bf16_with_the_fused_loss_stays_within_a_percent_of_unfused():
 def test_an_unknown_loss_is_refused():
     with pytest.raises(ConfigError, match="loss"):
         FitOptions(loss="liger")
+
+
+# On CUDA under autocast the projection runs in the autocast dtype with fp32 accumulation.
+# torch's op runs that path on the CPU too (its "balanced" policy), so it is checked here.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_cuda_projection_runs_in_the_run_precision_within_the_loss_tolerance(
+    dtype, small_chunks, monkeypatch
+):
+    torch.manual_seed(3)
+    head = nn.Linear(8, 13)
+    hidden, labels = torch.randn(2, 9, 8), torch.randint(0, 13, (2, 9))
+    seen = []
+    real = F.linear_cross_entropy
+    monkeypatch.setattr(head_loss, "native_low_dtype", lambda device: dtype)
+
+    def spy(h, w, *args, **kwargs):
+        seen.append((h.dtype, w.dtype))
+        return real(h, w, *args, **kwargs)
+
+    monkeypatch.setattr(F, "linear_cross_entropy", spy)
+    ours = _grads(lambda h: fused_next_token_loss(h, head, labels), hidden, head)
+    assert seen == [(dtype, dtype)] and ours[0].dtype == torch.float32
+    with torch.autocast("cpu", dtype=dtype):
+        ref = _grads(lambda h: reference(head(h), labels), hidden, head)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-2, atol=0)
+    for got, want in zip([ours[1], *ours[2]], [ref[1], *ref[2]]):  # gradients held in bf16/fp16
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=2e-2)
+
+
+def test_the_cuda_projection_of_a_batch_with_nothing_scored_is_zero_with_finite_gradients(
+    monkeypatch,
+):
+    monkeypatch.setattr(head_loss, "native_low_dtype", lambda device: torch.float16)
+    head = nn.Linear(8, 13)
+    hidden, labels = torch.randn(2, 5, 8), torch.full((2, 5), -100)
+    loss, h_grad, p_grads = _grads(lambda h: fused_next_token_loss(h, head, labels), hidden, head)
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(g).all() for g in [h_grad, *p_grads])
+
+
+def test_the_projection_is_recorded_per_device_and_precision():
+    import warnings
+
+    from amptrain.precision import Precision
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU build's fp16 scaler has no CUDA
+        cuda = {p: Precision(p, torch.device("cuda"), "test") for p in ("bf16", "fp16", "fp32")}
+    assert head_loss.projection(cuda["bf16"]).startswith("projection in bf16 with fp32 acc")
+    assert head_loss.projection(cuda["fp16"]).startswith("projection in fp16 with fp32 acc")
+    assert head_loss.projection(cuda["fp32"]) == "projection in fp32"
+    assert "bf16-rounded inputs" in head_loss.projection(resolve("bf16", "cpu"))
+    assert head_loss.native_low_dtype(torch.device("cpu")) is None
+
+
+def test_a_torch_without_the_fused_op_keeps_the_unfused_loss(monkeypatch):
+    monkeypatch.setattr(head_loss, "HAS_FUSED_OP", False)
+    plan = plan_loss("fused", tiny_model(), FP32, pattern_blocks(4).inputs)
+    assert plan.kind == "unfused" and "has no F.linear_cross_entropy" in plan.reason

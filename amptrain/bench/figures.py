@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from amptrain import hardware
+from amptrain import hardware, tf32
 from amptrain.bench import ranks
 from amptrain.data import Blocks
 
@@ -118,6 +118,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     env = environment()
     env["device"] = str(device)
     env["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
-    env["matmul_fp32_precision"] = torch.backends.cuda.matmul.fp32_precision
+    env["tf32"] = tf32.flags()
     env["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return env

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import capability
+from amptrain import capability, tf32
 from amptrain.config import FitOptions
 from amptrain.doctor.records import (
     Audit,
@@ -30,24 +30,23 @@ from amptrain.step import train_step
 log = logging.getLogger("amptrain")
 
 
-def _bf16_speed(device: torch.device) -> tuple[bool, str, dict | None]:
-    """Whether bf16 is fast here, by the capability probe, and the probe table."""
+def bf16_speed(device: torch.device) -> tuple[bool, str, dict | None]:
+    """Whether bf16 is fast here, by the capability probe: `(fast, why, probe table)`."""
     if device.type not in ("cpu", "cuda"):
         return False, f"no bf16 rule for device type {device.type!r}", None
     caps = capability.probe(device)
+    if "bf16" not in caps.tflops:
+        cc = "sm_{}{}".format(*(caps.compute_capability or (0, 0)))
+        why = (
+            f"{caps.name} ({cc}) has no bf16 matmuls (they need compute capability 8.0); "
+            f"fp16 with loss scaling is its mixed precision: {caps.figures('fp16')}"
+        )
+        return False, why, caps.to_dict()
     if caps.emulated("bf16"):
         return False, f"bf16 is emulated here: {caps.figures('bf16')}", caps.to_dict()
     fast = caps.clearly_faster("bf16")
     verb = "is fast here" if fast else "is not clearly faster than fp32 here"
     return fast, f"bf16 {verb}: {caps.figures('bf16')}", caps.to_dict()
-
-
-def _tf32_flags() -> dict[str, str]:
-    return {
-        "torch.backends.cuda.matmul.fp32_precision": torch.backends.cuda.matmul.fp32_precision,
-        "torch.backends.cudnn.conv.fp32_precision": torch.backends.cudnn.conv.fp32_precision,
-        "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision(),
-    }
 
 
 def _dtypes(tensors: Iterator[torch.Tensor]) -> dict[str, int]:
@@ -100,11 +99,11 @@ def audit(
         for handle in handles:
             handle.remove()
     state = (v for s in optimizer.state.values() for k, v in s.items() if k != "step")
-    fast, why, probe = _bf16_speed(device)
+    fast, why, probe = bf16_speed(device)
     return Audit(
         prec.name, given.reason, str(device), _dtypes(work.parameters()), dict(grads),
         _dtypes(v for v in state if isinstance(v, torch.Tensor)), dict(matmuls),
-        prec.scaler.is_enabled(), prec.loss_scale, step_error, _tf32_flags(), fast, why, probe,
+        prec.scaler.is_enabled(), prec.loss_scale, step_error, tf32.flags(), fast, why, probe,
     )  # fmt: skip
 
 

@@ -178,7 +178,7 @@ def _audit_findings(a: Audit) -> list[Finding]:
     if a.precision == "fp16" and a.bf16_fast:
         out.append(Finding("info", "bf16-available", None, f"bf16 is fast here ({a.bf16_why})",
                            "bf16 has fp32's range and needs no loss scaling"))  # fmt: skip
-    matmul_tf32 = a.tf32.get("torch.backends.cuda.matmul.fp32_precision") == "tf32"
+    matmul_tf32 = a.tf32.get("torch.backends.cuda.matmul.allow_tf32") == "True"
     if a.device.startswith("cuda") and a.precision == "fp32" and matmul_tf32:
         message = "TF32 is switched on in this process: fp32 matmuls outside amptrain run as TF32"
         advice = "amptrain.fit uses IEEE fp32 for 'fp32' and TF32 only for 'tf32'"
