@@ -137,7 +137,7 @@ def _one_pass(
     sample: torch.Tensor,
     context: Callable[[], contextlib.AbstractContextManager],
 ) -> float:
-    sync = torch.cuda.synchronize if sample.is_cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(sample.device)) if sample.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
     with context(), precision.autocast():

@@ -101,7 +101,8 @@ def plan_compile(
     if opts.compile == "auto":
         decision = measure_eager(
             lambda n: time_steps(eager, model, precision, sample, attention, n),
-            steps, opts.grad_accum, precision.uses_autocast, load_record(key),
+            steps, opts.grad_accum, precision.uses_autocast,
+            distributed.broadcast(load_record(key)),  # rank 0's record: every rank decides alike
         )  # fmt: skip
         if not decision.compile:
             return _plan(None, decision)
@@ -123,7 +124,7 @@ def plan_compile(
     times = distributed.all_reduce(times, "max")
     decision = confirm(decision, first, statistics.median(times) * opts.grad_accum)
     decision.figures["compiled_passes_s"] = [round(t, 6) for t in times]
-    if "eager_step_s" in decision.figures:
+    if "eager_step_s" in decision.figures and distributed.is_main():
         save_record(key, decision.figures)
     if not decision.compile:
         compiled.undo()

@@ -40,7 +40,7 @@ log = logging.getLogger("amptrain")
 FORMAT_VERSION = 1
 _NAME = re.compile(r"step-(\d{9})")
 # Requests of the moment, not state to resume.
-_TRANSIENT = ("should_stop", "stop_signal", "evaluating")
+_TRANSIENT = ("should_stop", "stop_signal", "stop_requested", "evaluating")
 _TENSOR_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt")
 SHARDS = "shards"
 """The directory of a sharded checkpoint's DCP files (model and optimizer state)."""
@@ -98,6 +98,27 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def _set_cuda_rng_states(saved: list[torch.Tensor]) -> None:
+    """Restore the saved CUDA generators of the GPUs visible now (the run's own among them).
+
+    A checkpoint holds one state per GPU that was visible when it was saved; resumed where
+    fewer are visible (CUDA_VISIBLE_DEVICES, another machine), the others are left out with a
+    warning. The run's own GPU must be among them, or its randomness could not repeat.
+    """
+    visible = torch.cuda.device_count()
+    own = torch.cuda.current_device()
+    if own >= len(saved):
+        raise CheckpointError(
+            f"rng.pt holds the CUDA generators of {len(saved)} GPU(s), and this run trains on "
+            f"cuda:{own}; resume on one of cuda:0-{len(saved) - 1}"
+        )
+    if len(saved) > visible:
+        log.warning("rng.pt holds the CUDA generators of %d GPUs and %d are visible: those of "
+                    "cuda:0-%d are restored", len(saved), visible, visible - 1)  # fmt: skip
+    for index, generator in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(generator, index)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` saved; a missing source is an error, never silently skipped."""
     missing = [k for k in ("python", "numpy", "torch") if k not in state]
@@ -109,7 +130,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        _set_cuda_rng_states(list(state["cuda"]))
     elif torch.cuda.is_available() and torch.cuda.is_initialized():
         log.warning("rng.pt has no CUDA generator state; CUDA randomness will not repeat exactly")
 

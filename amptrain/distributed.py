@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from amptrain.errors import ConfigError
+
 log = logging.getLogger("amptrain")
 
 _left = False  # this process left a process group whose gloo threads may outlive it
@@ -46,15 +48,49 @@ def launched_by_torchrun() -> bool:
     return world_size_from_env() > 1
 
 
-def init_from_env() -> torch.device | None:
+def uses_cuda(device: str) -> bool:
+    """True when a run asked for `device` ("auto", "cpu", "cuda", "cuda:1") trains on CUDA."""
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def check_processes(nproc: int, device: str) -> None:
+    """Refuse, before any process starts, `nproc` processes on `device` that cannot run.
+
+    Every process on CUDA takes the GPU of its local rank: there must be that many GPUs, and
+    one named GPU cannot serve several processes. On the CPU they join a gloo group.
+
+    Raises:
+        ConfigError: Naming the count, the GPUs visible and the fixes.
+    """
+    if nproc == 1 or not uses_cuda(device):
+        return
+    if ":" in device:
+        raise ConfigError(
+            f"--device {device} with --nproc {nproc}: each process takes the GPU of its local "
+            "rank; pass --device cuda (with CUDA_VISIBLE_DEVICES to choose the GPUs)"
+        )
+    visible = torch.cuda.device_count()
+    if nproc > visible:
+        raise ConfigError(
+            f"--nproc {nproc} needs one GPU per process and {visible} GPU(s) are visible here; "
+            f"give --nproc {visible} or less, or --device cpu to run {nproc} CPU processes"
+        )
+
+
+def init_from_env(device: str = "auto") -> torch.device | None:
     """Join the process group torchrun describes; returns this rank's device (None if single).
 
-    The backend is NCCL when CUDA is available, gloo otherwise.
+    The backend is NCCL when the run trains on CUDA (`device`), gloo otherwise: `--device cpu`
+    on a GPU machine runs CPU processes.
+
+    Raises:
+        ConfigError: A local rank without a GPU of its own (more processes than GPUs on a node).
     """
     if not launched_by_torchrun() or dist.is_initialized():
         return None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if uses_cuda(device):
+        check_processes(int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)), device)
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:

@@ -9,9 +9,11 @@ the datasheet figure is shown beside it where the device is known.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,38 @@ def reset_peak_rss() -> float | None:
         return None
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the device's peak-memory reading afresh, for one run (`peak_memory_mb`).
+
+    CUDA: the allocator's peak statistics of `device`. CPU (Linux): the process's peak RSS is
+    set back to its current RSS (`/proc/self/clear_refs`), freed memory kept as it is: the run's
+    peak then counts what the process holds plus what the run adds. Elsewhere nothing resets,
+    and the peak stays the process's lifetime peak (its source says so).
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """The peak memory since the last `reset_peak_memory`, and its source.
+
+    CUDA: the caching allocator's peak on `device` ("cuda-allocator"). CPU: the process's peak
+    RSS ("process-rss": VmHWM on Linux; the lifetime `ru_maxrss` elsewhere).
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda-allocator"
+    peak = peak_rss_mb()
+    if peak is not None:
+        return peak, "process-rss"
+    import resource  # noqa: PLC0415 (POSIX only)
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kib / (2**20 if sys.platform == "darwin" else 2**10), "process-rss (lifetime)"
+
+
 def peak_rss_mb() -> float | None:
     """This process's peak RSS in MB since start or the last `reset_peak_rss` (Linux)."""
     try:
@@ -129,7 +163,8 @@ def measure_memory(
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         work()
-        peak, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved()
+        peak = torch.cuda.max_memory_allocated(device)
+        reserved = torch.cuda.max_memory_reserved(device)
         source = f"cuda-allocator (peak reserved {reserved / 2**20:.0f} MB)"
         return peak / 2**20, (peak - before) / 2**20, source
     ctx = multiprocessing.get_context("fork")

@@ -29,9 +29,10 @@ from amptrain.compiling import LossFn, compiled_graphs
 from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
 from amptrain.fast_path import plan_fast_path
+from amptrain.hardware import peak_memory_mb, reset_peak_memory
 from amptrain.interrupts import deferred_signals
 from amptrain.metrics import tracking
-from amptrain.metrics.meters import Throughput, peak_memory_mb
+from amptrain.metrics.meters import Throughput
 from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
 from amptrain.optim import make_optimizer, make_scheduler, reset_lr
@@ -70,6 +71,9 @@ class TrainState:
     """This step's evaluation is owed (a signal came first); a resumed run does it first."""
     evaluating: bool = False
     """An evaluation that a signal may cut short is running."""
+    stop_requested: int = 0
+    """A stop asked on this process and not yet agreed: the signal, -1 for a callback's, or 0.
+    One process agrees at once; several on the next logging, evaluation or checkpoint step."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +192,7 @@ def fit(
                     StepFaults(opts.allocator, next(model.parameters()).device,
                                sharding.is_sharded(model)), loss_fn)  # fmt: skip
         model.train()
+        reset_peak_memory(next(model.parameters()).device)  # this run's peak, from here on
         with deferred_signals(_on_signal(state), handle_signals):
             emit(run.callbacks, "on_fit_start", state)
             graphs = compiled_graphs()
@@ -240,8 +245,9 @@ class _EvalCut(Exception):
 
 def _on_signal(state: TrainState) -> Callable[[int], None]:
     def request_stop(signum: int) -> None:
-        state.stop_signal, state.should_stop = signum, True
+        state.stop_requested = signum  # agreed by the loop (`_agree_on_stop`)
         if state.evaluating:  # an evaluation can take minutes; a grace period may be seconds
+            state.stop_signal, state.should_stop = signum, True  # one process only
             state.evaluating = False
             raise _EvalCut
 
@@ -274,11 +280,13 @@ def _run(run: _Loop) -> float:
         last = state.step == opts.max_steps
         due = opts.checkpoint_every and state.step % opts.checkpoint_every == 0
         eval_due = run.val is not None and state.step % opts.eval_every == 0
-        # Reading the counters is a host sync: only when something needs them.
-        if state.step % opts.log_every == 0 or last or due or eval_due or state.should_stop:
+        # Reading the counters is a host sync, and so is agreeing on a stop across processes:
+        # both only on steps that every rank knows to be such steps.
+        synced = state.step % opts.log_every == 0 or last or due or eval_due
+        if synced:
             metrics = _log_step(run, counters, meter, out.lr)
         emit(run.callbacks, "on_step_end", state, metrics)
-        _agree_on_stop(state)
+        _agree_on_stop(state, synced)
         if state.should_stop and counters.pending:
             _read_counters(run, counters, out.lr)  # a stop request: the checkpoint needs them
         stop = last or (state.should_stop and not state.stop_signal)
@@ -291,17 +299,34 @@ def _run(run: _Loop) -> float:
             meter = Throughput(clock)
         if run.checkpoint_dir is not None and (due or last or state.should_stop):
             _save_checkpoint(run)
+        if world_size == 1:  # a signal during the evaluation or the checkpoint: stop here
+            _agree_on_stop(state)
     unsaved = run.checkpoint_dir is not None and run.saved_step != state.step
     if unsaved and (state.stop_signal or state.step == opts.max_steps):
         _save_checkpoint(run)  # a signal in the first evaluation, or the owed one just done
     return train_time + _now(device) - clock
 
 
-def _agree_on_stop(state: TrainState) -> None:
-    """Under torch.distributed a stop request on any rank stops every rank at this point."""
+def _agree_on_stop(state: TrainState, synced: bool = True) -> None:
+    """Turn a stop asked on this process (a signal, a callback's `should_stop`) into the stop.
+
+    One process stops at once. Under torch.distributed every rank must stop at the same step,
+    and agreeing is a collective with a host read: the ranks agree on `synced` steps only
+    (logging, evaluation, checkpoint), and a request waits here for the next of them.
+    """
+    if state.should_stop and not state.stop_signal:  # a callback's, this step
+        state.stop_requested, state.should_stop = state.stop_requested or -1, False
+    if not state.stop_requested and distributed.world()[1] == 1:
+        return
     if distributed.world()[1] > 1:
-        stop, signum = distributed.all_reduce([state.should_stop, state.stop_signal], "max")
-        state.should_stop, state.stop_signal = bool(stop), int(signum)
+        if not synced:
+            return
+        signum, asked = distributed.all_reduce(
+            [max(state.stop_requested, 0), state.stop_requested != 0], "max"
+        )  # the signal if any rank had one, else a callback's (-1) if any rank had one
+        state.stop_requested = int(signum) or (-1 if asked else 0)
+    if state.stop_requested:
+        state.should_stop, state.stop_signal = True, max(state.stop_requested, 0)
 
 
 def _save_checkpoint(run: _Loop) -> None:
@@ -329,7 +354,12 @@ def _save_checkpoint(run: _Loop) -> None:
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    """The batch on `device`; to a GPU from pinned memory, so the copy does not block the host."""
+    if device.type != "cuda":
+        return batch[0].to(device), batch[1].to(device)
+    return batch[0].pin_memory().to(device, non_blocking=True), batch[1].pin_memory().to(
+        device, non_blocking=True
+    )
 
 
 def _now(device: torch.device) -> float:
@@ -347,8 +377,9 @@ def _memory(device: torch.device) -> dict[str, Any]:
 def _log_step(run: _Loop, counters: DeviceCounters, meter: Throughput, lr: float) -> dict:
     """Read the counters, log the step's metrics, apply the non-finite policy; the metrics."""
     device = next(run.model.parameters()).device
+    steps = counters.pending  # the steps since the last read: the meter's window
     metrics = _read_counters(run, counters, lr)
-    meter.update(metrics.pop("tokens"))
+    meter.update(metrics.pop("tokens"), steps)
     metrics.update(meter.compute(_now(device)))
     metrics.update(_memory(device))
     _log(run.sinks, metrics, run.state.step)
@@ -420,7 +451,7 @@ def _eval_and_log(run: _Loop) -> None:
     state.eval_pending = False
     _log(run.sinks, metrics, state.step)
     emit(run.callbacks, "on_eval_end", state, metrics)
-    _agree_on_stop(state)
+    _agree_on_stop(state, synced=True)
 
 
 def _result(prec: Precision, state: TrainState, tracker: Tracker, train_time: float) -> FitResult:

@@ -17,8 +17,12 @@ from __future__ import annotations
 import torch
 
 CHUNK_ELEMENTS = 1 << 22
-"""fp32 elements per chunk (16 MiB): large enough that the per-chunk overhead vanishes, small
-enough to stay far below a [B*T, V] tensor at any realistic vocabulary."""
+"""fp32 elements per chunk on a CPU (16 MiB): large enough that the per-chunk overhead vanishes,
+small enough to stay far below a [B*T, V] tensor at any realistic vocabulary."""
+
+GPU_CHUNK_FACTOR = 16
+"""A GPU's chunks are this many times larger (256 MiB of fp32): each chunk launches several
+kernels, and 83 rows at V = 50,257 would leave a GPU waiting on launches, not on memory."""
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,8 +30,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows of `[N, vocab]` logits in one chunk of the loss on `device`."""
+    elements = CHUNK_ELEMENTS * (GPU_CHUNK_FACTOR if device.type == "cuda" else 1)
+    return max(1, elements // max(vocab, 1))
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -52,7 +58,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index
         safe = targets.masked_fill(~valid, 0)  # any in-range id; its row is masked out below
         with torch.autocast(logits.device.type, enabled=False):
-            step = _chunk_rows(vocab)
+            step = chunk_rows(vocab, logits.device)
             for start in range(0, rows, step):
                 end = min(start + step, rows)
                 block = logits[start:end].to(dtype)
@@ -72,7 +78,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         scale = valid.to(lse.dtype) * grad_out.to(lse.dtype)
         with torch.autocast(logits.device.type, enabled=False):
-            step = _chunk_rows(vocab)
+            step = chunk_rows(vocab, logits.device)
             for start in range(0, rows, step):
                 end = min(start + step, rows)
                 probs = (logits[start:end].to(lse.dtype) - lse[start:end, None]).exp_()

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 
 import torch
 
-from amptrain import capability, decisions, tf32
+from amptrain import capability, decisions, distributed, tf32
 from amptrain.capability import Capabilities
 from amptrain.errors import PrecisionError
 
@@ -216,7 +216,11 @@ def resolve(
         name, reason = auto_choice(caps, device)
         doubt = ""
         if caps is not None:  # a busy machine's probe must not flip the decision in silence
-            name, reason, doubt = decisions.settle(caps, auto_candidate(caps), name, reason)
+            # Decided (and recorded) once, on rank 0: ranks with other caches or probes would
+            # otherwise train in different precisions, or hang in mismatched collectives.
+            settled = decisions.settle(caps, auto_candidate(caps), name, reason) if (
+                distributed.is_main()) else None  # fmt: skip
+            name, reason, doubt = distributed.broadcast(settled)
         prec = Precision(name, device, reason, caps, **scaler_options)
         prec.warning = "; ".join(w for w in (doubt, prec.warning) if w) or None
         return prec

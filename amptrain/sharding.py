@@ -12,9 +12,9 @@ and reduce the gradients in fp32 (a sum over many ranks keeps its precision); th
 fp32 parameters stay the master copy. fp16 keeps torch's own `GradScaler`: a reduce-scatter
 leaves an overflow in the shard of one rank only, and the scaler's found-inf check on the
 sharded (DTensor) gradients is reduced with a max over the ranks by DTensor itself (its
-`found_inf_reduce_handler`, torch 2.13), so every rank skips the same steps and backs off the
-same scale (`tests/test_fsdp.py` checks it). torch's `ShardedGradScaler` would all-reduce the
-flag a second time and refuses the fused AdamW. fp32 and tf32 need no policy.
+`found_inf_reduce_handler`, in torch since 2.6), so every rank skips the same steps and backs
+off the same scale (`tests/test_fsdp.py` checks it). torch's `ShardedGradScaler` would
+all-reduce the flag a second time and refuses the fused AdamW. fp32 and tf32 need no policy.
 """
 
 from __future__ import annotations

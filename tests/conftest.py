@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -102,6 +103,14 @@ def fake_probe(monkeypatch):
 
     yield use
     precision.reset_warnings()  # and this machine after it
+
+
+def pytest_configure(config):
+    # A session that leaves the GPU tests out runs on the CPU on a GPU machine too: CPU tests
+    # (and the processes they start) see no GPU, as on the CPU machines they were written on.
+    marks = config.option.markexpr or ""
+    if "gpu" not in marks or "not gpu" in marks:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -221,3 +230,31 @@ def checkpoint_payload(step: int) -> dict:
 def checkpoint_names(root: Path) -> list[str]:
     """The complete checkpoints under `root`, oldest first."""
     return [p.name for p in checkpoint.list_checkpoints(root)]
+
+
+class HostReads:
+    """Counts host reads of tensors (`item`, `tolist`, `bool`, `float`, `int`) while on."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch=None) -> None:
+        """`monkeypatch` undoes the spies after the test; a worker process passes none.
+
+        torch's for-loop and foreach optimizers keep their `step` counters on the host (unless
+        capturable) and read them each step: those reads sync nothing, and are not counted.
+        """
+        self.on, self.count = False, 0
+        patch = monkeypatch.setattr if monkeypatch is not None else setattr
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def spy(tensor, *args, _original=original, **kwargs):
+                self.count += self.on and not self._torch_optim_host_counter(tensor)
+                return _original(tensor, *args, **kwargs)
+
+            patch(torch.Tensor, name, spy)
+
+    @staticmethod
+    def _torch_optim_host_counter(tensor) -> bool:
+        caller = sys._getframe(2).f_code.co_filename
+        return tensor.device.type == "cpu" and tensor.dim() == 0 and "torch/optim/" in caller

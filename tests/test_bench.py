@@ -189,3 +189,31 @@ def test_an_out_of_memory_arm_is_an_oom_row_and_memory_returns():
     assert out.arm("bf16").status == "oom" and "batch_size=8" in out.arm("bf16").error
     assert out.arm("fp32").status == "ok"  # the other arm still ran
     assert torch.cuda.memory_allocated() <= before + 2**20
+
+
+def test_cuda_step_times_come_from_events_with_one_sync_at_the_end(monkeypatch):
+    from amptrain.bench import StepClock
+
+    syncs, now = [], iter([0.0, 0.5, 1.5, 1.75])
+
+    class Event:  # a CUDA event: recorded on a stream, read after a synchronisation
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self, stream):
+            self.t = next(now)
+
+        def synchronize(self):
+            syncs.append("event")
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3  # milliseconds, as torch gives them
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append("device"))
+    clock = StepClock(torch.device("cuda", 0))
+    for _ in range(4):
+        clock.mark()
+    assert syncs == []  # no synchronisation while training
+    assert clock.intervals() == [0.5, 1.0, 0.25] and syncs == ["event"]

@@ -95,7 +95,7 @@ def train_with_checkpoints(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
         "train", "--data", str(corpus), "--layers", "1", "--width", "16", "--heads", "2",
         "--context", "16", "--batch-size", "4", "--max-steps", "6", "--eval-every", "3",
         "--eval-batches", "2", "--checkpoint-every", "2", "--precision", "fp32",
-        "--device", "cpu", "--no-progress", "--out", str(out),
+        "--device", "cpu", "--no-progress", "--out", str(out), "--log-every", "1",
     ])  # fmt: skip
     assert code == 0
     (run_dir,) = out.iterdir()

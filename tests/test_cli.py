@@ -24,7 +24,7 @@ def run_dir_of(out):
 def test_train_writes_the_run_directory(tmp_path, corpus, precision, capsys):
     out = tmp_path / "runs"
     code = main(["train", "--data", str(corpus), "--precision", precision, "--max-steps", "6",
-                 "--out", str(out), *TINY])  # fmt: skip
+                 "--log-every", "1", "--out", str(out), *TINY])  # fmt: skip
     assert code == 0
     run = run_dir_of(out)
     assert run.name.startswith("train-")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONTEXT, importable, pattern_blocks, tiny_model
+from conftest import CONTEXT, HostReads, importable, pattern_blocks, tiny_model
 
 import amptrain
 from amptrain import autocompile, checkpoint
@@ -80,7 +80,7 @@ def compiled_runs(tmp_path_factory):
     resumed: one compiled graph (inductor's cache serves the repeats), shared by the tests."""
     tmp = tmp_path_factory.mktemp("compiled")
     train, val = pattern_blocks(48, seed=0), pattern_blocks(16, seed=1)
-    common = dict(precision="fp32", max_steps=4, batch_size=4, eval_every=2, lr=1e-2)
+    common = dict(precision="fp32", max_steps=4, batch_size=4, eval_every=2, lr=1e-2, log_every=1)
     runs = {}
     for name, compile in (("eager", False), ("compiled", True)):
         model = tiny_model()
@@ -206,28 +206,11 @@ def test_a_short_run_by_default_is_eager_with_its_reason(train_val):
     assert record["eager_step_s"] > 0 and "compile_s" not in record
 
 
-class _HostReads:
-    """Counts host reads of tensors (`item`, `tolist`, `bool`, `float`, `int`) while on."""
-
-    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
-
-    def __init__(self, monkeypatch) -> None:
-        self.on, self.count = False, 0
-        for name in self.NAMES:
-            original = getattr(torch.Tensor, name)
-
-            def spy(tensor, *args, _original=original, **kwargs):
-                self.count += self.on
-                return _original(tensor, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, spy)
-
-
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_no_host_reads_on_non_logging_steps(monkeypatch, train_val, precision):
     from amptrain import loop
 
-    reads = _HostReads(monkeypatch)
+    reads = HostReads(monkeypatch)
     per_step = []
     original = loop.train_step
 

@@ -21,8 +21,10 @@ from amptrain import checkpoint, sharding
 from amptrain.errors import ConfigError, ModelError
 from amptrain.precision import resolve
 
-EQUAL = dict(max_steps=20, lr=1e-2, warmup=0.1, eval_every=10, eval_batches=2, clip_norm=0.05)
-SMALL = dict(max_steps=4, lr=1e-2, warmup=0.25, eval_every=4, eval_batches=1)
+EQUAL = dict(
+    max_steps=20, lr=1e-2, warmup=0.1, eval_every=10, eval_batches=2, clip_norm=0.05, log_every=1
+)
+SMALL = dict(max_steps=4, lr=1e-2, warmup=0.25, eval_every=4, eval_batches=1, log_every=1)
 
 
 def _spawn(case, tmp_path, *args):

@@ -178,7 +178,8 @@ def test_sigterm_to_an_fsdp_run_checkpoints_and_resume_auto_continues(tmp_path):
     proc = subprocess.Popen(
         [*train, "--nproc", "2", "--strategy", "fsdp", "--data", "corpus.txt", "--precision",
          "fp32", "--context", "16", "--layers", "2", "--width", "16", "--heads", "2",
-         "--batch-size", "2", "--max-steps", str(total), "--eval-every", str(total // 2)],
+         "--batch-size", "2", "--max-steps", str(total), "--log-every", "1",
+         "--eval-every", str(total // 2)],
         cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -166,3 +166,32 @@ def test_ten_probes_on_a_loaded_cpu_classify_as_a_quiet_probe_does():
         assert [(c.emulated(name), c.clearly_faster(name)) for c in busy] == [expect] * 10, name
     plans = {tuple(P.default_plan(c, torch.device("cpu"))[0]) for c in busy}
     assert plans == {tuple(P.default_plan(quiet, torch.device("cpu"))[0])}
+
+
+def test_before_torch_2_9_the_switch_uses_the_legacy_api_alone(monkeypatch):
+    monkeypatch.setattr(tf32, "has_new_api", lambda: False)
+    with tf32.matmul_mode(True):
+        inside = tf32.flags()
+    assert inside["torch.get_float32_matmul_precision()"] == "high"
+    assert "torch.backends.cuda.matmul.fp32_precision" not in inside
+    assert tf32.flags()["torch.get_float32_matmul_precision()"] == "highest"
+
+
+def test_a_probe_whose_rounds_disagree_is_taken_again(monkeypatch):
+    # fp32, bf16, fp16 per round; the first attempt's bf16 straddles auto's 1.25x.
+    first = [1.0, 1.1, 0.01, 1.0, 1.5, 0.01, 1.0, 1.2, 0.01]
+    second = [1.0, 3.0, 0.01] * 3
+    rates = iter(first + second)
+    monkeypatch.setattr(matmul_timing, "rate", lambda *args: next(rates))
+    caps = capability.measure(torch.device("cpu"))
+    assert caps.agrees() and caps.rounds["bf16"] == (3.0, 3.0, 3.0)
+
+
+def test_a_precision_the_probe_cannot_classify_is_left_out_of_the_default_plan():
+    rounds = {"fp32": (1.0, 1.0, 1.0), "bf16": (3.0, 3.0, 3.0), "fp16": (0.9, 0.3, 0.9)}
+    caps = capability.Capabilities("cpu", "busy", (), {p: max(r) for p, r in rounds.items()}, 2,
+                                   (256,) * 3, 0.1, None, rounds)  # fmt: skip
+    assert not caps.emulated("fp16") and caps.undecided("fp16")
+    planned, skipped = P.default_plan(caps, torch.device("cpu"))
+    assert planned == ["fp32", "bf16"]
+    assert "could not tell whether fp16 is emulated" in skipped["fp16"]

@@ -16,7 +16,7 @@ from amptrain.errors import ConfigError, DataError, NonFiniteError
 from amptrain.metrics import MemorySink
 from amptrain.optim import lr_factor
 
-FAST = dict(batch_size=8, eval_every=5, eval_batches=2, lr=3e-3)
+FAST = dict(batch_size=8, eval_every=5, eval_batches=2, lr=3e-3, log_every=1)
 STEP_KEYS = {"step", "train/loss", "train/lr", "train/grad_norm", "amp/loss_scale",
              "amp/skipped_steps", "perf/tokens_per_s", "perf/step_time_s", "mem/peak_mb",
              "mem/source"}  # fmt: skip
@@ -114,7 +114,7 @@ def test_injected_inf_gradient_skips_the_step_cleanly(precision, model, train_va
         warnings.simplefilter("error")  # e.g. "Detected call of lr_scheduler.step() before..."
         result = amptrain.fit(
             model, train_val[0], precision=precision, sinks=[sink], callbacks=[inject],
-            max_steps=5, batch_size=8, warmup=0.5,
+            max_steps=5, batch_size=8, warmup=0.5, log_every=1,
         )  # fmt: skip
     before, after = inject.snapshots[2], inject.snapshots[3]
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # bitwise unchanged
@@ -157,7 +157,7 @@ def test_persistent_nonfinite_stops_with_the_story(model, train_val):
     inject = InjectInf(model, bad_steps=range(3, 100))
     with pytest.raises(NonFiniteError) as err:
         amptrain.fit(model, train_val[0], precision="fp16", callbacks=[inject], max_steps=50,
-                     batch_size=8, max_nonfinite=4)  # fmt: skip
+                     batch_size=8, max_nonfinite=4, log_every=1)  # fmt: skip
     message = str(err.value)
     assert "4 consecutive non-finite steps (steps 3-6)" in message
     assert "loss scale fell to 4096" in message  # 65536 / 2**4
@@ -275,7 +275,7 @@ def test_loss_scale_follows_growth_and_backoff_exactly(model, train_val):
     inject = InjectInf(model, bad_steps={2, 5})
     result = amptrain.fit(model, train_val[0], precision="fp16", callbacks=[inject], max_steps=6,
                           batch_size=8, init_scale=256.0, growth_factor=2.0, backoff_factor=0.25,
-                          growth_interval=1)  # fmt: skip
+                          growth_interval=1, log_every=1)  # fmt: skip
     assert result.skipped_steps == 2
     assert result.loss_scale == 256.0 * 2.0**4 * 0.25**2
     scales = [r["amp/loss_scale"] for r in result.history if "amp/loss_scale" in r]

@@ -3,6 +3,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
+
+import pytest
+import torch
 
 from amptrain.metrics import CsvSink, JsonlSink, Throughput, Tracker
 from amptrain.runs import atomic_write_json
@@ -47,3 +51,42 @@ def test_atomic_json_leaves_no_temp_file_and_nulls_nonfinite(tmp_path):
     path = atomic_write_json(tmp_path / "s.json", {"a": math.inf, "b": [1.0, math.nan]})
     assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None]}
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+class _Holds:
+    """A callback that allocates and touches `mib` MiB at the first step and holds it to the end."""
+
+    def __init__(self, mib: int) -> None:
+        self.mib, self.held = mib, None
+
+    def on_fit_start(self, state):
+        pass
+
+    def on_step_end(self, state, metrics):
+        if self.held is None and self.mib:
+            self.held = torch.ones(self.mib * 2**20 // 4)  # fp32: 4 bytes each, every page touched
+
+    def on_eval_end(self, state, metrics):
+        pass
+
+    def on_fit_end(self, state):
+        self.held = None
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's resettable peak")
+def test_each_run_reports_its_own_peak_memory_and_a_known_extra_allocation():
+    from conftest import pattern_blocks, tiny_model
+
+    import amptrain
+
+    def peak(mib: int) -> float:
+        result = amptrain.fit(tiny_model(), pattern_blocks(16), precision="fp32", batch_size=4,
+                              max_steps=3, compile=False, allocator="system",
+                              callbacks=[_Holds(mib)])  # fmt: skip
+        assert result.mem_source == "process-rss"
+        return result.peak_mem_mb
+
+    big, small, big_again = peak(256), peak(0), peak(256)
+    assert small < big - 200  # the second, smaller run does not report the first one's peak
+    for run in (big, big_again):
+        assert run - small == pytest.approx(256, rel=0.1)

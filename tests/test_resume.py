@@ -27,7 +27,7 @@ from amptrain.precision import resolve
 
 ARGS = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch-size",
         "4", "--eval-every", "4", "--checkpoint-every", "3", "--dropout", "0.1",
-        "--no-progress"]  # fmt: skip
+        "--no-progress", "--log-every", "1"]  # fmt: skip
 
 
 @pytest.fixture

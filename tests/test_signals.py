@@ -25,7 +25,7 @@ from amptrain.cli import main
 STEPS = 8
 ARGS = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch-size",
         "4", "--eval-every", "4", "--checkpoint-every", "3", "--dropout", "0.1",
-        "--max-steps", str(STEPS), "--no-progress",
+        "--max-steps", str(STEPS), "--no-progress", "--log-every", "1",
         # the reference run and the child measure `auto` attention in separate processes, and
         # under load the two measurements can differ; the resumed run keeps its child's choice
         "--attention", "default"]  # fmt: skip

@@ -180,7 +180,7 @@ def test_a_tracker_failing_mid_run_is_kept_in_summary_json(tmp_path, monkeypatch
 
     cfg = TrainConfig(context=16, model_kwargs={"n_layer": 1, "n_embd": 16, "n_head": 2},
                       out=str(tmp_path / "runs"), precision="fp32",
-                      fit=FitOptions(max_steps=4, batch_size=4, eval_every=4,
+                      fit=FitOptions(max_steps=4, batch_size=4, eval_every=4, log_every=1,
                                      eval_batches=1))  # fmt: skip
     logging.getLogger("amptrain").propagate = True
     with caplog.at_level(logging.WARNING, logger="amptrain"):

@@ -12,7 +12,7 @@ from amptrain import _imports, fit
 from amptrain.precision import resolve
 
 FAKE_KEY = "wandb_FAKEKEY_0123456789abcdef"
-FIT = dict(max_steps=4, batch_size=8, eval_every=2, eval_batches=1, lr=3e-3)
+FIT = dict(max_steps=4, batch_size=8, eval_every=2, eval_batches=1, lr=3e-3, log_every=1)
 
 
 @pytest.fixture
@@ -179,7 +179,8 @@ def test_cli_train_logs_to_tensorboard_and_mlflow(tmp_path):
     from amptrain import cli
 
     out = tmp_path / "runs"
-    argv = ["train", "--tensorboard", "--mlflow", "--max-steps", "2", "--batch-size", "4",
+    argv = ["train", "--tensorboard", "--mlflow", "--max-steps", "2", "--log-every", "1",
+            "--batch-size", "4",
             "--context", "16", "--layers", "1", "--width", "16", "--heads", "2",
             "--eval-every", "2", "--eval-batches", "1", "--no-progress",
             "--out", str(out)]  # fmt: skip

@@ -124,7 +124,7 @@ def test_offline_run_holds_metrics_precision_and_no_key(wandb_env, amptrain_log)
     config = {"lr": 3e-3, "precision": "bf16-mixed", "wandb_api_key": FAKE_KEY}
     sink = WandbSink("amptrain-test", config=config, precision=prec, dir=str(wandb_env))
     train, val = pattern_blocks(48), pattern_blocks(16, seed=1)
-    result = fit(tiny_model(), train, val, precision=prec, sinks=[sink], max_steps=4,
+    result = fit(tiny_model(), train, val, precision=prec, sinks=[sink], max_steps=4, log_every=1,
                  batch_size=8, eval_every=2, eval_batches=1, lr=3e-3)  # fmt: skip
     run_dir = offline_run(wandb_env)
     assert list((run_dir / "files").iterdir())  # W&B's own files are there too
@@ -167,7 +167,7 @@ def test_a_shared_run_keeps_its_owner_and_loses_no_record(wandb_env, amptrain_lo
     run = wandb.init(project="p", dir=str(wandb_env))  # the notebook's own run
     run.log({"other/metric": 1.0}, step=100)  # its step counter is already past ours
     sink = WandbSink(run=run, precision=resolve("fp32", "cpu"))
-    fit(tiny_model(), pattern_blocks(32), precision="fp32", sinks=[sink], max_steps=3,
+    fit(tiny_model(), pattern_blocks(32), precision="fp32", sinks=[sink], max_steps=3, log_every=1,
         batch_size=8)  # fmt: skip
     run.log({"other/metric": 2.0})  # still open: the sink did not finish it
     run.finish()
@@ -259,7 +259,8 @@ def test_log_failure_and_stall_cost_one_warning_each(wandb_env, amptrain_log, mo
 def test_cli_train_wandb_logs_the_resolved_precision(wandb_env, capsys):
     from amptrain import cli
 
-    argv = ["train", "--wandb", "cli-test", "--max-steps", "2", "--batch-size", "4",
+    argv = ["train", "--wandb", "cli-test", "--max-steps", "2", "--log-every", "1",
+            "--batch-size", "4",
             "--context", "16", "--layers", "1", "--width", "16", "--heads", "2",
             "--eval-every", "2", "--eval-batches", "1", "--no-progress",
             "--out", str(wandb_env / "runs")]  # fmt: skip

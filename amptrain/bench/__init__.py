@@ -44,7 +44,7 @@ from amptrain.precision import (
 
 __all__ = [
     "ArmResult", "BenchReport", "arm_names", "bench", "check_settings", "default_plan",
-    "default_precisions", "skip_reason", "state_digest",
+    "default_precisions", "skip_reason", "state_digest", "StepClock",
 ]  # fmt: skip
 
 log = logging.getLogger("amptrain")
@@ -114,11 +114,42 @@ class BenchReport:
         return dataclasses.asdict(self)
 
 
+class StepClock:
+    """The end of every step, marked without a host sync; the step times read at the end.
+
+    On CUDA each mark is an event recorded on the device's stream, and the times are the
+    intervals between consecutive events, read after one synchronisation once training is
+    over: a synchronisation per step would drain the GPU's queue and time the drain. On a CPU
+    a mark is the wall clock.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        """The step that just ended, as the device sees it."""
+        if self.device.type != "cuda":
+            self.marks.append(time.perf_counter())
+            return
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        self.marks.append(event)
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks (one synchronisation on CUDA)."""
+        if self.device.type != "cuda":
+            return [b - a for a, b in zip(self.marks, self.marks[1:])]
+        if self.marks:
+            self.marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
 class _Recorder(Callback):
-    """Stamps the end of every step (synchronised) and checksums every training batch."""
+    """Marks the end of every step (`StepClock`) and checksums every training batch."""
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.device, self.stamps = device, []
+        self.device, self.clock = device, StepClock(device)
         self.checksum = torch.zeros((), dtype=torch.float64, device=device)
         self._weights: torch.Tensor | None = None
         self.started = False  # the passes before training (fit's measurements) are not batches
@@ -141,9 +172,7 @@ class _Recorder(Callback):
         self.checksum.mul_(1.000001).add_((ids.double() * self._weights).sum())
 
     def on_step_end(self, state: Any, metrics: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stamps.append(time.perf_counter())
+        self.clock.mark()
 
     def close(self) -> str:
         self._handle.remove()
@@ -181,8 +210,7 @@ def train_once(
     finally:
         batch_digest = recorder.close()
     batch_digest = ranks.global_digest(batch_digest)  # every rank's batches, on rank 0
-    stamps = recorder.stamps
-    return _Run([b - a for a, b in zip(stamps, stamps[1:])], result, init_digest, batch_digest)
+    return _Run(recorder.clock.intervals(), result, init_digest, batch_digest)
 
 
 def _aggregate(runs: Sequence[_Run], warmup: int, tokens_per_step: int) -> dict[str, Any]:
@@ -275,9 +303,10 @@ def bench(
     arms, skipped = arm_names(precisions, device)
     train_b, val_b = as_blocks(train, name="training data"), as_blocks(val, name="validation data")
     check_data(model, train_b, val_b, device, source, -100)
+    # Every step logged: the report's loss curve and loss-scale events are per step.
     opts = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                 eval_every=steps, eval_batches=eval_batches, compile=compile,
-                strategy=strategy)  # fmt: skip
+                strategy=strategy, log_every=1)  # fmt: skip
     runs: dict[str, list[_Run]] = {name: [] for name in arms}
     errors: dict[str, tuple[str, str]] = {}
     for repeat in range(repeats):

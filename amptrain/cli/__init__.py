@@ -91,7 +91,7 @@ def _run(argv: Sequence[str] | None) -> int:
         code = exit_code(exc)
         if code is None:
             raise
-        _say(f"amptrain: {_LABELS[code]}: {exc}")
+        _say(f"amptrain: {_LABELS[code]}: {_first_line(exc)}{_advice(exc)}")
         return code
 
 
@@ -107,6 +107,21 @@ def exit_code(exc: BaseException) -> int | None:
     if isinstance(exc, (OSError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
         return 3  # disk full, read-only folder, no permission, memory exhausted
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The message; torch's out-of-memory error runs on for lines about its allocator."""
+    text = str(exc)
+    return text.splitlines()[0] if type(exc).__name__ == "OutOfMemoryError" and text else text
+
+
+def _advice(exc: BaseException) -> str:
+    if type(exc).__name__ != "OutOfMemoryError":
+        return ""
+    return (
+        "; lower --batch-size (or --batches for the doctor), or --context, or train on a "
+        "GPU with more memory"
+    )
 
 
 def _say(line: str) -> None:

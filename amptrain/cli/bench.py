@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     _check(args, cfg, precisions)  # bad input: one line, before any process starts
     if check_launch(args, cfg):
         return relaunch(args)
-    distributed.init_from_env()
+    distributed.init_from_env(cfg.device)
     try:
         report, run_dir = run_bench(
             cfg, precisions=precisions, steps=args.steps, warmup=args.warmup_steps,

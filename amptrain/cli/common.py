@@ -166,6 +166,7 @@ def check_launch(args: argparse.Namespace, cfg: Any) -> bool:
         return False
     if args.nproc == 1:
         return False
+    distributed.check_processes(args.nproc, cfg.device)
     check_before_launch(cfg)
     return True
 

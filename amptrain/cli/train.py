@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return relaunch(args)
     given = given_values(args) if args.resume else None  # checked against the run's settings
     trackers = Trackers(args, cfg)  # missing packages and logins refused before anything
-    distributed.init_from_env()
+    distributed.init_from_env(cfg.device)
     try:
         progress = progress_sinks(args, cfg.fit.max_steps, "train") if distributed.is_main() else []
         result = run_training(cfg, sinks=progress, resume=args.resume, given=given,

@@ -81,8 +81,9 @@ class MetricsTracker(Tracker):
                    epoch_duration=float(epoch_duration))  # fmt: skip
         if torch.cuda.is_available():
             # The peak since the previous epoch, not since the process started.
-            row["system/gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            torch.cuda.reset_peak_memory_stats()
+            device = torch.cuda.current_device()
+            row["system/gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            torch.cuda.reset_peak_memory_stats(device)
         self.log(row, step=epoch)
         if self.use_wandb:
             self._to_wandb(row)

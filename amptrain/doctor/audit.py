@@ -93,6 +93,8 @@ def audit(
     try:
         with prec.activate():  # the GradScaler refuses fp16 gradients in the step's unscale_
             train_step(work, [batch], prec, optimizer, make_scheduler(optimizer, opts), opts)
+    except torch.OutOfMemoryError:
+        raise  # not a finding about the set-up: the CLI says how to need less memory
     except (ValueError, RuntimeError) as exc:
         step_error = f"{type(exc).__name__}: {exc}"
     finally:

@@ -88,6 +88,8 @@ def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy of the user's model, which the doctor works on instead of the model itself."""
     try:
         return copy.deepcopy(model)
+    except torch.OutOfMemoryError:
+        raise  # not the model's fault: the CLI says how to need less memory
     except Exception as exc:  # the user's model: say why the doctor cannot work on a copy
         raise ModelError(f"the doctor works on a copy of the model, and deepcopy failed: "
                          f"{type(exc).__name__}: {exc}") from exc  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amptrain.metrics.meters import Throughput, peak_memory_mb
+from amptrain.metrics.meters import Throughput
 from amptrain.metrics.sinks import METRIC_NAMES, CsvSink, JsonlSink, MemorySink, Sink
 from amptrain.metrics.tracker import Tracker
 
@@ -14,5 +14,4 @@ __all__ = [
     "Sink",
     "Throughput",
     "Tracker",
-    "peak_memory_mb",
 ]

@@ -1,11 +1,6 @@
-"""Pure meters: throughput and peak memory. No I/O, so they test with fake clocks."""
+"""Pure meters: throughput. No I/O, so they test with fake clocks (peak memory: `hardware`)."""
 
 from __future__ import annotations
-
-import resource
-import sys
-
-import torch
 
 
 class Throughput:
@@ -34,12 +29,3 @@ class Throughput:
         }
         self._t0, self._tokens, self._steps = now, 0, 0
         return out
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory so far and its source: the CUDA allocator, or the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda-allocator"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    return peak / (2**20 if sys.platform == "darwin" else 2**10), "process-rss"

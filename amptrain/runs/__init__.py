@@ -119,16 +119,17 @@ def atomic_safetensors_save(state: dict[str, torch.Tensor], path: str | Path) ->
     seen: dict[tuple, str] = {}
     storages: set[int] = set()
     for name, tensor in state.items():
-        tensor = tensor.detach().cpu()
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tuple(tensor.stride()), tensor.dtype)  # fmt: skip
+        tensor = tensor.detach()  # compared where it lives: a copy to the CPU is a new storage
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        key = (*storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+               tensor.dtype)  # fmt: skip
         if key in seen and tensor.numel():
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        shares = tensor.untyped_storage().data_ptr() in storages  # a view into another tensor
-        storages.add(tensor.untyped_storage().data_ptr())
-        kept[name] = tensor.clone() if shares else tensor.contiguous()
+        shares = storage in storages  # a view into another tensor
+        storages.add(storage)
+        kept[name] = tensor.cpu().clone() if shares else tensor.cpu().contiguous()
     return atomic_write_bytes(path, save(kept, metadata={"format": "pt", **aliases}))
 
 
@@ -171,5 +172,5 @@ def environment() -> dict[str, Any]:
         "cuda": torch.version.cuda,
     }
     if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu"] = torch.cuda.get_device_name(torch.cuda.current_device())
     return env

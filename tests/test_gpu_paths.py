@@ -1,0 +1,65 @@
+"""CUDA-only branches of the loop, the loss, the weights file and the doctor, on the CPU.
+
+Each test makes the CPU behave as the CUDA branch needs (a copy to the host that is a new
+storage, pinned memory, an allocator that runs out) and checks what the branch does.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from amptrain import loop, losses
+from amptrain.cli import main
+from amptrain.runs import atomic_safetensors_save
+
+
+def test_a_gpu_chunk_of_the_loss_is_not_launch_bound():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert losses.chunk_rows(50_257, cpu) == 83  # tuned for a CPU's caches
+    assert losses.chunk_rows(50_257, cuda) == 1335  # 256 MiB of fp32 rows
+
+
+def test_batches_go_to_a_gpu_from_pinned_memory_without_blocking(monkeypatch):
+    moves = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: moves.append("pin") or t)
+    real_to = torch.Tensor.to
+
+    def to(t, device, non_blocking=False):
+        moves.append(("to", str(device), non_blocking))
+        return real_to(t, "cpu")
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    loop._to_device((ids, ids), torch.device("cuda", 0))
+    assert moves == ["pin", ("to", "cuda:0", True)] * 2
+
+
+def test_tied_weights_on_a_gpu_are_written_once(tmp_path, monkeypatch):
+    # A GPU tensor's copy to the host is a new storage each time: ties must be found before it.
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: t.clone())
+    shared = torch.randn(8, 4)
+    path = tmp_path / "model.safetensors"
+    atomic_safetensors_save({"wte.weight": shared, "lm_head.weight": shared, "b": torch.ones(3)},
+                            path)  # fmt: skip
+    assert set(load_file(path)) == {"wte.weight", "b"}  # the head is the embedding, by name
+
+
+def test_the_doctor_out_of_memory_is_one_line_with_advice(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    audit_mod = importlib.import_module("amptrain.doctor.audit")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore\nlines")
+
+    monkeypatch.setattr(audit_mod, "train_step", out_of_memory)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    code = main(["doctor", "--data", str(corpus), "--layers", "1", "--width", "32", "--heads",
+                 "2", "--context", "32", "--batch-size", "4", "--batches", "1", "--no-progress",
+                 "--out", str(tmp_path / "runs")])  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("amptrain:")]
+    assert code == 3 and len(err) == 1, err
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB" in err[0]
+    assert "lower --batch-size" in err[0]
