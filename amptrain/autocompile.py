@@ -102,7 +102,8 @@ def plan_compile(
         decision = measure_eager(
             lambda n: time_steps(eager, model, precision, sample, attention, n),
             steps, opts.grad_accum, precision.uses_autocast,
-            distributed.broadcast(load_record(key)),  # rank 0's record: every rank decides alike
+            # rank 0's record: every rank decides alike
+            distributed.broadcast(load_record(key) if distributed.is_main() else None),
         )  # fmt: skip
         if not decision.compile:
             return _plan(None, decision)

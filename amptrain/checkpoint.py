@@ -84,8 +84,13 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and CUDA generator states, as tensors and plain values."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, as tensors and plain values.
+
+    Args:
+        device: The run's device; on CUDA its index is kept, so a resume on another GPU (or
+            with fewer visible) restores the generator the run drew from.
+    """
     version, words, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -95,23 +100,28 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        if device is not None and device.type == "cuda":
+            state["cuda_device"] = _index(device)
     return state
 
 
-def _set_cuda_rng_states(saved: list[torch.Tensor]) -> None:
-    """Restore the saved CUDA generators of the GPUs visible now (the run's own among them).
+def _index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
 
-    A checkpoint holds one state per GPU that was visible when it was saved; resumed where
-    fewer are visible (CUDA_VISIBLE_DEVICES, another machine), the others are left out with a
-    warning. The run's own GPU must be among them, or its randomness could not repeat.
+
+def _set_cuda_rng_states(
+    saved: list[torch.Tensor], trained_on: int | None, device: torch.device | None
+) -> None:
+    """Restore the CUDA generator the run drew from into the GPU it trains on now.
+
+    A checkpoint holds one state per GPU visible when it was saved, and the index of the run's
+    own. That one goes to this run's GPU, whatever its index. An older checkpoint, without the
+    index, restores by position the GPUs visible now; the others are left out with a warning.
     """
+    if trained_on is not None and trained_on < len(saved):
+        torch.cuda.set_rng_state(saved[trained_on], _index(device or torch.device("cuda")))
+        return
     visible = torch.cuda.device_count()
-    own = torch.cuda.current_device()
-    if own >= len(saved):
-        raise CheckpointError(
-            f"rng.pt holds the CUDA generators of {len(saved)} GPU(s), and this run trains on "
-            f"cuda:{own}; resume on one of cuda:0-{len(saved) - 1}"
-        )
     if len(saved) > visible:
         log.warning("rng.pt holds the CUDA generators of %d GPUs and %d are visible: those of "
                     "cuda:0-%d are restored", len(saved), visible, visible - 1)  # fmt: skip
@@ -119,8 +129,13 @@ def _set_cuda_rng_states(saved: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state(generator, index)
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` saved; a missing source is an error, never silently skipped."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what `rng_state` saved; a missing source is an error, never silently skipped.
+
+    Args:
+        state: What `rng_state` returned.
+        device: The device this run trains on (its CUDA generator gets the saved one).
+    """
     missing = [k for k in ("python", "numpy", "torch") if k not in state]
     if missing:
         raise CheckpointError(f"rng.pt lacks the generator state of {missing}; cannot resume")
@@ -130,7 +145,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        _set_cuda_rng_states(list(state["cuda"]))
+        _set_cuda_rng_states(list(state["cuda"]), state.get("cuda_device"), device)
     elif torch.cuda.is_available() and torch.cuda.is_initialized():
         log.warning("rng.pt has no CUDA generator state; CUDA randomness will not repeat exactly")
 
@@ -506,7 +521,7 @@ def restore(
     restore_scaler(ckpt, precision, allow_new_scaler)
     restore_module(model, ckpt.tensors["model"], ckpt.path)
     load_state_keeping_impl(optimizer, ckpt.tensors["optimizer"])  # still fused after a resume
-    restore_counters(ckpt, scheduler, state)
+    restore_counters(ckpt, scheduler, state, next(model.parameters()).device)
 
 
 def restore_scaler(ckpt: Checkpoint, precision, allow_new_scaler: bool = False) -> None:
@@ -524,10 +539,12 @@ def restore_scaler(ckpt: Checkpoint, precision, allow_new_scaler: bool = False) 
         precision.load_state_dict(scaler)
 
 
-def restore_counters(ckpt: Checkpoint, scheduler, state) -> None:
-    """The schedule, this rank's generator states and the run's counters."""
+def restore_counters(
+    ckpt: Checkpoint, scheduler, state, device: torch.device | None = None
+) -> None:
+    """The schedule, this rank's generator states (`device`: the run's) and the run's counters."""
     scheduler.load_state_dict(ckpt.tensors["scheduler"])
-    set_rng_state(_rank_rng(ckpt.tensors["rng"], ckpt.path))
+    set_rng_state(_rank_rng(ckpt.tensors["rng"], ckpt.path), device)
     for field in dataclasses.fields(state):
         if field.name in ckpt.trainer and field.name not in _TRANSIENT:
             setattr(state, field.name, ckpt.trainer[field.name])

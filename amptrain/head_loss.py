@@ -136,25 +136,31 @@ def _low_precision_loss(
 ) -> torch.Tensor:  # fmt: skip
     """The summed loss with the projection in `low` and fp32 accumulation (CUDA).
 
-    torch returns the loss in `low`: a sum of thousands of rows would overflow fp16, so the
-    mean is taken and multiplied back by the number of scored targets, in fp32. A micro-batch
-    with no target scored gets one fake target whose loss is multiplied by zero: the mean of
-    none would be 0/0, whose gradient is NaN. No value is read on the host.
+    torch returns the loss in `low`. bf16 has fp32's range: the mean is taken and multiplied
+    back by the number of scored targets, in fp32 (a micro-batch with no target scored gets one
+    fake target whose loss is multiplied by zero: the mean of none is 0/0, whose gradient is
+    NaN). In fp16 a scalar would overflow both ways: a sum of thousands of rows as a value, and
+    a mean as a gradient (the loss scale, 65,536 at first, reaches it whole). So fp16 returns a
+    loss per row, summed in fp32, whose gradients are the loss scale over the tokens (torch's
+    op then recomputes each chunk's logits in the backward pass). No value is read on the host.
     """
-    counted = (targets != ignore_index).sum()
-    targets = targets.clone()
-    targets[-1] = torch.where(counted == 0, 0, targets[-1])
     bias = None if head.bias is None else head.bias.to(low)
     options = nn.LinearCrossEntropyOptions(
         batch_chunk_size=chunk, chunking_method=None, acc_policy="compact",
         acc_dtype=torch.float32,
     )  # fmt: skip
+    counted = (targets != ignore_index).sum()
+    if low == torch.bfloat16:
+        targets = targets.clone()
+        fake = 1 if ignore_index == 0 else 0  # any class but the ignored one
+        targets[-1] = torch.where(counted == 0, fake, targets[-1])  # the last: never scored
     with torch.autocast("cuda", enabled=False):  # the dtypes are chosen here, explicitly
-        mean = F.linear_cross_entropy(
-            hidden.to(low), head.weight.to(low), targets, linear_bias=bias, reduction="mean",
+        out = F.linear_cross_entropy(
+            hidden.to(low), head.weight.to(low), targets, linear_bias=bias,
+            reduction="mean" if low == torch.bfloat16 else "none",
             ignore_index=ignore_index, options=options,
         )  # fmt: skip
-    return mean.float() * counted
+    return out.float() * counted if low == torch.bfloat16 else out.float().sum()
 
 
 def _projection_inputs(

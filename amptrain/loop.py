@@ -266,6 +266,7 @@ def _run(run: _Loop) -> float:
                                rank=rank, world_size=world_size)  # fmt: skip
     if run.val is not None and (state.step == 0 or state.eval_pending):
         _eval_and_log(run)  # the first one, or the one a signal interrupted before the resume
+    _agree_on_stop(state)  # a stop asked before the first step (`on_fit_start`), on every rank
     clock = _now(device)
     meter, train_time = Throughput(clock), 0.0
     counters = DeviceCounters(device, state.skipped_steps, state.consecutive_nonfinite)
@@ -283,7 +284,7 @@ def _run(run: _Loop) -> float:
         # Reading the counters is a host sync, and so is agreeing on a stop across processes:
         # both only on steps that every rank knows to be such steps.
         synced = state.step % opts.log_every == 0 or last or due or eval_due
-        if synced:
+        if synced or (world_size == 1 and state.stop_requested):  # one process logs its last
             metrics = _log_step(run, counters, meter, out.lr)
         emit(run.callbacks, "on_step_end", state, metrics)
         _agree_on_stop(state, synced)
@@ -316,22 +317,22 @@ def _agree_on_stop(state: TrainState, synced: bool = True) -> None:
     """
     if state.should_stop and not state.stop_signal:  # a callback's, this step
         state.stop_requested, state.should_stop = state.stop_requested or -1, False
-    if not state.stop_requested and distributed.world()[1] == 1:
-        return
+    agreed = state.stop_requested
     if distributed.world()[1] > 1:
         if not synced:
             return
         signum, asked = distributed.all_reduce(
             [max(state.stop_requested, 0), state.stop_requested != 0], "max"
         )  # the signal if any rank had one, else a callback's (-1) if any rank had one
-        state.stop_requested = int(signum) or (-1 if asked else 0)
-    if state.stop_requested:
-        state.should_stop, state.stop_signal = True, max(state.stop_requested, 0)
+        # Not written back: a signal that came during the collective waits for the next one.
+        agreed = int(signum) or (-1 if asked else 0)
+    if agreed:
+        state.should_stop, state.stop_signal = True, max(agreed, 0)
 
 
 def _save_checkpoint(run: _Loop) -> None:
     """Rank 0 writes, with every rank's RNG state; the others wait for it (or write shards)."""
-    rngs = distributed.gather(checkpoint.rng_state())
+    rngs = distributed.gather(checkpoint.rng_state(next(run.model.parameters()).device))
     if run.shards:  # every rank writes its shards (under DDP DCP writes each tensor once)
         path = resharding.save(
             run.checkpoint_dir, run.model, run.optimizer, run.scheduler, run.prec, run.state,
@@ -357,9 +358,13 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     """The batch on `device`; to a GPU from pinned memory, so the copy does not block the host."""
     if device.type != "cuda":
         return batch[0].to(device), batch[1].to(device)
-    return batch[0].pin_memory().to(device, non_blocking=True), batch[1].pin_memory().to(
-        device, non_blocking=True
-    )
+    return _to_gpu(batch[0], device), _to_gpu(batch[1], device)
+
+
+def _to_gpu(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()  # data already on the GPU is left where it is
+    return tensor.to(device, non_blocking=True)
 
 
 def _now(device: torch.device) -> float:

@@ -85,6 +85,10 @@ def writes_shards(checkpoint_format: str, sharded: bool) -> bool:
     return checkpoint_format == "sharded" or (checkpoint_format == "auto" and sharded)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The parameter names in the optimizer's order: the ids of `optimizer.state_dict()`."""
     names = {id(p): name for name, p in model.named_parameters()}
@@ -221,7 +225,7 @@ def restore(
                        optim_state_dict=optimizer_state)  # fmt: skip
 
     load_state_keeping_impl(optimizer, saved["optimizer"], load)
-    checkpoint.restore_counters(ckpt, scheduler, state)
+    checkpoint.restore_counters(ckpt, scheduler, state, _device(model))
 
 
 def _restore_full_into_shards(
@@ -244,4 +248,4 @@ def _restore_full_into_shards(
                        optim_state_dict=optimizer_state, options=options)  # fmt: skip
 
     load_state_keeping_impl(optimizer, saved, load)
-    checkpoint.restore_counters(ckpt, scheduler, state)
+    checkpoint.restore_counters(ckpt, scheduler, state, _device(model))

@@ -57,13 +57,13 @@ LOG_EVERY = 10
 class SyncCounter(Callback):
     """Counts host synchronisations of the steps that do not log (CUDA's sync debug mode)."""
 
-    def __init__(self, log_every: int) -> None:
-        self.log_every, self.syncs, self.steps = log_every, 0, 0
+    def __init__(self, log_every: int, max_steps: int) -> None:
+        self.log_every, self.max_steps, self.syncs, self.steps = log_every, max_steps, 0, 0
         self._caught: warnings.catch_warnings | None = None
         self._seen: list = []
 
     def _watch(self, next_step: int) -> None:
-        quiet = next_step % self.log_every != 0
+        quiet = next_step % self.log_every != 0 and next_step < self.max_steps
         torch.cuda.set_sync_debug_mode("warn" if quiet else "default")
         self.steps += quiet
 
@@ -90,7 +90,7 @@ def train(device: torch.device, precision: str, shape: dict, steps: int) -> dict
                     n_embd=shape["width"], n_head=shape["heads"], dropout=0.0)  # fmt: skip
     model = TinyGPT(cfg).to(device)
     ids = torch.randint(0, VOCAB, (shape["batch"] * (steps + 2), shape["context"]))
-    counter = SyncCounter(LOG_EVERY) if device.type == "cuda" else None
+    counter = SyncCounter(LOG_EVERY, steps) if device.type == "cuda" else None
     try:
         result = amptrain.fit(model, Blocks(ids, ids.clone(), "random"), precision=precision,
                               max_steps=steps, batch_size=shape["batch"], log_every=LOG_EVERY,
@@ -200,14 +200,20 @@ def main() -> None:
     device = torch.device("cpu" if args.dry_run else "cuda")
     shape, steps = (TINY, args.steps or 4) if args.dry_run else (GPT2_SMALL, args.steps or 200)
     report: dict = {"provenance": provenance(args), "shape": {**shape, "vocab": VOCAB}}
+    path = result_path(args.out, report["provenance"])
     report["probe"] = probe(device)
+    write(path, report)  # after each section: a run cut short keeps what it measured
     print(json.dumps(report["probe"], indent=2, default=str), flush=True)
     report["gpu_tests"] = (
         {"skipped": "dry run: the gpu tests need a GPU"} if args.dry_run else
         command([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                  "tests"], ROOT, 150)
     )  # fmt: skip
-    report["train"] = {p: train(device, p, shape, steps) for p in ("fp32", "tf32", "bf16", "fp16")}
+    write(path, report)
+    report["train"] = {}
+    for name in ("fp32", "tf32", "bf16", "fp16"):
+        report["train"][name] = train(device, name, shape, steps)
+        write(path, report)
     for name, row in report["train"].items():
         print(name, {k: row.get(k) for k in ("tokens_per_s", "mfu_datasheet", "peak_mem_mb",
                                              "quiet_step_syncs", "error")}, flush=True)  # fmt: skip
@@ -215,12 +221,17 @@ def main() -> None:
         report["commands"] = commands(Path(work), shape, device, steps)
     for name, row in report["commands"].items():
         print(name, row["exit_code"], f"{row['seconds']} s", flush=True)
-    path = result_path(args.out, report["provenance"])
+    report["complete"] = True
+    write(path, report)
+    print(f"written to {path}")
+
+
+def write(path: Path, report: dict) -> None:
+    """The report so far, written whole and renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     tmp.replace(path)
-    print(f"written to {path}")
 
 
 if __name__ == "__main__":

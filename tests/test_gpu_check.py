@@ -23,7 +23,7 @@ def test_the_gpu_check_runs_dry_on_the_cpu_and_writes_its_result(tmp_path):
     report = json.loads(path.read_text())
     meta = report["provenance"]
     assert meta["dry_run"] and meta["commit"] and meta["command"].startswith("gpu_check.py")
-    assert report["probe"]["auto"] in ("fp32", "bf16")
+    assert report["complete"] and report["probe"]["auto"] in ("fp32", "bf16")
     assert "needs an NVIDIA GPU" in report["train"]["tf32"]["error"]  # refused on a CPU
     for name in ("fp32", "bf16"):
         row = report["train"][name]

@@ -252,15 +252,32 @@ def test_the_cuda_projection_runs_in_the_run_precision_within_the_loss_tolerance
         torch.testing.assert_close(got, want, rtol=5e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ignore_index", [-100, 0])
 def test_the_cuda_projection_of_a_batch_with_nothing_scored_is_zero_with_finite_gradients(
-    monkeypatch,
+    dtype, ignore_index, monkeypatch
 ):
-    monkeypatch.setattr(head_loss, "native_low_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(head_loss, "native_low_dtype", lambda device: dtype)
     head = nn.Linear(8, 13)
-    hidden, labels = torch.randn(2, 5, 8), torch.full((2, 5), -100)
-    loss, h_grad, p_grads = _grads(lambda h: fused_next_token_loss(h, head, labels), hidden, head)
+    hidden, labels = torch.randn(2, 5, 8), torch.full((2, 5), ignore_index)
+    loss, h_grad, p_grads = _grads(
+        lambda h: fused_next_token_loss(h, head, labels, ignore_index), hidden, head
+    )
     assert loss.item() == 0.0
     assert all(torch.isfinite(g).all() for g in [h_grad, *p_grads])
+
+
+def test_the_fp16_projection_survives_the_first_loss_scale(monkeypatch):
+    # GradScaler's first scale is 65,536, past fp16's largest number: a scalar fp16 loss would
+    # get it whole as its gradient. Per-row losses get it over the tokens.
+    monkeypatch.setattr(head_loss, "native_low_dtype", lambda device: torch.float16)
+    torch.manual_seed(4)
+    head = nn.Linear(16, 50)
+    hidden, labels = torch.randn(4, 64, 16), torch.randint(0, 50, (4, 64))
+    h = hidden.clone().requires_grad_()
+    loss = fused_next_token_loss(h, head, labels)
+    (loss * 65536.0 / (4 * 63)).backward()  # the step's scaled, token-normalised loss
+    assert torch.isfinite(h.grad).all() and torch.isfinite(head.weight.grad).all()
 
 
 def test_the_projection_is_recorded_per_device_and_precision():

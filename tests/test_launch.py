@@ -13,7 +13,6 @@ import torch
 from spawning import spawn
 
 from amptrain import checkpoint, decisions, distributed
-from amptrain.checkpoint import CheckpointError
 from amptrain.cli import main
 from amptrain.errors import ConfigError
 from amptrain.precision import resolve
@@ -82,25 +81,28 @@ def test_the_tests_see_no_gpu_unless_they_ask_for_one():
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
 
 
-def test_a_checkpoint_from_more_gpus_restores_the_visible_ones(gpus, monkeypatch, caplog):
+def test_a_checkpoint_from_more_gpus_restores_the_generator_the_run_drew_from(
+    gpus, monkeypatch, caplog
+):
     gpus(1)
     restored = []
 
     def set_rng_state(state, index):
         if index >= torch.cuda.device_count():
             raise IndexError("tuple index out of range")  # what torch raises there
-        restored.append(index)
+        restored.append((int(state[0]), index))
 
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     state = checkpoint.rng_state()
-    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 2  # saved where 2 GPUs were visible
+    state["cuda"] = [torch.full((16,), g, dtype=torch.uint8) for g in (7, 9)]  # 2 GPUs then
+    state["cuda_device"] = 1  # the run trained on cuda:1
+    checkpoint.set_rng_state(state, torch.device("cuda", 0))  # and resumes on cuda:0 now
+    assert restored == [(9, 0)]
+    del state["cuda_device"]  # a checkpoint written before the index was kept
+    restored.clear()
     with caplog.at_level(logging.WARNING, logger="amptrain"):
-        checkpoint.set_rng_state(state)
-    assert restored == [0] and "generators of 2 GPUs and 1 are visible" in caplog.text
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # the run's own is not there
-    with pytest.raises(CheckpointError, match="trains on cuda:3"):
-        checkpoint.set_rng_state(state)
+        checkpoint.set_rng_state(state, torch.device("cuda", 0))
+    assert restored == [(7, 0)] and "generators of 2 GPUs and 1 are visible" in caplog.text
 
 
 def _case_decide(rank, tmp):
