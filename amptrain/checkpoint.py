@@ -22,16 +22,15 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from amptrain import rng
 from amptrain.errors import AmptrainError, EnvironmentFailure, weights_only_refusal
 from amptrain.optim import load_state_keeping_impl
 
@@ -84,70 +83,17 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """Python, NumPy, torch CPU and CUDA generator states, as tensors and plain values.
-
-    Args:
-        device: The run's device; on CUDA its index is kept, so a resume on another GPU (or
-            with fewer visible) restores the generator the run drew from.
-    """
-    version, words, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(words), gauss],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-        if device is not None and device.type == "cuda":
-            state["cuda_device"] = _index(device)
-    return state
-
-
-def _index(device: torch.device) -> int:
-    return torch.cuda.current_device() if device.index is None else device.index
-
-
-def _set_cuda_rng_states(
-    saved: list[torch.Tensor], trained_on: int | None, device: torch.device | None
-) -> None:
-    """Restore the CUDA generator the run drew from into the GPU it trains on now.
-
-    A checkpoint holds one state per GPU visible when it was saved, and the index of the run's
-    own. That one goes to this run's GPU, whatever its index. An older checkpoint, without the
-    index, restores by position the GPUs visible now; the others are left out with a warning.
-    """
-    if trained_on is not None and trained_on < len(saved):
-        torch.cuda.set_rng_state(saved[trained_on], _index(device or torch.device("cuda")))
-        return
-    visible = torch.cuda.device_count()
-    if len(saved) > visible:
-        log.warning("rng.pt holds the CUDA generators of %d GPUs and %d are visible: those of "
-                    "cuda:0-%d are restored", len(saved), visible, visible - 1)  # fmt: skip
-    for index, generator in enumerate(saved[:visible]):
-        torch.cuda.set_rng_state(generator, index)
-
-
 def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
-    """Restore what `rng_state` saved; a missing source is an error, never silently skipped.
+    """Restore what `rng.state` saved; a missing source is an error, never silently skipped.
 
     Args:
-        state: What `rng_state` returned.
+        state: The saved generator states.
         device: The device this run trains on (its CUDA generator gets the saved one).
     """
     missing = [k for k in ("python", "numpy", "torch") if k not in state]
     if missing:
         raise CheckpointError(f"rng.pt lacks the generator state of {missing}; cannot resume")
-    version, words, gauss = state["python"]
-    random.setstate((version, tuple(words), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        _set_cuda_rng_states(list(state["cuda"]), state.get("cuda_device"), device)
-    elif torch.cuda.is_available() and torch.cuda.is_initialized():
-        log.warning("rng.pt has no CUDA generator state; CUDA randomness will not repeat exactly")
+    rng.restore(state, device)
 
 
 def _sha256(path: Path) -> str:
@@ -440,7 +386,7 @@ def check_module(model: nn.Module, state: dict[str, Any], where: Path) -> None:
 def capture(model, optimizer, scheduler, precision, state, rngs=None) -> tuple[dict, dict]:
     """The tensors and counters of a training run, ready for `save`.
 
-    `rngs` is every rank's `rng_state()` in rank order (this process's alone by default).
+    `rngs` is every rank's `rng.state()` in rank order (this process's alone by default).
     """
     return capture_states(model.state_dict(), optimizer.state_dict(), scheduler, precision,
                           state, rngs)  # fmt: skip
@@ -455,7 +401,7 @@ def capture_states(
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "scaler": precision.state_dict(),
-        "rng": {"ranks": rngs if rngs is not None else [rng_state()]},
+        "rng": {"ranks": rngs if rngs is not None else [rng.state()]},
     }
     return tensors, counters(state, precision)
 

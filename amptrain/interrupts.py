@@ -4,6 +4,10 @@ Schedulers (Slurm, Kubernetes, spot instances) send SIGTERM at any moment, and a
 Ctrl-C. Inside `deferred_signals` the first such signal only calls `on_signal(signum)`; the
 work in progress decides where it is safe to stop (after the current step, once its checkpoint
 is written). A second Ctrl-C raises `KeyboardInterrupt`, for a person who will not wait.
+
+The training loop's side: `stop_handler` records the request in the run's state (and cuts an
+evaluation short), and `agree_on_stop` turns requests into the stop, at once in one process
+and on logging steps only under several (every rank must stop at the same step).
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
+
+from amptrain import distributed
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -43,3 +50,46 @@ def deferred_signals(on_signal: Callable[[int], None], enabled: bool = True) -> 
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+class EvalCut(Exception):
+    """A signal cut an evaluation short; the step's weights are saved, the evaluation is owed."""
+
+
+def stop_handler(state: Any) -> Callable[[int], None]:
+    """The `on_signal` of a training run: record the request in `state` (a `loop.TrainState`).
+
+    An evaluation that one process runs is cut short at once (`EvalCut`): it can take minutes,
+    and a grace period may be seconds. Otherwise the loop agrees on the stop (`agree_on_stop`).
+    """
+
+    def request_stop(signum: int) -> None:
+        state.stop_requested = signum
+        if state.evaluating:
+            state.stop_signal, state.should_stop = signum, True  # one process only
+            state.evaluating = False
+            raise EvalCut
+
+    return request_stop
+
+
+def agree_on_stop(state: Any, synced: bool = True) -> None:
+    """Turn a stop asked on this process (a signal, a callback's `should_stop`) into the stop.
+
+    One process stops at once. Under torch.distributed every rank must stop at the same step,
+    and agreeing is a collective with a host read: the ranks agree on `synced` steps only
+    (logging, evaluation, checkpoint), and a request waits here for the next of them.
+    """
+    if state.should_stop and not state.stop_signal:  # a callback's, this step
+        state.stop_requested, state.should_stop = state.stop_requested or -1, False
+    agreed = state.stop_requested
+    if distributed.world()[1] > 1:
+        if not synced:
+            return
+        signum, asked = distributed.all_reduce(
+            [max(state.stop_requested, 0), state.stop_requested != 0], "max"
+        )  # the signal if any rank had one, else a callback's (-1) if any rank had one
+        # Not written back: a signal that came during the collective waits for the next one.
+        agreed = int(signum) or (-1 if asked else 0)
+    if agreed:
+        state.should_stop, state.stop_signal = True, max(agreed, 0)

@@ -12,14 +12,14 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from amptrain import checkpoint, distributed, resharding, sharding
+from amptrain import checkpoint, distributed, resharding, rng, sharding
 from amptrain import data as data_mod
 from amptrain.allocator import StepFaults
 from amptrain.attention import AttentionPlan
@@ -30,7 +30,7 @@ from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
 from amptrain.fast_path import plan_fast_path
 from amptrain.hardware import peak_memory_mb, reset_peak_memory
-from amptrain.interrupts import deferred_signals
+from amptrain.interrupts import EvalCut, agree_on_stop, deferred_signals, stop_handler
 from amptrain.metrics import tracking
 from amptrain.metrics.meters import Throughput
 from amptrain.metrics.sinks import Sink
@@ -193,7 +193,7 @@ def fit(
                                sharding.is_sharded(model)), loss_fn)  # fmt: skip
         model.train()
         reset_peak_memory(next(model.parameters()).device)  # this run's peak, from here on
-        with deferred_signals(_on_signal(state), handle_signals):
+        with deferred_signals(stop_handler(state), handle_signals):
             emit(run.callbacks, "on_fit_start", state)
             graphs = compiled_graphs()
             try:
@@ -239,21 +239,6 @@ class _Loop:
     saved_step: int = -1
 
 
-class _EvalCut(Exception):
-    """A signal cut an evaluation short; the step's weights are saved, the evaluation is owed."""
-
-
-def _on_signal(state: TrainState) -> Callable[[int], None]:
-    def request_stop(signum: int) -> None:
-        state.stop_requested = signum  # agreed by the loop (`_agree_on_stop`)
-        if state.evaluating:  # an evaluation can take minutes; a grace period may be seconds
-            state.stop_signal, state.should_stop = signum, True  # one process only
-            state.evaluating = False
-            raise _EvalCut
-
-    return request_stop
-
-
 def _run(run: _Loop) -> float:
     """Steps until `max_steps` or a stop request; returns the seconds spent training.
 
@@ -266,7 +251,7 @@ def _run(run: _Loop) -> float:
                                rank=rank, world_size=world_size)  # fmt: skip
     if run.val is not None and (state.step == 0 or state.eval_pending):
         _eval_and_log(run)  # the first one, or the one a signal interrupted before the resume
-    _agree_on_stop(state)  # a stop asked before the first step (`on_fit_start`), on every rank
+    agree_on_stop(state)  # a stop asked before the first step (`on_fit_start`), on every rank
     clock = _now(device)
     meter, train_time = Throughput(clock), 0.0
     counters = DeviceCounters(device, state.skipped_steps, state.consecutive_nonfinite)
@@ -287,7 +272,7 @@ def _run(run: _Loop) -> float:
         if synced or (world_size == 1 and state.stop_requested):  # one process logs its last
             metrics = _log_step(run, counters, meter, out.lr)
         emit(run.callbacks, "on_step_end", state, metrics)
-        _agree_on_stop(state, synced)
+        agree_on_stop(state, synced)
         if state.should_stop and counters.pending:
             _read_counters(run, counters, out.lr)  # a stop request: the checkpoint needs them
         stop = last or (state.should_stop and not state.stop_signal)
@@ -301,38 +286,16 @@ def _run(run: _Loop) -> float:
         if run.checkpoint_dir is not None and (due or last or state.should_stop):
             _save_checkpoint(run)
         if world_size == 1:  # a signal during the evaluation or the checkpoint: stop here
-            _agree_on_stop(state)
+            agree_on_stop(state)
     unsaved = run.checkpoint_dir is not None and run.saved_step != state.step
     if unsaved and (state.stop_signal or state.step == opts.max_steps):
         _save_checkpoint(run)  # a signal in the first evaluation, or the owed one just done
     return train_time + _now(device) - clock
 
 
-def _agree_on_stop(state: TrainState, synced: bool = True) -> None:
-    """Turn a stop asked on this process (a signal, a callback's `should_stop`) into the stop.
-
-    One process stops at once. Under torch.distributed every rank must stop at the same step,
-    and agreeing is a collective with a host read: the ranks agree on `synced` steps only
-    (logging, evaluation, checkpoint), and a request waits here for the next of them.
-    """
-    if state.should_stop and not state.stop_signal:  # a callback's, this step
-        state.stop_requested, state.should_stop = state.stop_requested or -1, False
-    agreed = state.stop_requested
-    if distributed.world()[1] > 1:
-        if not synced:
-            return
-        signum, asked = distributed.all_reduce(
-            [max(state.stop_requested, 0), state.stop_requested != 0], "max"
-        )  # the signal if any rank had one, else a callback's (-1) if any rank had one
-        # Not written back: a signal that came during the collective waits for the next one.
-        agreed = int(signum) or (-1 if asked else 0)
-    if agreed:
-        state.should_stop, state.stop_signal = True, max(agreed, 0)
-
-
 def _save_checkpoint(run: _Loop) -> None:
     """Rank 0 writes, with every rank's RNG state; the others wait for it (or write shards)."""
-    rngs = distributed.gather(checkpoint.rng_state(next(run.model.parameters()).device))
+    rngs = distributed.gather(rng.state(next(run.model.parameters()).device))
     if run.shards:  # every rank writes its shards (under DDP DCP writes each tensor once)
         path = resharding.save(
             run.checkpoint_dir, run.model, run.optimizer, run.scheduler, run.prec, run.state,
@@ -448,7 +411,7 @@ def _eval_and_log(run: _Loop) -> None:
         state.evaluating = distributed.world()[1] == 1
         metrics = evaluate(run.model, run.val, run.prec, opts.batch_size, opts.eval_batches,
                            opts.ignore_index, run.attention.context)  # fmt: skip
-    except _EvalCut:
+    except EvalCut:
         run.model.train()
         return
     finally:
@@ -456,7 +419,7 @@ def _eval_and_log(run: _Loop) -> None:
     state.eval_pending = False
     _log(run.sinks, metrics, state.step)
     emit(run.callbacks, "on_eval_end", state, metrics)
-    _agree_on_stop(state, synced=True)
+    agree_on_stop(state, synced=True)
 
 
 def _result(prec: Precision, state: TrainState, tracker: Tracker, train_time: float) -> FitResult:

@@ -195,3 +195,13 @@ def test_a_precision_the_probe_cannot_classify_is_left_out_of_the_default_plan()
     planned, skipped = P.default_plan(caps, torch.device("cpu"))
     assert planned == ["fp32", "bf16"]
     assert "could not tell whether fp16 is emulated" in skipped["fp16"]
+
+
+@pytest.mark.parametrize("part, name", [("H100 SXM", "bf16-mixed"), ("T4", "16-mixed")])
+def test_lightning_gets_the_precision_the_part_serves(part, name):
+    pytest.importorskip("lightning")
+    from amptrain.integrations.lightning import lightning_precision
+
+    with capability.simulate(SimulatedGpu.of(part)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU build's fp16 scaler has no CUDA
+        assert lightning_precision("auto", "cuda")[0] == name

@@ -12,7 +12,7 @@ import pytest
 import torch
 from spawning import spawn
 
-from amptrain import checkpoint, decisions, distributed
+from amptrain import checkpoint, decisions, distributed, rng
 from amptrain.cli import main
 from amptrain.errors import ConfigError
 from amptrain.precision import resolve
@@ -93,7 +93,7 @@ def test_a_checkpoint_from_more_gpus_restores_the_generator_the_run_drew_from(
         restored.append((int(state[0]), index))
 
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
-    state = checkpoint.rng_state()
+    state = rng.state()
     state["cuda"] = [torch.full((16,), g, dtype=torch.uint8) for g in (7, 9)]  # 2 GPUs then
     state["cuda_device"] = 1  # the run trained on cuda:1
     checkpoint.set_rng_state(state, torch.device("cuda", 0))  # and resumes on cuda:0 now
@@ -117,3 +117,28 @@ def test_ranks_with_different_caches_train_in_rank_0s_precision(tmp_path):
     spawn("test_launch", "decide", tmp_path)
     decided = [json.loads((tmp_path / f"decided-{r}.json").read_text()) for r in (0, 1)]
     assert decided == ["fp32", "fp32"]
+
+
+def test_a_rank_other_than_0_takes_rank_0s_compile_record(monkeypatch):
+    from conftest import pattern_blocks, tiny_model
+
+    import amptrain
+    from amptrain import autocompile
+
+    rank_0s = {"saving": 0.5, "compile_s": 1.0, "runs": 3}
+    seen = []
+    monkeypatch.setattr(distributed, "is_main", lambda: False)  # this process: rank 1
+    monkeypatch.setattr(distributed, "broadcast", lambda obj: rank_0s if obj is None else obj)
+
+    def no_local_record(key):
+        raise AssertionError("rank 1 read its own compile record")
+
+    def measure_eager(time_passes, steps, accum, autocast, recorded):
+        seen.append(recorded)
+        return autocompile.forced(False)
+
+    monkeypatch.setattr(autocompile, "load_record", no_local_record)
+    monkeypatch.setattr(autocompile, "measure_eager", measure_eager)
+    amptrain.fit(tiny_model(), pattern_blocks(16), precision="fp32", batch_size=4, max_steps=2,
+                 compile="auto")  # fmt: skip
+    assert seen == [rank_0s]

@@ -12,7 +12,7 @@ from conftest import pattern_blocks, tiny_model
 from spawning import spawn
 
 import amptrain
-from amptrain import distributed, loop
+from amptrain import distributed, interrupts, loop
 from amptrain.callbacks import Callback
 from amptrain.errors import Interrupted
 from amptrain.metrics import MemorySink
@@ -27,12 +27,12 @@ def test_a_signal_during_the_agreement_waits_for_the_next_one(monkeypatch):
         return [0, 0]  # no rank had asked when the values were sent
 
     monkeypatch.setattr(distributed, "all_reduce", all_reduce)
-    loop._agree_on_stop(state, synced=True)
+    interrupts.agree_on_stop(state, synced=True)
     assert not state.should_stop and state.stop_requested == signal.SIGTERM  # kept
     monkeypatch.setattr(distributed, "all_reduce", lambda values, op: list(values))
-    loop._agree_on_stop(state, synced=False)  # between logging steps: no collective, no stop
+    interrupts.agree_on_stop(state, synced=False)  # between logging steps: no collective, no stop
     assert not state.should_stop
-    loop._agree_on_stop(state, synced=True)
+    interrupts.agree_on_stop(state, synced=True)
     assert state.should_stop and state.stop_signal == signal.SIGTERM
 
 
