@@ -3,8 +3,9 @@
 Runs the probe `--runs` times from scratch (the process cache cleared each time) at the
 current thread count and reports, per precision, the median TFLOP/s with its range, the
 median wall time of a whole probe with its range, and how often each decision (`auto`,
-emulated precisions) came out the same. Run it alone on the machine: a loaded machine makes
-multi-threaded matmuls wait for each other, and the figures then measure the load.
+emulated precisions) came out the same. The probe times a CPU's matmuls by one thread's CPU
+time, so its figures hold on a loaded machine (`tests/test_gpu_decisions.py` checks the
+decisions there); the wall time of a whole probe does not, so run it alone to quote that.
 
     python benchmarks/probe_cost.py [--runs 9] [--threads N] [--out FILE]
 """
