@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,16 +104,56 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_file(path: Path, payload: bytes) -> None:
+class _HashingWriter:
+    """A file that hashes and counts what is written through it, and keeps the write error.
+
+    torch's writer turns an error of the file it writes to into its own RuntimeError
+    ("enforce fail at inline_container.cc"); the original (a full disk) is kept here.
+    """
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.sha256.update(data)
+        self.size += len(data)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_file(path: Path, payload: bytes | Callable[[Any], None]) -> dict[str, Any]:
     """Write one file of a checkpoint, durably (fsync), readable by the user only.
 
     Every byte of a checkpoint reaches the disk through here, so this is where a fault (a full
     disk, a signal mid-write) meets the checkpoint and where the fault tests inject one.
+
+    Args:
+        path: The file.
+        payload: Its bytes, or a function that writes them to the file object it is given
+            (`torch.save` streams a state that way: it is never whole in memory).
+
+    Returns:
+        The file's manifest entry: `{"size": bytes, "sha256": hex digest}`, of what was written.
     """
     with open(os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600), "wb") as f:
-        f.write(payload)
+        out = _HashingWriter(f)
+        try:
+            payload(out) if callable(payload) else out.write(payload)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
+    return {"size": out.size, "sha256": out.sha256.hexdigest()}
 
 
 def save(
@@ -142,30 +182,29 @@ def save(
     root = Path(root)
     final = root / f"step-{step:09d}"
     tmp = staged or root / f".tmp-{final.name}-{os.getpid()}"
-    # Serialise everything in memory first: a failing payload never touches the disk.
-    payloads = {f"{name}.pt": _serialize(value) for name, value in tensors.items()}
-    payloads["trainer.json"] = json.dumps({**trainer, "format_version": FORMAT_VERSION},
-                                          indent=2).encode()  # fmt: skip
-    manifest = {name: {"size": len(p), "sha256": hashlib.sha256(p).hexdigest()}
-                for name, p in payloads.items()}  # fmt: skip
+    info = json.dumps({**trainer, "format_version": FORMAT_VERSION}, indent=2).encode()
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if staged is None:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(mode=0o700)
-        else:
+        # Each state streams into its file, hashed as it goes: never whole in memory (a
+        # failing one leaves only the temporary directory, which is removed).
+        manifest = {f"{name}.pt": write_file(tmp / f"{name}.pt", _streamed(value))
+                    for name, value in tensors.items()}  # fmt: skip
+        manifest["trainer.json"] = write_file(tmp / "trainer.json", info)
+        if staged is not None:
             manifest.update(_describe_tree(staged))
-        for name, payload in payloads.items():
-            write_file(tmp / name, payload)
         write_file(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())  # last
         if final.exists():
             _discard(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as exc:
+    except (OSError, MemoryError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        why = "out of memory" if isinstance(exc, MemoryError) else exc.strerror or exc
         raise CheckpointWriteError(
-            f"could not write checkpoint {final.name} in {root}: {exc.strerror or exc}; "
+            f"could not write checkpoint {final.name} in {root}: {why}; "
             "earlier checkpoints are untouched"
         ) from exc
     except BaseException:  # a second Ctrl-C: leave no half-written temporary behind
@@ -189,10 +228,9 @@ def _describe_tree(staged: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _serialize(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
+def _streamed(value: Any) -> Callable[[Any], None]:
+    """`value` as a payload of `write_file`: `torch.save` writes it record by record."""
+    return lambda file: torch.save(value, file)
 
 
 def _discard(path: Path) -> None:

@@ -159,12 +159,13 @@ def half_written(fail_on: str, error: OSError):
     """A `write_file` that writes half of `fail_on` and then fails, the others whole."""
     real = checkpoint.write_file
 
-    def write(path: Path, data: bytes) -> None:
+    def write(path: Path, payload):
         if path.name == fail_on:
-            with open(path, "wb") as f:
-                f.write(data[: len(data) // 2])
+            real(path, payload)
+            with open(path, "r+b") as f:
+                f.truncate(path.stat().st_size // 2)
             raise error
-        real(path, data)
+        return real(path, payload)
 
     return write
 
@@ -221,10 +222,10 @@ def test_fit_stops_with_the_checkpoint_error(tmp_path, monkeypatch, kind):
     root = tmp_path / "checkpoints"
     real = checkpoint.write_file
 
-    def write(path: Path, data: bytes) -> None:
+    def write(path: Path, payload):
         if path.parent.name.startswith(f".tmp-{step_name(4)}"):
             raise error
-        real(path, data)
+        return real(path, payload)
 
     monkeypatch.setattr(checkpoint, "write_file", write)
     steps = []

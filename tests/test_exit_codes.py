@@ -127,7 +127,7 @@ def test_a_second_ctrl_c_aborts_with_one_line_and_no_temporary(
         writes.append(path)
         if len(writes) == 2:  # the second Ctrl-C lands in the middle of the checkpoint's save
             os.kill(os.getpid(), signal.SIGINT)
-        real_write(path, payload)
+        return real_write(path, payload)
 
     monkeypatch.setattr(checkpoint, "write_file", write)
     assert _train(corpus, out, "--max-steps", "3") == 130

@@ -8,17 +8,18 @@ of one. Streams (metrics.jsonl, metrics.csv) are appended and flushed line by li
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import os
 import platform
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from amptrain.errors import ConfigError
+from amptrain.runs import weights_file
 
 
 def create_run_dir(root: str | Path, command: str) -> Path:
@@ -76,14 +77,18 @@ def private_file(path: str | Path) -> Path:
     return path
 
 
-def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
-    """Write `payload` to `path` atomically (temporary file in the same directory, then rename)."""
+def atomic_write_bytes(path: str | Path, payload: bytes | Callable[[Any], None]) -> Path:
+    """Write `payload` to `path` atomically (temporary file in the same directory, then rename).
+
+    `payload` is the bytes, or a function that writes them to the file object it is given (a
+    state streamed by `torch.save`, never whole in memory).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         # 0o644 like the run folder's 0o755: fixed modes, whatever a loose umask allows.
         with open(os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644), "wb") as f:
-            f.write(payload)
+            payload(f) if callable(payload) else f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -100,9 +105,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """`torch.save` atomically; keep to tensors and plain containers so `weights_only` loads it."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, lambda file: torch.save(obj, file))
 
 
 def atomic_safetensors_save(state: dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -112,8 +115,6 @@ def atomic_safetensors_save(state: dict[str, torch.Tensor], path: str | Path) ->
     as an output layer that is the embedding) is kept in the metadata as `{name: kept_name}`,
     which `amptrain.models.trained.read_weights` turns back into both names.
     """
-    from safetensors.torch import save
-
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -130,7 +131,8 @@ def atomic_safetensors_save(state: dict[str, torch.Tensor], path: str | Path) ->
         shares = storage in storages  # a view into another tensor
         storages.add(storage)
         kept[name] = tensor.cpu().clone() if shares else tensor.cpu().contiguous()
-    return atomic_write_bytes(path, save(kept, metadata={"format": "pt", **aliases}))
+    metadata = {"format": "pt", **aliases}
+    return atomic_write_bytes(path, lambda file: weights_file.write(file, kept, metadata))
 
 
 def _finite_or_none(obj: Any) -> Any:
