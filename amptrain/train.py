@@ -29,7 +29,7 @@ from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
 from amptrain.metrics import tracking
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
-from amptrain.models import GPTConfig, ModelSpec, build_model, provenance
+from amptrain.models import GPTConfig, ModelSpec, build_model, check_trusted, provenance
 from amptrain.models.limits import check_context
 from amptrain.models.provenance import BASE_FILE
 from amptrain.models.trained import WEIGHTS, load_into, run_config, run_tokenizer
@@ -371,6 +371,8 @@ def _resumed_run(
     """Load and check the checkpoint against everything, and only then edit the run's files."""
     run_dir, ckpt = find_resume(cfg.out, resume, command)
     saved = TrainConfig.from_dict(_saved_config(run_dir))
+    if "model" not in given:  # named by the run's config.json, which may come from elsewhere
+        check_trusted(saved.model, run_dir)
     _check_config_hash(saved, ckpt)
     cfg = resumed_config(saved, given, ckpt.trainer["step"])
     asked = given.get("precision")  # else config.json's, checked against the checkpoint too

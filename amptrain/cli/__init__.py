@@ -9,10 +9,11 @@ answers fast, imports no workflow and needs no extra. Nothing in amptrain import
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from amptrain.cli import bench, compare, demo, doctor, generate, search, train
 from amptrain.cli import eval as eval_command
@@ -77,7 +78,7 @@ def _run(argv: Sequence[str] | None) -> int:
     try:
         args = parse(argv)
         args.argv = argv
-        with quiet_libraries(args.verbose):
+        with quiet_libraries(args.verbose), _trusting(getattr(args, "trust_model_code", False)):
             return args.func(args)
     except Interrupted as exc:
         out = getattr(args, "out", None) or "runs"
@@ -107,6 +108,21 @@ def exit_code(exc: BaseException) -> int | None:
     if isinstance(exc, (OSError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
         return 3  # disk full, read-only folder, no permission, memory exhausted
     return None
+
+
+@contextlib.contextmanager
+def _trusting(trusted: bool) -> Iterator[None]:
+    """`--trust-model-code`: for this command, what a run directory names may be imported."""
+    if not trusted:
+        yield
+        return
+    from amptrain.models import trust
+
+    trust.permit()
+    try:
+        yield
+    finally:
+        trust.permit(False)
 
 
 def _first_line(exc: BaseException) -> str:

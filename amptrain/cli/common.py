@@ -45,6 +45,9 @@ def add_train_flags(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -
         group.add_argument("--no-compile", action="store_true", default=argparse.SUPPRESS,
                            help="never compile the step")  # fmt: skip
     parser.add_argument("--config", type=Path, help="a JSON config, e.g. a run's config.json")
+    parser.add_argument("--trust-model-code", action="store_true", default=False,
+                        help="import the model file a run directory names even if this machine "
+                        "has not trained from it (it runs with your privileges)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amptrain.models.loading import ModelSpec, build_model
+from amptrain.models.loading import ModelSpec, build_model, check_trusted
 from amptrain.models.tiny_gpt import GPTConfig, TinyGPT
 
-__all__ = ["GPTConfig", "ModelSpec", "TinyGPT", "build_model"]
+__all__ = ["GPTConfig", "ModelSpec", "TinyGPT", "build_model", "check_trusted"]

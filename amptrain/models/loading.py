@@ -20,6 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from amptrain.errors import ModelError, weights_only_refusal
+from amptrain.models import trust
 from amptrain.models.construct import call_constructor
 from amptrain.models.provenance import base_source
 from amptrain.models.tiny_gpt import GPTConfig, TinyGPT
@@ -59,13 +60,24 @@ class ModelSpec:
         )
 
 
-def build_model(spec: ModelSpec, vocab_size: int, context: int | None = None) -> nn.Module:
+def build_model(
+    spec: ModelSpec, vocab_size: int, context: int | None = None, named_by: str | None = None
+) -> nn.Module:
     """Build the model; `vocab_size` (and `context`, as `block_size`) fill what is not given.
 
     See `construct.call_constructor` for how a file's class or factory is called.
 
+    Args:
+        spec: The model source.
+        vocab_size: The tokenizer's vocabulary.
+        context: The context, as `block_size`.
+        named_by: None when the user named `spec` (a model file is then remembered as
+            trusted); else the run directory that named it, whose file must be trusted
+            (`check_trusted`).
+
     Raises:
-        ModelError: If the file, symbol or directory cannot give an `nn.Module`.
+        ModelError: If the file, symbol or directory cannot give an `nn.Module`, or a run
+            directory names a model file that is not trusted.
         FileNotFoundError: If the model file does not exist.
     """
     kind = spec.kind
@@ -78,6 +90,10 @@ def build_model(spec: ModelSpec, vocab_size: int, context: int | None = None) ->
     if kind == "run":
         return _build_run(spec, vocab_size)
     path, symbol = _split_file_spec(spec.name)
+    if named_by is None:
+        trust.remember(Path(path))
+    else:
+        check_trusted(spec.name, named_by)
     factory = import_symbol(Path(path), symbol)
     return call_constructor(factory, spec.name, spec.kwargs, vocab_size, context)
 
@@ -91,8 +107,26 @@ def _build_run(spec: ModelSpec, vocab_size: int) -> nn.Module:
     else:  # the base's source and the run's own arguments and context
         inner = ModelSpec(base_source(spec.name, saved),
                           {**saved.get("model_kwargs", {}), **spec.kwargs})  # fmt: skip
-        model = build_model(inner, vocab_size, saved["context"])
+        model = build_model(inner, vocab_size, saved["context"], named_by=spec.name)
     return load_into(model, spec.name)
+
+
+def check_trusted(source: str, run_dir: str | Path) -> None:
+    """Refuse a model file that the run directory `run_dir` names, unless it is trusted.
+
+    Nothing to check for a model that is not a Python file (weights load without running code).
+
+    Raises:
+        ModelError: Naming the file, `--trust-model-code` and `--init-from` (`models.trust`).
+    """
+    if ModelSpec(source).kind != "file":
+        return
+    path, _ = _split_file_spec(source)
+    trust.check(
+        Path(path),
+        f"the run directory {run_dir}",
+        f"load its weights into a model you name: --model SOURCE --init-from {run_dir}",
+    )
 
 
 def _split_file_spec(name: str) -> tuple[str, str | None]:
