@@ -46,6 +46,8 @@ from amptrain.runs import (
     write_config,
 )
 from amptrain.runs.hf_export import export_hf, is_hf_model
+from amptrain.runs.lock import RunInUseError, RunLock
+from amptrain.runs.lock import acquire as acquire_run_lock
 
 log = logging.getLogger("amptrain")
 
@@ -269,48 +271,54 @@ def run_training(
     else:  # started before the run's files are edited: a refusal leaves them as they were
         run = _resumed_run(cfg, resume, command, given or {}, allow_new_scaler, start)
         started = list(run.trackers)
-    cfg, run_dir, model, train, val, precision = run[:6]
-    ckpt, history = run.ckpt, run.history
-    sinks = [*(sinks or []), *started]
-    if main:
-        checkpoint.clean_temporaries(run_dir / "checkpoints")
-    log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
-    for sink in sinks if main else []:  # W&B: a resumed run continues the same W&B run
-        if getattr(sink, "run_id", None):
-            atomic_write_json(run_dir / "wandb.json", {"run_id": sink.run_id})
-    # Trackers learn the resolved run; `fit` adds the options it ran with and the fast path.
-    tracking.tell_config(sinks, {**cfg.to_dict(), "environment": environment(),
-                                 "run_dir": str(run_dir.resolve()),
-                                 "precision_requested": cfg.precision,
-                                 "precision": precision.name,
-                                 "precision_reason": precision.reason})  # fmt: skip
-    files: list[Sink] = []
-    if main:  # only rank 0 writes files
-        files = [JsonlSink(run_dir / "metrics.jsonl"), CsvSink(run_dir / "metrics.csv")]
-    result = fit(
-        model, train, val, precision=precision, sinks=[*files, *sinks],
-        source=cfg.model, checkpoint_dir=run_dir / "checkpoints", resume=ckpt,
-        allow_new_scaler=allow_new_scaler, history=history, handle_signals=True,
-        checkpoint_meta={"config_hash": checkpoint.config_hash(cfg.to_dict()),
-                         "max_steps": cfg.fit.max_steps},
-        **dataclasses.asdict(cfg.fit),
-    )  # fmt: skip
-    weights = sharding.full_state_dict(model)  # gathered from the shards (collective)
-    if not main:
+    try:
+        if run.lock is not None:
+            run.lock.announce()  # the run is checked: a second process is told who has it
+        cfg, run_dir, model, train, val, precision = run[:6]
+        ckpt, history = run.ckpt, run.history
+        sinks = [*(sinks or []), *started]
+        if main:
+            checkpoint.clean_temporaries(run_dir / "checkpoints")
+        log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
+        for sink in sinks if main else []:  # W&B: a resumed run continues the same W&B run
+            if getattr(sink, "run_id", None):
+                atomic_write_json(run_dir / "wandb.json", {"run_id": sink.run_id})
+        # Trackers learn the resolved run; `fit` adds the options it ran with and the fast path.
+        tracking.tell_config(sinks, {**cfg.to_dict(), "environment": environment(),
+                                     "run_dir": str(run_dir.resolve()),
+                                     "precision_requested": cfg.precision,
+                                     "precision": precision.name,
+                                     "precision_reason": precision.reason})  # fmt: skip
+        files: list[Sink] = []
+        if main:  # only rank 0 writes files
+            files = [JsonlSink(run_dir / "metrics.jsonl"), CsvSink(run_dir / "metrics.csv")]
+        result = fit(
+            model, train, val, precision=precision, sinks=[*files, *sinks],
+            source=cfg.model, checkpoint_dir=run_dir / "checkpoints", resume=ckpt,
+            allow_new_scaler=allow_new_scaler, history=history, handle_signals=True,
+            checkpoint_meta={"config_hash": checkpoint.config_hash(cfg.to_dict()),
+                             "max_steps": cfg.fit.max_steps},
+            **dataclasses.asdict(cfg.fit),
+        )  # fmt: skip
+        weights = sharding.full_state_dict(model)  # gathered from the shards (collective)
+        if not main:
+            return TrainRun(result, run_dir, model, train, val)
+        received: list[int] = []  # a signal now skips the plot; the run is checkpointed already
+        with deferred_signals(received.append):
+            _record_fast_path(run_dir / "config.json", result.fast_path)
+            atomic_safetensors_save(weights, run_dir / WEIGHTS)
+            if is_hf_model(model):
+                _export(model, run_dir, tokenizer_file(cfg))
+            atomic_write_json(run_dir / "summary.json", summary(result, cfg, model, sinks))
+            if not received:
+                _plot(result, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
+        if received:
+            newest = checkpoint.latest(run_dir / "checkpoints")
+            raise Interrupted(received[0], result.steps, newest)
         return TrainRun(result, run_dir, model, train, val)
-    received: list[int] = []  # a signal now skips the plot; the run is checkpointed already
-    with deferred_signals(received.append):
-        _record_fast_path(run_dir / "config.json", result.fast_path)
-        atomic_safetensors_save(weights, run_dir / WEIGHTS)
-        if is_hf_model(model):
-            _export(model, run_dir, tokenizer_file(cfg))
-        atomic_write_json(run_dir / "summary.json", summary(result, cfg, model, sinks))
-        if not received:
-            _plot(result, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
-    if received:
-        newest = checkpoint.latest(run_dir / "checkpoints")
-        raise Interrupted(received[0], result.steps, newest)
-    return TrainRun(result, run_dir, model, train, val)
+    finally:
+        if run.lock is not None:
+            run.lock.release()  # the run's last file is written
 
 
 def _write_sources(run_dir: Path, cfg: TrainConfig) -> None:
@@ -342,6 +350,21 @@ class _Opened(NamedTuple):
     ckpt: checkpoint.Checkpoint | None = None
     history: Sequence[dict[str, Any]] = ()
     trackers: Sequence[Sink] = ()
+    lock: RunLock | None = None  # rank 0's hold on the run directory
+
+
+def _lock(run_dir: Path) -> RunLock | None:
+    """Rank 0 locks the run directory; a refusal reaches every rank (no rank trains alone)."""
+    lock, refusal = None, None
+    if distributed.is_main():
+        try:
+            lock = acquire_run_lock(run_dir)
+        except RunInUseError as exc:
+            refusal = str(exc)
+    refusal = distributed.broadcast(refusal)
+    if refusal:
+        raise RunInUseError(refusal)
+    return lock
 
 
 def _new_run(cfg: TrainConfig, command: str) -> _Opened:
@@ -354,10 +377,11 @@ def _new_run(cfg: TrainConfig, command: str) -> _Opened:
     main = distributed.is_main()
     run_dir = create_run_dir(cfg.out, command) if main else None
     run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
+    lock = _lock(run_dir)  # a new name: free, but a resume beside the run must see it taken
     if main:
         write_config(run_dir, command, cfg)
         _write_sources(run_dir, cfg)
-    return _Opened(cfg, run_dir, model, train, val, precision)
+    return _Opened(cfg, run_dir, model, train, val, precision, lock=lock)
 
 
 def _resumed_run(
@@ -370,6 +394,26 @@ def _resumed_run(
 ) -> _Opened:
     """Load and check the checkpoint against everything, and only then edit the run's files."""
     run_dir, ckpt = find_resume(cfg.out, resume, command)
+    lock = _lock(run_dir)  # before anything is read for the resume, or edited
+    try:
+        return _reopen(cfg, run_dir, ckpt, command, given, allow_new_scaler, start, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _reopen(
+    cfg: TrainConfig,
+    run_dir: Path,
+    ckpt: checkpoint.Checkpoint,
+    command: str,
+    given: dict[str, Any],
+    allow_new_scaler: bool,
+    start: Callable[[Path, bool], list[Sink]],
+    lock: RunLock | None,
+) -> _Opened:
+    """`_resumed_run` once the run is locked."""
     saved = TrainConfig.from_dict(_saved_config(run_dir))
     if "model" not in given:  # named by the run's config.json, which may come from elsewhere
         check_trusted(saved.model, run_dir)
@@ -392,7 +436,7 @@ def _resumed_run(
             config = {**cfg.to_dict(), "environment": environment()}
             atomic_write_json(run_dir / "config.json", config)
     log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, ckpt.trainer["step"])
-    return _Opened(cfg, run_dir, model, train, val, precision, ckpt, history, started)
+    return _Opened(cfg, run_dir, model, train, val, precision, ckpt, history, started, lock)
 
 
 def _plot(result: FitResult, path: Path, title: str) -> None:
