@@ -13,7 +13,12 @@ and on logging steps only under several (every rank must stop at the same step).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -93,3 +98,36 @@ def agree_on_stop(state: Any, synced: bool = True) -> None:
         agreed = int(signum) or (-1 if asked else 0)
     if agreed:
         state.should_stop, state.stop_signal = True, max(agreed, 0)
+
+
+def run_child(argv: list[str]) -> int:
+    """Run `argv` as a child process that ends with this one, and return its exit code.
+
+    SIGINT and SIGTERM that reach this process are passed on to the child (torch's launcher
+    passes them to its workers, which checkpoint and stop), and the exit code is then the
+    signal's, as one process would give it (130, 143). On Linux the child is also told to get
+    SIGTERM when this process dies however it dies (SIGKILL included), so no worker trains on
+    as an orphan beside a later resume.
+    """
+    ends = functools.partial(_end_with_parent, os.getpid()) if sys.platform == "linux" else None
+    child = subprocess.Popen(argv, preexec_fn=ends)
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in SIGNALS}
+    try:
+        code = child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 128 + received[0] if received else code
+
+
+def _end_with_parent(parent: int) -> None:  # in the child, before exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call: act as if told
+        os.kill(os.getpid(), signal.SIGTERM)

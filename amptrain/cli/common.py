@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import logging
 import os
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -192,7 +191,9 @@ def relaunch(args: argparse.Namespace) -> int:
             argv.append(token)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={args.nproc}", "-m", "amptrain", *argv]  # fmt: skip
-    return subprocess.call(launcher)
+    from amptrain.interrupts import run_child
+
+    return run_child(launcher)  # signals reach every worker; none outlives this process
 
 
 # The libraries amptrain drives and their own switches for quiet; `-v` leaves them as they are.
