@@ -17,6 +17,7 @@ from amptrain import data as data_mod
 from amptrain.adapter import probe_vocab, training_device
 from amptrain.checkpoint import Checkpoint
 from amptrain.config import FitOptions
+from amptrain.errors import ModelError
 from amptrain.models.limits import check_context
 from amptrain.precision import Precision, resolve, resumed
 
@@ -49,6 +50,7 @@ def preflight(
     """
     opts = FitOptions(**options)
     world_size = distributed.world()[1]
+    check_parameter_dtypes(model, source)
     sharding.check_shardable(model, opts.strategy, source)
     opts = resharding.keep_global_batch(opts, resume, world_size)  # another number of processes
     device = training_device(model, source)
@@ -59,6 +61,28 @@ def preflight(
     if resume is not None:
         checkpoint.check_resumable(resume, model, prec, allow_new_scaler)
     return opts, prec, train_b, val_b
+
+
+def check_parameter_dtypes(model: nn.Module, source: str) -> None:
+    """Refuse a model whose trainable parameters are fp16 or bf16.
+
+    amptrain keeps fp32 master weights and runs the forward pass in the precision's autocast;
+    half-precision parameters would train in pure half precision while the run reports another
+    precision (and fp16's loss scaler cannot unscale fp16 gradients).
+
+    Raises:
+        ModelError: Naming how many parameters, one of them, and the fix.
+    """
+    low = [(name, p.dtype) for name, p in model.named_parameters()
+           if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]  # fmt: skip
+    if low:
+        name, dtype = low[0]
+        raise ModelError(
+            f"{source} has {len(low)} trainable parameter tensor(s) in {str(dtype)[6:]} (e.g. "
+            f"{name!r}); amptrain keeps fp32 master weights and lowers the compute with "
+            "--precision (autocast): cast the model with model.float() (Hugging Face: load it "
+            "with dtype=torch.float32) and train with --precision bf16 or fp16"
+        )
 
 
 def resolve_precision(

@@ -147,7 +147,10 @@ def _load_hf(path: Path) -> nn.Module:
         raise ModelError(f"{path} has no config.json, so it is not a Hugging Face model directory")
     try:
         with quiet_transformers():
-            return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        # transformers 5 loads a checkpoint in its own dtype (bf16, often): amptrain keeps fp32
+        # master weights and lowers the compute with autocast, so the weights become fp32.
+        return model.float()
     except pickle.UnpicklingError as exc:  # refused by weights_only; never retried unsafely
         weights = sorted(p.name for p in path.glob("*.bin")) or ["its weights"]
         raise ModelError(weights_only_refusal(path / weights[0], exc)) from None
