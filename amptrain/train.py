@@ -291,7 +291,8 @@ def run_training(
                                      "precision_reason": precision.reason})  # fmt: skip
         files: list[Sink] = []
         if main:  # only rank 0 writes files
-            files = [JsonlSink(run_dir / "metrics.jsonl"), CsvSink(run_dir / "metrics.csv")]
+            files = [JsonlSink(run_dir / "metrics.jsonl"), CsvSink(run_dir / "metrics.csv"),
+                     _FastPathRecord(run_dir / "config.json")]  # fmt: skip
         result = fit(
             model, train, val, precision=precision, sinks=[*files, *sinks],
             source=cfg.model, checkpoint_dir=run_dir / "checkpoints", resume=ckpt,
@@ -451,6 +452,27 @@ def _plot(result: FitResult, path: Path, title: str) -> None:
     except Exception as exc:  # noqa: BLE001 - e.g. values matplotlib cannot place on an axis
         log.warning("loss.png not drawn (%s: %s); the run itself is complete and saved",
                     type(exc).__name__, exc)  # fmt: skip
+
+
+class _FastPathRecord:
+    """A sink that writes the fast path into config.json as soon as `fit` has decided it.
+
+    A run stopped or failed before its end still says which kernels it ran with; the end of
+    the run writes the record again, with what training added (recompiles, the allocator).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def log_config(self, values: dict[str, Any]) -> None:
+        if "fast_path" in values:
+            _record_fast_path(self.path, values["fast_path"])
+
+    def log(self, metrics: Any, step: int) -> None:
+        """Metrics are the other sinks' business."""
+
+    def close(self) -> None:
+        """Nothing held open."""
 
 
 def _record_fast_path(path: Path, fast_path: dict[str, Any]) -> None:

@@ -3,6 +3,8 @@ weights), and a Hugging Face checkpoint saved in bf16 is trained from fp32 weigh
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import pattern_blocks, save_tiny_gpt2, tiny_model
@@ -36,3 +38,22 @@ def test_a_bf16_hugging_face_checkpoint_trains_from_fp32_weights(tmp_path, corpu
     (run,) = out.iterdir()
     weights = load_file(run / "model.safetensors")
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_a_run_that_fails_mid_way_has_its_fast_path_on_disk(tmp_path, corpus, monkeypatch):
+    from amptrain import loop
+    from amptrain.config import FitOptions, TrainConfig
+    from amptrain.train import run_training
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(loop, "train_step", fails)
+    cfg = TrainConfig(data=str(corpus), context=16, out=str(tmp_path / "runs"), precision="fp32",
+                      model_kwargs={"n_layer": 1, "n_embd": 16, "n_head": 2},
+                      fit=FitOptions(max_steps=3, batch_size=2))  # fmt: skip
+    with pytest.raises(RuntimeError, match="went away"):
+        run_training(cfg)
+    (run,) = (tmp_path / "runs").iterdir()
+    fast_path = json.loads((run / "config.json").read_text())["environment"]["fast_path"]
+    assert fast_path["attention"] and fast_path["loss"] in ("fused", "unfused")
