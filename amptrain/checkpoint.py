@@ -253,9 +253,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _rotate(root: Path, keep_last: int) -> None:
-    complete = [p for p in list_checkpoints(root) if verify(p) is None]
+    """Keep the newest `keep_last` complete checkpoints, and remove the rest.
+
+    The rest: the older complete ones, and any older than the newest complete one that fails
+    verification (it could never be resumed).
+    """
+    checked = [(path, verify(path)) for path in list_checkpoints(root)]
+    complete = [path for path, broken in checked if broken is None]
     for old in complete[:-keep_last] if keep_last > 0 else []:
         _discard(old)
+    for path, broken in checked:
+        if broken is not None and complete and path.name < complete[-1].name:
+            log.warning("removed checkpoint %s, which cannot be resumed (%s)", path.name, broken)
+            _discard(path)
 
 
 def clean_temporaries(root: str | Path) -> None:

@@ -41,6 +41,7 @@ from amptrain.runs import (
     atomic_write_bytes,
     atomic_write_json,
     check_folder,
+    clean_temporaries,
     create_run_dir,
     environment,
     write_config,
@@ -277,8 +278,10 @@ def run_training(
         cfg, run_dir, model, train, val, precision = run[:6]
         ckpt, history = run.ckpt, run.history
         sinks = [*(sinks or []), *started]
-        if main:
+        if main:  # what a killed process left half-written (this one holds the run's lock)
             checkpoint.clean_temporaries(run_dir / "checkpoints")
+            for name in clean_temporaries(run_dir):
+                log.info("removed %s, which a stopped process left half-written", name)
         log.info("run directory %s; precision %s (%s)", run_dir, precision.name, precision.reason)
         for sink in sinks if main else []:  # W&B: a resumed run continues the same W&B run
             if getattr(sink, "run_id", None):

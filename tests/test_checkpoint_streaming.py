@@ -105,3 +105,28 @@ def test_safetensors_reads_every_dtype_and_shape_written(tmp_path, dtype):
     atomic_safetensors_save(state, tmp_path / "w.safetensors")
     loaded = load_file(tmp_path / "w.safetensors")
     assert all(torch.equal(loaded[k], v) and loaded[k].dtype == dtype for k, v in state.items())
+
+
+def test_keep_last_removes_a_checkpoint_that_cannot_be_resumed(tmp_path):
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, checkpoint_payload(step), {"step": step}, keep_last=3)
+    (tmp_path / step_name(1) / "model.pt").write_bytes(b"flipped")  # fails verification
+    checkpoint.save(tmp_path, 3, checkpoint_payload(3), {"step": 3}, keep_last=3)
+    assert checkpoint_names(tmp_path) == [step_name(2), step_name(3)]
+
+
+def test_a_new_start_removes_what_a_killed_process_left_half_written(tmp_path, corpus):
+    from amptrain.cli import main
+
+    out = tmp_path / "runs"
+    args = ["train", "--data", str(corpus), "--layers", "1", "--width", "16", "--heads", "2",
+            "--context", "16", "--batch-size", "4", "--precision", "fp32", "--max-steps", "2",
+            "--checkpoint-every", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    (run,) = out.iterdir()
+    left = [".model.safetensors.tmp-999999", ".metrics.jsonl.tmp-999999", ".loss.png.tmp.png"]
+    for name in left:
+        (run / name).write_bytes(b"half")
+    (run / ".hf.tmp-999999").mkdir()
+    assert main([*args[:-2], "--max-steps", "3", "--resume", "auto", "--out", str(out)]) == 0
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]

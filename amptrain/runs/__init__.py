@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,24 @@ def atomic_write_bytes(path: str | Path, payload: bytes | Callable[[Any], None])
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp(-\d+|\.png)")
+"""What `atomic_write_bytes`, `hf_export` and `plotting.save_figure` write before the rename."""
+
+
+def clean_temporaries(run_dir: str | Path) -> list[str]:
+    """Remove what a killed process left half-written in `run_dir` (call it holding the lock).
+
+    Returns:
+        The names removed.
+    """
+    removed = []
+    for path in Path(run_dir).iterdir():
+        if _TEMPORARY.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(True)
+            removed.append(path.name)
+    return sorted(removed)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
