@@ -30,6 +30,7 @@ from amptrain.loop import FitResult, fit
 from amptrain.metrics import tracking
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
 from amptrain.models import GPTConfig, ModelSpec, build_model, check_trusted, provenance
+from amptrain.models.digests import files_digest
 from amptrain.models.limits import check_context
 from amptrain.models.provenance import BASE_FILE
 from amptrain.models.trained import WEIGHTS, load_into, run_config, run_tokenizer
@@ -301,7 +302,7 @@ def run_training(
             source=cfg.model, checkpoint_dir=run_dir / "checkpoints", resume=ckpt,
             allow_new_scaler=allow_new_scaler, history=history, handle_signals=True,
             checkpoint_meta={"config_hash": checkpoint.config_hash(cfg.to_dict()),
-                             "max_steps": cfg.fit.max_steps},
+                             "max_steps": cfg.fit.max_steps, "data_sha256": data_digest(cfg)},
             **dataclasses.asdict(cfg.fit),
         )  # fmt: skip
         weights = sharding.full_state_dict(model)  # gathered from the shards (collective)
@@ -419,6 +420,7 @@ def _reopen(
 ) -> _Opened:
     """`_resumed_run` once the run is locked."""
     saved = TrainConfig.from_dict(_saved_config(run_dir))
+    _check_data(saved, ckpt)
     if "model" not in given:  # named by the run's config.json, which may come from elsewhere
         check_trusted(saved.model, run_dir)
     _check_config_hash(saved, ckpt)
@@ -522,6 +524,33 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume {run_dir}: its config.json is missing")
     return run_values(json.loads(path.read_text(encoding="utf-8")))
+
+
+def data_digest(cfg: TrainConfig) -> str:
+    """sha256 over the names and content of every file `cfg.data` reads.
+
+    Remembered per file size and time (`models.digests`), so a corpus is hashed once.
+    """
+    return files_digest(data.source_files(cfg.data))
+
+
+def _check_data(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:
+    """Refuse to resume on data whose content changed: the run would not repeat.
+
+    Raises:
+        DataError: Naming the data, both digests and the fixes.
+    """
+    recorded = ckpt.trainer.get("data_sha256")
+    if recorded is None:  # a checkpoint from before the digest was kept
+        return
+    now = data_digest(cfg)
+    if now != recorded:
+        raise DataError(
+            f"--data {cfg.data} changed since {ckpt.path.name} was saved (sha256 "
+            f"{recorded[:12]}... then, {now[:12]}... now); a resumed run repeats only on the same "
+            f"data: put it back, or train on the new data as a new run with --init-from "
+            f"{ckpt.path.parent.parent}"
+        )
 
 
 def _check_config_hash(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:

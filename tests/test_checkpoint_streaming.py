@@ -130,3 +130,21 @@ def test_a_new_start_removes_what_a_killed_process_left_half_written(tmp_path, c
     (run / ".hf.tmp-999999").mkdir()
     assert main([*args[:-2], "--max-steps", "3", "--resume", "auto", "--out", str(out)]) == 0
     assert not [p for p in run.iterdir() if ".tmp" in p.name]
+
+
+def test_a_resume_on_changed_data_is_refused_before_anything_changes(tmp_path, capsys):
+    from amptrain.cli import main
+
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "runs"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    args = ["train", "--data", str(corpus), "--layers", "1", "--width", "16", "--heads", "2",
+            "--context", "16", "--batch-size", "4", "--precision", "fp32", "--max-steps", "2",
+            "--checkpoint-every", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    (run,) = out.iterdir()
+    corpus.write_text("a different text entirely, of the same kind of length. " * 160)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main([*args, "--max-steps", "3", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {corpus} changed since step-000000002 was saved" in " ".join(err.split())
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -26,6 +26,7 @@ from amptrain.data.sources import (
     builtin_corpus_files,
     load,
     read_text,
+    source_files,
     text_files,
 )
 from amptrain.data.tokenizers import BYTE_VOCAB, ByteTokenizer, JsonTokenizer
@@ -33,5 +34,5 @@ from amptrain.data.tokenizers import BYTE_VOCAB, ByteTokenizer, JsonTokenizer
 __all__ = [
     "BUILTIN_MODULES", "BYTE_VOCAB", "SUPPORTED", "Blocks", "ByteTokenizer", "JsonTokenizer",
     "as_blocks", "batches", "builtin_corpus_files", "check_batch_size", "check_ids",
-    "epoch_order", "load", "pack", "read_text", "split", "text_files",
+    "epoch_order", "load", "pack", "read_text", "source_files", "split", "text_files",
 ]  # fmt: skip

@@ -84,6 +84,15 @@ def load(
     return blocks
 
 
+def source_files(source: str | Path) -> list[Path]:
+    """Every file whose content a `--data` source reads, in a stable order (for its digest)."""
+    if str(source) == "builtin":
+        return builtin_corpus_files()
+    paths = [f.path for f in formats.resolve(source)]
+    files = [p for path in paths for p in ([path] if path.is_file() else sorted(path.rglob("*")))]
+    return [f for f in files if f.is_file()]
+
+
 def read_text(source: str | Path, text_field: str = "text") -> str:
     """The whole text of a source, for work that needs the text itself (a held-out suffix).
 
