@@ -29,6 +29,11 @@ def read_json_object(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--config {path}: not valid JSON at line {exc.lineno}, column "
                           f"{exc.colno}: {exc.msg}") from None  # fmt: skip
+    except RecursionError:
+        raise ConfigError(
+            f"--config {path}: its JSON is nested deeper than Python reads; a config is an "
+            "object of settings a level or two deep"
+        ) from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of settings such as "
                           f'{{"fit": {{"lr": 0.001}}}}, got {_json_kind(loaded)}')  # fmt: skip

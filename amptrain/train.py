@@ -79,8 +79,16 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ConfigError(f"device={name!r} is not a device ({exc}); try cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: none of amptrain's paths
+        raise ConfigError(
+            f"--device {name} is not supported: amptrain trains on cpu or cuda (cuda:N); use "
+            "--device cpu, or a machine with an NVIDIA GPU"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) "
+                          "(cuda:0 up); name one of them")  # fmt: skip
     return device
 
 

@@ -114,7 +114,8 @@ def _csv(path: Path, field: str) -> Iterator[str]:
     csv.field_size_limit(max(csv.field_size_limit(), sys.maxsize >> 33))  # long documents
     delimiter = "\t" if path.name.lower().endswith((".tsv", ".tsv.gz")) else ","
     binary = open_binary(path)
-    with io.TextIOWrapper(binary, encoding="utf-8", errors="replace", newline="") as f:
+    # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first field's name.
+    with io.TextIOWrapper(binary, encoding="utf-8-sig", errors="replace", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if field not in (reader.fieldnames or []):
             raise missing_field(path, field, reader.fieldnames or [], " (header)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from amptrain.errors import DataError
+
 BYTE_VOCAB = 256
 
 
@@ -37,7 +39,14 @@ class JsonTokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception
+            raise DataError(
+                f"--tokenizer {path} is not a tokenizer.json the tokenizers library reads "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); give the "
+                "tokenizer.json a Hugging Face model ships, or leave --tokenizer out for bytes"
+            ) from None
         self.vocab_size = self._tok.get_vocab_size()
         self.name = str(path)
 

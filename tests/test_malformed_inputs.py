@@ -1,0 +1,49 @@
+"""Files and values a user hands us that are malformed: each refused in one line, exit 2, before
+any run directory exists (a table: what is handed over, what the line must say)."""
+
+from __future__ import annotations
+
+import pytest
+
+from amptrain.cli import main
+
+TINY = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch-size",
+        "4", "--max-steps", "1", "--no-progress"]  # fmt: skip
+
+# name: (files to write {name: text}, extra arguments, what the one line says)
+CASES = {
+    "device mps": ({}, ["--device", "mps"], "--device mps is not supported"),
+    "device meta": ({}, ["--device", "meta"], "--device meta is not supported"),
+    "device xpu": ({}, ["--device", "xpu"], "--device xpu is not supported"),
+    "a missing GPU index": ({}, ["--device", "cuda:3"], "CUDA is not available"),
+    "config nested too deep": ({"deep.json": "[" * 100_000 + "]" * 100_000},
+                               ["--config", "deep.json"], "nested deeper than Python reads"),
+    "tokenizer a list": ({"tok.json": "[1, 2, 3]"}, ["--tokenizer", "tok.json"],
+                         "is not a tokenizer.json"),
+    "tokenizer not JSON": ({"tok.json": "not json"}, ["--tokenizer", "tok.json"],
+                           "is not a tokenizer.json"),
+    "tokenizer empty": ({"tok.json": ""}, ["--tokenizer", "tok.json"], "is not a tokenizer.json"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_input_is_one_line_and_no_run(case, tmp_path, corpus, monkeypatch, capsys):
+    files, extra, said = CASES[case]
+    monkeypatch.chdir(tmp_path)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "runs"
+    code = main(["train", "--data", str(corpus), *TINY, "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("amptrain:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert said in " ".join(err.split())
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_text_field(tmp_path, monkeypatch):
+    path = tmp_path / "data.csv"
+    rows = "\n".join(f"the quick brown fox, row {i}" for i in range(200))
+    path.write_text("text\n" + rows.replace(",", "") + "\n", encoding="utf-8-sig")  # Excel's
+    assert path.read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert main(["train", "--data", str(path), *TINY, "--out", str(tmp_path / "runs")]) == 0
