@@ -23,20 +23,27 @@ from torch import nn
 from amptrain import checkpoint, data, distributed, sharding
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.adapter import probe_vocab
-from amptrain.config import TrainConfig, run_values
+from amptrain.config import TrainConfig
 from amptrain.errors import AmptrainError, ConfigError, DataError, Interrupted
 from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
 from amptrain.metrics import tracking
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
 from amptrain.models import GPTConfig, ModelSpec, build_model, check_trusted, provenance
-from amptrain.models.digests import files_digest
 from amptrain.models.limits import check_context
 from amptrain.models.provenance import BASE_FILE
 from amptrain.models.trained import WEIGHTS, load_into, run_config, run_tokenizer
 from amptrain.precision import Precision
 from amptrain.preflight import preflight, resolve_precision
-from amptrain.resume_config import SWITCHABLE, resumed_config
+from amptrain.resume_config import resumed_config
+from amptrain.resuming import (
+    check_config_hash,
+    check_data,
+    data_digest,
+    find_resume,
+    saved_config,
+    truncate_metrics,
+)
 from amptrain.runs import (
     atomic_safetensors_save,
     atomic_write_bytes,
@@ -427,11 +434,11 @@ def _reopen(
     lock: RunLock | None,
 ) -> _Opened:
     """`_resumed_run` once the run is locked."""
-    saved = TrainConfig.from_dict(_saved_config(run_dir))
-    _check_data(saved, ckpt)
+    saved = TrainConfig.from_dict(saved_config(run_dir))
+    check_data(saved, ckpt)
     if "model" not in given:  # named by the run's config.json, which may come from elsewhere
         check_trusted(saved.model, run_dir)
-    _check_config_hash(saved, ckpt)
+    check_config_hash(saved, ckpt)
     cfg = resumed_config(saved, given, ckpt.trainer["step"])
     asked = given.get("precision")  # else config.json's, checked against the checkpoint too
     model, train, val, precision = prepare(
@@ -493,107 +500,6 @@ def _record_fast_path(path: Path, fast_path: dict[str, Any]) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     config.setdefault("environment", {})["fast_path"] = fast_path
     atomic_write_json(path, config)
-
-
-def find_resume(out: str | Path, resume: str, command: str) -> tuple[Path, checkpoint.Checkpoint]:
-    """The run directory and loaded checkpoint that `--resume` names.
-
-    Raises:
-        FileNotFoundError: If nothing to resume is found.
-        CheckpointError: If an explicitly named checkpoint, or every checkpoint of the run, is
-            incomplete, corrupt or unsafe.
-    """
-    run_dir, path = resume_target(out, resume, command)
-    if resume != "auto" and not (Path(resume) / "checkpoints").is_dir():
-        return run_dir, checkpoint.load(path)  # named: that one, or an error naming it
-    # A run: its newest checkpoint that loads, past any unreadable for whatever reason.
-    return run_dir, checkpoint.load_newest(path.parent, f"--resume {resume}")
-
-
-def resume_target(out: str | Path, resume: str, command: str) -> tuple[Path, Path]:
-    """The run directory and checkpoint directory that `--resume` names, not loaded yet."""
-    if resume == "auto":
-        for run_dir in sorted(Path(out).glob(f"{command}-*"), reverse=True):
-            path = checkpoint.latest(run_dir / "checkpoints")
-            if path is not None:
-                return run_dir, path
-        raise FileNotFoundError(f"--resume auto: no {command} run under {out} has a checkpoint")
-    path = Path(resume)
-    if (path / "checkpoints").is_dir():
-        newest = checkpoint.latest(path / "checkpoints")
-        if newest is None:
-            raise FileNotFoundError(f"--resume {path}: the run has no complete checkpoint")
-        return path, newest
-    return path.parent.parent, path
-
-
-def _saved_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot resume {run_dir}: its config.json is missing")
-    return run_values(json.loads(path.read_text(encoding="utf-8")))
-
-
-def data_digest(cfg: TrainConfig) -> str:
-    """sha256 over the names and content of every file `cfg.data` reads.
-
-    Remembered per file size and time (`models.digests`), so a corpus is hashed once.
-    """
-    return files_digest(data.source_files(cfg.data))
-
-
-def _check_data(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:
-    """Refuse to resume on data whose content changed: the run would not repeat.
-
-    Raises:
-        DataError: Naming the data, both digests and the fixes.
-    """
-    recorded = ckpt.trainer.get("data_sha256")
-    if recorded is None:  # a checkpoint from before the digest was kept
-        return
-    now = data_digest(cfg)
-    if now != recorded:
-        raise DataError(
-            f"--data {cfg.data} changed since {ckpt.path.name} was saved (sha256 "
-            f"{recorded[:12]}... then, {now[:12]}... now); a resumed run repeats only on the same "
-            f"data: put it back, or train on the new data as a new run with --init-from "
-            f"{ckpt.path.parent.parent}"
-        )
-
-
-def _check_config_hash(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:
-    expected = ckpt.trainer.get("config_hash")
-    # An extended or switched run's config.json has the new max_steps, strategy or checkpoint
-    # format before its first new checkpoint: the checkpoint's own values are the ones hashed.
-    fields = [name.removeprefix("fit.") for name in SWITCHABLE]
-    written = {field: ckpt.trainer[field] for field in fields if field in ckpt.trainer}
-    cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, **written))
-    if expected and expected != checkpoint.config_hash(cfg.to_dict()):
-        raise checkpoint.CheckpointError(
-            f"checkpoint {ckpt.path} belongs to other settings than its run's config.json "
-            "(config hash differs); resume it with the config it was trained with"
-        )
-
-
-def truncate_metrics(run_dir: Path, step: int) -> list[dict[str, Any]]:
-    """Keep only metric records up to `step` (what the checkpoint covers); return them."""
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut by the interruption
-            continue
-        if record.get("step", 0) <= step:
-            records.append(record)
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
-    (run_dir / "metrics.csv").unlink(missing_ok=True)
-    csv_sink = CsvSink(run_dir / "metrics.csv")
-    for record in records:
-        csv_sink.log({k: v for k, v in record.items() if k != "step"}, record["step"])
-    csv_sink.close()
-    return records
 
 
 def summary(

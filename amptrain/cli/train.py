@@ -68,7 +68,7 @@ def _wandb_resume(out: str, resume: str | None) -> dict[str, str]:
     """`wandb.init` arguments that continue the W&B run of the run being resumed, if it had one."""
     if not resume:
         return {}
-    from amptrain.train import resume_target
+    from amptrain.resuming import resume_target
 
     saved = resume_target(out, resume, "train")[0] / "wandb.json"
     if not saved.is_file():
