@@ -47,3 +47,23 @@ def test_a_csv_with_a_byte_order_mark_reads_its_text_field(tmp_path, monkeypatch
     path.write_text("text\n" + rows.replace(",", "") + "\n", encoding="utf-8-sig")  # Excel's
     assert path.read_bytes()[:3] == b"\xef\xbb\xbf"
     assert main(["train", "--data", str(path), *TINY, "--out", str(tmp_path / "runs")]) == 0
+
+
+@pytest.mark.parametrize("name", ["corpus.txt.gz", "corpus.jsonl.gz", "corpus.csv.gz"])
+def test_a_gzip_file_cut_short_past_its_start_is_one_line(name, tmp_path, capsys):
+    import gzip
+    import json
+
+    lines = [json.dumps({"text": f"line {i} of a long corpus"}) if "jsonl" in name
+             else f"line {i} of a long corpus" for i in range(40_000)]  # fmt: skip
+    if name.endswith(".csv.gz"):
+        lines = ["text", *lines]
+    whole = gzip.compress(("\n".join(lines) + "\n").encode())
+    (tmp_path / name).write_bytes(whole[: len(whole) * 2 // 3])  # its first 8 KB are fine
+    out = tmp_path / "runs"
+    assert main(["train", "--data", str(tmp_path / name), *TINY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("amptrain:")]
+    assert len(said) == 1 and "Traceback" not in err
+    assert "cut short or corrupt part-way" in " ".join(err.split())
+    assert not out.exists() or not list(out.iterdir())

@@ -10,8 +10,10 @@ as records within a file are.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import sysconfig
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -126,7 +128,13 @@ def _pieces(files: Sequence[formats.DataFile], text_field: str, raw: bool) -> It
     for i, file in enumerate(files):
         if i:
             yield b"\n" if raw else "\n"
-        yield from readers.pieces(file, text_field, raw)
+        try:
+            yield from readers.pieces(file, text_field, raw)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # only its start was checked
+            raise DataError(
+                f"--data {file.path} is a gzip file cut short or corrupt part-way ({exc}); "
+                "compress it again, or download it again"
+            ) from None
 
 
 def token_file(path: Path, context: int, data_dtype: str) -> Blocks:
