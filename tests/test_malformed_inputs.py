@@ -23,6 +23,10 @@ CASES = {
     "tokenizer not JSON": ({"tok.json": "not json"}, ["--tokenizer", "tok.json"],
                            "is not a tokenizer.json"),
     "tokenizer empty": ({"tok.json": ""}, ["--tokenizer", "tok.json"], "is not a tokenizer.json"),
+    "jsonl nested too deep": ({"deep.jsonl": "[" * 100_000 + "]" * 100_000 + "\n"},
+                              ["--data", "deep.jsonl"], "nested deeper than Python reads"),
+    "json nested too deep": ({"deep.json": "[" * 100_000 + "]" * 100_000},
+                             ["--data", "deep.json"], "nested deeper than Python reads"),
 }  # fmt: skip
 
 

@@ -89,6 +89,11 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {number} is not JSON ({exc.msg}); JSONL needs "
                                 "one JSON record per line") from None  # fmt: skip
+            except RecursionError:
+                raise DataError(
+                    f"{path} line {number} is JSON nested deeper than Python reads; a record "
+                    "is an object with a text field"
+                ) from None
             text = _text_of(record, path, field, f" line {number}")
             if text is not None:
                 yield text
@@ -101,6 +106,9 @@ def _json(path: Path, field: str) -> Iterator[str]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} is not JSON ({exc.msg} at line {exc.lineno}); for one "
                             "record per line name it .jsonl") from None  # fmt: skip
+        except RecursionError:
+            raise DataError(f"{path} is JSON nested deeper than Python reads; a .json data "
+                            "file is a list of records or of strings") from None  # fmt: skip
     if not isinstance(records, list):
         raise DataError(f"{path} holds a JSON {type(records).__name__}; a .json data file "
                         "must be a list of records or of strings")  # fmt: skip
