@@ -335,7 +335,7 @@ def load(path: str | Path) -> Checkpoint:
     problem = verify(path)
     if problem:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {problem}")
-    trainer = json.loads((path / "trainer.json").read_text())
+    trainer = _trainer_json(path)
     if trainer.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {trainer['format_version']}; this amptrain "
@@ -346,6 +346,30 @@ def load(path: str | Path) -> Checkpoint:
         if (path / name).is_file() or not (path / SHARDS).is_dir():
             tensors[name[:-3]] = safe_torch_load(path / name)
     return Checkpoint(path, trainer, tensors)
+
+
+def _trainer_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer.json, checked for the shape every reader of it relies on.
+
+    Raises:
+        CheckpointError: Not JSON, not an object, or a step that is not a whole number >= 0.
+    """
+    try:
+        trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"checkpoint {path}: trainer.json is not JSON ({exc})") from None
+    if not isinstance(trainer, dict):
+        raise CheckpointError(
+            f"checkpoint {path}: trainer.json holds a JSON {type(trainer).__name__}, not the "
+            "object of counters amptrain writes; it was edited by hand or damaged"
+        )
+    step = trainer.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(
+            f"checkpoint {path}: trainer.json's step is {step!r}, not a whole number >= 0; it "
+            "was edited by hand or damaged"
+        )
+    return trainer
 
 
 def safe_torch_load(path: Path) -> Any:

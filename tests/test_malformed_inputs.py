@@ -71,3 +71,20 @@ def test_a_gzip_file_cut_short_past_its_start_is_one_line(name, tmp_path, capsys
     assert len(said) == 1 and "Traceback" not in err
     assert "cut short or corrupt part-way" in " ".join(err.split())
     assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.parametrize("trainer", ["[1, 2]", '{"step": -3}', '{"step": "7"}', "not json"])
+def test_a_hand_edited_trainer_json_is_one_line(trainer, tmp_path, corpus, capsys):
+    from conftest import rewrite_manifest_entry
+
+    out = tmp_path / "runs"
+    args = ["train", "--data", str(corpus), *TINY, "--checkpoint-every", "1", "--out", str(out)]
+    assert main(args) == 0
+    (ckpt,) = out.glob("*/checkpoints/step-*")
+    (ckpt / "trainer.json").write_text(trainer)
+    rewrite_manifest_entry(ckpt, "trainer.json")  # as someone who can write the folder would
+    capsys.readouterr()
+    assert main([*args, "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("amptrain:")]
+    assert len(said) == 1 and "Traceback" not in err and "trainer.json" in said[0]
