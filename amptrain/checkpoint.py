@@ -345,6 +345,11 @@ def load(path: str | Path) -> Checkpoint:
     for name in _TENSOR_FILES:
         if (path / name).is_file() or not (path / SHARDS).is_dir():
             tensors[name[:-3]] = safe_torch_load(path / name)
+            if not isinstance(tensors[name[:-3]], dict):  # what every reader of it relies on
+                raise CheckpointError(
+                    f"checkpoint {path}: {name} holds a {type(tensors[name[:-3]]).__name__}, not "
+                    "the dict amptrain writes; it was edited by hand or damaged"
+                )
     return Checkpoint(path, trainer, tensors)
 
 

@@ -23,6 +23,8 @@ CASES = {
     "tokenizer not JSON": ({"tok.json": "not json"}, ["--tokenizer", "tok.json"],
                            "is not a tokenizer.json"),
     "tokenizer empty": ({"tok.json": ""}, ["--tokenizer", "tok.json"], "is not a tokenizer.json"),
+    "litgpt header cut short": ({"short.bin": "LITPKDS"}, ["--data", "short.bin"],
+                                "a litgpt token file cut short"),
     "jsonl nested too deep": ({"deep.jsonl": "[" * 100_000 + "]" * 100_000 + "\n"},
                               ["--data", "deep.jsonl"], "nested deeper than Python reads"),
     "json nested too deep": ({"deep.json": "[" * 100_000 + "]" * 100_000},
@@ -88,3 +90,20 @@ def test_a_hand_edited_trainer_json_is_one_line(trainer, tmp_path, corpus, capsy
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("amptrain:")]
     assert len(said) == 1 and "Traceback" not in err and "trainer.json" in said[0]
+
+
+def test_a_checkpoint_file_holding_the_wrong_thing_is_one_line(tmp_path, corpus, capsys):
+    import torch
+    from conftest import rewrite_manifest_entry
+
+    out = tmp_path / "runs"
+    args = ["train", "--data", str(corpus), *TINY, "--checkpoint-every", "1", "--out", str(out)]
+    assert main(args) == 0
+    (ckpt,) = out.glob("*/checkpoints/step-*")
+    torch.save(torch.ones(3), ckpt / "scaler.pt")  # a tensor where a dict of state belongs
+    rewrite_manifest_entry(ckpt, "scaler.pt")
+    capsys.readouterr()
+    assert main([*args, "--resume", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("amptrain:")]
+    assert len(said) == 1 and "scaler.pt holds a Tensor" in said[0] and "Traceback" not in err

@@ -95,6 +95,9 @@ def open_token_file(path: Path, data_dtype: str) -> np.ndarray:
         head = f.read(_LITGPT_HEADER)
     offset, dtype = 0, DTYPES[data_dtype]
     if head.startswith(_LITGPT_MAGIC):
+        if len(head) < _LITGPT_HEADER:
+            raise DataError(f"{path}: a litgpt token file cut short ({len(head)} bytes, shorter "
+                            f"than its {_LITGPT_HEADER}-byte header); write it again")  # fmt: skip
         code = struct.unpack("<B", head[15:16])[0]
         if code not in _LITGPT_DTYPES:
             raise DataError(f"{path}: litgpt token file with dtype code {code}, which is not "
