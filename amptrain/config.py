@@ -109,7 +109,8 @@ class FitOptions:
             value = getattr(self, field)
             least = 0 if field in ("max_steps", "checkpoint_every") else 1
             _check(_is_int(value) and value >= least, field, value, f"an integer >= {least}")
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed,
+               "an integer from 0 to 2**63 - 1 (torch's generators take 64-bit seeds)")  # fmt: skip
         _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
         _check(_finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
                self.min_lr_ratio, "in [0, 1]")  # fmt: skip

@@ -25,6 +25,9 @@ CASES = {
     "tokenizer empty": ({"tok.json": ""}, ["--tokenizer", "tok.json"], "is not a tokenizer.json"),
     "litgpt header cut short": ({"short.bin": "LITPKDS"}, ["--data", "short.bin"],
                                 "a litgpt token file cut short"),
+    "seed past 64 bits": ({}, ["--seed", "99999999999999999999"], "from 0 to 2**63 - 1"),
+    "jsonl not utf-8": ({"bad.jsonl": None}, ["--data", "bad.jsonl"],
+                        "bad.jsonl line 2 is not UTF-8"),
     "jsonl nested too deep": ({"deep.jsonl": "[" * 100_000 + "]" * 100_000 + "\n"},
                               ["--data", "deep.jsonl"], "nested deeper than Python reads"),
     "json nested too deep": ({"deep.json": "[" * 100_000 + "]" * 100_000},
@@ -37,7 +40,10 @@ def test_malformed_input_is_one_line_and_no_run(case, tmp_path, corpus, monkeypa
     files, extra, said = CASES[case]
     monkeypatch.chdir(tmp_path)
     for name, text in files.items():
-        (tmp_path / name).write_text(text)
+        if text is None:  # bytes that are not UTF-8 on line 2
+            (tmp_path / name).write_bytes(b'{"text": "ok"}\n{"text": "bad \xff\xfe"}\n' * 50)
+        else:
+            (tmp_path / name).write_text(text)
     out = tmp_path / "runs"
     code = main(["train", "--data", str(corpus), *TINY, "--out", str(out), *extra])
     err = capsys.readouterr().err
@@ -107,3 +113,10 @@ def test_a_checkpoint_file_holding_the_wrong_thing_is_one_line(tmp_path, corpus,
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("amptrain:")]
     assert len(said) == 1 and "scaler.pt holds a Tensor" in said[0] and "Traceback" not in err
+
+
+def test_model_kwargs_that_are_not_an_object_are_a_usage_error(tmp_path, corpus, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", str(corpus), *TINY, "--model-kwargs", "[1]"])
+    assert exit_.value.code == 2
+    assert "is a JSON list, not an object of keyword arguments" in capsys.readouterr().err

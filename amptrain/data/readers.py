@@ -94,6 +94,9 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
                     f"{path} line {number} is JSON nested deeper than Python reads; a record "
                     "is an object with a text field"
                 ) from None
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} line {number} is not UTF-8 ({exc.reason} at byte "
+                                f"{exc.start}); save the file as UTF-8") from None  # fmt: skip
             text = _text_of(record, path, field, f" line {number}")
             if text is not None:
                 yield text
@@ -109,6 +112,9 @@ def _json(path: Path, field: str) -> Iterator[str]:
         except RecursionError:
             raise DataError(f"{path} is JSON nested deeper than Python reads; a .json data "
                             "file is a list of records or of strings") from None  # fmt: skip
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start}); save it "
+                            "as UTF-8") from None  # fmt: skip
     if not isinstance(records, list):
         raise DataError(f"{path} holds a JSON {type(records).__name__}; a .json data file "
                         "must be a list of records or of strings")  # fmt: skip
