@@ -25,6 +25,8 @@ CASES = {
     "tokenizer empty": ({"tok.json": ""}, ["--tokenizer", "tok.json"], "is not a tokenizer.json"),
     "litgpt header cut short": ({"short.bin": "LITPKDS"}, ["--data", "short.bin"],
                                 "a litgpt token file cut short"),
+    "model kwargs a list, sized": ({}, ["--model-kwargs", "[1]"],
+                                   "model_kwargs must be a JSON object"),
     "seed past 64 bits": ({}, ["--seed", "99999999999999999999"], "from 0 to 2**63 - 1"),
     "jsonl not utf-8": ({"bad.jsonl": None}, ["--data", "bad.jsonl"],
                         "bad.jsonl line 2 is not UTF-8"),
@@ -113,10 +115,3 @@ def test_a_checkpoint_file_holding_the_wrong_thing_is_one_line(tmp_path, corpus,
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("amptrain:")]
     assert len(said) == 1 and "scaler.pt holds a Tensor" in said[0] and "Traceback" not in err
-
-
-def test_model_kwargs_that_are_not_an_object_are_a_usage_error(tmp_path, corpus, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", "--data", str(corpus), *TINY, "--model-kwargs", "[1]"])
-    assert exit_.value.code == 2
-    assert "is a JSON list, not an object of keyword arguments" in capsys.readouterr().err

@@ -126,7 +126,10 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
                 f"--layers/--width/--heads/--dropout size the built-in tiny-gpt only; for "
                 f"{values['model']} pass --model-kwargs"
             )
-        values["model_kwargs"] = {**values.get("model_kwargs", {}), **sizes}
+        kwargs = values.get("model_kwargs", {})
+        if not isinstance(kwargs, dict):  # TrainConfig says so without the sizes; say it here
+            raise AmptrainError(f"model_kwargs must be a JSON object, got {kwargs!r}")
+        values["model_kwargs"] = {**kwargs, **sizes}
     if given.get("compile") or given.get("no_compile"):
         values["fit"]["compile"] = bool(given.get("compile"))
     if "context" not in values and "model" in values:
