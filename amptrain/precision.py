@@ -239,7 +239,7 @@ def resumed(
     `auto` (or None) takes it without deciding again: a new measurement on a busy machine
     could pick another precision, and the run would go on in it without a word. The same
     name is accepted; another is refused, except fp16 with `allow_new_scaler` (a fresh loss
-    scale, which `checkpoint.restore` announces).
+    scale, which `checkpoint_state.restore` announces).
 
     Args:
         trained: The checkpoint's precision.

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint, distributed, resharding, sharding
+from amptrain import checkpoint_state, distributed, resharding, sharding
 from amptrain import data as data_mod
 from amptrain.adapter import probe_vocab, training_device
 from amptrain.checkpoint import Checkpoint
@@ -59,7 +59,7 @@ def preflight(
                                 opts.batch_size, opts.labels_shifted)  # fmt: skip
     data_mod.check_batch_size(train_b, opts.batch_size, world_size)
     if resume is not None:
-        checkpoint.check_resumable(resume, model, prec, allow_new_scaler)
+        checkpoint_state.check_resumable(resume, model, prec, allow_new_scaler)
     return opts, prec, train_b, val_b
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint, distributed, sharding
+from amptrain import checkpoint, checkpoint_state, distributed, sharding
 from amptrain.checkpoint import Checkpoint, CheckpointError, CheckpointWriteError
 from amptrain.config import FitOptions
 from amptrain.optim import load_state_keeping_impl
@@ -124,7 +124,7 @@ def capture_full(model, optimizer, scheduler, precision, state, rngs) -> tuple[d
     if not sharding.is_sharded(model):
         if not distributed.is_main():
             return None
-        return checkpoint.capture(model, optimizer, scheduler, precision, state, rngs)
+        return checkpoint_state.capture(model, optimizer, scheduler, precision, state, rngs)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -132,8 +132,9 @@ def capture_full(model, optimizer, scheduler, precision, state, rngs) -> tuple[d
     if not distributed.is_main():
         return None
     optimizer_state = _by_id(optimizer_state, _names(model, optimizer))
-    return checkpoint.capture_states(model_state, optimizer_state, scheduler, precision, state,
-                                     rngs)  # fmt: skip
+    return checkpoint_state.capture_states(
+        model_state, optimizer_state, scheduler, precision, state, rngs
+    )
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -175,7 +176,7 @@ def save(
     if distributed.is_main():
         tensors = {"scheduler": scheduler.state_dict(), "scaler": precision.state_dict(),
                    "rng": {"ranks": rngs}}  # fmt: skip
-        trainer = {**checkpoint.counters(state, precision), **meta}
+        trainer = {**checkpoint_state.counters(state, precision), **meta}
         path = checkpoint.save(root, state.step, tensors, trainer, keep_last, staged=staged)
         log.debug("sharded checkpoint %s saved", path)
     return Path(distributed.broadcast(str(path) if path else None))
@@ -202,13 +203,13 @@ def restore(
             _restore_full_into_shards(ckpt, model, optimizer, scheduler, precision, state,
                                       allow_new_scaler)  # fmt: skip
         else:
-            checkpoint.restore(ckpt, model, optimizer, scheduler, precision, state,
+            checkpoint_state.restore(ckpt, model, optimizer, scheduler, precision, state,
                                allow_new_scaler)  # fmt: skip
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    checkpoint.restore_scaler(ckpt, precision, allow_new_scaler)
+    checkpoint_state.restore_scaler(ckpt, precision, allow_new_scaler)
     saved = _state(model, optimizer)
     try:
         with _one_process_allowed():
@@ -225,7 +226,7 @@ def restore(
                        optim_state_dict=optimizer_state)  # fmt: skip
 
     load_state_keeping_impl(optimizer, saved["optimizer"], load)
-    checkpoint.restore_counters(ckpt, scheduler, state, _device(model))
+    checkpoint_state.restore_counters(ckpt, scheduler, state, _device(model))
 
 
 def _restore_full_into_shards(
@@ -238,8 +239,8 @@ def _restore_full_into_shards(
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    checkpoint.check_resumable(ckpt, model, precision, allow_new_scaler)
-    checkpoint.restore_scaler(ckpt, precision, allow_new_scaler)
+    checkpoint_state.check_resumable(ckpt, model, precision, allow_new_scaler)
+    checkpoint_state.restore_scaler(ckpt, precision, allow_new_scaler)
     options = StateDictOptions(full_state_dict=True)
     saved = _by_name(ckpt.tensors["optimizer"], _names(model, optimizer))
 
@@ -248,4 +249,4 @@ def _restore_full_into_shards(
                        optim_state_dict=optimizer_state, options=options)  # fmt: skip
 
     load_state_keeping_impl(optimizer, saved, load)
-    checkpoint.restore_counters(ckpt, scheduler, state, _device(model))
+    checkpoint_state.restore_counters(ckpt, scheduler, state, _device(model))

@@ -25,7 +25,7 @@ from conftest import (
 )
 
 import amptrain
-from amptrain import checkpoint
+from amptrain import checkpoint, checkpoint_state
 from amptrain.callbacks import Callback
 from amptrain.checkpoint import CheckpointError
 from amptrain.cli import main
@@ -259,7 +259,7 @@ def test_rng_file_lacking_a_source_refuses_to_resume(tmp_path, source):
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
     with pytest.raises(CheckpointError, match=rf"rng\.pt.*{source}"):
-        checkpoint.restore(ckpt, model, optimizer, scheduler, resolve("fp32", torch.device("cpu")),
-                           TrainState())  # fmt: skip
+        checkpoint_state.restore(ckpt, model, optimizer, scheduler,
+                                 resolve("fp32", torch.device("cpu")), TrainState())  # fmt: skip
     with pytest.raises(CheckpointError, match=r"rng\.pt"):
         amptrain.fit(tiny_model(), train, None, resume=ckpt, max_steps=4, **FIT)

@@ -6,6 +6,7 @@ storage, pinned memory, an allocator that runs out) and checks what the branch d
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -63,3 +64,51 @@ def test_the_doctor_out_of_memory_is_one_line_with_advice(tmp_path, capsys, monk
     assert code == 3 and len(err) == 1, err
     assert "CUDA out of memory. Tried to allocate 2.00 GiB" in err[0]
     assert "lower --batch-size" in err[0]
+
+
+def test_the_cuda_timer_times_back_to_back_matmuls_between_events_after_a_warm_up(monkeypatch):
+    import contextlib
+
+    from amptrain import matmul_timing
+
+    calls = []
+
+    class Event:  # a CUDA event: recorded on the device's stream, read after a sync
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self, stream):
+            assert stream == "stream of cuda:1"
+            self.at = len(calls)  # how many matmuls ran before it
+
+        def synchronize(self):
+            calls.append("sync")
+
+        def elapsed_time(self, end):
+            return 2.0 * (end.at - self.at)  # 2 ms a matmul
+
+    class Matrix:
+        def __matmul__(self, other):
+            calls.append("matmul")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(matmul_timing, "_operands", lambda *args: (Matrix(), Matrix()))
+    with matmul_timing.cuda_timer(torch.device("cuda", 1)) as timer:
+        seconds = timer("bf16", (64, 64, 64), 5)
+    assert calls == ["matmul"] * 6 + ["sync"]  # the warm-up, then 5 timed, one sync at the end
+    assert seconds == pytest.approx(5 * 0.002)
+
+
+def test_a_run_on_a_gpu_resets_and_reads_that_gpus_peak(monkeypatch):
+    from amptrain import hardware
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: seen.append(("reset", d)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: seen.append(("read", d))
+                        or 3 * 2**20)  # fmt: skip
+    gpu = torch.device("cuda", 1)
+    hardware.reset_peak_memory(gpu)
+    assert hardware.peak_memory_mb(gpu) == (3.0, "cuda-allocator")
+    assert seen == [("reset", gpu), ("read", gpu)]  # the run's own GPU, not the current one

@@ -12,7 +12,7 @@ import pytest
 import torch
 from spawning import spawn
 
-from amptrain import checkpoint, decisions, distributed, rng
+from amptrain import checkpoint_state, decisions, distributed, rng
 from amptrain.cli import main
 from amptrain.errors import ConfigError
 from amptrain.precision import resolve
@@ -96,12 +96,12 @@ def test_a_checkpoint_from_more_gpus_restores_the_generator_the_run_drew_from(
     state = rng.state()
     state["cuda"] = [torch.full((16,), g, dtype=torch.uint8) for g in (7, 9)]  # 2 GPUs then
     state["cuda_device"] = 1  # the run trained on cuda:1
-    checkpoint.set_rng_state(state, torch.device("cuda", 0))  # and resumes on cuda:0 now
+    checkpoint_state.set_rng_state(state, torch.device("cuda", 0))  # and resumes on cuda:0 now
     assert restored == [(9, 0)]
     del state["cuda_device"]  # a checkpoint written before the index was kept
     restored.clear()
     with caplog.at_level(logging.WARNING, logger="amptrain"):
-        checkpoint.set_rng_state(state, torch.device("cuda", 0))
+        checkpoint_state.set_rng_state(state, torch.device("cuda", 0))
     assert restored == [(7, 0)] and "generators of 2 GPUs and 1 are visible" in caplog.text
 
 

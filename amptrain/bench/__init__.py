@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import logging
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from torch import nn
 from amptrain import distributed, sharding
 from amptrain.bench import figures, ranks
 from amptrain.bench import verdict as bench_verdict
+from amptrain.bench.clock import StepClock
 from amptrain.callbacks import Callback
 from amptrain.config import FitOptions
 from amptrain.data import Blocks, as_blocks
@@ -112,37 +112,6 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values."""
         return dataclasses.asdict(self)
-
-
-class StepClock:
-    """The end of every step, marked without a host sync; the step times read at the end.
-
-    On CUDA each mark is an event recorded on the device's stream, and the times are the
-    intervals between consecutive events, read after one synchronisation once training is
-    over: a synchronisation per step would drain the GPU's queue and time the drain. On a CPU
-    a mark is the wall clock.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.marks: list[Any] = []
-
-    def mark(self) -> None:
-        """The step that just ended, as the device sees it."""
-        if self.device.type != "cuda":
-            self.marks.append(time.perf_counter())
-            return
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self.device))
-        self.marks.append(event)
-
-    def intervals(self) -> list[float]:
-        """Seconds between consecutive marks (one synchronisation on CUDA)."""
-        if self.device.type != "cuda":
-            return [b - a for a, b in zip(self.marks, self.marks[1:])]
-        if self.marks:
-            self.marks[-1].synchronize()
-        return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
 class _Recorder(Callback):

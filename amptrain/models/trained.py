@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint
+from amptrain import checkpoint, checkpoint_state
 from amptrain.errors import ModelError
 
 log = logging.getLogger("amptrain")
@@ -183,6 +183,6 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
         ModelError: If the weights cannot be read (see `weights`).
     """
     state, where = weights(path)
-    checkpoint.restore_module(model, state, where)
+    checkpoint_state.restore_module(model, state, where)
     log.info("loaded weights from %s", where)
     return model
