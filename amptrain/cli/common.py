@@ -205,7 +205,8 @@ QUIET_ENV = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "DATASETS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "WANDB_SILENT": "true",
 }  # fmt: skip
-QUIET_LOGGERS = ("mlflow", "alembic", "transformers", "huggingface_hub", "datasets", "wandb")
+QUIET_LOGGERS = ("mlflow", "alembic", "transformers", "huggingface_hub", "datasets", "wandb",
+                 "urllib3")  # fmt: skip
 
 
 @contextlib.contextmanager

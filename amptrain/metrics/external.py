@@ -9,11 +9,21 @@ the "amptrain" logger and disables the sink, never the training run; the failure
 `failure` (which tool, during what, at which step, the error) for the run's summary. A sink
 made with `required=True` (what the CLI does for a tracker it was asked for) raises
 `TrackerError` instead when the tool cannot start, before anything has trained.
+
+Only the start talks to the tool on the caller's thread. Everything after it (settings, metrics,
+the run's end) goes through a bounded queue to one background thread, so a slow, frozen or dead
+server never holds a training step: a call that has not answered within `STALL_S` seconds, or a
+queue that fills, counts as the tool's failure (one warning, recorded), and `close` waits at most
+`STALL_S` seconds for what is still queued.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -21,6 +31,12 @@ from amptrain import secrets
 from amptrain.errors import TrackerError
 
 log = logging.getLogger("amptrain")
+
+STALL_S = 5.0
+"""The longest a tracker call may go unanswered before the tool counts as failed, and the
+longest `close` waits for what is still queued."""
+QUEUE_SIZE = 1000
+"""Calls that may wait for the background thread; one more is the tool's failure."""
 
 
 def run_config(
@@ -103,6 +119,10 @@ class ExternalSink:
         self._texts: dict[str, Any] = {}
         self._step: int | None = None
         self._disabled = self._closed = False
+        self._queue: queue.Queue[tuple[str, Callable[..., Any], tuple] | None] = queue.Queue(
+            QUEUE_SIZE)  # fmt: skip
+        self._thread: threading.Thread | None = None
+        self._busy: tuple[str, float] | None = None  # the call in flight and when it began
 
     def _open(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Start the tool: `fn(*args)`; if it fails, raise `TrackerError` (required) or warn."""
@@ -140,25 +160,57 @@ class ExternalSink:
                  if k not in numbers and self._texts.get(k) != str(v)}  # fmt: skip
         self._texts.update(texts)
         if numbers:
-            self._guard("log", self._write_numbers, numbers, int(step))
+            self._submit("log", self._write_numbers, numbers, int(step))
         if texts:
-            self._guard("log", self._write_texts, texts, int(step))
+            self._submit("log", self._write_texts, texts, int(step))
 
     def close(self) -> None:
-        """Write the settings if no metric came, then finish the run."""
+        """Write the settings if no metric came, finish the run; wait at most `STALL_S` s."""
         if self._closed:
             return
         if self._written is None:
             self._flush_params()
         self._closed = True
-        self._guard("close", self._finish)
+        self._submit("close", self._finish)
+        if self._thread is None:
+            return
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)  # the thread's last item
+        self._thread.join(STALL_S)
+        if self._thread.is_alive():
+            self._fail("close", f"no answer within {STALL_S:.0f} s; what was still queued is lost")
 
     def _flush_params(self) -> None:
         written = self._written or {}
         new = {k: v for k, v in self._params.items() if k not in written}
         self._written = {**written, **new}
         if new:
-            self._guard("hyperparameters", self._write_params, new)
+            self._submit("hyperparameters", self._write_params, new)
+
+    def _submit(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue `fn(*args)` for the background thread; a stalled or full queue is a failure."""
+        busy = self._busy
+        if busy is not None and time.monotonic() - busy[1] > STALL_S:
+            self._fail(busy[0], f"no answer within {STALL_S:.0f} s")
+        if self._disabled:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, daemon=True,
+                                            name=f"amptrain {self.tool} writer")  # fmt: skip
+            self._thread.start()
+        try:
+            self._queue.put_nowait((what, fn, args))
+        except queue.Full:
+            busy = self._busy
+            waited = f", the one in flight for {time.monotonic() - busy[1]:.1f} s" if busy else ""
+            self._fail(what, f"{QUEUE_SIZE} calls waiting{waited}: the tool does not keep up")
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            what, fn, args = item
+            self._busy = (what, time.monotonic())
+            self._guard(what, fn, *args)
+            self._busy = None
 
     def _guard(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         if self._disabled:
@@ -166,12 +218,18 @@ class ExternalSink:
         try:
             return fn(*args)
         except Exception as exc:  # any failure of the tool: warn once, keep training
-            self._disabled = True
-            error = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
-            self.failure = failure_record(self.tool, what, self._step, error)
-            log.warning("%s %s failed (%s); training continues without %s", self.tool, what,
-                        error, self.tool)  # fmt: skip
+            self._fail(what, f"{type(exc).__name__}: {exc}")
             return None
+
+    def _fail(self, what: str, error: str) -> None:
+        """Disable the sink with one warning and keep the failure; later failures are quiet."""
+        if self._disabled:
+            return
+        self._disabled = True
+        error = scrub(error, self._secrets)
+        self.failure = failure_record(self.tool, what, self._step, error)
+        log.warning("%s %s failed (%s); training continues without %s", self.tool, what,
+                    error, self.tool)  # fmt: skip
 
     def _write_params(self, params: dict[str, Any]) -> None:
         raise NotImplementedError

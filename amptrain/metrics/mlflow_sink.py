@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from amptrain._imports import requires
 from amptrain.metrics.external import ExternalSink, run_config
+from amptrain.secrets import redact, url_secrets
 
 log = logging.getLogger("amptrain")
 
@@ -54,17 +55,28 @@ def is_file_store(uri: str) -> bool:
     return urlsplit(uri).scheme in ("", "file")
 
 
+# MLflow reads its HTTP client's limits from the environment at each request. Its defaults
+# (a 120 s timeout, 7 retries with backoff) hold a call for minutes on a dead or frozen server;
+# these hold it seconds, and the sink's background thread keeps even that off the training step.
+# MLflow's own "View run at URL" line would print the URL as given, password included; the sink
+# prints it redacted instead. The user's own settings of these variables win.
+CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}  # fmt: skip
+
+
 @contextlib.contextmanager
-def _file_store_allowed(active: bool) -> Iterator[None]:
-    """MLflow 3's opt-in for its folder store, set only while the sink's own calls run."""
-    if not active or os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
-        yield
-        return
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+def _client_env(file_store: bool) -> Iterator[None]:
+    """`CLIENT_ENV`, and MLflow 3's opt-in for its folder store, while the sink's calls run."""
+    wanted = {**CLIENT_ENV, **({"MLFLOW_ALLOW_FILE_STORE": "true"} if file_store else {})}
+    added = [name for name in wanted if name not in os.environ]
+    os.environ.update({name: wanted[name] for name in added})
     try:
         yield
     finally:
-        os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _artifacts(uri: str) -> str | None:
@@ -119,7 +131,7 @@ class MlflowSink(ExternalSink):
     ) -> None:
         requires("mlflow", "mlflow", "the MLflow sink", "use the run directory's metrics.jsonl")
         self.tracking_uri = tracking_uri or local_store("mlflow.db")
-        super().__init__(secrets=[urlsplit(self.tracking_uri).password or ""], required=required)
+        super().__init__(secrets=url_secrets(self.tracking_uri), required=required)
         self._file_store = is_file_store(self.tracking_uri)
         tags = {}
         if run_dir is not None:
@@ -136,7 +148,7 @@ class MlflowSink(ExternalSink):
     def _begin(self, experiment: str, run_name: str | None, tags: dict[str, str]) -> str:
         from mlflow.tracking import MlflowClient
 
-        with _file_store_allowed(self._file_store):
+        with _client_env(self._file_store):
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
@@ -146,7 +158,7 @@ class MlflowSink(ExternalSink):
         return run.info.run_id
 
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
-        with _file_store_allowed(self._file_store):
+        with _client_env(self._file_store):
             return super()._guard(what, fn, *args)
 
     def _write_params(self, params: dict[str, Any]) -> None:
@@ -170,3 +182,8 @@ class MlflowSink(ExternalSink):
 
     def _finish(self) -> None:
         self.client.set_terminated(self.run_id, "FINISHED")
+        if urlsplit(self.tracking_uri).scheme in ("http", "https"):
+            run = self.client.get_run(self.run_id)
+            where = redact(self.tracking_uri).rstrip("/")
+            log.info("MLflow run %s: %s/#/experiments/%s/runs/%s", run.info.run_name, where,
+                     run.info.experiment_id, self.run_id)  # fmt: skip

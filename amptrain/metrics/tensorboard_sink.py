@@ -79,16 +79,29 @@ class TensorBoardSink(ExternalSink):
         self._session_started = True
 
     def _write_numbers(self, numbers: dict[str, float], step: int) -> None:
+        self._check_folder()
         for name, value in numbers.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()  # TensorBoard reads the file while training runs
 
     def _write_texts(self, texts: dict[str, str], step: int) -> None:
+        self._check_folder()
         for name, value in texts.items():
             self.writer.add_text(name, value, step)
 
+    def _check_folder(self) -> None:
+        """Fail in the sink's guard when the log folder is gone.
+
+        TensorBoard's own writer thread would fail too, with a traceback of its own.
+        """
+        if not self.log_dir.is_dir():
+            raise FileNotFoundError(f"the log folder {self.log_dir} was removed")
+
     def _finish(self) -> None:
         from torch.utils.tensorboard.summary import hparams
+
+        if not self.log_dir.is_dir():
+            return  # nothing to end; writing would fail in TensorBoard's thread
 
         if self._session_started:
             self.writer.file_writer.add_summary(hparams({}, {})[2])  # status: success
