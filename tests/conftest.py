@@ -258,3 +258,15 @@ class HostReads:
     def _torch_optim_host_counter(tensor) -> bool:
         caller = sys._getframe(2).f_code.co_filename
         return tensor.device.type == "cpu" and tensor.dim() == 0 and "torch/optim/" in caller
+
+
+def word_tokenizer(path: Path, words: list[str]) -> Path:
+    """A word-level Hugging Face tokenizer.json of `words` (the first is the unknown token)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                                unk_token=words[0]))  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import word_tokenizer
 
 from amptrain import data
 from amptrain.errors import DataError
@@ -98,15 +99,7 @@ def test_batch_larger_than_data_is_refused():
 
 
 def test_tokenizer_json_encodes_the_text(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers
-
-    words = ["<unk>", "the", "quick", "brown", "fox"]
-    tok = tokenizers.Tokenizer(
-        models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
-    )
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
+    word_tokenizer(tmp_path / "tokenizer.json", ["<unk>", "the", "quick", "brown", "fox"])
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a.txt").write_text("the quick brown fox jumps " * 8)
     tokenizer = data.JsonTokenizer(tmp_path / "tokenizer.json")

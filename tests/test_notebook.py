@@ -47,9 +47,10 @@ def _install_cell(spec: str, cwd: Path, monkeypatch) -> list[str]:
     return asked
 
 
-def test_the_install_cell_installs_the_clone_it_sits_in(monkeypatch):
+def test_the_install_cell_installs_the_clone_it_sits_in(monkeypatch, capsys):
     root = NOTEBOOK.parents[1]
     assert _install_cell("", NOTEBOOK.parent, monkeypatch) == [f'%pip install -q "{root}[plot]"']
+    assert f"installing {root}[plot]" in capsys.readouterr().out  # says where it installs from
     url = "git+https://example.org/amptrain.git"
     assert _install_cell(url, Path("/"), monkeypatch) == [
         f'%pip install -q "amptrain[plot] @ {url}"'
@@ -76,6 +77,9 @@ def test_the_notebook_executes_top_to_bottom(tmp_path, monkeypatch):
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
     )
     assert "amptrain 0." in text and "precision" in text and "verdict:" in text
+    import amptrain
+
+    assert f"from {Path(amptrain.__file__).parent}" in text  # the cell says which amptrain ran
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]  # fmt: skip
     run_dir = tmp_path / "runs" / "quickstart"

@@ -197,8 +197,21 @@ def _checked(blocks: Blocks) -> Blocks:
     return blocks
 
 
-def split(blocks: Blocks, val_fraction: float, seed: int) -> tuple[Blocks, Blocks]:
-    """A seeded random split into train and validation blocks (at least one of each)."""
+def split(
+    blocks: object, val_fraction: float = 0.1, seed: int = 0, context: int | None = None
+) -> tuple[Blocks, Blocks]:
+    """A seeded random split into train and validation blocks (at least one of each).
+
+    `blocks` is anything `as_blocks` takes (`Blocks`, a `[N, T]` tensor, lists of ids, a dict
+    of `input_ids`; a 1-D stream with `context`).
+
+    Raises:
+        ValueError: For a `val_fraction` outside (0, 1).
+        DataError: For fewer than 2 blocks.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction!r} must be between 0 and 1 (e.g. 0.1)")
+    blocks = as_blocks(blocks, context)
     n = len(blocks)
     if n < 2:
         raise DataError(f"{blocks.name} has {n} block; need at least 2 to split off validation")

@@ -57,7 +57,7 @@ def text_files(source: str | Path) -> list[Path]:
 def load(
     source: str | Path | None,
     context: int,
-    tokenizer: ByteTokenizer | JsonTokenizer | None = None,
+    tokenizer: ByteTokenizer | JsonTokenizer | str | Path | None = None,
     text_field: str = "text",
     data_dtype: str = "uint16",
 ) -> Blocks:
@@ -66,13 +66,16 @@ def load(
     Args:
         source: `"builtin"`, a file in a supported format (see `formats.SUPPORTED`), or a folder.
         context: Tokens per block.
-        tokenizer: Defaults to UTF-8 bytes; not used for a `.bin` token file.
+        tokenizer: A tokenizer, or the path of a `tokenizer.json` (or of the folder holding
+            it); default UTF-8 bytes. Not used for a `.bin` token file.
         text_field: The field of JSONL/JSON/CSV/TSV/Parquet/`datasets` records that holds text.
         data_dtype: `uint16` or `uint32`, the ids of a header-less `.bin` token file.
 
     Raises:
         DataError: For a file in no supported format, a missing text field, or too few tokens.
     """
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = JsonTokenizer(tokenizer)
     tokenizer = tokenizer or ByteTokenizer()
     if source is None or str(source) == "builtin":
         files, name = [formats.DataFile(f, "text") for f in builtin_corpus_files()], None
