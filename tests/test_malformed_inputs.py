@@ -34,6 +34,10 @@ CASES = {
                               ["--data", "deep.jsonl"], "nested deeper than Python reads"),
     "json nested too deep": ({"deep.json": "[" * 100_000 + "]" * 100_000},
                              ["--data", "deep.json"], "nested deeper than Python reads"),
+    "parquet damaged": ({"bad.parquet": "PAR1" + "x" * 3000 + "PAR1"}, ["--data", "bad.parquet"],
+                        "bad.parquet is not a readable Parquet file"),
+    "csv in latin-1": ({"latin.csv": ("text\n" + "un café crème\n" * 300).encode("latin-1")},
+                       ["--data", "latin.csv"], "latin.csv is not UTF-8 (byte 0xe9"),
 }  # fmt: skip
 
 
@@ -44,6 +48,8 @@ def test_malformed_input_is_one_line_and_no_run(case, tmp_path, corpus, monkeypa
     for name, text in files.items():
         if text is None:  # bytes that are not UTF-8 on line 2
             (tmp_path / name).write_bytes(b'{"text": "ok"}\n{"text": "bad \xff\xfe"}\n' * 50)
+        elif isinstance(text, bytes):
+            (tmp_path / name).write_bytes(text)
         else:
             (tmp_path / name).write_text(text)
     out = tmp_path / "runs"
@@ -115,3 +121,88 @@ def test_a_checkpoint_file_holding_the_wrong_thing_is_one_line(tmp_path, corpus,
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("amptrain:")]
     assert len(said) == 1 and "scaler.pt holds a Tensor" in said[0] and "Traceback" not in err
+
+
+def _one_line(code: int, err: str) -> str:
+    said = [line for line in err.splitlines() if line.startswith("amptrain:")]
+    assert code == 2 and len(said) == 1 and "Traceback" not in err, err
+    return " ".join(err.split())
+
+
+def test_text_that_is_not_utf8_is_refused_with_a_tokenizer_not_replaced(tmp_path, capsys):
+    from conftest import word_tokenizer
+
+    word_tokenizer(tmp_path / "tok.json", ["<unk>", "un", "café"])
+    (tmp_path / "latin.txt").write_bytes("un café crème\n".encode("latin-1") * 300)
+    args = ["train", "--data", str(tmp_path / "latin.txt"), "--tokenizer",
+            str(tmp_path / "tok.json"), *TINY, "--out", str(tmp_path / "runs")]  # fmt: skip
+    said = _one_line(main(args), capsys.readouterr().err)
+    assert "latin.txt is not UTF-8 at byte 6 (byte 0xe9" in said
+
+
+def test_an_arrow_file_cut_short_is_one_line_naming_it(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    table = pa.table({"text": [f"line {i} of a long corpus" for i in range(20_000)]})
+    with (
+        pa.OSFile(str(tmp_path / "whole.arrow"), "wb") as sink,
+        pa.ipc.new_file(sink, table.schema) as writer,
+    ):
+        writer.write_table(table, max_chunksize=1000)
+    whole = (tmp_path / "whole.arrow").read_bytes()
+    (tmp_path / "cut.arrow").write_bytes(whole[: len(whole) // 2])
+    args = ["train", "--data", str(tmp_path / "cut.arrow"), *TINY, "--out", str(tmp_path / "runs")]
+    said = _one_line(main(args), capsys.readouterr().err)
+    assert "cut.arrow is not a readable Arrow file" in said
+
+
+def test_an_empty_file_in_a_data_folder_is_skipped_and_said(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("text\n" + "the quick brown fox\n" * 300)
+    (tmp_path / "data" / "empty.csv").write_text("")
+    args = ["train", "--data", str(tmp_path / "data"), *TINY, "--out", str(tmp_path / "runs")]
+    assert main(args) == 0
+    unwrapped = "".join(capsys.readouterr().err.split())  # the console wraps long paths
+    assert f"skipped{tmp_path / 'data' / 'empty.csv'}:empty" in unwrapped
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=64)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+HF_CASES = {
+    "a size as text": ({"hidden_size": "32"}, "config.json: hidden_size is '32'; it must be"),
+    "a negative depth": ({"num_hidden_layers": -1}, "num_hidden_layers is -1"),
+    "a vocabulary the weights lack": (
+        {"vocab_size": 300}, "makes model.embed_tokens.weight [300, 32], but model.safetensors "
+        "holds [256, 32]: the config and the weights disagree"),
+    "another field of the wrong type": ({"rms_norm_eps": "small"},
+                                        "config.json is not a config transformers reads"),
+    "a list": (["a list"], "config.json holds a JSON list, not an object"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_a_hugging_face_config_json_that_is_wrong_is_one_line(case, hf_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    edit, expected = HF_CASES[case]
+    model = tmp_path / "model"
+    shutil.copytree(hf_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **edit} if isinstance(edit, dict)
+                                                  else edit))  # fmt: skip
+    args = ["train", "--model", str(model), "--context", "16", "--batch-size", "4",
+            "--max-steps", "1", "--no-progress", "--out", str(tmp_path / "runs")]  # fmt: skip
+    said = _one_line(main(args), capsys.readouterr().err)
+    assert expected in said and str(model) in said
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())

@@ -164,7 +164,7 @@ def _folder(path: Path) -> list[DataFile]:
     for p, why in skipped[:10]:
         log.info("skipped %s: %s", p, why)
     if len(skipped) > 10:
-        log.info("skipped %d more files under %s that are not text", len(skipped) - 10, path)
+        log.info("skipped %d more files under %s that cannot be read", len(skipped) - 10, path)
     if not found:
         raise DataError(f"no text files under {path} ({len(skipped)} skipped); it reads "
                         f"{SUPPORTED}")  # fmt: skip
@@ -172,10 +172,12 @@ def _folder(path: Path) -> list[DataFile]:
 
 
 def _not_in_folder(p: Path, root: Path) -> str | None:
-    """Why a folder's file is skipped: not readable, a token file, or part of a datasets folder."""
+    """Why a folder's file is skipped: empty, unreadable, a token file, in a datasets folder."""
     inside = next((d for d in p.parents if d != root and is_dataset_folder(d)), None)
     if inside is not None and root in inside.parents:
         return f"part of the datasets folder {inside}: pass that folder alone as --data"
+    if p.stat().st_size == 0:
+        return "empty"
     kind = kind_of(p)
     if kind == "tokens" and not compressed(p):
         return "a token file: pass it alone as --data"

@@ -10,6 +10,7 @@ use JSONL for large data). Parquet needs the `data` extra (pyarrow), a `save_to_
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import json
@@ -34,12 +35,32 @@ def pieces(file: DataFile, text_field: str, raw: bool) -> Iterator[str | bytes]:
 
 
 def _text(path: Path, raw: bool) -> Iterator[str | bytes]:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    """Byte pieces (`raw`: byte tokens take any bytes), else UTF-8 text, never replaced."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
     with open_binary(path) as f:
         while chunk := f.read(PIECE):
-            yield chunk if raw else decoder.decode(chunk)
+            if raw:
+                yield chunk
+                continue
+            try:
+                yield decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise not_utf8(path, f"byte {offset + exc.start}", exc) from None
+            offset += len(chunk)
     if not raw:
-        yield decoder.decode(b"", final=True)
+        try:
+            yield decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise not_utf8(path, "its end", exc) from None
+
+
+def not_utf8(path: Path, where: str | None, exc: UnicodeDecodeError) -> DataError:
+    """The error for text that is not UTF-8: the file, where, the byte; never replaced."""
+    byte = exc.object[exc.start : exc.start + 1].hex()
+    at = f" at {where}" if where else ""
+    return DataError(f"{path} is not UTF-8{at} (byte 0x{byte}: {exc.reason}); save the file "
+                     "as UTF-8 (e.g. iconv -f latin1 -t utf-8)")  # fmt: skip
 
 
 def _joined(texts: Iterable[str]) -> Iterator[str]:
@@ -129,13 +150,16 @@ def _csv(path: Path, field: str) -> Iterator[str]:
     delimiter = "\t" if path.name.lower().endswith((".tsv", ".tsv.gz")) else ","
     binary = open_binary(path)
     # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first field's name.
-    with io.TextIOWrapper(binary, encoding="utf-8-sig", errors="replace", newline="") as f:
+    with io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        if field not in (reader.fieldnames or []):
-            raise missing_field(path, field, reader.fieldnames or [], " (header)")
-        for row in reader:
-            if row[field]:
-                yield row[field]
+        try:
+            if field not in (reader.fieldnames or []):
+                raise missing_field(path, field, reader.fieldnames or [], " (header)")
+            for row in reader:
+                if row[field]:
+                    yield row[field]
+        except UnicodeDecodeError as exc:  # a latin-1 export, say: refused, not replaced
+            raise not_utf8(path, None, exc) from None
 
 
 def _parquet(path: Path, field: str) -> Iterator[str]:
@@ -144,12 +168,28 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
     requires("pyarrow", "data", f"--data {path}", "convert it to JSONL")
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    if field not in names:
-        raise missing_field(path, field, names)
-    for batch in parquet.iter_batches(batch_size=4096, columns=[field]):
-        yield from _strings(batch.column(0).to_pylist(), path, field)
+    with _unreadable(path, "Parquet file"):
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        if field not in names:
+            raise missing_field(path, field, names)
+        for batch in parquet.iter_batches(batch_size=4096, columns=[field]):
+            yield from _strings(batch.column(0).to_pylist(), path, field)
+
+
+@contextlib.contextmanager
+def _unreadable(path: Path, what: str) -> Iterator[None]:
+    """A damaged file's error from pyarrow or datasets, as one line naming the file."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path} is not a readable {what} ({reason}): it is damaged or cut "
+                        "short; write it again, or leave it out of --data") from None  # fmt: skip
 
 
 def _arrow(path: Path, field: str) -> Iterator[str]:
@@ -159,7 +199,7 @@ def _arrow(path: Path, field: str) -> Iterator[str]:
     requires("pyarrow", "data", f"--data {path}", "convert it to JSONL")
     import pyarrow as pa
 
-    with pa.memory_map(str(path)) as source:
+    with _unreadable(path, "Arrow file"), pa.memory_map(str(path)) as source:
         is_file = source.read(6) == b"ARROW1"
         source.seek(0)
         reader = pa.ipc.open_file(source) if is_file else pa.ipc.open_stream(source)
@@ -189,7 +229,8 @@ def _datasets(path: Path, field: str) -> Iterator[str]:
     requires("datasets", "data", f"--data {path} (a save_to_disk folder)")
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    with _unreadable(path, "datasets folder"):
+        loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         splits = sorted(loaded)
         if "train" not in loaded and len(splits) != 1:

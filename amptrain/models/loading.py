@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from amptrain.errors import ModelError, weights_only_refusal
-from amptrain.models import trust
+from amptrain.models import hf_config, trust
 from amptrain.models.construct import call_constructor
 from amptrain.models.provenance import base_source
 from amptrain.models.tiny_gpt import GPTConfig, TinyGPT
@@ -147,15 +147,19 @@ def _load_hf(path: Path) -> nn.Module:
         raise ModelError(f"{path} has no config.json, so it is not a Hugging Face model directory")
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            config = hf_config.read_config(path)
+            hf_config.check_weight_shapes(path, config)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config,
+                                                         local_files_only=True)  # fmt: skip
         # transformers 5 loads a checkpoint in its own dtype (bf16, often): amptrain keeps fp32
         # master weights and lowers the compute with autocast, so the weights become fp32.
         return model.float()
     except pickle.UnpicklingError as exc:  # refused by weights_only; never retried unsafely
         weights = sorted(p.name for p in path.glob("*.bin")) or ["its weights"]
         raise ModelError(weights_only_refusal(path / weights[0], exc)) from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"loading the Hugging Face model in {path} failed: {exc}") from exc
+    except (OSError, ValueError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ModelError(f"loading the Hugging Face model in {path} failed: {reason}") from None
 
 
 def _hf_architecture(path: Path) -> nn.Module:
@@ -163,12 +167,11 @@ def _hf_architecture(path: Path) -> nn.Module:
     from amptrain._imports import requires
 
     requires("transformers", "hf", f"the Hugging Face export {path}")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     try:
         with quiet_transformers():
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(hf_config.read_config(path))
     except (OSError, ValueError) as exc:
         raise ModelError(f"the Hugging Face export {path} cannot be used: {exc}") from None
 
