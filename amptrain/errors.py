@@ -74,6 +74,18 @@ class Interrupted(AmptrainError):
         super().__init__(f"stopped by {name} after step {step}; {where}")
 
 
+class Stopped(AmptrainError):
+    """A command other than training stopped on SIGINT or SIGTERM; `kept` says what remains."""
+
+    checkpoint = None
+
+    def __init__(self, signum: int, kept: str) -> None:
+        import signal
+
+        self.signum, self.exit_code = signum, 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}; {kept}")
+
+
 def weights_only_refusal(path: str | Path, exc: BaseException) -> str:
     """Why a weights-only load refused `path`, in our words.
 

@@ -109,7 +109,7 @@ def run_child(argv: list[str]) -> int:
     SIGTERM when this process dies however it dies (SIGKILL included), so no worker trains on
     as an orphan beside a later resume.
     """
-    ends = functools.partial(_end_with_parent, os.getpid()) if sys.platform == "linux" else None
+    ends = functools.partial(end_with_parent, os.getpid()) if sys.platform == "linux" else None
     child = subprocess.Popen(argv, preexec_fn=ends)
     received: list[int] = []
 
@@ -126,7 +126,8 @@ def run_child(argv: list[str]) -> int:
     return 128 + received[0] if received else code
 
 
-def _end_with_parent(parent: int) -> None:  # in the child, before exec
+def end_with_parent(parent: int) -> None:
+    """In a child of `parent` (Linux): get SIGTERM when `parent` dies, however it dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the call: act as if told

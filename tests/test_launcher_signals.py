@@ -9,43 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from processes import alive, descendants
 
 ARGS = ["--nproc", "2", "--device", "cpu", "--layers", "1", "--width", "16", "--heads", "2",
         "--context", "16", "--batch-size", "4", "--precision", "fp32", "--no-progress",
         "--checkpoint-every", "5", "--max-steps", "5000", "--no-compile"]  # fmt: skip
-
-
-def _descendants(pid: int) -> set[int]:
-    """The live processes below `pid` (Linux; torch's launcher puts its workers in sessions
-    of their own)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":  # zombies are gone
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found |= frontier
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    out = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            out.add(pid)
-    return out
 
 
 @pytest.mark.slow
@@ -64,16 +34,16 @@ def test_a_signal_to_the_launcher_stops_every_worker_with_a_checkpoint(
         deadline = time.time() + 120
         while time.time() < deadline and not list(tmp_path.glob("runs/*/checkpoints/step-*")):
             time.sleep(0.2)
-        below = _descendants(launcher.pid)
+        below = descendants(launcher.pid)
         assert len(below) >= 3  # torch's agent and two workers
         os.kill(launcher.pid, sent)
         assert launcher.wait(timeout=60) == code
         deadline = time.time() + 60
-        while time.time() < deadline and _alive(below):
+        while time.time() < deadline and alive(below):
             time.sleep(0.2)
-        assert _alive(below) == set()  # no orphan trains on
+        assert alive(below) == set()  # no orphan trains on
     finally:
-        for pid in _alive(below | _descendants(launcher.pid)):
+        for pid in alive(below | descendants(launcher.pid)):
             os.kill(pid, signal.SIGKILL)
     said = (tmp_path / "log.txt").read_text()
     assert "amptrain: stopped by SIGTERM after step" in said and "checkpoint saved" in said

@@ -57,7 +57,6 @@ def test_four_workers_finish_exactly_forty_trials(pg_server, pg_url, train_val, 
     assert sorted(numbers) == list(range(40)) and result.n_trials == 40
     assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") and counted(t) for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 4
-    assert not [r for r in caplog.records if "worker processes exited" in r.getMessage()]
     _no_lock_trouble(pg_server)
 
 

@@ -140,6 +140,11 @@ def test_a_damaged_journal_is_named_with_its_line_and_how_to_recover(tmp_path, c
     assert f"search journal {path} is damaged at line 3 (JSONDecodeError" in line
     assert f"head -n 2 {path} > {path}.fixed" in line and "Traceback" not in err
     assert path.read_bytes() == before and not out.exists()
+    record = json.loads(lines[1])
+    path.write_bytes(b"".join([*lines[:2], json.dumps({**record, "op_code": 99}).encode() + b"\n",
+                               *lines[2:]]))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"damaged at line 3 .*op_code 99 is none of optuna's"):
+        open_journal(path)  # optuna's replay would stop at an AssertionError
     path.write_bytes(b"not a journal at all")  # another file given by mistake: never cut
     with pytest.raises(ConfigError, match="damaged at line 1 .*not a journal record"):
         open_journal(path)

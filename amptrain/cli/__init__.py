@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from amptrain.cli import bench, compare, demo, doctor, generate, search, train
 from amptrain.cli import eval as eval_command
 from amptrain.cli.common import quiet_libraries, read_config
-from amptrain.errors import AmptrainError, Interrupted
+from amptrain.errors import AmptrainError, Interrupted, Stopped
 
 COMMANDS = (train, bench, doctor, compare, search, eval_command, generate, demo)
 
@@ -80,7 +80,7 @@ def _run(argv: Sequence[str] | None) -> int:
         args.argv = argv
         with quiet_libraries(args.verbose), _trusting(getattr(args, "trust_model_code", False)):
             return args.func(args)
-    except Interrupted as exc:
+    except (Interrupted, Stopped) as exc:
         out = getattr(args, "out", None) or "runs"
         hint = f"; resume with: amptrain train --resume auto --out {out}" if exc.checkpoint else ""
         _say(f"amptrain: {exc}{hint}")

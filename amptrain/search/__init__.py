@@ -33,7 +33,7 @@ from typing import Any
 
 from amptrain.config import SEARCH_BUDGET_STEPS as DEFAULT_BUDGET_STEPS
 from amptrain.config import FitOptions, TrainConfig
-from amptrain.errors import ConfigError
+from amptrain.errors import ConfigError, EnvironmentFailure
 from amptrain.search import space as search_space
 from amptrain.search.setup import command_space, open_run
 from amptrain.search.study import (
@@ -52,9 +52,10 @@ from amptrain.search.study import (
     open_study,
     optimize_trials,
     redact,
-    spawn_workers,
+    storage_failures,
     study_settings,
 )
+from amptrain.search.workers import spawn_workers
 
 __all__ = [
     "OBJECTIVES", "PRUNERS", "SearchResult", "TrialRecord", "command_space", "open_run", "redact",
@@ -328,15 +329,23 @@ def _execute(job: SearchJob, workers: int, baseline: bool, progress: bool) -> Se
              redact(job.storage or "memory"), max(remaining, 0), job.n_trials)  # fmt: skip
     bar = SearchProgress(job.n_trials, enabled=progress)
     tick = lambda *_: bar.update(count_trials(study), best_trial_value(study))  # noqa: E731
+    failed = None
     try:
-        if remaining > 0 and workers == 1:
-            optimize_trials(study, job, remaining, [tick])
-        elif remaining > 0:
-            spawn_workers(job, remaining, workers, tick)
+        with storage_failures(job):  # the progress bar reads the study too
+            if remaining > 0 and workers == 1:
+                optimize_trials(study, job, remaining, [tick])
+            elif remaining > 0:
+                failed = spawn_workers(job, remaining, workers, tick)
+            short = job.n_trials - count_trials(study)
     finally:
         bar.close()
-    short = job.n_trials - count_trials(study)
-    if short > 0:
+    if failed and short > 0:
+        raise EnvironmentFailure(f"{failed}; {short} of {job.n_trials} trials are not done: run "
+                                 "the same command again to finish them (the study keeps every "
+                                 "finished trial)")  # fmt: skip
+    if failed:
+        log.warning("%s; the other workers completed the study", failed)
+    elif short > 0:
         log.warning("%d trial(s) short of %d; run the search again to finish them", short,
                     job.n_trials)  # fmt: skip
     return _result(study, job)

@@ -48,7 +48,7 @@ def open_journal(path: str | Path) -> Any:
         lock.release()
     try:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
-    except ValueError as exc:  # a record that parses but that optuna cannot replay
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:  # one optuna cannot replay
         raise ConfigError(f"{_damaged(path, None, exc)}; {_recover(path, None)}") from None
 
 
@@ -61,10 +61,14 @@ def repair(path: Path) -> None:
     data = path.read_bytes()
     whole, _, tail = data.rpartition(b"\n")
     whole = whole + b"\n" if whole or data.startswith(b"\n") else b""
+    operations = _operations()
     for number, line in enumerate(whole.splitlines(), start=1):
         try:
-            json.loads(line)
-        except ValueError as exc:
+            record = json.loads(line)
+            if not isinstance(record, dict) or record.get("op_code") not in operations:
+                code = record.get("op_code") if isinstance(record, dict) else None
+                raise ValueError(f"op_code {code!r} is none of optuna's {sorted(operations)}")
+        except (ValueError, RecursionError) as exc:
             raise ConfigError(f"{_damaged(path, number, exc)}; {_recover(path, number)}") from None
     if not tail:
         return
@@ -81,6 +85,15 @@ def repair(path: Path) -> None:
         "off, keeping the %d whole records (the file as it was: %s)",
         path, len(tail), whole.count(b"\n"), backup,
     )  # fmt: skip
+
+
+def _operations() -> set[int]:
+    """The operation codes of optuna's journal records (optuna 4.0-5.1 have these eleven)."""
+    try:  # optuna's own list where it still has it, else the one of the versions we know
+        from optuna.storages.journal._storage import JournalOperation
+    except ImportError:
+        return set(range(11))
+    return {int(op) for op in JournalOperation}
 
 
 def _damaged(path: Path, line: int | None, exc: Exception) -> str:

@@ -18,12 +18,12 @@ import re
 import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from amptrain import config
 from amptrain.config import SEARCH_PRUNERS
-from amptrain.errors import ConfigError
+from amptrain.errors import ConfigError, EnvironmentFailure
 from amptrain.runs import private_file
 from amptrain.search import space as search_space
 from amptrain.search.journal import open_journal
@@ -251,55 +251,40 @@ def best_trial_value(study: Any) -> float | None:
 
 
 def optimize_trials(study: Any, job: SearchJob, n: int, callbacks: Sequence[Callable]) -> None:
-    """Run up to `n` trials in this process, stopping once the study holds enough."""
+    """Run up to `n` trials in this process, stopping once the study holds enough.
+
+    Raises:
+        EnvironmentFailure: When the study's storage fails mid-search (a database server
+            gone), in one line naming it, password hidden; the trials it holds are kept.
+    """
 
     def stop_when_done(study: Any, trial: Any) -> None:
         if count_trials(study) >= job.n_trials:  # other processes may have finished the study
             study.stop()
 
-    study.optimize(lambda trial: run_trial(trial, job), n_trials=n, catch=job.catch,
-                   callbacks=[stop_when_done, *callbacks])  # fmt: skip
+    with storage_failures(job):
+        study.optimize(lambda trial: run_trial(trial, job), n_trials=n, catch=job.catch,
+                       callbacks=[stop_when_done, *callbacks])  # fmt: skip
 
 
-def spawn_workers(job: SearchJob, n: int, workers: int, tick: Callable[[], None]) -> None:
-    """Run `n` trials in `workers` fresh processes on the study, while this one shows progress."""
-    import multiprocessing
-
+@contextlib.contextmanager
+def storage_failures(job: SearchJob) -> Iterator[None]:
+    """The storage's own errors during a search as `EnvironmentFailure`, in one line."""
     import optuna
-    import torch
 
-    # spawn, not fork: a forked child would inherit torch's thread pools and the study's locks.
-    ctx = multiprocessing.get_context("spawn")
-    threads = max(1, torch.get_num_threads() // workers)
-    shares = [n // workers + (i < n % workers) for i in range(workers)]
-    verbosity = optuna.logging.get_verbosity()
-    procs = [ctx.Process(target=_worker, args=(job, share, i + 1, threads, verbosity))
-             for i, share in enumerate(shares) if share]  # fmt: skip
-    for proc in procs:
-        proc.start()
+    failures: tuple[type[BaseException], ...] = (optuna.exceptions.StorageInternalError,)
+    with contextlib.suppress(ImportError):
+        from sqlalchemy.exc import SQLAlchemyError
+
+        failures += (SQLAlchemyError,)
     try:
-        while any(p.is_alive() for p in procs):
-            tick()
-            time.sleep(0.5)
-    except BaseException:
-        for proc in procs:  # their trials stay RUNNING; a resumed study fails and replaces them
-            proc.terminate()
-        raise
-    finally:
-        for proc in procs:
-            proc.join()
-    tick()
-    failed = [p.exitcode for p in procs if p.exitcode]
-    if failed:
-        log.warning("%d of %d worker processes exited with an error (codes %s)", len(failed),
-                    len(procs), failed)  # fmt: skip
-
-
-def _worker(job: SearchJob, n: int, index: int, threads: int, verbosity: int) -> None:
-    import optuna
-    import torch
-
-    torch.set_num_threads(threads)  # the workers share the cores
-    optuna.logging.set_verbosity(verbosity)
-    with contextlib.suppress(KeyboardInterrupt):  # the trial is already marked interrupted
-        optimize_trials(open_study(job, worker=index), job, n, [])
+        yield
+    except failures as exc:
+        where = redact(job.storage or "memory")
+        exc = exc.__cause__ or exc  # optuna's wrapper guesses; the driver's error says
+        text = re.sub(r"\(Background on this error at:[^)]*\)", "", str(exc))
+        text = " ".join(scrub(text, url_secrets(job.storage or "")).split())[:300]
+        raise EnvironmentFailure(
+            f"the study storage {where} failed during the search ({type(exc).__name__}: "
+            f"{text}); the trials it holds are kept: run the same command again when it answers"
+        ) from None
