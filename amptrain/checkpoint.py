@@ -23,6 +23,8 @@ import os
 import pickle
 import re
 import shutil
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -364,13 +366,37 @@ def _trainer_json(path: Path) -> dict[str, Any]:
 def safe_torch_load(path: Path) -> Any:
     """`torch.load` with `weights_only=True`: tensors and plain containers only, never code."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # said in the refusal below, if the load fails
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if re.search(r"unsupported (global|class)", str(exc), flags=re.IGNORECASE):
             raise CheckpointError(weights_only_refusal(path, exc)) from None
+        protocol = _pickle_protocol(path)
+        if protocol is not None and protocol > 3:
+            raise CheckpointError(
+                f"cannot read {path}: it was saved with pickle protocol {protocol}, which "
+                "torch's safe loader (weights_only) does not read; save it again with "
+                "torch.save's default protocol, or as safetensors"
+            ) from None
         raise CheckpointError(_unreadable(path, exc)) from None
     except Exception as exc:  # noqa: BLE001 - garbage bytes fail anywhere in the unpickler
         raise CheckpointError(_unreadable(path, exc)) from None
+
+
+def _pickle_protocol(path: Path) -> int | None:
+    """The pickle protocol of a torch.save file (zip or legacy) or a plain pickle, if known."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                head = archive.open(name).read(2)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(2)
+    except (OSError, StopIteration, zipfile.BadZipFile):
+        return None
+    return head[1] if len(head) == 2 and head[0] == 0x80 else None  # PROTO opcode
 
 
 def _unreadable(path: Path, exc: BaseException) -> str:

@@ -206,3 +206,17 @@ def test_a_hugging_face_config_json_that_is_wrong_is_one_line(case, hf_dir, tmp_
     said = _one_line(main(args), capsys.readouterr().err)
     assert expected in said and str(model) in said
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_weights_pickled_with_a_newer_protocol_are_one_line_without_torch_warning(
+    protocol, tmp_path, capsys
+):
+    import torch
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt", pickle_protocol=protocol)
+    args = ["train", "--init-from", str(tmp_path / "w.pt"), *TINY, "--out", str(tmp_path / "r")]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert f"saved with pickle protocol {protocol}" in _one_line(code, err)
+    assert "UserWarning" not in err  # torch's two-line warning is kept off the console

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -216,6 +217,12 @@ def test_a_required_run_that_cannot_start_is_refused(wandb_env, amptrain_log, mo
     with pytest.raises(TrackerError, match=r"within 0.01 s"):  # offline start takes longer
         WandbSink("p", init_timeout=0.01, dir=str(wandb_env), required=True)
     assert amptrain_log.warnings() == []  # refused, not warned
+    deadline = time.monotonic() + 60  # the late starts end in the background, then clean up
+    while time.monotonic() < deadline and any(
+        t.name == "amptrain-wandb" for t in threading.enumerate()
+    ):
+        time.sleep(0.1)
+    assert not (wandb_env / "wandb").exists()  # nothing left of runs that never trained
 
 
 def test_init_timeout_costs_one_warning(wandb_env, amptrain_log):

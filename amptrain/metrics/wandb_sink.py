@@ -19,8 +19,11 @@ asks for, stores or prints it, and any message it writes has the key replaced by
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Mapping
@@ -146,7 +149,8 @@ class WandbSink:
         self._own_run = run is None
         self._log_timeout, self._finish_timeout = log_timeout, finish_timeout
         self._lock = threading.Lock()
-        self._warned = self._disabled = self._closed = False
+        self._warned = self._disabled = self._closed = self._refused = False
+        self._files, self._before = Path("wandb"), None
         self._busy: tuple[str, float, float] | None = None  # (what, since, allowed seconds)
         self._texts: dict[str, Any] = {}
         self._queue: queue.Queue = queue.Queue()
@@ -165,6 +169,9 @@ class WandbSink:
             if init_kwargs.get("dir"):  # W&B falls back to a temporary folder if it is missing
                 Path(init_kwargs["dir"]).mkdir(parents=True, exist_ok=True)
             kwargs = {"reinit": "create_new", **init_kwargs}  # a sink owns its run
+            root = init_kwargs.get("dir") or os.environ.get("WANDB_DIR") or "."
+            self._files = Path(root) / "wandb"  # what a refused start removes again
+            self._before = set(self._files.iterdir()) if self._files.is_dir() else None
             done = threading.Event()
             self._call("init", init_timeout, self._init, wandb, project, values, mode, settings,
                        kwargs, done)  # fmt: skip
@@ -268,9 +275,23 @@ class WandbSink:
             self._fail("init", message)
             return
         with self._lock:  # refused, not warned: a late init is ended by the worker, silently
-            self._disabled = self._warned = self._closed = True
+            self._disabled = self._warned = self._closed = self._refused = True
         self._queue.put(_STOP)
+        self._remove_files()
         raise TrackerError(f"{scrub(message)}; {START_FIX}")
+
+    def _remove_files(self) -> None:
+        """Remove what W&B wrote for a refused start: nothing is left of a run never trained."""
+        if not self._files.is_dir():
+            return
+        for entry in set(self._files.iterdir()) - (self._before or set()):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if self._before is None:
+            with contextlib.suppress(OSError):
+                self._files.rmdir()  # W&B's folder, made for this run alone
 
     def _init(self, wandb: Any, project, values, mode, settings, kwargs, done) -> None:
         try:
@@ -279,10 +300,14 @@ class WandbSink:
         except Exception as exc:  # bad key, no network, W&B's own timeout...
             self._start_error = f"W&B init failed ({type(exc).__name__}: {exc})"
             done.set()
+            if self._refused:
+                self._remove_files()
             return
         if self._disabled:  # it came up after our timeout: end it rather than leave it open
             done.set()
             run.finish()
+            if self._refused:
+                self._remove_files()
             return
         self.run = run
         done.set()
