@@ -8,11 +8,12 @@ for a Hugging Face model (see `runs.hf_export`) and, with the `plot` extra, `los
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,7 +25,7 @@ from amptrain import checkpoint, data, distributed, sharding
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.adapter import probe_vocab
 from amptrain.config import TrainConfig
-from amptrain.errors import AmptrainError, ConfigError, DataError, Interrupted
+from amptrain.errors import AmptrainError, ConfigError, DataError, Interrupted, Stopped
 from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
 from amptrain.metrics import tracking
@@ -57,6 +58,7 @@ from amptrain.runs import (
 from amptrain.runs.hf_export import export_hf, is_hf_model
 from amptrain.runs.lock import RunInUseError, RunLock
 from amptrain.runs.lock import acquire as acquire_run_lock
+from amptrain.runs.run_sinks import FastPathRecord, RunDirectoryWatch, record_fast_path
 
 log = logging.getLogger("amptrain")
 
@@ -277,6 +279,38 @@ def run_training(
     Raises:
         Interrupted: After SIGINT/SIGTERM, once the checkpoint is saved.
     """
+    early = _BeforeTraining(new=resume is None)
+    with deferred_signals(early):
+        return _train(cfg, sinks, trackers, command, resume, given, allow_new_scaler, early)
+
+
+class _BeforeTraining:
+    """SIGINT/SIGTERM before training: stop at once, leaving nothing of a new run.
+
+    Once training is over (`done`), signals are kept in `received` for the export to decide.
+    """
+
+    def __init__(self, new: bool) -> None:
+        self.new, self.done, self.received = new, False, []
+
+    def __call__(self, signum: int) -> None:
+        if self.done:
+            self.received.append(signum)
+            return
+        kept = "the new run directory is removed" if self.new else "the run is as it was"
+        raise Stopped(signum, f"nothing had trained; {kept}")
+
+
+def _train(
+    cfg: TrainConfig,
+    sinks: list[Sink] | None,
+    trackers: tracking.Start | None,
+    command: str,
+    resume: str | None,
+    given: dict[str, Any] | None,
+    allow_new_scaler: bool,
+    early: _BeforeTraining,
+) -> TrainRun:
     main = distributed.is_main()
 
     def start(run_dir: Path, created: bool) -> list[Sink]:  # requested trackers, or a refusal
@@ -310,8 +344,9 @@ def run_training(
                                      "precision_reason": precision.reason})  # fmt: skip
         files: list[Sink] = []
         if main:  # only rank 0 writes files
-            files = [JsonlSink(run_dir / "metrics.jsonl"), CsvSink(run_dir / "metrics.csv"),
-                     _FastPathRecord(run_dir / "config.json")]  # fmt: skip
+            files = [RunDirectoryWatch(run_dir), JsonlSink(run_dir / "metrics.jsonl"),
+                     CsvSink(run_dir / "metrics.csv"),
+                     FastPathRecord(run_dir / "config.json")]  # fmt: skip
         result = fit(
             model, train, val, precision=precision, sinks=[*files, *sinks],
             source=cfg.model, checkpoint_dir=run_dir / "checkpoints", resume=ckpt,
@@ -320,22 +355,26 @@ def run_training(
                              "max_steps": cfg.fit.max_steps, "data_sha256": data_digest(cfg)},
             **dataclasses.asdict(cfg.fit),
         )  # fmt: skip
+        early.done = True  # a signal now skips the plot; the run is checkpointed already
+        received = early.received
         weights = sharding.full_state_dict(model)  # gathered from the shards (collective)
         if not main:
             return TrainRun(result, run_dir, model, train, val)
-        received: list[int] = []  # a signal now skips the plot; the run is checkpointed already
-        with deferred_signals(received.append):
-            _record_fast_path(run_dir / "config.json", result.fast_path)
-            atomic_safetensors_save(weights, run_dir / WEIGHTS)
-            if is_hf_model(model):
-                _export(model, run_dir, tokenizer_file(cfg))
-            atomic_write_json(run_dir / "summary.json", summary(result, cfg, model, sinks))
-            if not received:
-                _plot(result, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
+        record_fast_path(run_dir / "config.json", result.fast_path)
+        atomic_safetensors_save(weights, run_dir / WEIGHTS)
+        if is_hf_model(model):
+            _export(model, run_dir, tokenizer_file(cfg))
+        atomic_write_json(run_dir / "summary.json", summary(result, cfg, model, sinks))
+        if not received:
+            _plot(result, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
         if received:
             newest = checkpoint.latest(run_dir / "checkpoints")
             raise Interrupted(received[0], result.steps, newest)
         return TrainRun(result, run_dir, model, train, val)
+    except Stopped:
+        if resume is None and main and checkpoint.latest(run.run_dir / "checkpoints") is None:
+            _remove_new_run(run.run_dir, started)
+        raise
     finally:
         if run.lock is not None:
             run.lock.release()  # the run's last file is written
@@ -397,11 +436,27 @@ def _new_run(cfg: TrainConfig, command: str) -> _Opened:
     main = distributed.is_main()
     run_dir = create_run_dir(cfg.out, command) if main else None
     run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
-    lock = _lock(run_dir)  # a new name: free, but a resume beside the run must see it taken
-    if main:
-        write_config(run_dir, command, cfg)
-        _write_sources(run_dir, cfg)
+    lock = None
+    try:
+        lock = _lock(run_dir)  # a new name: free, but a resume beside the run must see it taken
+        if main:
+            write_config(run_dir, command, cfg)
+            _write_sources(run_dir, cfg)
+    except BaseException:  # a signal or a failed write: nothing of a run that never trained
+        if main:
+            _remove_new_run(run_dir, [])
+        if lock is not None:
+            lock.release()
+        raise
     return _Opened(cfg, run_dir, model, train, val, precision, lock=lock)
+
+
+def _remove_new_run(run_dir: Path, trackers: Sequence[Sink]) -> None:
+    """Remove a new run's directory that holds no training (its trackers closed first)."""
+    for sink in trackers:
+        with contextlib.suppress(Exception):
+            sink.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _resumed_run(
@@ -472,34 +527,6 @@ def _plot(result: FitResult, path: Path, title: str) -> None:
     except Exception as exc:  # noqa: BLE001 - e.g. values matplotlib cannot place on an axis
         log.warning("loss.png not drawn (%s: %s); the run itself is complete and saved",
                     type(exc).__name__, exc)  # fmt: skip
-
-
-class _FastPathRecord:
-    """A sink that writes the fast path into config.json as soon as `fit` has decided it.
-
-    A run stopped or failed before its end still says which kernels it ran with; the end of
-    the run writes the record again, with what training added (recompiles, the allocator).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def log_config(self, values: dict[str, Any]) -> None:
-        if "fast_path" in values:
-            _record_fast_path(self.path, values["fast_path"])
-
-    def log(self, metrics: Any, step: int) -> None:
-        """Metrics are the other sinks' business."""
-
-    def close(self) -> None:
-        """Nothing held open."""
-
-
-def _record_fast_path(path: Path, fast_path: dict[str, Any]) -> None:
-    """Add the kernels the run used (decided inside `fit`) to its config.json's environment."""
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config.setdefault("environment", {})["fast_path"] = fast_path
-    atomic_write_json(path, config)
 
 
 def summary(

@@ -152,3 +152,65 @@ def test_a_plot_that_fails_is_a_warning_not_a_failed_run(tmp_path, corpus, capsy
     assert not (run / "loss.png").exists()
     err = " ".join(capsys.readouterr().err.split())
     assert "loss.png not drawn (ValueError" in err and "the run itself is complete" in err
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_before_training_is_one_line_and_leaves_no_run(
+    signum, code, tmp_path, corpus, monkeypatch, capsys
+):
+    out = tmp_path / "runs"
+    real = train._write_sources
+
+    def write_sources(run_dir, cfg):  # the run directory exists; nothing has trained
+        real(run_dir, cfg)
+        os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(train, "_write_sources", write_sources)
+    assert _train(corpus, out, "--max-steps", "2") == code
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("amptrain:")]
+    name = signal.Signals(signum).name
+    assert said == [f"amptrain: stopped by {name}; nothing had trained; the new run directory "
+                    "is removed"], err  # fmt: skip
+    assert list(out.iterdir()) == []
+
+
+def test_a_signal_before_a_resume_trains_leaves_the_run_as_it_was(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    out = tmp_path / "runs"
+    assert _train(corpus, out, "--max-steps", "2", "--checkpoint-every", "1") == 0
+    (run,) = out.iterdir()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    real = train.check_config_hash
+
+    def check(*args):  # the checkpoint is loaded; no file of the run is edited yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(train, "check_config_hash", check)
+    capsys.readouterr()
+    assert _train(corpus, out, "--max-steps", "4", "--resume", "auto") == 143
+    assert "nothing had trained; the run is as it was" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_the_run_directory_removed_mid_run_stops_it_in_one_line(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    import shutil
+
+    out = tmp_path / "runs"
+    real = loop.emit
+
+    def emit(callbacks, hook, state, *args):
+        real(callbacks, hook, state, *args)
+        if hook == "on_step_end" and state.step == 2:  # someone removes the folder
+            shutil.rmtree(next(out.iterdir()))
+
+    monkeypatch.setattr(loop, "emit", emit)
+    assert _train(corpus, out, "--max-steps", "20", "--log-every", "1") == 3
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("amptrain:")]
+    assert len(said) == 1 and "Traceback" not in err
+    assert "was removed while the run trained (seen at step 2)" in " ".join(err.split())
