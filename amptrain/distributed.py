@@ -108,7 +108,10 @@ def shutdown() -> None:
     """
     global _left
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if sys.exc_info()[0] is None:
+            dist.barrier()
+        # else a failure is on its way out: the other ranks may be waiting in a collective
+        # that will never complete, so this rank leaves at once; the launcher then stops them.
         dist.destroy_process_group()
         _left = True
 
@@ -173,6 +176,12 @@ def broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def said_by_rank_0(exc: BaseException) -> BaseException:
+    """`exc`, marked as a failure every rank met and rank 0 reports: the others stay quiet."""
+    exc.said_by_rank_0 = True  # type: ignore[attr-defined]
+    return exc
 
 
 def barrier() -> None:

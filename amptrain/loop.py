@@ -303,18 +303,26 @@ def _save_checkpoint(run: _Loop) -> None:
         )  # fmt: skip
         run.last_checkpoint, run.saved_step = path, run.state.step
         return
-    path = None
+    path, failed = None, None
     # Gathered from the shards under FSDP (collective), rank 0's own state otherwise.
     captured = resharding.capture_full(run.model, run.optimizer, run.scheduler, run.prec,
                                        run.state, rngs)  # fmt: skip
     if captured is not None:  # rank 0
         tensors, counters = captured
-        path = checkpoint.save(
-            run.checkpoint_dir, run.state.step, tensors, {**counters, **run.checkpoint_meta},
-            run.opts.keep_last,
-        )  # fmt: skip
+        try:
+            path = checkpoint.save(
+                run.checkpoint_dir, run.state.step, tensors, {**counters, **run.checkpoint_meta},
+                run.opts.keep_last,
+            )  # fmt: skip
+        except checkpoint.CheckpointWriteError as exc:  # every rank stops with it, not waits
+            failed = exc
         log.debug("checkpoint %s saved", path)
-    run.last_checkpoint, run.saved_step = distributed.broadcast(path), run.state.step
+    path, message = distributed.broadcast((path, None if failed is None else str(failed)))
+    if failed is not None:
+        raise failed
+    if message is not None:  # rank 0 says it; the other ranks stop with the same code
+        raise distributed.said_by_rank_0(checkpoint.CheckpointWriteError(message))
+    run.last_checkpoint, run.saved_step = path, run.state.step
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:

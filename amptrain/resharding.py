@@ -161,16 +161,20 @@ def save(
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(mode=0o700)
     distributed.barrier()
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         with _one_process_allowed():
             dcp.save(_state(model, optimizer), checkpoint_id=staged / checkpoint.SHARDS)
-    except Exception as exc:  # DCP raises one CheckpointException on every rank
+    except (Exception, CheckpointException) as exc:  # DCP's: a BaseException, on every rank
         if distributed.is_main():
             shutil.rmtree(staged, ignore_errors=True)
-        raise CheckpointWriteError(
-            f"could not write the shards of checkpoint step-{state.step:09d} in {root}: "
-            f"{str(exc).splitlines()[0]}; earlier checkpoints are untouched"
-        ) from exc
+        free = shutil.disk_usage(root).free / 2**20
+        raise distributed.said_by_rank_0(CheckpointWriteError(
+            f"could not write the shards of checkpoint step-{state.step:09d} in {root} "
+            f"({_first_failure(exc)}; {free:.1f} MiB free there); earlier checkpoints are "
+            "untouched"
+        )) from None  # fmt: skip
     distributed.barrier()  # every rank's shards are on disk before rank 0 seals the directory
     path = None
     if distributed.is_main():
@@ -180,6 +184,17 @@ def save(
         path = checkpoint.save(root, state.step, tensors, trainer, keep_last, staged=staged)
         log.debug("sharded checkpoint %s saved", path)
     return Path(distributed.broadcast(str(path) if path else None))
+
+
+def _first_failure(exc: BaseException) -> str:
+    """The first rank's own error inside DCP's CheckpointException (whose text is tracebacks)."""
+    failures = getattr(exc, "failures", None) or {}
+    where = ""
+    if failures:  # an OSError (ENOSPC) says more than torch's zip writer's assertion
+        rank = min(failures, key=lambda r: (not isinstance(failures[r][0], OSError), r))
+        exc, where = failures[rank][0], f"rank {rank}: "
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{where}{type(exc).__name__}: {text}"
 
 
 @contextlib.contextmanager

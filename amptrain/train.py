@@ -360,8 +360,8 @@ def _train(
         weights = sharding.full_state_dict(model)  # gathered from the shards (collective)
         if not main:
             return TrainRun(result, run_dir, model, train, val)
+        atomic_safetensors_save(weights, run_dir / WEIGHTS)  # first: what a full disk spares
         record_fast_path(run_dir / "config.json", result.fast_path)
-        atomic_safetensors_save(weights, run_dir / WEIGHTS)
         if is_hf_model(model):
             _export(model, run_dir, tokenizer_file(cfg))
         atomic_write_json(run_dir / "summary.json", summary(result, cfg, model, sinks))

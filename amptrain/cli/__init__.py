@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from amptrain.cli import bench, compare, demo, doctor, generate, search, train
 from amptrain.cli import eval as eval_command
 from amptrain.cli.common import quiet_libraries, read_config
-from amptrain.errors import AmptrainError, Interrupted, Stopped
+from amptrain.errors import AmptrainError, EnvironmentFailure, Interrupted, Stopped
 
 COMMANDS = (train, bench, doctor, compare, search, eval_command, generate, demo)
 
@@ -92,7 +92,7 @@ def _run(argv: Sequence[str] | None) -> int:
         code = exit_code(exc)
         if code is None:
             raise
-        _say(f"amptrain: {_LABELS[code]}: {_first_line(exc)}{_advice(exc)}")
+        _say(f"amptrain: {_LABELS[code]}: {_first_line(exc)}{_advice(exc)}", _own_failure(exc))
         return code
 
 
@@ -140,9 +140,24 @@ def _advice(exc: BaseException) -> str:
     )
 
 
-def _say(line: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+def _say(line: str, own: bool = False) -> None:
+    """Print `line` on rank 0; on another rank only a failure of its `own`, with its rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
         print(line, file=sys.stderr)
+    elif own:
+        print(line.replace("amptrain:", f"amptrain (rank {rank}):", 1), file=sys.stderr)
+
+
+def _own_failure(exc: BaseException) -> bool:
+    """A failure one rank may meet alone (its disk, its memory), unless rank 0 says it too.
+
+    Refusals of the input and the non-finite stop are decided alike on every rank: rank 0
+    alone says them.
+    """
+    return isinstance(exc, (EnvironmentFailure, OSError, MemoryError)) and not getattr(
+        exc, "said_by_rank_0", False
+    )
 
 
 def _setup_logging(verbose: bool) -> None:

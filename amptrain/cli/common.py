@@ -179,6 +179,9 @@ def check_launch(args: argparse.Namespace, cfg: Any) -> bool:
 def relaunch(args: argparse.Namespace) -> int:
     """`--nproc N`: run the same command in N processes through torch's elastic launcher.
 
+    `amptrain.launcher` runs it: the workers' exit codes and one-line messages, not the agent's
+    own report.
+
     `--standalone` keeps the rendezvous on localhost with a free port. Every command that
     takes `--nproc` starts its processes here. `--nproc` itself is left out of their command
     line (the launcher would take it for its own `--nproc-per-node`); `check_launch` gives it
@@ -192,7 +195,7 @@ def relaunch(args: argparse.Namespace) -> int:
             skip = True
         elif not token.startswith("--nproc="):
             argv.append(token)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    launcher = [sys.executable, "-m", "amptrain.launcher", "--standalone",
                 f"--nproc-per-node={args.nproc}", "-m", "amptrain", *argv]  # fmt: skip
     from amptrain.interrupts import run_child
 
