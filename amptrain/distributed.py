@@ -13,13 +13,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from amptrain.errors import ConfigError
+from amptrain.errors import ConfigError, EnvironmentFailure
 
 log = logging.getLogger("amptrain")
 
@@ -95,9 +96,51 @@ def init_from_env(device: str = "auto") -> torch.device | None:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=dt.timedelta(minutes=10))
+    dist.init_process_group(backend, timeout=dt.timedelta(seconds=collective_timeout()))
     log.debug("rank %d of %d on %s (%s)", dist.get_rank(), dist.get_world_size(), device, backend)
     return device
+
+
+TIMEOUT_ENV = "AMPTRAIN_COLLECTIVE_TIMEOUT"
+"""Seconds a rank waits in a collective for the others (default 600, torch's own)."""
+
+_PEER_LOST = re.compile(r"timed out|timeout|closed by peer|pair closure|connection reset|"
+                        r"watchdog caught collective", re.IGNORECASE)  # fmt: skip
+
+
+def collective_timeout() -> float:
+    """`AMPTRAIN_COLLECTIVE_TIMEOUT` in seconds, or 600.
+
+    Raises:
+        ConfigError: For a value that is not a positive number of seconds.
+    """
+    text = os.environ.get(TIMEOUT_ENV, "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r} must be a positive number of seconds "
+                          "(e.g. 600)")  # fmt: skip
+    return seconds
+
+
+def peer_lost(exc: BaseException) -> EnvironmentFailure | None:
+    """A collective that timed out or lost a peer, as one line; None for any other error.
+
+    A rank that waits in vain for the others says so, and for how long, instead of torch's
+    backend report (lines of C++ locations); the rank that failed first has its own line.
+    """
+    if not launched_by_torchrun() or not isinstance(exc, RuntimeError):
+        return None
+    text = " ".join(str(exc).split())
+    if not _PEER_LOST.search(text):
+        return None
+    first = str(exc).strip().splitlines()[-1][:200]
+    return EnvironmentFailure(
+        f"a collective waited for the other processes in vain (limit {collective_timeout():g} "
+        f"s; {first}); one of them is stuck or gone; set {TIMEOUT_ENV} to wait longer"
+    )
 
 
 def shutdown() -> None:

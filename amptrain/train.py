@@ -363,7 +363,7 @@ def _train(
         atomic_safetensors_save(weights, run_dir / WEIGHTS)  # first: what a full disk spares
         record_fast_path(run_dir / "config.json", result.fast_path)
         if is_hf_model(model):
-            _export(model, run_dir, tokenizer_file(cfg))
+            _export(model, run_dir, tokenizer_file(cfg), weights)  # gathered: no collective
         atomic_write_json(run_dir / "summary.json", summary(result, cfg, model, sinks))
         if not received:
             _plot(result, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
@@ -388,10 +388,12 @@ def _write_sources(run_dir: Path, cfg: TrainConfig) -> None:
         atomic_write_bytes(run_dir / "tokenizer.json", Path(path).read_bytes())
 
 
-def _export(model: nn.Module, run_dir: Path, tokenizer: str | None) -> None:
+def _export(
+    model: nn.Module, run_dir: Path, tokenizer: str | None, weights: dict[str, Any]
+) -> None:
     """hf/, an after-step: when it fails the run is still complete in model.safetensors."""
     try:
-        export_hf(model, run_dir, tokenizer)
+        export_hf(model, run_dir, tokenizer, state_dict=weights)
     except Exception as exc:  # noqa: BLE001 - e.g. a model transformers cannot serialise
         log.warning("hf/ not written (%s: %s); the run's weights are saved in %s",
                     type(exc).__name__, exc, WEIGHTS)  # fmt: skip

@@ -89,6 +89,7 @@ def _run(argv: Sequence[str] | None) -> int:
         _say("amptrain: aborted by Ctrl-C; complete checkpoints are kept, partial ones removed")
         return 130
     except BaseException as exc:  # noqa: BLE001 - sorted below; anything else is a bug
+        exc = _peer_lost(exc) or exc
         code = exit_code(exc)
         if code is None:
             raise
@@ -147,6 +148,12 @@ def _say(line: str, own: bool = False) -> None:
         print(line, file=sys.stderr)
     elif own:
         print(line.replace("amptrain:", f"amptrain (rank {rank}):", 1), file=sys.stderr)
+
+
+def _peer_lost(exc: BaseException) -> BaseException | None:
+    """A collective that timed out or lost a peer (under --nproc), as one line."""
+    distributed = sys.modules.get("amptrain.distributed")  # not imported: no process group
+    return None if distributed is None else distributed.peer_lost(exc)
 
 
 def _own_failure(exc: BaseException) -> bool:

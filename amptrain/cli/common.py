@@ -172,6 +172,7 @@ def check_launch(args: argparse.Namespace, cfg: Any) -> bool:
     if args.nproc == 1:
         return False
     distributed.check_processes(args.nproc, cfg.device)
+    distributed.collective_timeout()  # a bad AMPTRAIN_COLLECTIVE_TIMEOUT, before any process
     check_before_launch(cfg)
     return True
 

@@ -157,7 +157,7 @@ def _load_hf(path: Path) -> nn.Module:
     except pickle.UnpicklingError as exc:  # refused by weights_only; never retried unsafely
         weights = sorted(p.name for p in path.glob("*.bin")) or ["its weights"]
         raise ModelError(weights_only_refusal(path / weights[0], exc)) from None
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         raise ModelError(f"loading the Hugging Face model in {path} failed: {reason}") from None
 

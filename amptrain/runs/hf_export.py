@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -29,7 +30,12 @@ def is_hf_model(model: nn.Module) -> bool:
                for cls in type(model).__mro__)  # fmt: skip
 
 
-def export_hf(model: nn.Module, run_dir: str | Path, tokenizer_file: str | None) -> Path:
+def export_hf(
+    model: nn.Module,
+    run_dir: str | Path,
+    tokenizer_file: str | None,
+    state_dict: dict[str, Any] | None = None,
+) -> Path:
     """Write `run_dir/hf/` from the trained `model` and the tokenizer.json it trained with.
 
     Args:
@@ -37,6 +43,9 @@ def export_hf(model: nn.Module, run_dir: str | Path, tokenizer_file: str | None)
         run_dir: The run directory.
         tokenizer_file: The tokenizer.json the run encoded its data with; None for byte
             tokens, which have no Hugging Face tokenizer (the export then has none).
+        state_dict: The weights to write instead of the model's own: under FSDP the full
+            tensors gathered on every rank before (the sharded model's own would be gathered
+            by this rank alone, which waits forever for the others).
 
     Returns:
         The `hf/` folder.
@@ -48,7 +57,7 @@ def export_hf(model: nn.Module, run_dir: str | Path, tokenizer_file: str | None)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with quiet_transformers():
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             if tokenizer_file is not None:
                 _tokenizer(Path(tokenizer_file)).save_pretrained(tmp)
         for file in tmp.iterdir():
