@@ -13,20 +13,24 @@ import time
 import pytest
 from processes import alive, descendants
 
-ARGS = ["--nproc", "2", "--device", "cpu", "--layers", "1", "--width", "16", "--heads", "2",
+ARGS = ["--nproc", "2", "--device", "cpu", "--layers", "2", "--width", "16", "--heads", "2",
         "--context", "16", "--batch-size", "4", "--precision", "fp32", "--no-progress",
         "--checkpoint-every", "5", "--max-steps", "5000", "--no-compile"]  # fmt: skip
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="/proc and the parent-death signal")
-@pytest.mark.parametrize("sent, code", [(signal.SIGTERM, 143), (signal.SIGKILL, -9)])
+@pytest.mark.parametrize("sent, code, strategy", [
+    (signal.SIGTERM, 143, "ddp"), (signal.SIGKILL, -9, "ddp"), (signal.SIGINT, 130, "ddp"),
+    (signal.SIGTERM, 143, "fsdp"),
+])  # fmt: skip
 def test_a_signal_to_the_launcher_stops_every_worker_with_a_checkpoint(
-    sent, code, tmp_path, corpus
+    sent, code, strategy, tmp_path, corpus
 ):
     log = (tmp_path / "log.txt").open("w")
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "amptrain", "train", "--data", str(corpus), "--out", "runs", *ARGS],
+        [sys.executable, "-m", "amptrain", "train", "--data", str(corpus), "--out", "runs", *ARGS,
+         "--strategy", strategy],
         cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     below: set[int] = set()
@@ -46,4 +50,6 @@ def test_a_signal_to_the_launcher_stops_every_worker_with_a_checkpoint(
         for pid in alive(below | descendants(launcher.pid)):
             os.kill(pid, signal.SIGKILL)
     said = (tmp_path / "log.txt").read_text()
-    assert "amptrain: stopped by SIGTERM after step" in said and "checkpoint saved" in said
+    told = "SIGINT" if sent == signal.SIGINT else "SIGTERM"  # SIGKILL: the parent-death signal
+    assert f"amptrain: stopped by {told} after step" in said and "checkpoint saved" in said
+    assert "Traceback" not in said, said
