@@ -51,8 +51,12 @@ def test_a_rank_that_stops_answering_is_one_line_and_exit_3(tmp_path, corpus):
         (stopped,) = [p for p in alive(descendants(launcher.pid)) if _rank(p) == 1]
         os.kill(stopped, signal.SIGSTOP)  # alive, holding its sockets, never answering
         started = time.monotonic()
+        while b"in vain" not in (tmp_path / "log.txt").read_bytes():
+            assert time.monotonic() - started < 60 and launcher.poll() is None
+            time.sleep(0.1)
+        assert time.monotonic() - started < 30  # 5 s, and the next collective's own wait
+        os.kill(stopped, signal.SIGKILL)  # the stuck rank, ended (torch's agent waits 30 s)
         assert launcher.wait(timeout=120) == 3
-        assert time.monotonic() - started < 60
     finally:
         for pid in alive(descendants(launcher.pid) | ({stopped} if stopped else set())):
             os.kill(pid, signal.SIGKILL)

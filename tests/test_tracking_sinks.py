@@ -240,3 +240,34 @@ def test_missing_package_gives_the_install_hint(monkeypatch, tmp_path, flag, ext
     sink = TensorBoardSink if extra == "tensorboard" else MlflowSink
     with pytest.raises(ModuleNotFoundError, match=rf"pip install 'amptrain\[{extra}\]'"):
         sink(str(tmp_path))
+
+
+def test_a_failure_records_the_step_of_the_failed_call_not_the_step_reached_since():
+    import threading
+
+    from amptrain.metrics.external import ExternalSink
+
+    later = threading.Event()
+
+    class SlowThenBroken(ExternalSink):
+        tool = "Slow"
+
+        def _write_params(self, params):
+            pass
+
+        def _write_numbers(self, numbers, step):
+            later.wait(10)  # training has gone on to step 3 meanwhile
+            raise ConnectionError(f"lost at step {step}")
+
+        def _write_texts(self, texts, step):
+            pass
+
+        def _finish(self):
+            pass
+
+    sink = SlowThenBroken()
+    for step in (1, 2, 3):
+        sink.log({"train/loss": 1.0}, step)
+    later.set()
+    sink.close()
+    assert sink.failure["step"] == 1 and "lost at step 1" in sink.failure["error"]

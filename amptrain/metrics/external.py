@@ -122,7 +122,8 @@ class ExternalSink:
         self._queue: queue.Queue[tuple[str, Callable[..., Any], tuple] | None] = queue.Queue(
             QUEUE_SIZE)  # fmt: skip
         self._thread: threading.Thread | None = None
-        self._busy: tuple[str, float] | None = None  # the call in flight and when it began
+        self._busy: tuple[str, float, int | None] | None = None  # in flight: what, since, step
+        self._call_step: int | None = None  # the step of the call the thread is making
 
     def _open(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Start the tool: `fn(*args)`; if it fails, raise `TrackerError` (required) or warn."""
@@ -191,7 +192,7 @@ class ExternalSink:
         """Queue `fn(*args)` for the background thread; a stalled or full queue is a failure."""
         busy = self._busy
         if busy is not None and time.monotonic() - busy[1] > STALL_S:
-            self._fail(busy[0], f"no answer within {STALL_S:.0f} s")
+            self._fail(busy[0], f"no answer within {STALL_S:.0f} s", busy[2])
         if self._disabled:
             return
         if self._thread is None:
@@ -199,7 +200,7 @@ class ExternalSink:
                                             name=f"amptrain {self.tool} writer")  # fmt: skip
             self._thread.start()
         try:
-            self._queue.put_nowait((what, fn, args))
+            self._queue.put_nowait((what, self._step, fn, args))
         except queue.Full:
             busy = self._busy
             waited = f", the one in flight for {time.monotonic() - busy[1]:.1f} s" if busy else ""
@@ -207,8 +208,8 @@ class ExternalSink:
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
-            what, fn, args = item
-            self._busy = (what, time.monotonic())
+            what, self._call_step, fn, args = item
+            self._busy = (what, time.monotonic(), self._call_step)
             self._guard(what, fn, *args)
             self._busy = None
 
@@ -221,13 +222,20 @@ class ExternalSink:
             self._fail(what, f"{type(exc).__name__}: {exc}")
             return None
 
-    def _fail(self, what: str, error: str) -> None:
-        """Disable the sink with one warning and keep the failure; later failures are quiet."""
+    def _fail(self, what: str, error: str, step: int | None = None) -> None:
+        """Disable the sink with one warning and keep the failure; later failures are quiet.
+
+        The failure's step is the failed call's (`step`, or the one the background thread is
+        making), not the step training has reached since.
+        """
         if self._disabled:
             return
         self._disabled = True
+        if step is None:
+            worker = threading.current_thread() is self._thread
+            step = self._call_step if worker else self._step
         error = scrub(error, self._secrets)
-        self.failure = failure_record(self.tool, what, self._step, error)
+        self.failure = failure_record(self.tool, what, step, error)
         log.warning("%s %s failed (%s); training continues without %s", self.tool, what,
                     error, self.tool)  # fmt: skip
 
