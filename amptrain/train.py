@@ -25,7 +25,14 @@ from amptrain import checkpoint, data, distributed, sharding
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.adapter import probe_vocab
 from amptrain.config import TrainConfig
-from amptrain.errors import AmptrainError, ConfigError, DataError, Interrupted, Stopped
+from amptrain.errors import (
+    AmptrainError,
+    ConfigError,
+    DataError,
+    EnvironmentFailure,
+    Interrupted,
+    Stopped,
+)
 from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
 from amptrain.metrics import tracking
@@ -360,7 +367,7 @@ def _train(
         weights = sharding.full_state_dict(model)  # gathered from the shards (collective)
         if not main:
             return TrainRun(result, run_dir, model, train, val)
-        atomic_safetensors_save(weights, run_dir / WEIGHTS)  # first: what a full disk spares
+        _save_weights(weights, run_dir)  # first: what a full disk spares
         record_fast_path(run_dir / "config.json", result.fast_path)
         if is_hf_model(model):
             _export(model, run_dir, tokenizer_file(cfg), weights)  # gathered: no collective
@@ -386,6 +393,19 @@ def _write_sources(run_dir: Path, cfg: TrainConfig) -> None:
     path = tokenizer_file(cfg)
     if path is not None:
         atomic_write_bytes(run_dir / "tokenizer.json", Path(path).read_bytes())
+
+
+def _save_weights(weights: dict[str, Any], run_dir: Path) -> None:
+    """The final model.safetensors; a failed write names it and what still holds the weights."""
+    try:
+        atomic_safetensors_save(weights, run_dir / WEIGHTS)
+    except OSError as exc:
+        newest = checkpoint.latest(run_dir / "checkpoints")
+        kept = (f"the trained state is in checkpoint {newest.name}: free space, then "
+                f"--resume auto writes it" if newest else "no checkpoint holds it")  # fmt: skip
+        raise EnvironmentFailure(
+            f"could not write the final weights {run_dir / WEIGHTS} ({exc.strerror or exc}); {kept}"
+        ) from None
 
 
 def _export(

@@ -214,3 +214,19 @@ def test_the_run_directory_removed_mid_run_stops_it_in_one_line(
     said = [line for line in err.splitlines() if line.startswith("amptrain:")]
     assert len(said) == 1 and "Traceback" not in err
     assert "was removed while the run trained (seen at step 2)" in " ".join(err.split())
+
+
+def test_a_disk_full_at_the_final_weights_names_the_file_and_the_checkpoint(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    import errno
+
+    def full(weights, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train, "atomic_safetensors_save", full)
+    out = tmp_path / "runs"
+    assert _train(corpus, out, "--max-steps", "2") == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "could not write the final weights" in err and "model.safetensors" in err
+    assert "No space left on device" in err and "in checkpoint step-000000002" in err
