@@ -158,6 +158,7 @@ class _DeleteRunAt:
     def log(self, metrics, step: int) -> None:
         if step == self.step:
             mlflow_sink = self.sinks[-1]
+            assert mlflow_sink.flush()  # what was logged before is in; the next call fails
             mlflow_sink.client.delete_run(mlflow_sink.run_id)
 
     def close(self) -> None:

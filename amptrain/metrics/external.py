@@ -206,12 +206,21 @@ class ExternalSink:
             waited = f", the one in flight for {time.monotonic() - busy[1]:.1f} s" if busy else ""
             self._fail(what, f"{QUEUE_SIZE} calls waiting{waited}: the tool does not keep up")
 
+    def flush(self, timeout: float = STALL_S) -> bool:
+        """Wait until every queued call is done, at most `timeout` seconds; True if done."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks
+
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             what, self._call_step, fn, args = item
             self._busy = (what, time.monotonic(), self._call_step)
             self._guard(what, fn, *args)
             self._busy = None
+            self._queue.task_done()
+        self._queue.task_done()  # the closing None
 
     def _guard(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         if self._disabled:
