@@ -54,7 +54,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
     try:
         cfg = TrainConfig.from_dict(loaded)
         if cfg.model == "tiny-gpt":
-            from amptrain.train import check_model_size, pick_device  # torch: imported late
+            from amptrain.run_setup import check_model_size, pick_device  # torch: imported late
 
             check_model_size(cfg, vocab_size=256, device=pick_device(cfg.device))
     except (ConfigError, TypeError) as exc:

@@ -316,7 +316,8 @@ def _save_checkpoint(run: _Loop) -> None:
             )  # fmt: skip
         except checkpoint.CheckpointWriteError as exc:  # every rank stops with it, not waits
             failed = exc
-        log.debug("checkpoint %s saved", path)
+        else:
+            log.debug("checkpoint %s saved", path)
     path, message = distributed.broadcast((path, None if failed is None else str(failed)))
     if failed is not None:
         raise failed

@@ -74,3 +74,21 @@ def test_a_bad_collective_timeout_is_refused_before_any_process(tmp_path, corpus
     err = capsys.readouterr().err
     assert "AMPTRAIN_COLLECTIVE_TIMEOUT='soon' must be a positive number" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("message, lost", [
+    # NCCL's watchdog, as torch 2.x words it on a GPU (no GPU here: the text is what is tested)
+    ("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, "
+     "OpType=ALLREDUCE, Timeout(ms)=600000) ran for 600012 milliseconds before timing out.", True),
+    ("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:58014", True),
+    ("mat1 and mat2 shapes cannot be multiplied (4x16 and 32x8)", False),
+])  # fmt: skip
+def test_a_lost_peer_is_told_from_other_runtime_errors(message, lost, monkeypatch):
+    from amptrain import distributed
+    from amptrain.errors import EnvironmentFailure
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    found = distributed.peer_lost(RuntimeError(message))
+    assert isinstance(found, EnvironmentFailure) if lost else found is None
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing is a lost peer
+    assert distributed.peer_lost(RuntimeError(message)) is None

@@ -111,7 +111,7 @@ def test_library_chatter_is_quiet_unless_verbose_and_put_back_after(monkeypatch)
 
 def test_the_model_directory_tokenizer_is_named_once(tmp_path, caplog):
     tokenizers = pytest.importorskip("tokenizers")
-    from amptrain import train
+    from amptrain import run_setup
     from amptrain.config import TrainConfig
 
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
@@ -122,6 +122,6 @@ def test_the_model_directory_tokenizer_is_named_once(tmp_path, caplog):
     logging.getLogger("amptrain").propagate = True
     with caplog.at_level(logging.INFO, logger="amptrain"):
         for _ in range(3):  # a run asks more than once: data, model size, the model itself
-            train.tokenizer_for(cfg)
+            run_setup.tokenizer_for(cfg)
     said = [r for r in caplog.records if "tokenizer" in r.getMessage()]
     assert len(said) == 1 and str(tmp_path / "tokenizer.json") in said[0].getMessage()

@@ -203,7 +203,7 @@ def run_bench(
     """
     from amptrain import distributed
     from amptrain.bench import bench, ranks
-    from amptrain.train import prepare
+    from amptrain.run_setup import prepare
 
     ranks.check_strategy(cfg.fit.strategy, distributed.world()[1])
     model, train, val, _ = prepare(cfg)

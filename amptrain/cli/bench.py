@@ -67,7 +67,7 @@ def _check(args: argparse.Namespace, cfg: Any, precisions: list[str] | None) -> 
     """The benchmark's own settings, the arms on this device, the strategy on the processes."""
     from amptrain import distributed
     from amptrain.bench import arm_names, check_settings, ranks
-    from amptrain.train import pick_device
+    from amptrain.run_setup import pick_device
 
     check_settings(args.steps, args.warmup_steps, args.repeats, args.quality_tol)
     if precisions is not None:

@@ -162,7 +162,7 @@ def check_launch(args: argparse.Namespace, cfg: Any) -> bool:
     """
     from amptrain import distributed
     from amptrain.errors import ConfigError
-    from amptrain.train import check_before_launch
+    from amptrain.run_setup import check_before_launch
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc} is invalid: it must be an integer >= 1")

@@ -40,7 +40,7 @@ def run_compare(
         make_sinks=None if args.no_progress else _progress, **_fit_options(cfg),
     )  # fmt: skip
     if args.baseline in REFERENCES:
-        from amptrain.train import prepare
+        from amptrain.run_setup import prepare
 
         model, train, val, _ = prepare(cfg)
         report = compare(_model_factory(cfg, model), args.baseline, train=train, val=val,
@@ -79,7 +79,7 @@ def _progress(what: str, total: int) -> list[Any]:
 
 def _model_factory(cfg: TrainConfig, model: Any) -> Any:
     """Build the configured model afresh (the caller seeds it), on the device `prepare` chose."""
-    from amptrain.train import model_factory
+    from amptrain.run_setup import model_factory
 
     return model_factory(cfg, next(model.parameters()).device)
 
@@ -89,7 +89,7 @@ def _held_out(cfg: TrainConfig, eval_bytes: int) -> tuple[Any, Any, Any, str, An
     import torch
 
     from amptrain import data
-    from amptrain.train import model_factory, pick_device, tokenizer_for
+    from amptrain.run_setup import model_factory, pick_device, tokenizer_for
 
     device = pick_device(cfg.device)
     text = data.read_text(cfg.data, cfg.text_field)

@@ -219,8 +219,8 @@ def run_doctor(
     the report and the path of its `report.md`.
     """
     from amptrain.doctor.records import write_report
+    from amptrain.run_setup import pick_device, prepare
     from amptrain.runs import create_run_dir, write_config
-    from amptrain.train import pick_device, prepare
 
     check_arms(precisions, pick_device(cfg.device))  # refuse a bad list before loading anything
     model, train, _, precision = prepare(cfg)

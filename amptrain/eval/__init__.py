@@ -24,8 +24,8 @@ def evaluate_model(cfg: TrainConfig, whole_data: bool) -> dict[str, Any]:
         cfg: The model, data, context, precision, device and batch size to use.
         whole_data: Score every block of `cfg.data`; False scores the validation split.
     """
+    from amptrain.run_setup import load_data, prepare, tokenizer_for
     from amptrain.step import evaluate
-    from amptrain.train import load_data, prepare, tokenizer_for
 
     model, train, val, precision = prepare(cfg)
     blocks = load_data(cfg, tokenizer_for(cfg)) if whole_data else val

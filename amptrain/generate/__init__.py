@@ -71,7 +71,7 @@ def generate_text(
     """The prompt and its sampled continuation, from the model of `cfg` (seeded by its seed)."""
     from amptrain.models.limits import declared_context
     from amptrain.precision import resolve
-    from amptrain.train import model_factory, pick_device, tokenizer_for
+    from amptrain.run_setup import model_factory, pick_device, tokenizer_for
 
     check_sampling(max_new_tokens, temperature, top_k)
     tokenizer = tokenizer_for(cfg)

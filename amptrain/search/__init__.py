@@ -248,7 +248,7 @@ def run_search(
     (its seed seeds the sampler). `best_command` is then the `amptrain train` command line that
     reproduces the best trial.
     """
-    from amptrain.train import prepare
+    from amptrain.run_setup import prepare
 
     model, train, val, precision = prepare(cfg)  # refuses bad settings before any trial runs
     del model

@@ -36,7 +36,7 @@ def command_space(cfg: TrainConfig, space: Any, given: Mapping[str, Any]) -> Any
 
 def _default_space(cfg: TrainConfig) -> dict[str, Any]:
     from amptrain.precision import default_precisions
-    from amptrain.train import pick_device
+    from amptrain.run_setup import pick_device
 
     return search_space.default_space(default_precisions(pick_device(cfg.device)))
 

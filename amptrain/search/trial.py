@@ -100,7 +100,7 @@ def _train(trial: Any, job: SearchJob, watch: _Watch) -> Any:
     trial.set_user_attr("config", cfg.to_dict())
     watch.steps = cfg.fit.max_steps
     if job.factory is None:
-        from amptrain.train import prepare
+        from amptrain.run_setup import prepare
 
         model, train, val, precision = prepare(cfg)
     else:

@@ -26,7 +26,7 @@ from amptrain.search.study import open_study, optimize_trials
 if TYPE_CHECKING:
     from amptrain.search import SearchJob
 
-STORAGE_FAILED = 3
+STORAGE_FAILED = EnvironmentFailure.exit_code
 """A worker's exit code when the study's storage failed (it has said why in one line)."""
 
 
