@@ -69,7 +69,7 @@ def keep_freed_memory() -> str:
 def return_freed_memory() -> None:
     """Hand freed heap memory back to the kernel and serve blocks over 64 KiB by mmap (glibc).
 
-    What a memory measurement that starts in a forked process needs (`hardware.reset_peak_rss`);
+    What a memory measurement that starts in a forked process needs (`hardware.reset_peak_memory`);
     it undoes `keep_freed_memory` until a run keeps freed memory again.
     """
     libc = glibc()

@@ -1,7 +1,8 @@
 """What the hardware can do and what a model costs.
 
 The MFU peak (the best of the capability probe and matmuls at the model's own shapes),
-datasheet peaks of common GPUs, model FLOPs per token, and per-process peak memory on Linux.
+datasheet peaks of common GPUs, and the one peak-memory reader (`reset_peak_memory`, then
+`peak_memory_mb`) every run and benchmark measures with. Model FLOPs: `amptrain.flops`.
 
 The peak is the honest denominator for MFU on machines without a datasheet figure (CPUs);
 the datasheet figure is shown beside it where the device is known.
@@ -9,7 +10,6 @@ the datasheet figure is shown beside it where the device is known.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import multiprocessing
 import os
@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from amptrain import allocator, capability, datasheet
-from amptrain.adapter import forward_logits
 
 
 def datasheet_tflops(device: torch.device, precision: str) -> float | None:
@@ -63,53 +62,29 @@ def _linear_shapes(model: nn.Module, tokens: int) -> list[tuple[int, int, int]]:
     return sorted(shapes)[:8]
 
 
-def train_flops_per_token(model: nn.Module, ids: torch.Tensor) -> tuple[float, str]:
-    """FLOPs of one forward + backward per token, and how they were obtained.
+def reset_peak_memory(device: torch.device, return_freed: bool = False) -> float | None:
+    """Start the device's peak-memory reading afresh, for one run (`peak_memory_mb`).
 
-    Counted with `torch.utils.flop_counter` on one batch; if the counter sees nothing (an
-    operator set it does not know), the 6N estimate (N = parameters) is returned instead.
+    Returns what is in use now, in MB (the run's baseline), where it can be read.
+
+    CUDA: the allocator's peak statistics of `device`; in use: `memory_allocated`. CPU
+    (Linux): the process's peak RSS is set back to its current RSS (`/proc/self/clear_refs`);
+    in use: the RSS. The run's peak then counts what the process holds plus what the run adds.
+    With `return_freed`, the process's freed-but-resident heap is handed back to the OS first
+    (`allocator.return_freed_memory`): a forked worker inherits its parent's, and a run could
+    reuse those pages, so its RSS would understate what it allocates. Elsewhere nothing resets,
+    and the peak stays the process's lifetime peak (its source says so).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        forward_logits(model, ids, ids).float().sum().backward()
-    model.zero_grad(set_to_none=True)
-    total = counter.get_total_flops()
-    if total > 0:
-        return total / ids.numel(), "counted (torch.utils.flop_counter, forward + backward)"
-    n_params = sum(p.numel() for p in model.parameters())
-    return 6.0 * n_params, "estimated (6N, N = parameters)"
-
-
-def reset_peak_rss() -> float | None:
-    """Reset this process's peak RSS to its current RSS (Linux); returns the current RSS in MB.
-
-    A forked worker inherits its parent's freed-but-resident heap; it is handed back first
-    (`allocator.return_freed_memory`), or an arm could reuse those pages and its RSS would
-    understate what it allocates.
-    """
-    allocator.return_freed_memory()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    if return_freed:
+        allocator.return_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return _status_mb("VmRSS")
     except OSError:
         return None
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start the device's peak-memory reading afresh, for one run (`peak_memory_mb`).
-
-    CUDA: the allocator's peak statistics of `device`. CPU (Linux): the process's peak RSS is
-    set back to its current RSS (`/proc/self/clear_refs`), freed memory kept as it is: the run's
-    peak then counts what the process holds plus what the run adds. Elsewhere nothing resets,
-    and the peak stays the process's lifetime peak (its source says so).
-    """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -120,21 +95,14 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda-allocator"
-    peak = peak_rss_mb()
-    if peak is not None:
-        return peak, "process-rss"
+    try:
+        return _status_mb("VmHWM"), "process-rss"
+    except OSError:
+        pass
     import resource  # noqa: PLC0415 (POSIX only)
 
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return kib / (2**20 if sys.platform == "darwin" else 2**10), "process-rss (lifetime)"
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak RSS in MB since start or the last `reset_peak_rss` (Linux)."""
-    try:
-        return _status_mb("VmHWM")
-    except OSError:
-        return None
 
 
 def _status_mb(field: str) -> float:
@@ -160,13 +128,12 @@ def measure_memory(
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+        before = reset_peak_memory(device)
         work()
-        peak = torch.cuda.max_memory_allocated(device)
+        peak, _ = peak_memory_mb(device)
         reserved = torch.cuda.max_memory_reserved(device)
         source = f"cuda-allocator (peak reserved {reserved / 2**20:.0f} MB)"
-        return peak / 2**20, (peak - before) / 2**20, source
+        return peak, peak - before, source
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     worker = ctx.Process(target=_memory_worker, args=(child, work))
@@ -185,10 +152,11 @@ def measure_memory(
 def _memory_worker(conn: Any, work: Callable[[], object]) -> None:
     torch.set_num_threads(1)  # OpenMP thread pools do not survive fork
     try:
-        base = reset_peak_rss()
+        cpu = torch.device("cpu")
+        base = reset_peak_memory(cpu, return_freed=True)
         work()
-        peak = peak_rss_mb()
-        conn.send((peak, None if base is None or peak is None else peak - base))
+        peak, _ = peak_memory_mb(cpu)
+        conn.send((peak, None if base is None else peak - base))
     except BaseException as exc:  # report, never hang the parent
         try:
             conn.send(exc)

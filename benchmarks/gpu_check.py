@@ -45,6 +45,7 @@ import amptrain  # noqa: E402
 from amptrain import capability, datasheet, hardware  # noqa: E402
 from amptrain.callbacks import Callback  # noqa: E402
 from amptrain.data import Blocks  # noqa: E402
+from amptrain.flops import train_flops_per_token  # noqa: E402
 from amptrain.models import GPTConfig, TinyGPT  # noqa: E402
 from amptrain.precision import resolve  # noqa: E402
 
@@ -97,7 +98,7 @@ def train(device: torch.device, precision: str, shape: dict, steps: int) -> dict
                               callbacks=[counter] if counter else [])  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - a refusal (tf32 on a CPU) is a result too
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
-    flops, how = hardware.train_flops_per_token(model, ids[: shape["batch"]].to(device))
+    flops, how = train_flops_per_token(model, ids[: shape["batch"]].to(device))
     sheet = hardware.datasheet_tflops(device, result.precision)
     achieved = result.tokens_per_s * flops / 1e12
     return {

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from amptrain import hardware, tf32
+from amptrain import flops, hardware, tf32
 from amptrain.bench import ranks
 from amptrain.data import Blocks
 
@@ -51,8 +51,8 @@ def with_memory(row: ArmResult, device: torch.device, run: Callable[[], object])
 def with_mfu(rows, model, train: Blocks, device, batch_size: int, world_size: int = 1):
     """The rows with their achieved TFLOP/s (per device) and MFU; the FLOPs-per-token record."""
     probe_model = copy.deepcopy(model)
-    ids = train.take(slice(2))[0].to(device)
-    flops_per_token, how = hardware.train_flops_per_token(probe_model, ids)
+    ids, labels = (t.to(device) for t in train.take(slice(2)))
+    flops_per_token, how = flops.train_flops_per_token(probe_model, ids, labels)
     del probe_model
     tokens = batch_size * (train.context - 1)
     out = []

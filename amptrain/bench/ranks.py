@@ -56,10 +56,10 @@ def measure_memory(
     if device.type == "cuda":
         peak, delta, source = hardware.measure_memory(device, work)
     else:
-        base = hardware.reset_peak_rss()
+        base = hardware.reset_peak_memory(device, return_freed=True)
         work()
-        peak, source = hardware.peak_rss_mb(), MEMORY_IN_PLACE
-        delta = None if base is None or peak is None else peak - base
+        peak, source = hardware.peak_memory_mb(device)[0], MEMORY_IN_PLACE
+        delta = None if base is None else peak - base
     known = [-1.0 if v is None else v for v in (peak, delta)]
     peak, delta = (None if v < 0 else v for v in distributed.all_reduce(known, "max"))
     return peak, delta, f"{source}; the largest of {world_size} ranks"
