@@ -11,7 +11,9 @@ FX-graph and AOTAutograd caches are what the second run of the same model gets.
 
     python benchmarks/compile_time.py [--precision fp32] [--layers 4,12] [--quick] [--out FILE]
 
-The result goes to benchmarks/results/compile-time-<cpu>-t<threads>-torch<version>.json.
+Each run writes a new results/compile-time-<cpu>-<isa>-t<threads>-torch<version>-<time>.json.
+The cold and warm runs of one size share an inductor cache on purpose (the warm run measures
+that cache); each size and mode starts from an empty one.
 Timings on a loaded machine are not figures: run it alone.
 """
 
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import cpu_model, results_file  # noqa: E402 - the same CPU naming as the peers' result files
+import provenance  # noqa: E402
 
 
 def worker(layers: int, mode: str, precision: str, width: int, context: int) -> dict:
@@ -67,10 +69,6 @@ def spawn(args: argparse.Namespace, layers: int, mode: str, cache: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def result_path() -> Path:
-    return results_file("compile-time")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--precision", default="fp32")
@@ -86,9 +84,9 @@ def main() -> None:
         print(json.dumps(worker(int(layers), mode, args.precision, args.width, args.context)))
         return
     if args.quick:
-        args.layers, args.width, args.context = "2", 32, 16
+        args.layers, args.width, args.context = "1", 32, 16
     rows = []
-    load_before = os.getloadavg()[0]
+    meta = provenance.start("compile_time")
     for layers in (int(n) for n in args.layers.split(",")):
         for mode in ("whole", "regional"):
             with tempfile.TemporaryDirectory(prefix="amptrain-compile-") as cache:
@@ -102,15 +100,9 @@ def main() -> None:
         figures = [f"{r[k]:.3f}" if k in r else "error" for k in
                    ("compile_s", "compiled_step_s", "eager_step_s")]  # fmt: skip
         print(f"| {r['layers']} | {r['mode']} | {r['cache']} | {' | '.join(figures)} |")
-    meta = {"benchmark": "compile_time", "cpu": cpu_model(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "precision": args.precision, "width": args.width,
-            "context": args.context, "load_before": load_before,
-            "load_after": os.getloadavg()[0]}  # fmt: skip
-    out = args.out or result_path()
-    if not args.quick or args.out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
-        print(f"\nwritten to {out}")
+    meta.update({"precision": args.precision, "width": args.width, "context": args.context})
+    out = args.out or provenance.result_file("compile-time", args.quick)
+    provenance.write(out, meta, {"results": rows})
 
 
 if __name__ == "__main__":

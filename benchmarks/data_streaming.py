@@ -10,20 +10,17 @@ With `--before REV` the same is measured on a smaller text file for the data mod
 older git revision (one that held the corpus as int64), to compare bytes per token.
 
     python benchmarks/data_streaming.py                     # 1 GB files (about 2 GB of disk)
-    python benchmarks/data_streaming.py --mb 16             # a quick check
+    python benchmarks/data_streaming.py --quick             # 4 MB files: does it run?
     python benchmarks/data_streaming.py --before 8f1f9da    # also the older data module
 
-The result goes to benchmarks/results/data_streaming-<cpu>-torch<version>.json.
+Each run writes a new results/data-streaming-<cpu>-<isa>-t<threads>-torch<version>-<time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,15 +54,13 @@ def make_bin(path: Path, mb: int) -> None:
             rng.integers(0, 50257, 2**19, dtype=np.uint16).tofile(f)
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(path: Path, before: str | None) -> dict:
     """Load `path` as `train` would, in this process; return peak RSS and seconds."""
     import torch
 
-    from amptrain import data
+    from amptrain import data, hardware
+
+    cpu = torch.device("cpu")
 
     if before:  # the older revision's data module, as it was
         source = subprocess.run(["git", "show", f"{before}:amptrain/data.py"], check=True,
@@ -76,7 +71,7 @@ def child(path: Path, before: str | None) -> dict:
         load, split, batches = old.load, old.split, old.batches
     else:
         load, split, batches = data.load, data.split, data.batches
-    base, start = _rss_mb(), time.perf_counter()
+    base, start = hardware.reset_peak_memory(cpu), time.perf_counter()
     blocks = load(str(path), CONTEXT)
     train, val = split(blocks, 0.1, 0)
     del blocks
@@ -88,7 +83,8 @@ def child(path: Path, before: str | None) -> dict:
     tokens = (len(train) + len(val)) * CONTEXT
     return {"file": path.name, "file_mb": path.stat().st_size / 2**20, "tokens": tokens,
             "revision": before or "this one", "batch": list(x.shape), "batch_dtype": str(x.dtype),
-            "rss_before_load_mb": base, "peak_rss_mb": _rss_mb(), "seconds": seconds,
+            "rss_before_load_mb": base, "peak_rss_mb": hardware.peak_memory_mb(cpu)[0],
+            "seconds": seconds,
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
@@ -108,33 +104,25 @@ def measure(path: Path, before: str | None = None) -> dict:
     return row
 
 
-def _peers():  # the CPU naming every benchmark's result files share
-    sys.path.insert(0, str(Path(__file__).parent))
-    import peers
-
-    return peers
-
-
-def result_path() -> Path:
-    import torch
-
-    name = f"data_streaming-{_peers().cpu_slug()}-torch{torch.__version__}".replace("+", "-")
-    return Path(__file__).parent / "results" / f"{name}.json"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=1024, help="size of each file in MiB")
     parser.add_argument("--before", help="also measure this git revision's data module")
     parser.add_argument("--before-mb", type=int, default=64, help="its text file's size in MiB")
     parser.add_argument("--dir", default=None, help="where the files are made (default: temp)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="4 MB files: does it run?")
+    parser.add_argument("--out", type=Path, default=None, help="default: a new results/ file")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.before)))
         return
-    load_before, rows = os.getloadavg(), []
+    if args.quick:
+        args.mb = 4
+    sys.path.insert(0, str(Path(__file__).parent))
+    import provenance
+
+    meta, rows = provenance.start("data_streaming"), []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         jsonl, tokens = Path(tmp) / "corpus.jsonl", Path(tmp) / "train.bin"
         make_jsonl(jsonl, args.mb)
@@ -144,19 +132,11 @@ def main() -> None:
             small = Path(tmp) / "small.jsonl"
             make_jsonl(small, args.before_mb)
             rows += [measure(small), measure(small, args.before)]
-    import torch
-
-    meta = {"benchmark": "data_streaming", "cpu": _peers().cpu_model(), "context": CONTEXT,
-            "torch": torch.__version__, "platform": platform.platform(), "mb": args.mb,
-            "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-            "note": "peak_rss_mb - rss_before_load_mb is what loading cost; a .bin's pages are "
-                    "file-backed and stay on disk until batches read them"}  # fmt: skip
-    path = args.out or result_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
-    tmp_path.replace(path)
-    print(f"written to {path}")
+    meta.update({"context": CONTEXT, "mb": args.mb,
+                 "note": "peak_rss_mb - rss_before_load_mb is what loading cost; a .bin's pages "
+                         "are file-backed and stay on disk until batches read them"})  # fmt: skip
+    out = args.out or provenance.result_file("data-streaming", args.quick)
+    provenance.write(out, meta, {"results": rows})
 
 
 if __name__ == "__main__":

@@ -10,22 +10,21 @@ measures it faster: run it alone, on a quiet machine.
 
 Rounds are interleaved in one process (the order of the arms rotates each round; dynamo's
 caches are reset before every run, so each compiles as a fresh process would, served by
-inductor's on-disk cache). Per arm: median tokens/s over rounds, min-max and spread, the
-ratio to the eager epilogue with a verdict (inconclusive where the ranges overlap or a spread
+inductor's on-disk cache: the point is each arm's steady speed, not its compile time). Per
+arm: median tokens/s over rounds, min-max and spread, `rounds.ratio` to the eager epilogue
+(ratio of medians, per-round min-max, a verdict only where 5 rounds or more agree and no spread
 exceeds 10 %), and the held-out loss after the same steps.
 
-    python benchmarks/epilogue.py [--rounds 3] [--precision bf16] [--steps 30] [--warmup 5]
-    python benchmarks/epilogue.py --steps 4 --warmup 1 --rounds 1 --width 32 --layers 2  # smoke
+    python benchmarks/epilogue.py [--rounds 5] [--precision bf16] [--steps 30] [--warmup 5]
+    python benchmarks/epilogue.py --quick      # tiny and short: does it run?
 
-The result goes to benchmarks/results/epilogue-<cpu>-<isa>-t<threads>-torch<version>.json.
+Each run writes a new results/epilogue-<cpu>-<isa>-t<threads>-torch<version>-<time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -33,9 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import cpu_model, results_file  # noqa: E402
+import provenance  # noqa: E402
 from peers_arms import JOBS, Job, expert, heldout_loss  # noqa: E402
-from rounds import compare, interleave, parse_rounds, round_options, table, write_result  # noqa: E402
+from rounds import compare, interleave, parse_rounds, round_options, table  # noqa: E402
 
 
 def run(job: Job, precision: str, warmup: int, compiled_epilogue: bool) -> dict:
@@ -53,28 +52,32 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--width", type=int, default=JOBS["gpt"].n_embd)
     parser.add_argument("--layers", type=int, default=JOBS["gpt"].n_layer)
-    return parse_rounds(parser)
+    args = parse_rounds(parser)
+    if args.quick:
+        args.width, args.layers = JOBS["quick"].n_embd, JOBS["quick"].n_layer
+    return args
 
 
 def main() -> None:
     args = parse()
     job = dataclasses.replace(JOBS["gpt"], steps=args.steps, n_embd=args.width,
                               n_layer=args.layers)  # fmt: skip
-    load_before = os.getloadavg()[0]
+    meta = provenance.start("epilogue")
     arms = {
         "eager": lambda: run(job, args.precision, args.warmup, compiled_epilogue=False),
         "compiled": lambda: run(job, args.precision, args.warmup, compiled_epilogue=True),
     }
     runs = interleave(arms, args.rounds)
     rows = compare(runs, reference="eager")
-    meta = {"benchmark": "epilogue", "job": dataclasses.asdict(job), "precision": args.precision,
-            "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "platform": platform.platform(), "rounds": args.rounds, "warmup": args.warmup,
-            "load_average_before_after": [load_before, os.getloadavg()[0]]}  # fmt: skip
-    print(f"\n{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
-          f"{args.precision}, d{job.n_embd} x {job.n_layer} layers\n")  # fmt: skip
+    meta.update({"job": dataclasses.asdict(job), "precision": args.precision,
+                 "rounds": args.rounds, "warmup": args.warmup})  # fmt: skip
+    print(
+        f"\n{meta['machine']['cpu']}, {meta['machine']['threads']} threads, "
+        f"torch {meta['torch']}, {args.precision}, d{job.n_embd} x {job.n_layer} layers\n"
+    )
     print(table(rows))
-    write_result(args.out or results_file("epilogue"), {**meta, "results": rows, "raw": runs})
+    out = args.out or provenance.result_file("epilogue", args.quick)
+    provenance.write(out, meta, {"results": rows, "raw": runs})
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ count are CUDA's alone and say so), so the test suite runs the script and it can
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -40,6 +38,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the working tree's amptrain, on a machine where it is not installed
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import provenance  # noqa: E402
 
 import amptrain  # noqa: E402
 from amptrain import capability, datasheet, hardware  # noqa: E402
@@ -164,30 +165,19 @@ def commands(work: Path, shape: dict, device: torch.device, steps: int) -> dict:
     return out
 
 
-def provenance(args: argparse.Namespace) -> dict:
-    """What the result was measured on, and by which code."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"  # fmt: skip
-    except OSError:
-        commit = "unknown (no git)"
+def start(args: argparse.Namespace) -> dict:
+    """The run's provenance (`provenance.start`), with the GPU and CUDA it ran on."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "commit": commit, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
-        "cpu": capability.cpu_model(), "gpu": gpu, "torch": torch.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "dry_run": args.dry_run,
-    }  # fmt: skip
+    return {**provenance.start("gpu_check"), "gpu": gpu, "cuda": torch.version.cuda,
+            "dry_run": args.dry_run}  # fmt: skip
 
 
 def result_path(folder: Path, meta: dict) -> Path:
-    """gpu-check-<gpu>-cuda<v>-torch<v>.json, with the time added rather than overwrite."""
+    """A new gpu-check-<gpu>-cuda<v>-torch<v>-<start time>.json: a run never overwrites another."""
     gpu = re.sub(r"[^a-z0-9]+", "-", (meta["gpu"] or "cpu-dry-run").lower()).strip("-")
+    stamp = re.sub(r"[^0-9T]", "", meta["date"].split("+")[0])
     name = f"gpu-check-{gpu}-cuda{meta['cuda'] or 'none'}-torch{meta['torch'].split('+')[0]}"
-    path = folder / f"{name}.json"
-    if path.exists():
-        path = folder / f"{name}-{meta['date'].replace(':', '')}.json"
-    return path
+    return folder / f"{name}-{stamp}.json"
 
 
 def main() -> None:
@@ -200,8 +190,10 @@ def main() -> None:
         parser.error("no CUDA device here; --dry-run takes the same steps on the CPU")
     device = torch.device("cpu" if args.dry_run else "cuda")
     shape, steps = (TINY, args.steps or 4) if args.dry_run else (GPT2_SMALL, args.steps or 200)
-    report: dict = {"provenance": provenance(args), "shape": {**shape, "vocab": VOCAB}}
-    path = result_path(args.out, report["provenance"])
+    report: dict = {**start(args), "shape": {**shape, "vocab": VOCAB}}
+    path = result_path(args.out, report)
+    if path.exists():
+        parser.error(f"{path} exists; result files are never overwritten")
     report["probe"] = probe(device)
     write(path, report)  # after each section: a run cut short keeps what it measured
     print(json.dumps(report["probe"], indent=2, default=str), flush=True)
@@ -228,7 +220,8 @@ def main() -> None:
 
 
 def write(path: Path, report: dict) -> None:
-    """The report so far, written whole and renamed into place."""
+    """The report so far, written whole and renamed into place (this run's own file, rewritten
+    after each section so a run cut short keeps what it measured)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")

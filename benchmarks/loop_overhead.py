@@ -10,19 +10,21 @@ separates the two. Runs are interleaved (bare/fit, then
 fit/bare the next round) so machine drift hits both alike. Warm-up steps are excluded; the
 figure is tokens/s at the median step time of the timed steps, stamped at the end of every
 step (for `fit`, from a callback, so its per-step bookkeeping is inside the measurement).
-The ratio is amptrain over plain: the median of the per-round paired ratios, and the ratio of the
-medians.
+The ratio is amptrain over plain as `rounds.ratio` gives it: the ratio of the medians, the
+min-max of the per-round ratios, and a verdict only where 5 rounds or more all agree.
 
     python benchmarks/loop_overhead.py [--rounds 9] [--steps 25] [--warmup 5] [--out FILE]
+    python benchmarks/loop_overhead.py --quick     # tiny and short: does it run?
+
+Each run writes a new results/loop-overhead-<cpu>-<isa>-t<threads>-torch<version>-<time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +37,10 @@ from amptrain.config import FitOptions
 from amptrain.models import GPTConfig, TinyGPT
 from amptrain.optim import make_optimizer
 from amptrain.precision import cpu_bf16_features, resolve
+
+sys.path.insert(0, str(Path(__file__).parent))
+import provenance  # noqa: E402
+from rounds import parse_rounds, ratio, round_options, summary  # noqa: E402
 
 
 class Stamp(amptrain.Callback):
@@ -84,14 +90,14 @@ def tokens_per_s(stamps, warmup, tokens_per_step):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--warmup", type=int, default=5)
+    round_options(parser, steps=25)
+    parser.set_defaults(rounds=9)
     parser.add_argument("--precisions", default="fp32,bf16")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = parser.parse_args()
-
+    args = parse_rounds(parser)
     cfg = GPTConfig()  # the built-in default: 4 layers x 256, context 128
+    if args.quick:
+        cfg = GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16)
+    meta = provenance.start("loop_overhead")
     blocks = data.load("builtin", cfg.block_size)
     opts = FitOptions(batch_size=16, lr=1e-3)
     tokens_per_step = opts.batch_size * (cfg.block_size - 1)
@@ -108,42 +114,25 @@ def main() -> None:
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
 
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU bf16 features: {', '.join(cpu_bf16_features()) or 'none'}")  # fmt: skip
-    header = f"{'precision':<10}{'plain tok/s (min-max)':>28}{'amptrain tok/s (min-max)':>28}"
-    print(f"{header}{'paired ratio':>14}{'ratio of medians':>18}")
+          f"CPU bf16 features: {', '.join(cpu_bf16_features()) or 'none'}\n")  # fmt: skip
+    print("| precision | plain tok/s (min-max) | amptrain tok/s (min-max) "
+          "| amptrain / plain (rounds min-max) | verdict |\n|---|---|---|---|---|")  # fmt: skip
     results = []
     for precision in args.precisions.split(","):
         bare, fit = rates[precision, "bare"], rates[precision, "fit"]
-        paired = [f / b for f, b in zip(fit, bare)]
-        row = {
-            "precision": precision,
-            "bare_tokens_per_s_median": statistics.median(bare),
-            "fit_tokens_per_s_median": statistics.median(fit),
-            "bare_range": [min(bare), max(bare)],
-            "fit_range": [min(fit), max(fit)],
-            "ratio_of_medians": statistics.median(fit) / statistics.median(bare),
-            "paired_ratio_median": statistics.median(paired),
-            "paired_ratios": paired,
-        }
+        row = {"precision": precision, "plain": summary(bare), "amptrain": summary(fit),
+               "amptrain_vs_plain": ratio(fit, bare)}  # fmt: skip
         results.append(row)
-        print(
-            f"{precision:<10}"
-            f"{row['bare_tokens_per_s_median']:>10,.0f} ({min(bare):,.0f}-{max(bare):,.0f})"
-            f"{row['fit_tokens_per_s_median']:>10,.0f} ({min(fit):,.0f}-{max(fit):,.0f})"
-            f"{row['paired_ratio_median']:>14.3f}{row['ratio_of_medians']:>18.3f}"
-        )
-    if args.out:
-        meta = {
-            "benchmark": "loop_overhead",
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu_bf16_features": list(cpu_bf16_features()),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "args": {k: str(v) for k, v in vars(args).items()},
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
+        vs = row["amptrain_vs_plain"]
+        lo, hi = vs["ratio_range"]
+        print(f"| {precision} | {statistics.median(bare):,.0f} ({min(bare):,.0f}-{max(bare):,.0f}) "
+              f"| {statistics.median(fit):,.0f} ({min(fit):,.0f}-{max(fit):,.0f}) "
+              f"| {vs['ratio_of_medians']:.3f} ({lo:.3f}-{hi:.3f}) "
+              f"| {vs['verdict']} |")  # fmt: skip
+    meta.update({"model": dataclasses.asdict(cfg), "rounds": args.rounds, "steps": args.steps,
+                 "warmup": args.warmup})  # fmt: skip
+    out = args.out or provenance.result_file("loop-overhead", args.quick)
+    provenance.write(out, meta, {"results": results})
 
 
 if __name__ == "__main__":

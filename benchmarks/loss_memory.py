@@ -16,7 +16,9 @@ on a loaded machine; the times do not (measure them on a quiet one). The target 
 loss's extra memory at most a quarter of the plain expression's at V = 128,256.
 
     python benchmarks/loss_memory.py                     # V = 8,192, 50,257 and 128,256
-    python benchmarks/loss_memory.py --vocabs 512 --batch 2 --context 32 --repeats 1   # smoke
+    python benchmarks/loss_memory.py --quick             # tiny: does it run?
+
+Each run writes a new results/loss-memory-<cpu>-<isa>-t<threads>-torch<version>-<time>.json.
 
 The first variant must be the plain expression (the ratios are to it).
 """
@@ -26,7 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch._dynamo  # noqa: F401  (see main())
@@ -36,6 +40,9 @@ from torch import nn
 from amptrain.hardware import measure_memory
 from amptrain.head_loss import fused_next_token_loss
 from amptrain.losses import next_token_cross_entropy
+
+sys.path.insert(0, str(Path(__file__).parent))
+import provenance  # noqa: E402
 
 
 def plain(hidden: torch.Tensor, head: nn.Linear, ids: torch.Tensor) -> torch.Tensor:
@@ -112,7 +119,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument("--quick", action="store_true", help="tiny: does it run?")
+    parser.add_argument("--out", type=Path, default=None, help="default: a new results/ file")
     args = parser.parse_args()
+    if args.quick:
+        args.vocabs, args.batch, args.context, args.repeats = "512", 2, 32, 1
+    meta = provenance.start("loss_memory")
+    rows = []
     # torch's chunked op imports torch._dynamo on its first call (~100 MB of Python objects,
     # seconds, once per process); it is imported above, before the memory workers fork, so
     # the figures are the loss's own and not that one-time import.
@@ -125,6 +138,8 @@ def main() -> None:
         results = measure(args, vocab)
         plain_mb = results["F.cross_entropy on .float()"][0]
         for name, (mb, seconds) in results.items():
+            rows.append({"vocab": vocab, "variant": name, "extra_mb": mb, "vs_plain": mb / plain_mb,
+                         "median_s": seconds})  # fmt: skip
             print(
                 f"| {vocab:,} | {name} | {mb:,.0f} | {mb / plain_mb:.2f} | {seconds * 1e3:,.0f} |"
             )
@@ -134,6 +149,12 @@ def main() -> None:
         verdict = "met" if fused_mb <= plain_mb / 4 else "MISSED"
         print(f"| {vocab:,} | target: fused <= plain / 4 | {fused_mb:,.0f} <= "
               f"{plain_mb / 4:,.0f} | {verdict} | |")  # fmt: skip
+    meta.update({"shape": {k: getattr(args, k) for k in ("batch", "context", "width")},
+                 "precision": args.precision, "repeats": args.repeats, "device": args.device,
+                 "note": "extra_mb: what head + loss add over the hidden states and the weight; "
+                         "median_s is not to be trusted on a loaded machine"})  # fmt: skip
+    out = args.out or provenance.result_file("loss-memory", args.quick)
+    provenance.write(out, meta, {"results": rows})
 
 
 if __name__ == "__main__":

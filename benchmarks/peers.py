@@ -7,21 +7,22 @@ run is 2,000 steps long and stopped after the job's steps), Lightning's Trainer,
 Accelerate, the transformers Trainer (its own default optimizer), and with `--ablation` the
 plain loop with each of amptrain's levers alone, amptrain with each lever off, and amptrain
 with `compile=True` (its compile time is outside the timed steps). Every run
-is a fresh process (no shared caches or allocator state); rounds are interleaved and the
-order of the arms rotates each round, so machine drift hits all alike. Per arm and precision:
-median tokens/s over rounds with min-max and the spread ((max - min) / median), the ratios to
-the plain loop and to the expert's loop with the min-max of their per-round ratios and a paired
-verdict (faster or slower only when every round agrees; 3 rounds or more), peak RSS of the
-process, and the held-out loss after the same steps (measured
-the same way for every arm). An arm whose spread exceeds `WIDE_SPREAD` is flagged: its ratios
-are then not to be trusted.
+is a fresh process with an inductor cache and an amptrain cache of its own (no compiled code or
+measured decision carries from one run to the next); rounds are interleaved and the order of the
+arms rotates each round, so machine drift hits all alike. Per arm and precision: median
+tokens/s over rounds with min-max and the spread ((max - min) / median), the ratios to the plain
+loop and to the expert's loop (`rounds.ratio`: the ratio of medians, the min-max of the
+per-round ratios, a verdict only where 5 rounds or more all agree), peak RSS of the process, and
+the held-out loss after the same steps (measured the same way for every arm). An arm whose
+spread exceeds `WIDE_SPREAD` makes its verdicts inconclusive.
 
     pip install -e '.[bench]' -c constraints.txt
     python benchmarks/peers.py --quick                 # a few seconds per arm: does it run?
-    python benchmarks/peers.py --rounds 3 --ablation   # the real measurement, on a quiet machine
+    python benchmarks/peers.py --rounds 5 --ablation   # the real measurement, on a quiet machine
     python benchmarks/peers.py --job gpt-v128k --arms plain,expert,amptrain --precisions fp32
 
-The result goes to benchmarks/results/peers-<job>-<cpu>-<isa>-t<threads>-torch<version>.json.
+Each run writes a new file with its provenance (`provenance.py`):
+benchmarks/results/peers-<job>-<cpu>-<isa>-t<threads>-torch<version>-<time>.json.
 """
 
 from __future__ import annotations
@@ -31,19 +32,20 @@ import dataclasses
 import importlib.util
 import json
 import os
-import platform
-import re
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import provenance  # noqa: E402
 from peers_arms import ABLATION, ARMS, JOBS, PEERS, heldout_loss  # noqa: E402
-from rounds import WIDE_SPREAD, paired, summary, verdict, write_result  # noqa: E402
+from rounds import MIN_ROUNDS, WIDE_SPREAD, ratio, summary  # noqa: E402
+
+from amptrain import hardware  # noqa: E402
 
 _NEEDS = {"lightning": "lightning", "accelerate": "accelerate", "transformers": "transformers"}
 
@@ -56,7 +58,7 @@ def worker(arm: str, job_name: str, precision: str, steps: int, warmup: int) -> 
     return {
         "tokens_per_s": job.tokens_per_step / statistics.median(step_times),
         "fast_tokens_per_s": job.tokens_per_step / fast_step(step_times),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": hardware.peak_memory_mb(torch.device("cpu"))[0],  # the process's
         "heldout_loss": heldout_loss(model, job),
         "steps": len(stamps),
     }
@@ -75,48 +77,14 @@ def fast_step(step_times: list[float]) -> float:
 def _spawn(arm: str, job: str, precision: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", arm, "--job", job, "--precisions", precision,
            "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="amptrain-peers-") as caches:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{caches}/inductor",
+               "AMPTRAIN_CACHE_DIR": f"{caches}/amptrain"}  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-3:]
         return {"error": " | ".join(tail) or f"exit code {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            line = next((x for x in f if x.startswith("model name")), "")
-        return line.split(":", 1)[1].strip() or platform.processor() or "unknown-cpu"
-    except (OSError, IndexError):
-        return platform.processor() or "unknown-cpu"
-
-
-def cpu_isa() -> str:
-    """The CPU's widest bf16-relevant instruction set: one model name covers several kinds."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((x for x in f if x.startswith("flags")), "").split()
-    except OSError:
-        return "unknown-isa"
-    for flag, name in (("amx_bf16", "amx"), ("avx512_bf16", "avx512bf16"), ("avx512f", "avx512")):
-        if flag in flags:
-            return name
-    return "avx2" if "avx2" in flags else "no-avx2"
-
-
-def cpu_slug() -> str:
-    """The CPU for result file names (`amd-epyc-avx512bf16`); every benchmark names it so."""
-    return re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") + "-" + cpu_isa()
-
-
-def results_file(stem: str) -> Path:
-    """benchmarks/results/<stem>-<cpu>-<isa>-t<threads>-torch<version>.json, for any benchmark."""
-    name = f"{stem}-{cpu_slug()}-t{torch.get_num_threads()}-torch{torch.__version__}"
-    return Path(__file__).parent / "results" / f"{name.replace('+', '-')}.json"
-
-
-def result_path(args: argparse.Namespace) -> Path:
-    return results_file(f"peers-{args.job}")
 
 
 def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
@@ -138,28 +106,28 @@ def summarise(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
         bases = {r["precision"]: r for r in rows if r["arm"] == ref and "error" not in r}
         for row in rows:
             base = bases.get(row["precision"])
-            if base and "error" not in row:
-                row[f"speed_vs_{ref}"] = row["tokens_per_s_median"] / base["tokens_per_s_median"]
-                row[f"verdict_vs_{ref}"] = verdict(row, base)
-                if row is not base:
-                    mine, theirs = runs[row["precision"], row["arm"]], runs[row["precision"], ref]
-                    for prefix, key in (("", "tokens_per_s"), ("fast_", "fast_tokens_per_s")):
-                        found = paired_by_round(mine, theirs, key)
-                        if found:
-                            row[f"{prefix}paired_vs_{ref}"] = found
+            if base and "error" not in row and row is not base:
+                mine, theirs = runs[row["precision"], row["arm"]], runs[row["precision"], ref]
+                quiet = max(row["spread"], base["spread"]) <= WIDE_SPREAD
+                for prefix, key in (("", "tokens_per_s"), ("fast_", "fast_tokens_per_s")):
+                    found = ratio_by_round(mine, theirs, key, quiet)
+                    if found:
+                        row[f"{prefix}vs_{ref}"] = found
             if ref == "plain" and base and "error" not in row:
                 row["loss_vs_plain"] = row["heldout_loss"] / base["heldout_loss"] - 1
                 row["rss_vs_plain"] = row["peak_rss_mb_median"] / base["peak_rss_mb_median"]
     return rows
 
 
-def paired_by_round(arm_runs: list[dict], ref_runs: list[dict], key: str) -> dict | None:
-    """`rounds.paired` of figure `key` over the rounds where both arms measured it, or None."""
+def ratio_by_round(
+    arm_runs: list[dict], ref_runs: list[dict], key: str, quiet: bool
+) -> dict | None:
+    """`rounds.ratio` of figure `key` over the rounds where both arms measured it, or None."""
     pairs = [(r[key], b[key]) for r, b in zip(arm_runs, ref_runs) if key in r and key in b]
     if not pairs:
         return None
     mine, theirs = zip(*pairs, strict=True)
-    return paired(list(mine), list(theirs))
+    return ratio(list(mine), list(theirs), quiet)
 
 
 def wide_spreads(rows: list[dict]) -> list[str]:
@@ -169,9 +137,9 @@ def wide_spreads(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    """A Markdown table, the same one the README shows: per reference arm (plain, expert), the
-    ratio of the median tokens/s with the min-max of the per-round ratios and the paired verdict
-    (see `rounds.paired`), then the same paired ratio on the fast steps (`fast_step`)."""
+    """A Markdown table, the one the docs show: per reference arm (plain, expert), `rounds.ratio`
+    of tokens/s (the ratio of medians, the per-round min-max, the verdict), then the same ratio on
+    the fast steps (`fast_step`)."""
     out = ["| precision | arm | tokens/s median (min-max) | spread | x plain (rounds) "
            "| vs plain | x expert (rounds) | vs expert | fast steps: x plain "
            "| fast steps: x expert | peak RSS MB | held-out loss (vs plain) |",
@@ -183,15 +151,14 @@ def table(rows: list[dict]) -> str:
         lo, hi = r["tokens_per_s_range"]
         cells = []
         for ref in ("plain", "expert"):
-            pair = r.get(f"paired_vs_{ref}")
+            pair = r.get(f"vs_{ref}")
             mine = r["arm"] == ref
-            cells += ([_ratio(r[f"speed_vs_{ref}"], pair), pair["verdict"]] if pair
+            cells += ([_ratio(pair), pair["verdict"]] if pair
                       else ["1.00" if mine else "", "reference" if mine else ""])  # fmt: skip
         for ref in ("plain", "expert"):
-            fast = r.get(f"fast_paired_vs_{ref}")
-            reference = "reference" if r["arm"] == ref else ""
-            cells.append(f"{_ratio(fast['ratio_median'], fast)}, {fast['verdict']}" if fast
-                         else reference)  # fmt: skip
+            fast = r.get(f"fast_vs_{ref}")
+            cells.append(f"{_ratio(fast)}, {fast['verdict']}" if fast
+                         else "reference" if r["arm"] == ref else "")  # fmt: skip
         loss = r.get("loss_vs_plain", float("nan"))
         out.append(
             f"| {r['precision']} | {r['arm']} "
@@ -202,15 +169,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _ratio(ratio: float, pair: dict) -> str:
+def _ratio(pair: dict) -> str:
     lo, hi = pair["ratio_range"]
-    return f"{ratio:.2f} ({lo:.2f}-{hi:.2f})"
+    return f"{pair['ratio_of_medians']:.2f} ({lo:.2f}-{hi:.2f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--job", choices=sorted(JOBS), default="gpt")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=MIN_ROUNDS)
     parser.add_argument("--steps", type=int, default=None, help="default: the job's")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--precisions", default="bf16,fp32")
@@ -238,7 +205,7 @@ def main() -> None:
     if missing:
         print(f"skipping {missing}: install them with pip install -e '.[bench]' -c constraints.txt")
         arms = [a for a in arms if a not in missing]
-    load_before = os.getloadavg()[0]
+    meta = provenance.start("peers")
     runs: dict[tuple[str, str], list[dict]] = {
         (p, a): [] for p in args.precisions.split(",") for a in arms
     }
@@ -251,13 +218,18 @@ def main() -> None:
                 print(f"round {round_ + 1}/{args.rounds} {precision} {arm}: {got}", flush=True)
     rows = summarise(runs)
     job = dataclasses.replace(JOBS[args.job], steps=args.steps)
-    meta = {"benchmark": "peers", "job": dataclasses.asdict(job),
-            "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "platform": platform.platform(), "rounds": args.rounds, "warmup": args.warmup,
-            "quick": args.quick, "load_average_before_after": [load_before, os.getloadavg()[0]],
-            "note": "a load average near or above the thread count means other jobs shared "
-                    "the cores: the ratios are then not to be trusted"}  # fmt: skip
-    print(f"\n{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, job {args.job}\n")
+    meta.update(
+        {
+            "job": dataclasses.asdict(job),
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "quick": args.quick,
+            "caches": "a fresh inductor and amptrain cache per run",
+        }
+    )
+    machine = meta["machine"]
+    print(f"\n{machine['cpu']} ({machine['isa']}), {machine['threads']} threads, "
+          f"torch {meta['torch']}, job {args.job}\n")  # fmt: skip
     print(table(rows))
     wide = wide_spreads(rows)
     meta["wide_spread"] = wide
@@ -265,7 +237,8 @@ def main() -> None:
         print(f"\nSPREAD TOO WIDE (over {WIDE_SPREAD:.0%} of the median): {', '.join(wide)}; "
               "their ratios are not to be trusted: rerun alone on a quiet machine")  # fmt: skip
     raw = {f"{p}/{a}": r for (p, a), r in runs.items()}
-    write_result(args.out or result_path(args), {**meta, "results": rows, "raw": raw})
+    out = args.out or provenance.result_file(f"peers-{args.job}", args.quick)
+    provenance.write(out, meta, {"results": rows, "raw": raw})
 
 
 if __name__ == "__main__":

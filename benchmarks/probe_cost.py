@@ -8,6 +8,9 @@ time, so its figures hold on a loaded machine (`tests/test_gpu_decisions.py` che
 decisions there); the wall time of a whole probe does not, so run it alone to quote that.
 
     python benchmarks/probe_cost.py [--runs 9] [--threads N] [--out FILE]
+    python benchmarks/probe_cost.py --quick        # two probes: does it run?
+
+Each run writes a new results/probe-cost-<cpu>-<isa>-t<threads>-torch<version>-<time>.json.
 """
 
 from __future__ import annotations
@@ -15,15 +18,17 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import platform
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
 from amptrain import capability
 from amptrain.precision import auto_choice
+
+sys.path.insert(0, str(Path(__file__).parent))
+import provenance  # noqa: E402
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -35,9 +40,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true", help="two probes: does it run?")
+    parser.add_argument("--out", type=Path, default=None, help="default: a new results/ file")
     args = parser.parse_args()
+    if args.quick:
+        args.runs = 2
     torch.set_num_threads(args.threads)
+    meta = provenance.start("probe_cost")
     cpu = torch.device("cpu")
     tables = []
     for _ in range(args.runs):
@@ -47,20 +56,13 @@ def main() -> None:
         (auto_choice(t, cpu)[0], tuple(p for p in t.tflops if t.emulated(p))) for t in tables
     )
     result = {
-        "cpu": capability.cpu_model(),
-        "flags": list(capability.cpu_flags()),
-        "threads": args.threads,
-        "load_average_1min": os.getloadavg()[0],
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        "runs": args.runs,
         "probe_seconds": spread([t.seconds for t in tables]),
         "tflops": {p: spread([t.tflops[p] for t in tables]) for p in tables[0].tflops},
         "decisions (auto, emulated): runs": {str(k): v for k, v in decisions.items()},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    provenance.write(args.out or provenance.result_file("probe-cost", args.quick), meta, result)
 
 
 if __name__ == "__main__":

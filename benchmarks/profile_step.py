@@ -5,6 +5,9 @@ Both train the same seeded GPT on the same batches for `--steps` steps (after wa
 work in amptrain's step (casts, fills, copies) stands out next to the plain loop's.
 
     python benchmarks/profile_step.py [--precision fp32] [--steps 8] [--ops aten::fill_,aten::copy_]
+    python benchmarks/profile_step.py --quick      # the tiny job: does it run?
+
+A diagnostic: it prints its table and writes no result file (no figure in the docs comes from it).
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ def main() -> None:
     parser.add_argument("--arms", default="plain,amptrain")
     parser.add_argument("--ops", default="", help="comma-separated ops to show (default: top 25)")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--quick", action="store_true", help="the tiny job: does it run?")
     args = parser.parse_args()
+    if args.quick:
+        args.job, args.steps = "quick", 3
     job = peers_arms.JOBS[args.job]
     job = type(job)(**{**job.__dict__, "steps": args.steps})
     arms = args.arms.split(",")

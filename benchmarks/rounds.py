@@ -1,43 +1,48 @@
-"""Interleaved rounds of benchmark arms, and what may be said of them.
+"""Interleaved rounds of benchmark arms, and the one statistic every benchmark reports.
 
 One machine's speed drifts (other jobs, frequency, caches), so a benchmark runs every arm once
-per round with the order rotated each round, and reports per arm the median over rounds, the
-min-max range and the spread ((max - min) / median). A ratio between two arms is told apart
-only when their ranges do not overlap; where an arm's spread exceeds `WIDE_SPREAD` the verdict
-that includes the spread calls it inconclusive. The paired verdict compares two arms round by
-round instead (their ratio in each round), which cancels the drift between rounds; it tells the
-arms apart only when every round agrees. `peers.py`, `epilogue.py` and
-`working_copy.py` share these helpers.
+per round with the order rotated each round. Every ratio between two arms, in every benchmark
+and every figure the docs quote, is the same statistic (`ratio`): the ratio of the arms' medians
+over the rounds, with the min-max of the per-round ratios beside it. A verdict (faster, slower)
+is given only where at least `MIN_ROUNDS` rounds ran and every round agrees: with no real
+difference, all n rounds fall on one side by chance with probability 2^(1-n), a quarter of the
+time with 3 rounds and 6 % with 5 (`chance_all_agree`). An arm whose spread over rounds
+((max - min) / median) exceeds `WIDE_SPREAD` makes the verdict inconclusive: the machine was
+not quiet. `peers.py`, `epilogue.py` and `working_copy.py` share these helpers.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 WIDE_SPREAD = 0.10
 """An arm whose tokens/s range over rounds exceeds this fraction of its median is flagged."""
+MIN_ROUNDS = 5
+"""Rounds a verdict needs, all agreeing."""
 
 
 def round_options(parser: argparse.ArgumentParser, steps: int) -> None:
     """The options of a benchmark in rounds: rounds, steps, warm-up steps, the result file."""
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=MIN_ROUNDS)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out (compile included)")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/...")
+    parser.add_argument("--quick", action="store_true", help="tiny and short: does it run?")
+    parser.add_argument("--out", type=Path, default=None, help="default: a new results/ file")
 
 
 def parse_rounds(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The parsed options, refused in one line (exit 2) where they leave nothing to measure."""
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 1, 6, 2
     if args.steps < args.warmup + 3:
         parser.error(f"--steps {args.steps} leaves under 2 timed steps after --warmup "
                      f"{args.warmup}: give --steps {args.warmup + 3} or more")  # fmt: skip
     if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds}: give 1 or more (3 for a verdict)")
+        parser.error(f"--rounds {args.rounds}: give 1 or more ({MIN_ROUNDS} for a verdict)")
     return args
 
 
@@ -61,85 +66,63 @@ def summary(rates: list[float]) -> dict:
             "spread": (max(rates) - min(rates)) / median}  # fmt: skip
 
 
-def verdict(row: dict, base: dict) -> str:
-    """Whether the arm's speed is told apart from the reference's: ranges that overlap are not."""
-    if row is base:
-        return "reference"
-    lo, hi = row["tokens_per_s_range"]
-    base_lo, base_hi = base["tokens_per_s_range"]
-    if row["runs"] < 2 or base["runs"] < 2:
-        return "inconclusive: one run per arm"
-    if lo > base_hi:
-        return "faster (ranges apart)"
-    if hi < base_lo:
-        return "slower (ranges apart)"
-    return "inconclusive: ranges overlap"
+def chance_all_agree(rounds: int) -> float:
+    """How often all `rounds` per-round ratios fall on one side of 1 with no real difference."""
+    return 2.0 ** (1 - rounds)
 
 
-def paired(rates: list[float], base_rates: list[float]) -> dict:
-    """The arm's speed over the reference's, round by round (the two ran minutes apart at most,
-    so the machine's drift between rounds cancels): the median ratio, its min-max, and a verdict
-    that tells the arm apart only where every round agrees. Rounds where either arm failed are
-    left out by the caller."""
+def ratio(rates: list[float], base_rates: list[float], quiet: bool = True) -> dict:
+    """An arm against the reference over the same rounds (a round where either failed is left
+    out by the caller): the ratio of medians, the min-max of the per-round ratios, and a
+    verdict only where at least `MIN_ROUNDS` rounds ran, all agree, and the machine was `quiet`
+    (no arm's spread over `WIDE_SPREAD`)."""
     ratios = [r / b for r, b in zip(rates, base_rates, strict=True)]
-    lo, hi = min(ratios), max(ratios)
-    if len(ratios) < 3:
-        said = f"inconclusive: {len(ratios)} paired round(s), 3 needed"
+    lo, hi, n = min(ratios), max(ratios), len(ratios)
+    if n < MIN_ROUNDS:
+        said = (f"inconclusive: {n} round(s), {MIN_ROUNDS} needed (all {n} agree by chance "
+                f"{chance_all_agree(n):.0%} of the time)")  # fmt: skip
+    elif not quiet:
+        said = f"inconclusive: a spread over {WIDE_SPREAD:.0%}, the machine was not quiet"
     elif lo > 1:
-        said = f"faster in all {len(ratios)} rounds"
+        said = f"faster in all {n} rounds"
     elif hi < 1:
-        said = f"slower in all {len(ratios)} rounds"
+        said = f"slower in all {n} rounds"
     else:
         said = "inconclusive: the rounds disagree"
-    return {"ratio_median": statistics.median(ratios), "ratio_range": [lo, hi], "verdict": said}
-
-
-def verdict_within_spread(row: dict, base: dict) -> str:
-    """`verdict`, but inconclusive as well when either arm's spread exceeds `WIDE_SPREAD`."""
-    if row is not base and max(row["spread"], base["spread"]) > WIDE_SPREAD:
-        return f"inconclusive: spread over {WIDE_SPREAD:.0%}"
-    return verdict(row, base)
+    return {"ratio_of_medians": statistics.median(rates) / statistics.median(base_rates),
+            "ratio_range": [lo, hi], "rounds": n, "verdict": said,
+            "chance_all_agree": chance_all_agree(n)}  # fmt: skip
 
 
 def compare(runs: dict[str, list[dict]], reference: str) -> list[dict]:
     """One row per arm: `summary` of its `tokens_per_s`, its median `loss`, and both against
-    the reference arm's (speed ratio, verdict, relative loss)."""
+    the reference arm's (`ratio`, the relative loss)."""
     rows = [{"arm": arm, **summary([r["tokens_per_s"] for r in results]),
              "loss": statistics.median(r["loss"] for r in results)}
             for arm, results in runs.items()]  # fmt: skip
     base = next(r for r in rows if r["arm"] == reference)
     for row in rows:
-        row["speed_vs_reference"] = row["tokens_per_s_median"] / base["tokens_per_s_median"]
-        row["verdict"] = verdict_within_spread(row, base)
         if row is not base:
-            row["paired"] = paired([r["tokens_per_s"] for r in runs[row["arm"]]],
-                                   [r["tokens_per_s"] for r in runs[reference]])  # fmt: skip
+            quiet = max(row["spread"], base["spread"]) <= WIDE_SPREAD
+            rates = [r["tokens_per_s"] for r in runs[row["arm"]]]
+            row["vs_reference"] = ratio(rates, [r["tokens_per_s"] for r in runs[reference]], quiet)
         row["loss_vs_reference"] = row["loss"] / base["loss"] - 1
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """A Markdown table of `compare`'s rows."""
-    out = ["| arm | tokens/s median (min-max) | spread | x reference | verdict "
-           "| paired by round (min-max) | loss (vs ref) |",
-           "|---|---|---:|---:|---|---|---|"]  # fmt: skip
+    out = ["| arm | tokens/s median (min-max) | spread | x reference (rounds min-max) "
+           "| verdict | loss (vs ref) |",
+           "|---|---|---:|---|---|---|"]  # fmt: skip
     for r in rows:
         lo, hi = r["tokens_per_s_range"]
-        pair = r.get("paired")
-        by_round = "reference"
+        pair = r.get("vs_reference")
+        cells = ["1.000", "reference"]
         if pair:
             p_lo, p_hi = pair["ratio_range"]
-            by_round = f"{pair['verdict']} ({p_lo:.3f}-{p_hi:.3f})"
+            cells = [f"{pair['ratio_of_medians']:.3f} ({p_lo:.3f}-{p_hi:.3f})", pair["verdict"]]
         out.append(f"| {r['arm']} | {r['tokens_per_s_median']:,.0f} ({lo:,.0f}-{hi:,.0f}) "
-                   f"| {r['spread']:.0%} | {r['speed_vs_reference']:.3f} | {r['verdict']} "
-                   f"| {by_round} | {r['loss']:.4f} ({r['loss_vs_reference']:+.2%}) |")  # fmt: skip
+                   f"| {r['spread']:.0%} | {' | '.join(cells)} "
+                   f"| {r['loss']:.4f} ({r['loss_vs_reference']:+.2%}) |")  # fmt: skip
     return "\n".join(out)
-
-
-def write_result(path: Path, payload: dict) -> None:
-    """Write a result file atomically: a reader never sees half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
-    print(f"\nwritten to {path}")

@@ -2,7 +2,8 @@
 
 The job is one where parameters and optimizer state dominate: a TinyGPT of 12 layers x 768
 (about 85M parameters), batch 1 per process, context 128, fp32, AdamW. Each arm runs in fresh
-processes (no shared allocator state). Per rank: the peak resident set size (`ru_maxrss`, all
+processes (no shared allocator state). Per rank: the process's peak resident set size
+(`hardware.peak_memory_mb`, never reset here, so all
 the process holds: torch itself, weights, gradients, AdamW moments, activations, buffers);
 per arm: the median tokens/s of all ranks together over the steps after the warm-up. The
 arms share the machine's cores equally: one process gets every thread, two get half each.
@@ -17,8 +18,8 @@ tensors. Every arm therefore runs with the same fixed threshold (`MALLOC_MMAP_TH
     python benchmarks/sharding.py              # the measurement (memory is meaningful even
                                                # under load; timings need a quiet machine)
 
-The result goes to benchmarks/results/sharding-<cpu>-t<threads>-torch<version>.json, with
-the load average before and after.
+Each run writes a new results/sharding-<cpu>-<isa>-t<threads>-torch<version>-<time>.json with
+its provenance (`provenance.py`: the load average before and after among it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import sys
@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import cpu_model, cpu_slug  # noqa: E402
+import provenance  # noqa: E402
 
 ARMS = {"one": (1, "ddp"), "ddp": (2, "ddp"), "fsdp": (2, "fsdp")}
 SIZES = {"full": dict(n_layer=12, n_embd=768, n_head=12), "quick": dict(n_layer=2, n_embd=64,
@@ -53,6 +53,7 @@ def free_port() -> int:
 
 def _train(rank: int, world: int, port: int, strategy: str, args: argparse.Namespace, out: str):
     import amptrain
+    from amptrain import hardware
     from amptrain.models import GPTConfig, TinyGPT
 
     torch.set_num_threads(max(1, args.threads // world))
@@ -67,8 +68,9 @@ def _train(rank: int, world: int, port: int, strategy: str, args: argparse.Names
     result = amptrain.fit(model, data, None, precision="fp32", batch_size=1, lr=1e-4,
                           max_steps=args.steps, strategy=strategy, log_every=1)  # fmt: skip
     rates = [h["perf/tokens_per_s"] for h in result.history if "perf/tokens_per_s" in h]
-    figures = {"rank": rank, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-               / 1024, "tokens_per_s": statistics.median(rates[args.warmup:]),
+    peak, _ = hardware.peak_memory_mb(torch.device("cpu"))  # the process's, from its start
+    figures = {"rank": rank, "peak_rss_mb": peak,
+               "tokens_per_s": statistics.median(rates[args.warmup :]),
                "parameters": params, "sharding": result.fast_path["sharding"]}  # fmt: skip
     Path(f"{out}-{rank}.json").write_text(json.dumps(figures))
     if world > 1:
@@ -93,13 +95,6 @@ def run_arm(arm: str, args: argparse.Namespace, tmp: Path) -> dict:
         "peak_rss_mb_per_rank": [round(r["peak_rss_mb"], 1) for r in ranks],
         "tokens_per_s": round(ranks[0]["tokens_per_s"], 1), "sharding": ranks[0]["sharding"],
     }  # fmt: skip
-
-
-def result_path(args: argparse.Namespace) -> Path:
-    slug = cpu_slug()
-    quick = "-quick" if args.quick else ""
-    name = f"sharding{quick}-{slug}-t{args.threads}-torch{torch.__version__}"
-    return Path(__file__).parent / "results" / f"{name.replace('+', '-')}.json"
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -129,23 +124,21 @@ def main() -> None:
     if args.mmap_threshold:  # read by glibc when each spawned process starts
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
 
-    load_before = os.getloadavg()[0]
+    meta = provenance.start("sharding")
     with tempfile.TemporaryDirectory() as tmp:
         rows = {arm: run_arm(arm, args, Path(tmp)) for arm in ARMS}
     ratio = max(rows["fsdp"]["peak_rss_mb_per_rank"]) / max(rows["ddp"]["peak_rss_mb_per_rank"])
-    meta = {
-        "cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
-        "model": SIZES["quick" if args.quick else "full"], "batch_per_process": 1,
-        "context": args.context, "precision": "fp32", "steps": args.steps, "warmup": args.warmup,
-        "load_average_before_after": [load_before, os.getloadavg()[0]],
+    meta.update({
+        "threads_per_arm": args.threads, "model": SIZES["quick" if args.quick else "full"],
+        "batch_per_process": 1, "context": args.context, "precision": "fp32",
+        "steps": args.steps, "warmup": args.warmup,
         "malloc_mmap_threshold": args.mmap_threshold or "glibc dynamic",
         "fsdp_vs_ddp_peak_rss": round(ratio, 3), "target_fsdp_vs_ddp": 0.6,
-    }  # fmt: skip
-    path = args.out or result_path(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    })  # fmt: skip
     print(table(rows))
-    print(f"FSDP peak per rank / DDP: {ratio:.2f} (target <= 0.6); written {path}")
+    print(f"FSDP peak per rank / DDP: {ratio:.2f} (target <= 0.6)")
+    provenance.write(args.out or provenance.result_file("sharding", args.quick), meta,
+                     {"results": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,24 +6,23 @@ bf16 copy of them refreshed once per optimizer step; the forward and backward ru
 (with fp32 LayerNorm/softmax statistics left to the bf16 kernels, which is where the numbers
 can differ), and the bf16 gradients are accumulated into the fp32 masters. Both arms train
 the same seeded GPT on the same tokens. Rounds are interleaved (the order of the arms rotates
-each round); per arm: median tokens/s over rounds, min-max and spread, the ratio to autocast
-with a verdict (inconclusive where the ranges overlap or a spread exceeds 10 %), and the loss
+each round); per arm: median tokens/s over rounds, min-max and spread, `rounds.ratio` to
+autocast (ratio of medians, per-round min-max, a verdict only where 5 rounds or more agree and
+no spread exceeds 10 %), and the loss
 of the last step, the working copy's relative to autocast's (the bar: within 1 %). amptrain
 does not build the working copy: adopt it only where this shows it faster and within the
 bar, on a CPU with native bf16 (AMX/AVX512-BF16) or a GPU.
 
-    python benchmarks/working_copy.py [--rounds 3] [--steps 30] [--warmup 5]
-    python benchmarks/working_copy.py --steps 6 --warmup 2 --rounds 1 --width 32 --layers 2  # smoke
+    python benchmarks/working_copy.py [--rounds 5] [--steps 30] [--warmup 5]
+    python benchmarks/working_copy.py --quick      # tiny and short: does it run?
 
-The result goes to benchmarks/results/working-copy-<cpu>-<isa>-t<threads>-torch<version>.json.
+Each run writes a new results/working-copy-<cpu>-<isa>-t<threads>-torch<version>-<time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import time
@@ -35,8 +34,8 @@ import torch.nn.functional as F
 from amptrain.models import GPTConfig, TinyGPT
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import cpu_model, results_file  # noqa: E402
-from rounds import compare, interleave, parse_rounds, round_options, table, write_result  # noqa: E402
+import provenance  # noqa: E402
+from rounds import compare, interleave, parse_rounds, round_options, table  # noqa: E402
 
 
 def _loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -96,29 +95,31 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
-    return parse_rounds(parser)
+    args = parse_rounds(parser)
+    if args.quick:
+        args.width, args.layers, args.context, args.batch = 32, 2, 16, 2
+    return args
 
 
 def main() -> None:
     args = parse()
-    load_before = os.getloadavg()[0]
+    meta = provenance.start("working_copy")
     runs = interleave({"autocast": lambda: run(args, False),
                        "working copy": lambda: run(args, True)}, args.rounds)  # fmt: skip
     rows = compare(runs, reference="autocast")
     rel = rows[1]["loss_vs_reference"]
-    meta = {"benchmark": "working_copy", "cpu": cpu_model(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "platform": platform.platform(),
-            "shape": {k: getattr(args, k) for k in
-                      ("steps", "warmup", "vocab", "width", "layers", "context", "batch")},
-            "rounds": args.rounds, "loss_within_1_percent": abs(rel) <= 0.01,
-            "load_average_before_after": [load_before, os.getloadavg()[0]]}  # fmt: skip
-    print(f"\n{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}\n")
+    meta.update({"shape": {k: getattr(args, k) for k in
+                           ("steps", "warmup", "vocab", "width", "layers", "context", "batch")},
+                 "rounds": args.rounds, "loss_within_1_percent": abs(rel) <= 0.01})  # fmt: skip
+    machine = meta["machine"]
+    print(f"\n{machine['cpu']}, {machine['threads']} threads, torch {meta['torch']}\n")
     print(table(rows))
     print(
         f"\nloss within 1 %: {'yes' if abs(rel) <= 0.01 else 'NO'} ({rel:+.2%}). Times need "
         "a quiet machine; they mean nothing where bf16 is emulated (no AMX/AVX512-BF16)"
     )
-    write_result(args.out or results_file("working-copy"), {**meta, "results": rows, "raw": runs})
+    out = args.out or provenance.result_file("working-copy", args.quick)
+    provenance.write(out, meta, {"results": rows, "raw": runs})
 
 
 if __name__ == "__main__":
