@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +89,11 @@ def plan(
 _MEASURED: dict[tuple, AttentionPlan] = {}
 
 
+def reset() -> None:
+    """Forget the plans measured in this process, so the next `auto` measures again."""
+    _MEASURED.clear()
+
+
 def _measure(
     model: nn.Module, precision: Precision, sample: torch.Tensor, repeats: int
 ) -> AttentionPlan:
@@ -123,7 +127,7 @@ def _time_backends(
     try:
         for i in range(repeats + 1):
             for name in runs:
-                seconds = _one_pass(model, precision, sample, AttentionPlan(name, "").context)
+                seconds = time_pass(model, precision, sample, name)
                 if i:  # the first pass of each backend is warm-up
                     runs[name].append(seconds)
     finally:
@@ -131,16 +135,15 @@ def _time_backends(
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
-def _one_pass(
-    model: nn.Module,
-    precision: Precision,
-    sample: torch.Tensor,
-    context: Callable[[], contextlib.AbstractContextManager],
-) -> float:
+def time_pass(model: nn.Module, precision: Precision, sample: torch.Tensor, backend: str) -> float:
+    """Seconds of one forward+backward of `model` on `sample` with attention `backend`.
+
+    `backend` is "default" or "math"; on CUDA the pass is synchronised. What `auto` compares.
+    """
     sync = (lambda: torch.cuda.synchronize(sample.device)) if sample.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
-    with context(), precision.autocast():
+    with AttentionPlan(backend, "").context(), precision.autocast():
         logits = extract_logits(model(sample))
     logits.float().square().mean().backward()
     sync()

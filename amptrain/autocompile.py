@@ -42,11 +42,14 @@ from amptrain.precision import Precision
 
 COMPILE_GUESS_S = 60.0
 """Compile seconds assumed when no run of this model recorded any: a cold cache on a small CPU."""
-SAVING_GUESS = 0.10
-"""Share of an fp32 step's time a compiled step is assumed to save when none was recorded."""
-AUTOCAST_SAVING_GUESS = 0.20
+SAVING_GUESS = 0.01
+"""Share of an fp32 step's time a compiled step is assumed to save when none was recorded:
+1 - 1/1.01, the ratio of medians of amptrain compiled against not compiled on `peers.py`'s gpt
+job (a 2-core AVX512-BF16 CPU, 5 rounds that disagree: 0.92-1.05), in
+benchmarks/results/peers-gpt-amd-epyc-avx512bf16-t2-torch2.13.0-cpu-20261206T212205Z.json."""
+AUTOCAST_SAVING_GUESS = 0.05
 """The same under autocast (bf16, fp16), where compiling also fuses the casts autocast adds to
-every forward: `benchmarks/peers.py` measured 21-22 % on a 2-core AVX512-BF16 CPU."""
+every forward: 1 - 1/1.054 in the same file (bf16; per round 0.98-1.14)."""
 TIMED_PASSES = 3
 """Passes timed on each side (after a warm-up) whose median decides; eager stops at one when the
 run is too short for compiling to pay even at half that pass's time."""

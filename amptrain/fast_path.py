@@ -59,6 +59,11 @@ def plan_fast_path(
 _last_said: list[str] = []  # what this process said last (a search says it once)
 
 
+def reset() -> None:
+    """Forget the line said last, so the next run says its fast path even if it is the same."""
+    _last_said.clear()
+
+
 def _say(fast_path: Mapping[str, Any]) -> None:
     """One line naming the step's kernels, when it differs from the last one said.
 

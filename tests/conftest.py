@@ -91,6 +91,21 @@ def _deterministic_cpu():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_process_state():
+    """Each test starts from what a new process knows: no measured attention plan, no fast-path
+    line said, no model file announced, no emulated-precision warning given, no freed memory
+    kept; so no test passes or fails by the order the tests ran in. The capability probe's
+    table stays: it is the machine's, and measuring it for every test would cost minutes."""
+    from amptrain import allocator, attention, fast_path, precision
+    from amptrain.models import user_file
+
+    for module in (attention, fast_path, user_file, allocator):
+        module.reset()
+    precision.reset_warnings()
+    yield
+
+
 @pytest.fixture
 def fake_probe(monkeypatch):
     """Stand a capability table in for this machine's probe: `fake_probe(Capabilities(...))`."""

@@ -62,7 +62,8 @@ def test_steps_that_fault_get_freed_memory_kept_and_stop_faulting():
     record = _record("auto")
     assert record["allocator"] == "kept", record
     assert record["allocator_faults_per_step"] > allocator.FAULTS_PER_STEP
-    assert "allocator_faults_after" in record  # steps 6-8 counted again
+    # steps 7-9 counted again, kept memory reused: far fewer faults than before
+    assert record["allocator_faults_after"] < record["allocator_faults_per_step"] / 1.5, record
     assert "mallopt(M_TRIM_THRESHOLD=1024 MiB" in record["allocator_reason"]
 
 

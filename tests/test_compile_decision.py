@@ -72,7 +72,7 @@ def test_a_record_of_the_earlier_single_measurement_shape_still_reads(records):
 
 
 def test_confirm_keeps_the_compiled_step_only_when_its_median_is_faster():
-    decision = decide(2000, eager_step_s=statistics.median([0.5, 0.9, 0.5]), recorded=None)
+    decision = decide(20_000, eager_step_s=statistics.median([0.5, 0.9, 0.5]), recorded=None)
     passes = [0.4, 1.2, 0.41]  # one slow compiled pass: its median is still faster
     kept = confirm(decision, compile_s=30.0, compiled_step_s=statistics.median(passes))
     assert kept.compile and kept.figures["compiled_step_s"] == 0.41

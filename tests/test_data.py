@@ -16,8 +16,9 @@ def test_builtin_corpus_is_real_stdlib_text():
     blocks = data.load("builtin", 64)
     assert len(blocks) > 10_000
     assert blocks.inputs.max() < 256
-    text = bytes(blocks.inputs[0].tolist()).decode("utf-8", errors="replace")
-    assert text.isprintable() or "\n" in text
+    assert bytes(blocks.inputs[0].tolist()) == files[0].read_bytes()[:64]
+    corpus = b"\n".join(f.read_bytes() for f in files)  # the files joined by a newline
+    assert bytes(blocks.inputs.flatten().tolist()) == corpus[: blocks.inputs.numel()]
 
 
 def test_text_folder_skips_binary_and_hidden_files(tmp_path):

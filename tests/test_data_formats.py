@@ -11,6 +11,7 @@ import gzip
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,11 +128,18 @@ def _nanogpt_bin(path, ids, dtype=np.uint16):
     return path
 
 
-def test_a_nanogpt_uint16_bin_is_memory_mapped_token_ids(tmp_path):
+def test_a_nanogpt_uint16_bin_is_memory_mapped_token_ids(tmp_path, monkeypatch):
+    from amptrain.data import tokens
+
     ids = (np.arange(4000) * 7919 % 50257).tolist()  # GPT-2 sized ids
     path = _nanogpt_bin(tmp_path / "train.bin", ids)
+    opened, real = [], tokens.open_token_file
+    monkeypatch.setattr(tokens, "open_token_file", lambda *a: opened.append(real(*a)) or opened[-1])
     blocks = data.load(path, 64)
-    assert isinstance(blocks.store.numpy().base, np.memmap) or blocks.store.dtype == torch.uint16
+    (mapping,) = opened
+    assert isinstance(mapping, np.memmap) and Path(mapping.filename) == path.resolve()
+    assert blocks.store.data_ptr() == mapping.ctypes.data  # the mapping itself, not a copy
+    assert blocks.store.dtype == torch.uint16
     assert blocks.max_id == max(ids) and len(blocks) == 4000 // 64
     assert blocks.inputs[1].tolist() == ids[64:128]
     x, y = blocks.take(torch.tensor([2]))

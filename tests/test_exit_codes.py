@@ -1,4 +1,5 @@
-"""E1: the exit codes of `amptrain`, one meaning each, as the README's table lists them."""
+"""E1: the exit codes of `amptrain`, one meaning each, as the table of `amptrain train`'s page
+(docs/commands/train.md) lists them."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def signal_at_step_end(monkeypatch, step, signum):
     monkeypatch.setattr(loop, "emit", emit)
 
 
-def test_the_readme_table_lists_every_code_with_its_test():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+def test_the_documented_table_lists_every_code_with_its_test():
+    readme = (Path(__file__).parents[1] / "docs" / "commands" / "train.md").read_text()
     rows = dict(re.findall(r"^\| `(\d+)` \| [^|]+ \| `(tests/[^`]+)` \|$", readme, re.M))
     assert sorted(map(int, rows)) == sorted(EXIT_CODES)
     here = Path(__file__).read_text()

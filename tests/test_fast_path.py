@@ -172,3 +172,20 @@ def test_cli_flags_reach_the_fit_options():
     assert no.fit.compile is False
     with pytest.raises(ConfigError, match="attention='flash' is invalid"):
         config_from_args(build_parser().parse_args(["train", "--attention", "flash"]))
+
+
+@pytest.mark.parametrize("math_s, chosen", [(0.5, "math"), (0.9, "math"), (0.95, "default")])
+def test_auto_attention_keeps_math_only_when_it_wins_by_the_margin(monkeypatch, math_s, chosen):
+    """Controlled timings: math at 0.9 of the default's time or less is taken, above it not."""
+    seconds = {"default": 1.0, "math": math_s}
+    seen = []
+
+    def timed(model, precision, sample, backend):
+        seen.append(backend)
+        return seconds[backend]
+
+    monkeypatch.setattr(attention, "time_pass", timed)
+    got = attention.plan("auto", tiny_model(), resolve("bf16", "cpu"), pattern_blocks(4).inputs)
+    assert got == AttentionPlan(
+        chosen, f"measured: math attention takes {math_s:.2f}x the default's time")  # fmt: skip
+    assert seen == ["default", "math"] * 4  # a warm-up pass each, then 3 interleaved

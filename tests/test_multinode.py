@@ -1,6 +1,6 @@
-"""Two torchrun "machines" on this host run the README's multi-node line, with DDP and FSDP.
+"""Two torchrun "machines" on this host run the multi-node line of the distributed guide.
 
-The line is read from the README, so the documented command is the one tested: `head-node`
+The line is read from that page, so the documented command is the one tested: `head-node`
 becomes 127.0.0.1 with a free port, `...` a small fp32 run, and the second machine gets
 `--node-rank 1`. Both runs must equal one process with the same global batch.
 """
@@ -21,13 +21,15 @@ from spawning import free_port
 
 from amptrain.models.trained import WEIGHTS, read_weights
 
-README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+README = (Path(__file__).parent.parent / "docs" / "guides" / "distributed.md").read_text(
+    encoding="utf-8"
+)
 SMALL = ("--data corpus.txt --precision fp32 --context 32 --layers 2 --width 32 --heads 2 "
          "--max-steps 6 --eval-every 3 --no-progress")  # fmt: skip
 
 
 def readme_multinode_line() -> str:
-    """The README's one `torchrun --nnodes 2` line, continuations joined."""
+    """The page's one `torchrun --nnodes 2` line, continuations joined."""
     text = README.replace("\\\n", " ")
     (line,) = [x.strip() for x in text.splitlines() if x.strip().startswith("torchrun --nnodes")]
     return re.sub(r"\s+", " ", line)

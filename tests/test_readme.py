@@ -1,8 +1,9 @@
-"""The README's code runs: every `amptrain` command line and every Python block, made small.
+"""The documentation's code runs: every `amptrain` command line and every Python block of the
+README and of each page of the documentation site (`docs/`), made small.
 
-The README's placeholders are made real in a scratch folder (`my_corpus/`, `path/to/model.py`
-with `MyTransformer`, `m.py:Net`, a `model` in Python ...), and step counts are cut down, so
-the test checks that each snippet is a working use of the current API, not its speed.
+The placeholders are made real in a scratch folder (`my_corpus/`, `path/to/model.py` with
+`MyTransformer`, `m.py:Net`, a `model` in Python ...), and step counts are cut down, so the
+test checks that each snippet is a working use of the current API, not its speed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from conftest import save_tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 MODEL_FILE = """
 import torch
@@ -57,6 +58,7 @@ SMALLER = [
     (r"--workers \d+", "--workers 1"), (r"--seeds [\d,]+", "--seeds 0,1,2"),
     (r"max_steps=\d+", "max_steps=2"), (r"n_epochs=\d+", "n_epochs=1"),
     (r"context=128", "context=32"), (r'"d_model": \d+', '"d_model": 32'),
+    (r"\bsteps=\d+", "steps=3"), (r"repeats=\d+", "repeats=1"),
 ]  # fmt: skip
 # Small settings added where a line does not give its own.
 SMALL = {
@@ -67,15 +69,16 @@ SMALL = {
 }  # fmt: skip
 
 
-def blocks(language: str) -> list[str]:
-    """The README's fenced code blocks in `language`."""
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+def blocks(language: str, page: Path) -> list[str]:
+    """The page's fenced code blocks in `language`."""
+    text = page.read_text(encoding="utf-8")
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
 
 
 def command_blocks() -> list[list[str]]:
     """Each bash block's runnable `amptrain ...` lines (continuations joined), in order."""
     found = []
-    for block in blocks("bash"):
+    for block in (b for page in PAGES for b in blocks("bash", page)):
         lines = []
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
@@ -158,9 +161,15 @@ def test_readme_commands_run(scratch, lines):
         assert out.returncode == 0, f"{line}\n{out.stderr[-3000:]}"
 
 
+def _name(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
 @pytest.mark.slow
-def test_readme_python_blocks_run_in_order(scratch, monkeypatch):
-    """The Python blocks share one namespace, as in a notebook, seeded with what they assume."""
+@pytest.mark.parametrize("page", [p for p in PAGES if blocks("python", p)], ids=_name)
+def test_python_blocks_run_in_order(scratch, monkeypatch, page):
+    """A page's Python blocks share one namespace, as in a notebook, seeded with what they
+    assume."""
     import types
 
     import torch
@@ -170,6 +179,23 @@ def test_readme_python_blocks_run_in_order(scratch, monkeypatch):
     exec(MODEL_FILE, namespace)  # noqa: S102 - the test's own model file
     namespace["model"] = namespace["MyTransformer"](256)  # byte tokens
     namespace["config"] = types.SimpleNamespace(vocab_size=256, max_seq_len=32)
-    for block in blocks("python"):
-        code = compile(smaller(block), "README.md", "exec")
-        exec(code, namespace)  # noqa: S102 - the README's own snippets
+    for name, value in _SEEDS.items():  # what a page assumes from an earlier page
+        namespace.setdefault(name, value(namespace))
+    for block in blocks("python", page):
+        code = compile(smaller(block), _name(page), "exec")
+        exec(code, namespace)  # noqa: S102 - the documentation's own snippets
+
+
+def _blocks_of(namespace: dict):
+    from amptrain import data
+
+    return data.split(data.load("my_corpus/", context=32), val_fraction=0.1, seed=0)
+
+
+# Names the guides use as set up on the getting-started page: the data, a resolved precision.
+_SEEDS = {
+    "amptrain": lambda ns: __import__("amptrain"),
+    "train": lambda ns: _blocks_of(ns)[0],
+    "val": lambda ns: _blocks_of(ns)[1],
+    "prec": lambda ns: __import__("amptrain").resolve("auto", "cpu"),
+}

@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.util
+import io
 import json
 import math
 import shlex
@@ -21,7 +22,7 @@ from amptrain.cli import main  # noqa: E402
 from amptrain.config import FitOptions, TrainConfig  # noqa: E402
 from amptrain.errors import ConfigError, PrecisionError  # noqa: E402
 from amptrain.optim import lr_factor  # noqa: E402
-from amptrain.search import redact, search  # noqa: E402
+from amptrain.search import redact, report, search  # noqa: E402
 from amptrain.search import space as search_space  # noqa: E402
 
 MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -289,12 +290,24 @@ def test_records_keep_the_tier3_keys_and_serialise(data):
 
 
 def test_two_objectives_give_a_pareto_front(data):
-    result = search(tiny_model, *data, SPACE, n_trials=2, objectives=("val_loss", "tokens_per_s"),
+    result = search(tiny_model, *data, SPACE, n_trials=4, objectives=("val_loss", "tokens_per_s"),
                     **QUICK)  # fmt: skip
     for trial in result.trials:
         assert trial.state == "COMPLETE" and len(trial.values) == 2
         assert trial.values[1] == trial.metrics["tokens_per_s"] > 0
-    assert result.best_value == min(t.value for t in result.trials)
+    done = [t for t in result.trials if t.state == "COMPLETE"]
+
+    def dominates(a, b) -> bool:  # lower loss and higher tokens/s, better in one at least
+        return a.values[0] <= b.values[0] and a.values[1] >= b.values[1] and a.values != b.values
+
+    front = {b.number for b in done if not any(dominates(a, b) for a in done)}
+    assert set(result.pareto_front) == front and result.best_number in front
+    assert result.best_value == min(t.value for t in done if t.number in front)
+    caption = " ".join(report.console_table(result).caption.split())
+    assert f"Pareto front (val loss vs tokens/s): trials {', '.join(map(str, sorted(front)))}" in (
+        caption)  # fmt: skip
+    rows = list(csv.DictReader(io.StringIO(report.trials_csv(result))))
+    assert {int(r["number"]) for r in rows if r["pareto"] == "True"} == front
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path, data):

@@ -27,6 +27,11 @@ log = logging.getLogger("amptrain")
 _ANNOUNCED: set[tuple[Path, str]] = set()  # (path, sha256) of the files already announced
 
 
+def reset() -> None:
+    """Forget which model files were announced, so the next import logs its path again."""
+    _ANNOUNCED.clear()
+
+
 def import_symbol(path: Path, symbol: str | None) -> object:
     """Import `path` and return its `symbol`; log the resolved path and sha256 first.
 

@@ -51,6 +51,7 @@ from amptrain.search.study import (
     is_url,
     open_study,
     optimize_trials,
+    pareto_front,
     redact,
     storage_failures,
     study_settings,
@@ -89,7 +90,11 @@ class TrialRecord:
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
-    """A finished search. `best_*` is the COMPLETE trial of lowest validation loss."""
+    """A finished search.
+
+    `best_*` is the COMPLETE trial of lowest validation loss (with two objectives, the one of
+    the Pareto front with the lowest validation loss).
+    """
 
     study_name: str
     storage: str | None
@@ -105,6 +110,9 @@ class SearchResult:
     settings: dict[str, Any]
     trials: tuple[TrialRecord, ...] = dataclasses.field(repr=False)
     study: Any = dataclasses.field(default=None, repr=False, compare=False)
+    pareto_front: tuple[int, ...] = ()
+    """With two objectives, the trials no other trial beats on both (validation loss and
+    tokens/s), by number; empty with one objective."""
 
     @property
     def all_trials(self) -> list[dict[str, Any]]:
@@ -368,6 +376,7 @@ def _result(study: Any, job: SearchJob) -> SearchResult:
         baseline_number=None if baseline is None else baseline.number,
         baseline_value=None if baseline is None else baseline.value,
         settings=study_settings(job), trials=trials, study=study,
+        pareto_front=pareto_front(study),
     )  # fmt: skip
 
 

@@ -112,6 +112,9 @@ def _verdict(result: SearchResult) -> str:
         change = result.best_value / result.baseline_value - 1
         text += (f"; of the base settings (trial {result.baseline_number}*): "
                  f"{result.baseline_value:.4f} ({change:+.1%})")  # fmt: skip
+    if result.pareto_front:
+        front = ", ".join(str(n) for n in result.pareto_front)
+        text += f"; Pareto front (val loss vs tokens/s): trials {front}"
     return text
 
 
@@ -136,6 +139,7 @@ def write_outputs(
         "values": result.best_values, "params": result.best_params,
         "metrics": None if best is None else best.metrics, "command": result.best_command,
         "baseline": {"number": result.baseline_number, "value": result.baseline_value},
+        "pareto_front": list(result.pareto_front),
     })  # fmt: skip
     if MATPLOTLIB_AVAILABLE and result.study is not None:
         plot_search(result, run_dir)
@@ -149,8 +153,9 @@ def trials_csv(result: SearchResult) -> str:
     names = sorted({k for t in result.trials for k in t.params})
     extra = [f"value_{o}" for o in result.objectives[1:]]
     figures = [m for m in _METRICS if m not in names]  # a searched precision is a column already
-    fields = ["number", "state", "value", *extra, *names, "reason", "duration_s", "baseline",
-              "counted", "retry_of", *figures]  # fmt: skip
+    front = ["pareto"] if len(result.objectives) > 1 else []
+    fields = ["number", "state", "value", *extra, *front, *names, "reason", "duration_s",
+              "baseline", "counted", "retry_of", *figures]  # fmt: skip
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fields)
     writer.writeheader()
@@ -160,6 +165,8 @@ def trials_csv(result: SearchResult) -> str:
                "retry_of": t.retry_of, **{k: t.metrics.get(k) for k in figures},
                **t.params}  # fmt: skip
         row.update(zip(extra, (t.values or ())[1:]))
+        if front:
+            row["pareto"] = t.number in result.pareto_front
         writer.writerow(row)
     return out.getvalue()
 

@@ -239,9 +239,26 @@ def count_trials(study: Any) -> int:
 
 
 def best_trial(study: Any) -> Any:
-    """The COMPLETE trial of lowest validation loss (on the Pareto front when multi-objective)."""
+    """The COMPLETE trial of lowest validation loss.
+
+    With two objectives, the one of the Pareto front (`pareto_front`) with the lowest validation
+    loss, the faster of two that tie.
+    """
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if len(study.directions) > 1:
+        done = list(study.best_trials)
+        return min(done, key=lambda t: (t.values[0], -t.values[1])) if done else None
     return min(done, key=lambda t: t.values[0]) if done else None
+
+
+def pareto_front(study: Any) -> tuple[int, ...]:
+    """The numbers of the trials no other trial beats on every objective (`best_trials`).
+
+    Empty with one objective.
+    """
+    if len(study.directions) < 2:
+        return ()
+    return tuple(sorted(t.number for t in study.best_trials))
 
 
 def best_trial_value(study: Any) -> float | None:
