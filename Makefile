@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test test-fast lint bench-overhead clean
+.PHONY: demo test test-fast lint docs bench-overhead clean
 
 $(BIN)/amptrain-core: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test-fast: $(BIN)/amptrain-dev
 lint: $(BIN)/amptrain-dev
 	$(BIN)/ruff check amptrain tests benchmarks
 	$(BIN)/ruff format --check amptrain tests benchmarks
+
+docs: $(BIN)/amptrain-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench-overhead: $(BIN)/amptrain-core
 	$(BIN)/python benchmarks/loop_overhead.py

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from amptrain.adapter import count_targets, forward_logits
+from amptrain.adapter import IGNORE_INDEX, count_targets, forward_logits
 
 # Each SDPA kernel by name, and whether it is a backward (which counts twice the forward).
 _SDPA = {
@@ -40,24 +40,37 @@ _SDPA = {
 
 
 def train_flops_per_token(
-    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor | None = None
+    model: nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[float, str]:
     """FLOPs of one forward + backward on `ids`, per target token, and how they were obtained.
 
-    `labels` default to `ids` (next-token prediction on the same rows). If the counter sees
-    nothing (an operator set it does not know), the 6N estimate (N = parameters) is returned.
+    `labels` default to `ids` (next-token prediction on the same rows: every position but the
+    last of each row is a target); positions labelled `ignore_index` are not targets. The
+    model is counted in eval mode (dropout off: a CPU runs attention with dropout through
+    plain matmuls, which the counter cannot tell causal), then put back as it was. If the
+    counter sees nothing (an operator set it does not know), the 6N estimate (N = parameters)
+    is returned instead.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     labels = ids if labels is None else labels
     counter = FlopCounterMode(display=False, custom_mapping=_attention_formulas())
-    with counter:
-        forward_logits(model, ids, labels).float().sum().backward()
-    model.zero_grad(set_to_none=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with counter:
+            forward_logits(model, ids, labels).float().sum().backward()
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
     total = counter.get_total_flops()
+    targets = count_targets(labels, ignore_index) or ids.shape[0] * (ids.shape[1] - 1)
     if total > 0:
         how = "counted (torch.utils.flop_counter, forward + backward, causal attention as causal)"
-        return total / max(count_targets(labels), 1), how
+        return total / max(targets, 1), how
     n_params = sum(p.numel() for p in model.parameters())
     return 6.0 * n_params, "estimated (6N, N = parameters)"
 
@@ -78,9 +91,11 @@ def attention_flops(
 def causal_fraction(s_q: int, s_k: int) -> float:
     """The fraction of an `s_q x s_k` score matrix a causal mask allows (top-left aligned).
 
-    Query i sees keys 0..i, as `scaled_dot_product_attention(is_causal=True)` masks them.
+    Query i sees keys 0..i, as `scaled_dot_product_attention(is_causal=True)` masks them:
+    min(i + 1, s_k) keys, summed over the queries.
     """
-    seen = sum(min(i + 1, s_k) for i in range(s_q))
+    full = max(s_q - s_k, 0)  # queries past the last key see every key
+    seen = min(s_q, s_k) * (min(s_q, s_k) + 1) // 2 + full * s_k
     return seen / (s_q * s_k)
 
 

@@ -116,18 +116,22 @@ def write(path: Path, meta: dict, payload: dict) -> Path:
     with the same `--out` is refused with the way out.
     """
     meta = {**meta, "machine": {**meta["machine"], "load_after": os.getloadavg()[0]}}
+    text = json.dumps({**meta, **payload}, indent=2, default=str) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({**meta, **payload}, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     try:
         os.link(tmp, path)  # fails if `path` exists: results are never overwritten
-    except FileExistsError:
-        sys.exit(f"{path} exists; result files are never overwritten: give a new --out")
-    finally:
-        tmp.unlink()
+    except FileExistsError:  # the measurement is kept where it was written
+        sys.exit(f"{path} exists; result files are never overwritten: this run's result is in "
+                 f"{tmp}; rename it, or give a new --out")  # fmt: skip
+    except OSError:  # a filesystem without hard links: create the file exclusively instead
+        with open(path, "x") as f:
+            f.write(text)
+    tmp.unlink()
     load = meta["machine"]
     print(f"\nwritten to {path}")
-    if max(load["load_before"], load["load_after"]) > 0.5 * (load["cores"] or 1):
-        print(f"LOAD {load['load_before']:.1f} before, {load['load_after']:.1f} after on "
-              f"{load['cores']} cores: other jobs shared the machine; rerun alone")  # fmt: skip
+    if load["load_before"] > 0.5 * (load["cores"] or 1):  # after: the benchmark's own load too
+        print(f"LOAD {load['load_before']:.1f} before the run on {load['cores']} cores: other jobs "
+              "were running; rerun alone for figures of time")  # fmt: skip
     return path

@@ -51,8 +51,9 @@ def with_memory(row: ArmResult, device: torch.device, run: Callable[[], object])
 def with_mfu(rows, model, train: Blocks, device, batch_size: int, world_size: int = 1):
     """The rows with their achieved TFLOP/s (per device) and MFU; the FLOPs-per-token record."""
     probe_model = copy.deepcopy(model)
-    ids, labels = (t.to(device) for t in train.take(slice(2)))
-    flops_per_token, how = flops.train_flops_per_token(probe_model, ids, labels)
+    ids = train.take(slice(2))[0].to(device)
+    # per scored position, as the bench's tokens/s counts them (batch x (context - 1))
+    flops_per_token, how = flops.train_flops_per_token(probe_model, ids)
     del probe_model
     tokens = batch_size * (train.context - 1)
     out = []
