@@ -88,7 +88,17 @@ def command_blocks() -> list[list[str]]:
                 lines.append(line)
         if lines:
             found.append(lines)
-    return found
+    return _merged(found)
+
+
+def _merged(found: list[list[str]]) -> list[list[str]]:
+    """Blocks that start with the same line (pages that train the same run, then use it) as
+    one sequence, each line once: the run is trained once for all of them."""
+    merged: dict[str, list[str]] = {}
+    for lines in found:
+        into = merged.setdefault(lines[0], [])
+        into += [line for line in lines if line not in into]
+    return list(merged.values())
 
 
 def smaller(text: str) -> str:
