@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,6 +96,11 @@ def main() -> None:
     parser.set_defaults(rounds=9)
     parser.add_argument("--precisions", default="fp32,bf16")
     args = parse_rounds(parser)
+    # One process: `fit`'s runs share a fresh amptrain and inductor cache, kept for this run
+    # only (as a user's successive runs share theirs), never the user's own.
+    caches = tempfile.mkdtemp(prefix="amptrain-overhead-")
+    os.environ.update(AMPTRAIN_CACHE_DIR=f"{caches}/amptrain",
+                      TORCHINDUCTOR_CACHE_DIR=f"{caches}/inductor")  # fmt: skip
     cfg = GPTConfig()  # the built-in default: 4 layers x 256, context 128
     if args.quick:
         cfg = GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16)

@@ -68,7 +68,15 @@ class StepWatch:
 
 
 def tmp_path_log(tmp_path: Path) -> str:
-    return (tmp_path / "log.txt").read_text(errors="replace")[-3000:]
+    """The end of the run's output, for an assertion's message."""
+    return whole_log(tmp_path)[-3000:]
+
+
+def whole_log(tmp_path: Path) -> str:
+    """Everything the run printed, its whitespace made single spaces: the console wraps a
+    warning where its length puts it (a server's error text varies), and the run's summary
+    table can push it out of the last lines."""
+    return " ".join((tmp_path / "log.txt").read_text(errors="replace").split())
 
 
 def _until_the_server_has_metrics(server: MlflowServer, process: subprocess.Popen) -> None:
@@ -119,8 +127,7 @@ def test_a_frozen_server_holds_no_step_and_sigterm_ends_the_run_in_seconds(tmp_p
         assert time.monotonic() - asked < 10
     finally:
         process.kill()
-    said = tmp_path_log(tmp_path)
-    said = " ".join(said.split())  # no answer, or a full queue while waiting for one
+    said = whole_log(tmp_path)  # no answer, or a full queue while waiting for one
     assert len(re.findall(r"MLflow \w+ failed \(", said)) == 1, said
     assert "training continues without MLflow" in said
     assert "stopped by SIGTERM after step" in said and "Traceback" not in said
@@ -143,7 +150,7 @@ def test_a_server_that_dies_mid_run_is_one_warning_and_a_record_in_the_summary(t
     (run_dir,) = tmp_path.glob("runs/train-*")
     (failure,) = json.loads((run_dir / "summary.json").read_text())["tracker_failures"]
     assert failure["sink"] == "MLflow" and failure["during"] == "log" and failure["step"] > 0
-    said = tmp_path_log(tmp_path)
+    said = whole_log(tmp_path)
     assert said.count("training continues without MLflow") == 1 and "Traceback" not in said
 
 
@@ -152,6 +159,6 @@ def test_a_closed_port_is_refused_in_seconds_with_no_run_left(tmp_path):
     process = _train(tmp_path, "http://127.0.0.1:1", "--max-steps", "2")
     assert process.wait(timeout=120) == 2
     assert time.monotonic() - started < 20
-    said = tmp_path_log(tmp_path)
+    said = whole_log(tmp_path)
     assert "MLflow could not start" in said and "Traceback" not in said and "Retrying" not in said
     assert not list(tmp_path.glob("runs/train-*"))
