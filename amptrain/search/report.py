@@ -21,7 +21,7 @@ from rich.table import Table
 
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.runs import atomic_write_bytes, atomic_write_json, make_dirs
-from amptrain.search import SearchResult
+from amptrain.search.records import SearchResult
 
 log = logging.getLogger("amptrain")
 
