@@ -57,7 +57,7 @@ def train_flops_per_token(
     from torch.utils.flop_counter import FlopCounterMode
 
     labels = ids if labels is None else labels
-    counter = FlopCounterMode(display=False, custom_mapping=_attention_formulas())
+    counter = FlopCounterMode(display=False, custom_mapping=attention_formulas())
     was_training = model.training
     model.eval()
     try:
@@ -110,8 +110,12 @@ def mask_fraction(mask: torch.Tensor) -> float:
     return float((mask > torch.finfo(mask.dtype).min / 2).float().mean())
 
 
-def _attention_formulas() -> dict[object, object]:
-    """The counter's formula for each SDPA kernel this torch has."""
+def attention_formulas() -> dict[object, object]:
+    """A `FlopCounterMode(custom_mapping=...)` formula for each SDPA kernel this torch has.
+
+    CPU flash, CUDA flash, memory-efficient and cuDNN, forward and backward; each counts the
+    scores its causal flag or mask lets through.
+    """
     ops = {getattr(torch.ops.aten, name, None): backward for name, backward in _SDPA.items()}
     return {op: _formula(op, backward) for op, backward in ops.items() if op is not None}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from amptrain.compiling import LossFn, compiled_graphs
 from amptrain.config import FitOptions
 from amptrain.errors import Interrupted, NonFiniteError
 from amptrain.fast_path import plan_fast_path
+from amptrain.fit_result import FitResult, TrainState, fit_result
 from amptrain.hardware import peak_memory_mb, reset_peak_memory
 from amptrain.interrupts import EvalCut, agree_on_stop, deferred_signals, stop_handler
 from amptrain.metrics import tracking
@@ -43,72 +43,6 @@ from amptrain.step import Batch, DeviceCounters, evaluate, train_step
 __all__ = ["FitResult", "TrainState", "check_data", "evaluate", "fit", "preflight", "train_step"]
 
 log = logging.getLogger("amptrain")
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Counters of a run; everything a resume needs besides the tensors."""
-
-    step: int = 0
-    """Optimizer steps taken, skipped ones included."""
-    batches: int = 0
-    """Micro-batches consumed: the position in the seeded batch order."""
-    tokens: int = 0
-    """Target tokens trained on."""
-    skipped_steps: int = 0
-    """Steps skipped because the gradient norm was inf or NaN."""
-    consecutive_nonfinite: int = 0
-    """Non-finite steps in a row; training stops at FitOptions.max_nonfinite."""
-    last_finite_loss: float = math.nan
-    """Training loss of the most recent finite step."""
-    last_finite_step: int = -1
-    """Step number of that loss."""
-    should_stop: bool = False
-    """A callback sets this to end training after the current step."""
-    stop_signal: int = 0
-    """The signal (SIGINT 2, SIGTERM 15) that asked training to stop; 0 if none."""
-    eval_pending: bool = False
-    """This step's evaluation is owed (a signal came first); a resumed run does it first."""
-    evaluating: bool = False
-    """An evaluation that a signal may cut short is running."""
-    stop_requested: int = 0
-    """A stop asked on this process and not yet agreed: the signal, -1 for a callback's, or 0.
-    One process agrees at once; several on the next logging, evaluation or checkpoint step."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FitResult:
-    """The record of a finished run."""
-
-    precision: str
-    reason: str
-    device: str
-    steps: int
-    skipped_steps: int
-    tokens: int
-    train_time_s: float
-    tokens_per_s: float
-    final_train_loss: float
-    initial_val_loss: float | None
-    final_val_loss: float | None
-    final_val_accuracy: float | None
-    best_val_loss: float | None
-    best_step: int | None
-    loss_scale: float
-    peak_mem_mb: float
-    mem_source: str
-    fast_path: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The step's kernels and why: optimizer, attention backend, loss, compilation (seconds)."""
-    history: tuple[dict[str, Any], ...] = dataclasses.field(repr=False, default=())
-    precision_warning: str | None = None
-    precision_probe: dict[str, Any] | None = None
-
-    def to_dict(self, history: bool = False) -> dict[str, Any]:
-        """Plain values; the per-step history only when asked for."""
-        out = dataclasses.asdict(self)
-        if not history:
-            out.pop("history")
-        return out
 
 
 def fit(
@@ -211,7 +145,7 @@ def fit(
                         fast_path["recompiles"])  # fmt: skip
     if state.stop_signal:
         raise Interrupted(state.stop_signal, state.step, run.last_checkpoint)
-    return dataclasses.replace(_result(prec, state, tracker, train_time), fast_path=fast_path)
+    return dataclasses.replace(fit_result(prec, state, tracker, train_time), fast_path=fast_path)
 
 
 @dataclasses.dataclass
@@ -429,32 +363,3 @@ def _eval_and_log(run: _Loop) -> None:
     _log(run.sinks, metrics, state.step)
     emit(run.callbacks, "on_eval_end", state, metrics)
     agree_on_stop(state, synced=True)
-
-
-def _result(prec: Precision, state: TrainState, tracker: Tracker, train_time: float) -> FitResult:
-    steps = [r for r in tracker.records if "train/loss" in r]
-    evals = tracker.evaluations()
-    best = tracker.best("val/loss")
-    peak, source = peak_memory_mb(prec.device)
-    return FitResult(
-        precision=prec.name,
-        reason=prec.reason,
-        device=str(prec.device),
-        steps=state.step,
-        skipped_steps=state.skipped_steps,
-        tokens=state.tokens,
-        train_time_s=train_time,
-        tokens_per_s=state.tokens / train_time if train_time > 0 else 0.0,
-        final_train_loss=steps[-1]["train/loss"] if steps else math.nan,
-        initial_val_loss=evals[0]["val/loss"] if evals else None,
-        final_val_loss=evals[-1]["val/loss"] if evals else None,
-        final_val_accuracy=evals[-1]["val/accuracy"] if evals else None,
-        best_val_loss=best["val/loss"] if best else None,
-        best_step=best["step"] if best else None,
-        loss_scale=prec.loss_scale,
-        peak_mem_mb=peak,
-        mem_source=source,
-        history=tuple(tracker.records),
-        precision_warning=prec.warning,
-        precision_probe=prec.probe_figures(),
-    )

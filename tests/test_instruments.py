@@ -281,6 +281,33 @@ def test_a_llama_style_block_flops_equal_a_hand_count(mask):
     assert flops == pytest.approx((linear + attention) / (b * (t - 1)), rel=1e-12)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kernel", ["flash", "efficient", "cudnn"])
+def test_the_cuda_attention_kernels_are_counted_as_masked(kernel, causal):
+    """The CUDA kernels, run on meta tensors (their shapes, no GPU): forward and backward,
+    each argument found by name in its own schema."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from amptrain.flops import attention_flops, attention_formulas
+
+    aten = torch.ops.aten
+    calls = {
+        "flash": lambda q, k, v: aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal),
+        "efficient": lambda q, k, v: aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal),
+        "cudnn": lambda q, k, v: aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal),
+    }  # fmt: skip
+    shape = (2, 4, 16, 8)
+    q, k, v = (torch.empty(shape, device="meta", dtype=torch.float16, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    counter = FlopCounterMode(display=False, custom_mapping=attention_formulas())
+    with counter:
+        calls[kernel](q, k, v)[0].sum().backward()
+    allowed = causal_fraction(16, 16) if causal else 1.0
+    assert counter.get_total_flops() == 3 * attention_flops(shape, shape, shape, allowed)
+
+
 def test_ignored_labels_are_not_target_tokens():
     model, ids = tiny_model(), pattern_blocks(2).take(slice(2))[0]
     labels = ids.clone()
