@@ -238,8 +238,19 @@ def _known(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"{where} has unknown keys {unknown}; known keys: {sorted(names)}")
+        raise ConfigError(f"{where} has unknown keys {unknown}{_nearest(unknown[0])}; known "
+                          f"keys: {sorted(names)}")  # fmt: skip
     return values
+
+
+def _nearest(key: str) -> str:
+    """`; did you mean fit.lr?` for the setting nearest an unknown key, where one is near."""
+    import difflib
+
+    places = {f.name: f.name for f in dataclasses.fields(TrainConfig)}
+    places.update({f.name: f"fit.{f.name}" for f in dataclasses.fields(FitOptions)})
+    near = difflib.get_close_matches(key.replace("-", "_"), list(places), n=1, cutoff=0.6)
+    return f" (did you mean {places[near[0]]}?)" if near else ""
 
 
 def _is_int(value: object) -> bool:

@@ -72,3 +72,84 @@ def test_a_valid_partial_config_file_is_accepted(tmp_path):
     config.write_text('{"fit": {"lr": 0.01}, "context": 32}')
     cfg = config_from_args(Namespace(config=config))
     assert cfg.fit.lr == 0.01 and cfg.context == 32 and cfg.fit.max_steps == 200
+
+
+SAME_SETTINGS = {
+    "yaml": "model: tiny-gpt\ncontext: 32\nlr: 3e-4\nmax-steps: 7\nfit:\n  batch_size: 4\n"
+    "  betas: [0.9, 0.99]\nmodel_kwargs: {n_layer: 1}\nclip_norm: null\n",
+    "toml": 'model = "tiny-gpt"\ncontext = 32\nlr = 3e-4\nmax_steps = 7\n'
+    "[fit]\nbatch_size = 4\nbetas = [0.9, 0.99]\n[model_kwargs]\nn_layer = 1\n",
+    "json": '{"model": "tiny-gpt", "context": 32, "fit": {"lr": 3e-4, "max_steps": 7, '
+    '"batch_size": 4, "betas": [0.9, 0.99]}, "model_kwargs": {"n_layer": 1}}',
+}
+
+
+@pytest.mark.parametrize("kind", SAME_SETTINGS)
+def test_yaml_toml_and_json_configs_give_the_same_settings_flat_keys_placed(tmp_path, kind):
+    from argparse import Namespace
+
+    from amptrain.cli.common import config_from_args
+
+    config = tmp_path / f"settings.{kind}"
+    config.write_text(SAME_SETTINGS[kind])
+    cfg = config_from_args(Namespace(config=config))
+    assert cfg.fit.lr == 3e-4 and isinstance(cfg.fit.lr, float)  # YAML 1.1 read 3e-4 as text
+    assert cfg.fit.max_steps == 7 and cfg.fit.batch_size == 4 and cfg.fit.betas == (0.9, 0.99)
+    assert cfg.context == 32 and cfg.model_kwargs == {"n_layer": 1}
+    assert cfg.fit.clip_norm == (None if kind == "yaml" else 1.0)
+
+
+def test_a_yaml_config_trains_and_a_flag_given_as_well_wins(tmp_path):
+    import json
+
+    config = tmp_path / "settings.yml"
+    config.write_text("context: 16\nmax_steps: 2\nbatch_size: 2\nlr: 1e-3\n"
+                      "model_kwargs: {n_layer: 1, n_embd: 32, n_head: 2}\n")  # fmt: skip
+    out = tmp_path / "runs"
+    code = main(["train", "--config", str(config), "--max-steps", "3", "--out", str(out),
+                 "--no-progress", "--device", "cpu", "--precision", "fp32"])  # fmt: skip
+    assert code == 0
+    saved = json.loads(next(out.glob("*/config.json")).read_text())
+    assert saved["fit"]["max_steps"] == 3 and saved["fit"]["lr"] == 1e-3
+    assert saved["context"] == 16
+
+
+# file name -> (contents, words of the one-line error)
+MALFORMED_OTHER_FORMATS = {
+    "bad.yaml": ("fit:\n  lr: [0.1\n", ["not valid YAML at line", "column"]),
+    "alias.yaml": ("a: &x [1, 2]\nfit: *x\n", ["alias", "line 2"]),
+    "bad.toml": ("lr = = 3\n", ["not valid TOML", "line 1"]),
+    "list.yaml": ("- 1\n- 2\n", ["expected a JSON object", "a list"]),
+    "misplaced.yaml": ("fit:\n  context: 64\n", ["['context'] belong at the top level"]),
+    "twice.toml": ("lr = 0.1\n[fit]\nlr = 0.2\n", ["'lr' is given at the top level", "keep one"]),
+    "typo.yaml": ("learning_rte: 0.1\n", ["unknown keys ['learning_rte']"]),
+    "near.yaml": ("max_step: 3\n", ["unknown keys ['max_step']", "did you mean fit.max_steps?"]),
+    "yaml lr text.yaml": ("lr: fast\n", ["lr='fast'", "a finite number > 0"]),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED_OTHER_FORMATS)
+def test_a_malformed_yaml_or_toml_config_is_one_line_naming_the_place(tmp_path, capsys, name):
+    text, words = MALFORMED_OTHER_FORMATS[name]
+    config = tmp_path / name
+    config.write_text(text)
+    out = tmp_path / "runs"
+    code = main(["train", "--config", str(config), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("amptrain: error: --config "), err
+    assert str(config) in err and "Traceback" not in err
+    for word in words:
+        assert word in err, (word, err)
+    assert not out.exists()
+
+
+def test_a_billion_laughs_yaml_is_refused_before_it_expands(tmp_path, capsys):
+    lines = ["a0: [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 30)]
+    lines[0] = "a0: &a0 [x, x, x, x, x, x, x, x, x]"
+    config = tmp_path / "laughs.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    code = main(["train", "--config", str(config), "--out", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "alias" in err and err.count("\n") == 1, err

@@ -236,7 +236,7 @@ def test_space_errors_name_the_key_and_the_valid_ones(data):
         search(tiny_model, *data, SPACE, n_trials=2, workers=2, steps=1)
 
 
-def test_spaces_load_from_json_and_toml(tmp_path):
+def test_spaces_load_from_json_toml_and_yaml(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps({"lr": {"low": 1e-4, "high": 1e-2, "log": True}}))
     (tmp_path / "s.toml").write_text('precision = ["fp32", "bf16"]\n[lr]\nlow = 1e-4\n'
                                      'high = 1e-2\nlog = true\n')  # fmt: skip
@@ -246,8 +246,10 @@ def test_spaces_load_from_json_and_toml(tmp_path):
     dims = search_space.parse_space(loaded, TrainConfig())
     assert dims["lr"].log and dims["precision"].choices == ("fp32", "bf16")
     (tmp_path / "bad.json").write_text("{lr: 1")
-    with pytest.raises(ConfigError, match="cannot be parsed"):
+    with pytest.raises(ConfigError, match="not valid JSON at line 1"):
         search_space.load_space(tmp_path / "bad.json")
+    (tmp_path / "s.yaml").write_text("precision: [fp32, bf16]\nlr: {low: 1e-4, high: 1e-2}\n")
+    assert search_space.load_space(tmp_path / "s.yaml")["lr"] == {"low": 1e-4, "high": 1e-2}
 
 
 def test_apply_puts_each_name_into_its_config_field():

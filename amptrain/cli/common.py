@@ -43,7 +43,8 @@ def add_train_flags(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -
                            "when the run is long enough to repay the compile time")  # fmt: skip
         group.add_argument("--no-compile", action="store_true", default=argparse.SUPPRESS,
                            help="never compile the step")  # fmt: skip
-    parser.add_argument("--config", type=Path, help="a JSON config, e.g. a run's config.json")
+    parser.add_argument("--config", type=Path, help="settings in JSON, YAML or TOML, e.g. a "
+                        "run's config.json; flags given as well win")  # fmt: skip
     parser.add_argument("--trust-model-code", action="store_true", default=False,
                         help="import the model file a run directory names even if this machine "
                         "has not trained from it (it runs with your privileges)")  # fmt: skip
@@ -87,10 +88,10 @@ def command_settings(args: argparse.Namespace, secret: tuple[str, ...] = ()) -> 
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """A `--config` file's JSON object; errors name the file."""
-    from amptrain.config_file import read_json_object
+    """A `--config` file's object (JSON, YAML or TOML); errors name the file."""
+    from amptrain.config_file import read_config_object
 
-    return read_json_object(path)
+    return read_config_object(path)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from amptrain import settings_file
 from amptrain.config import TrainConfig
 from amptrain.errors import ConfigError
 
@@ -92,7 +93,7 @@ def default_space(precisions: Sequence[str]) -> dict[str, Any]:
 
 
 def load_space(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
-    """Read a space from a `.json` or `.toml` file, or copy a mapping.
+    """Read a space from a JSON, YAML or TOML file (`settings_file`), or copy a mapping.
 
     Raises:
         ConfigError: For a missing or unreadable file, or one that is not a table.
@@ -101,19 +102,9 @@ def load_space(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         return dict(source)
     path = Path(source)
     if not path.is_file():
-        raise ConfigError(f"search space file not found: {path}; give a .json or .toml file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                raise ConfigError(f"{path}: TOML needs Python 3.11+; write it as JSON") from None
-            loaded = tomllib.loads(text)
-        else:
-            loaded = json.loads(text)
-    except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise ConfigError(f"search space {path} cannot be parsed: {exc}") from None
+        raise ConfigError(f"search space file not found: {path}; give a {settings_file.FORMATS} "
+                          "file")  # fmt: skip
+    loaded = settings_file.read(path, f"search space {path}")
     if not isinstance(loaded, dict):
         raise ConfigError(f"search space {path} must be a table of name -> spec, not {loaded!r}")
     return loaded
