@@ -27,10 +27,31 @@ def redact(url: str) -> str:
 
 
 def url_secrets(url: str) -> list[str]:
-    """The secrets `redact` hides in `url`."""
+    """The secrets `redact` hides in `url`.
+
+    A password written with a stray `@` or `/` is also returned in the pieces between them
+    (of 4 characters or more): a driver that splits the URL at the first `@` quotes the rest
+    of the password as part of the host name.
+    """
     found = re.match(_USERINFO, str(url))
-    secrets = [found.group(2)] if found else []
+    secrets = []
+    if found:
+        password = found.group(2)
+        secrets += [password, *(p for p in re.split(r"[@/?#]", password) if len(p) >= 4)]
     return secrets + [m.group(2) for m in re.finditer(_QUERY, str(url))]
+
+
+def quoted_password(url: str) -> str:
+    """`url` with `@`, `/`, `?` and `#` in its password percent-encoded, as URLs need them.
+
+    The password is what `redact` hides (up to the last `@`), so `user:p@ss@host` connects as
+    the user meant instead of to the host `ss@host`. Other characters are left as written.
+    """
+    found = re.match(_USERINFO, str(url))
+    if found is None:
+        return url
+    password = re.sub(r"[@/?#]", lambda m: f"%{ord(m.group()):02X}", found.group(2))
+    return f"{found.group(1)}{password}@{found.group(3)}"
 
 
 def env_secrets(*names: str) -> list[str]:

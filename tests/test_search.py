@@ -275,6 +275,16 @@ def test_redact_hides_passwords(url, shown):
     assert redact(url) == shown
 
 
+def test_a_password_with_a_stray_at_is_quoted_to_connect_and_scrubbed_in_pieces():
+    from amptrain.secrets import quoted_password, scrub, url_secrets
+
+    url = "postgresql://amp:se@cret-Pw0rd/42@db.example:5432/optuna"
+    assert quoted_password(url) == "postgresql://amp:se%40cret-Pw0rd%2F42@db.example:5432/optuna"
+    assert quoted_password("postgresql://amp:plain@host/db") == "postgresql://amp:plain@host/db"
+    leaked = "failed to resolve host 'cret-Pw0rd/42@db.example'"  # a driver split at the first @
+    assert "Pw0rd" not in scrub(leaked, url_secrets(url))
+
+
 def test_a_storage_error_never_shows_the_password(data):
     url = "postgresql://amp:s3cret@127.0.0.1:1/optuna"
     with pytest.raises(ConfigError) as info:

@@ -161,6 +161,9 @@ def _one_line_error(capsys, url: str, corpus: Path, out: Path, monkeypatch) -> s
 
 
 @pytest.mark.parametrize(
+    "secret", ["Wr0ng-PW-xyz", "Wr0ng@PW-xyz/3"]  # the second with an unencoded @ and /
+)
+@pytest.mark.parametrize(
     "case, prefix, expected",
     [("malformed", "{url} is not a valid database URL", "the form is postgresql://user:password@"),
      ("unreachable", "cannot open the study storage {url}: ", "Connection refused"),
@@ -168,10 +171,9 @@ def _one_line_error(capsys, url: str, corpus: Path, out: Path, monkeypatch) -> s
       'password authentication failed for user "amptrain"')],
 )  # fmt: skip
 def test_storage_errors_are_one_line_with_the_password_hidden(
-    case, prefix, expected, request, corpus, tmp_path, capsys, monkeypatch
+    case, prefix, expected, secret, request, corpus, tmp_path, capsys, monkeypatch
 ):
     pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'amptrain[search]'")
-    secret = "Wr0ng-PW-xyz"
     if case == "wrong password":
         url = request.getfixturevalue("pg_server").url("postgres", password=secret)
     else:
@@ -181,6 +183,7 @@ def test_storage_errors_are_one_line_with_the_password_hidden(
     shown = url.replace(secret, "***")
     assert line.startswith(f"amptrain: error: {prefix.format(url=shown)}")
     assert expected in line and secret not in line
+    assert not any(piece in line for piece in ("Wr0ng", "PW-xyz")), line
 
 
 def test_the_heartbeat_settings_are_checked_before_any_trial(train_val):

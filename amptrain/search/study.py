@@ -28,7 +28,7 @@ from amptrain.runs import private_file
 from amptrain.search import space as search_space
 from amptrain.search.journal import open_journal
 from amptrain.search.trial import INTERRUPTED, REPORTS, run_trial
-from amptrain.secrets import redact, scrub, url_secrets
+from amptrain.secrets import quoted_password, redact, scrub, url_secrets
 
 if TYPE_CHECKING:
     from amptrain.search import SearchJob
@@ -97,7 +97,7 @@ def _rdb_storage(spec: str, heartbeat_interval: int, grace_period: int) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-        return optuna.storages.RDBStorage(spec, engine_kwargs=_engine_kwargs(spec),
+        return optuna.storages.RDBStorage(quoted_password(spec), engine_kwargs=_engine_kwargs(spec),
                                           heartbeat_interval=heartbeat_interval,
                                           grace_period=grace_period,
                                           heartbeat_stale_trial_callback=retry)  # fmt: skip
