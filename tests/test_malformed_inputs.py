@@ -23,6 +23,14 @@ CASES = {
     "tokenizer not JSON": ({"tok.json": "not json"}, ["--tokenizer", "tok.json"],
                            "is not a tokenizer.json"),
     "tokenizer empty": ({"tok.json": ""}, ["--tokenizer", "tok.json"], "is not a tokenizer.json"),
+    "tokenizer of an unknown model": ({"tok.json": '{"model": {"type": "Nonesuch", "vocab": {}}}'},
+                                      ["--tokenizer", "tok.json"], "is not a tokenizer.json"),
+    "tokenizer vocabulary a string": (
+        {"tok.json": '{"version": "1.0", "model": {"type": "WordLevel", "vocab": "abc", '
+                     '"unk_token": "x"}}'},
+        ["--tokenizer", "tok.json"], "is not a tokenizer.json"),
+    "tokenizer nested too deep": ({"tok.json": '{"model": ' + "[" * 100_000 + "]" * 100_000 + "}"},
+                                  ["--tokenizer", "tok.json"], "is not a tokenizer.json"),
     "litgpt header cut short": ({"short.bin": "LITPKDS"}, ["--data", "short.bin"],
                                 "a litgpt token file cut short"),
     "model kwargs a list, sized": ({}, ["--model-kwargs", "[1]"],
@@ -153,6 +161,23 @@ def test_an_arrow_file_cut_short_is_one_line_naming_it(tmp_path, capsys):
     args = ["train", "--data", str(tmp_path / "cut.arrow"), *TINY, "--out", str(tmp_path / "runs")]
     said = _one_line(main(args), capsys.readouterr().err)
     assert "cut.arrow is not a readable Arrow file" in said
+
+
+@pytest.mark.parametrize("damage", ["arrow cut short", "state.json not JSON"])
+def test_a_damaged_datasets_folder_is_one_line_naming_the_file(damage, tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": [f"record {i} of a corpus" for i in range(3000)]}
+                               ).save_to_disk(str(folder))  # fmt: skip
+    if damage == "arrow cut short":
+        part = next(folder.glob("*.arrow"))
+        part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    else:
+        part = folder / "state.json"
+        part.write_text("{not json")
+    args = ["train", "--data", str(folder), *TINY, "--out", str(tmp_path / "runs")]
+    said = _one_line(main(args), capsys.readouterr().err)
+    assert f"{part}, a file of the datasets folder {folder}, cannot be read" in said, said
 
 
 def test_an_empty_file_in_a_data_folder_is_skipped_and_said(tmp_path, capsys):

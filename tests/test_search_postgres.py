@@ -161,7 +161,8 @@ def _one_line_error(capsys, url: str, corpus: Path, out: Path, monkeypatch) -> s
 
 
 @pytest.mark.parametrize(
-    "secret", ["Wr0ng-PW-xyz", "Wr0ng@PW-xyz/3"]  # the second with an unencoded @ and /
+    "secret",
+    ["Wr0ng-PW-xyz", "Wr0ng@PW-xyz/3"],  # the second with an unencoded @ and /
 )
 @pytest.mark.parametrize(
     "case, prefix, expected",

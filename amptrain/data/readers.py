@@ -12,10 +12,11 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import functools
 import io
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +179,13 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _unreadable(path: Path, what: str) -> Iterator[None]:
-    """A damaged file's error from pyarrow or datasets, as one line naming the file."""
+def _unreadable(
+    path: Path, what: str, find: Callable[[], Path | None] | None = None
+) -> Iterator[None]:
+    """A damaged file's error from pyarrow or datasets, as one line naming the file.
+
+    `find`, called only on an error, names the damaged file inside the folder `path`.
+    """
     import pyarrow as pa
 
     try:
@@ -188,6 +194,11 @@ def _unreadable(path: Path, what: str) -> Iterator[None]:
         if isinstance(exc, DataError):
             raise
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        part = find() if find else None
+        if part is not None:
+            raise DataError(f"{part}, a file of the {what} {path}, cannot be read ({reason}): "
+                            "it is damaged or cut short; save the data again, or leave it out "
+                            "of --data") from None  # fmt: skip
         raise DataError(f"{path} is not a readable {what} ({reason}): it is damaged or cut "
                         "short; write it again, or leave it out of --data") from None  # fmt: skip
 
@@ -229,7 +240,8 @@ def _datasets(path: Path, field: str) -> Iterator[str]:
     requires("datasets", "data", f"--data {path} (a save_to_disk folder)")
     import datasets
 
-    with _unreadable(path, "datasets folder"):
+    damaged = functools.partial(_damaged_part, path)
+    with _unreadable(path, "datasets folder", damaged):
         loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         splits = sorted(loaded)
@@ -239,5 +251,27 @@ def _datasets(path: Path, field: str) -> Iterator[str]:
         loaded = loaded["train" if "train" in loaded else splits[0]]
     if field not in loaded.column_names:
         raise missing_field(path, field, loaded.column_names)
-    for batch in loaded.select_columns([field]).iter(batch_size=4096):
-        yield from _strings(batch[field], path, field)
+    with _unreadable(path, "datasets folder", damaged):
+        for batch in loaded.select_columns([field]).iter(batch_size=4096):
+            yield from _strings(batch[field], path, field)
+
+
+def _damaged_part(folder: Path) -> Path | None:
+    """The first file of a `save_to_disk` folder that does not read whole, or None.
+
+    Its JSON files must parse and its Arrow files hold every record batch they announce; this
+    runs only once loading has failed, to name the file rather than the folder.
+    """
+    import pyarrow as pa
+
+    for part in sorted(folder.rglob("*")):
+        try:
+            if part.suffix == ".json":
+                json.loads(part.read_text(encoding="utf-8"))
+            elif part.suffix == ".arrow":
+                with pa.memory_map(str(part)) as source:
+                    for _ in pa.ipc.open_stream(source):  # each batch mapped, none kept
+                        pass
+        except (pa.ArrowException, OSError, ValueError):
+            return part
+    return None
