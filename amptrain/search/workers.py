@@ -6,7 +6,8 @@ is told to get SIGTERM when this process dies, SIGKILL included, so no worker ru
 as an orphan. A running trial a worker leaves behind stays RUNNING in the study, which fails
 and runs it again when the search resumes. A worker that ends early (killed, or the storage
 gone) leaving the study short of `--trials` is an error of the whole search (exit 3), never an
-exit 0.
+exit 0. A worker's own one-line reason travels back to this process, which says it once: the
+search ends in one line, not one per process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from amptrain.errors import EnvironmentFailure, Stopped
+from amptrain.errors import AmptrainError, EnvironmentFailure, Stopped
 from amptrain.interrupts import deferred_signals, end_with_parent
 from amptrain.search.study import open_study, optimize_trials
 
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
     from amptrain.search import SearchJob
 
 STORAGE_FAILED = EnvironmentFailure.exit_code
-"""A worker's exit code when the study's storage failed (it has said why in one line)."""
+"""A worker's exit code when the study's storage failed, or refused it (its reason is sent
+back to the main process)."""
 
 
 def spawn_workers(job: SearchJob, n: int, workers: int, tick: Callable[[], None]) -> str | None:
@@ -50,8 +52,9 @@ def spawn_workers(job: SearchJob, n: int, workers: int, tick: Callable[[], None]
     threads = max(1, torch.get_num_threads() // workers)
     shares = [n // workers + (i < n % workers) for i in range(workers)]
     verbosity = optuna.logging.get_verbosity()
+    reasons = ctx.SimpleQueue()  # a worker's one-line reason for ending early
     procs = [ctx.Process(target=_worker,
-                         args=(job, share, i + 1, threads, verbosity, os.getpid()))
+                         args=(job, share, i + 1, threads, verbosity, os.getpid(), reasons))
              for i, share in enumerate(shares) if share]  # fmt: skip
     received: list[int] = []
 
@@ -82,20 +85,26 @@ def spawn_workers(job: SearchJob, n: int, workers: int, tick: Callable[[], None]
         raise Stopped(received[0], "the workers stopped; their running trials are run again "
                                    "when the same command resumes the study")  # fmt: skip
     tick()
-    return _failures([p.exitcode for p in procs])
+    said = []
+    while not reasons.empty():
+        said.append(reasons.get())
+    return _failures([p.exitcode for p in procs], said)
 
 
-def _failures(codes: list[int | None]) -> str | None:
+def _failures(codes: list[int | None], reasons: list[str]) -> str | None:
     """What went wrong with the workers that ended with an error; None if none did."""
     failed = [c for c in codes if c]
     if not failed:
         return None
     how = ", ".join(f"by {signal.Signals(-c).name}" if c < 0 else f"with code {c}" for c in failed)
+    why = f": {reasons[0]}" if reasons else ""
     return (f"{len(failed)} of {len(codes)} search workers ended before their trials were "
-            f"done ({how})")  # fmt: skip
+            f"done ({how}){why}")  # fmt: skip
 
 
-def _worker(job: SearchJob, n: int, index: int, threads: int, verbosity: int, parent: int) -> None:
+def _worker(
+    job: SearchJob, n: int, index: int, threads: int, verbosity: int, parent: int, reasons: object
+) -> None:
     import optuna
     import torch
 
@@ -106,6 +115,6 @@ def _worker(job: SearchJob, n: int, index: int, threads: int, verbosity: int, pa
     try:
         with contextlib.suppress(KeyboardInterrupt):  # the trial is already marked interrupted
             optimize_trials(open_study(job, worker=index), job, n, [])
-    except EnvironmentFailure as exc:  # one line, not a traceback per worker
-        print(f"amptrain: search worker {index}: {exc}", file=sys.stderr, flush=True)
+    except AmptrainError as exc:  # said once by the main process, not by every worker
+        reasons.put(f"worker {index}: {exc}")  # type: ignore[attr-defined]
         sys.exit(STORAGE_FAILED)
