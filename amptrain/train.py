@@ -216,12 +216,14 @@ def _save_weights(weights: dict[str, Any], run_dir: Path) -> None:
     """The final model.safetensors; a failed write names it and what still holds the weights."""
     try:
         atomic_safetensors_save(weights, run_dir / WEIGHTS)
-    except OSError as exc:
+    except (OSError, MemoryError) as exc:
         newest = checkpoint.latest(run_dir / "checkpoints")
-        kept = (f"the trained state is in checkpoint {newest.name}: free space, then "
+        short = "memory" if isinstance(exc, MemoryError) else "space"
+        kept = (f"the trained state is in checkpoint {newest.name}: free {short}, then "
                 f"--resume auto writes it" if newest else "no checkpoint holds it")  # fmt: skip
+        why = "out of memory" if isinstance(exc, MemoryError) else exc.strerror or exc
         raise EnvironmentFailure(
-            f"could not write the final weights {run_dir / WEIGHTS} ({exc.strerror or exc}); {kept}"
+            f"could not write the final weights {run_dir / WEIGHTS} ({why}); {kept}"
         ) from None
 
 

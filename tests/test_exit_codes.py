@@ -217,17 +217,48 @@ def test_the_run_directory_removed_mid_run_stops_it_in_one_line(
     assert "was removed while the run trained (seen at step 2)" in " ".join(err.split())
 
 
-def test_a_disk_full_at_the_final_weights_names_the_file_and_the_checkpoint(
-    tmp_path, corpus, monkeypatch, capsys
+@pytest.mark.parametrize("short", ["disk", "memory"])
+def test_a_disk_or_memory_full_at_the_final_weights_names_the_file_and_the_checkpoint(
+    short, tmp_path, corpus, monkeypatch, capsys
 ):
     import errno
 
     def full(weights, path):
+        if short == "memory":
+            raise MemoryError
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(train, "atomic_safetensors_save", full)
     out = tmp_path / "runs"
     assert _train(corpus, out, "--max-steps", "2") == 3
-    err = " ".join(capsys.readouterr().err.split())
+    err = capsys.readouterr().err
+    assert len(re.findall(r"^amptrain: ", err, re.M)) == 1 and "Traceback" not in err, err
+    err = " ".join(err.split())
     assert "could not write the final weights" in err and "model.safetensors" in err
-    assert "No space left on device" in err and "in checkpoint step-000000002" in err
+    said = "No space left on device" if short == "disk" else "(out of memory); the trained"
+    assert said in err and "in checkpoint step-000000002" in err
+
+
+def test_out_of_memory_in_a_checkpoint_is_exit_3_in_one_line_and_the_last_one_kept(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    from amptrain import checkpoint
+
+    real, calls = checkpoint.write_file, []
+
+    def write_file(path, data):
+        calls.append(path)
+        if "step-000000004" in str(path) and path.name == "model.pt":
+            raise MemoryError  # the second checkpoint
+        return real(path, data)
+
+    monkeypatch.setattr(checkpoint, "write_file", write_file)
+    out = tmp_path / "runs"
+    assert _train(corpus, out, "--max-steps", "6", "--checkpoint-every", "2") == 3
+    err = capsys.readouterr().err
+    assert len(re.findall(r"^amptrain: ", err, re.M)) == 1 and "Traceback" not in err, err
+    assert "could not write checkpoint step-000000004" in err and "out of memory" in err
+    (run,) = out.iterdir()
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step-000000002"], kept
+    assert checkpoint.load(run / "checkpoints" / "step-000000002").trainer["step"] == 2

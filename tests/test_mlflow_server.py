@@ -154,6 +154,23 @@ def test_a_server_that_dies_mid_run_is_one_warning_and_a_record_in_the_summary(t
     assert said.count("training continues without MLflow") == 1 and "Traceback" not in said
 
 
+def test_sigterm_just_after_the_server_died_ends_the_run_in_seconds(tmp_path, server):
+    process = _train(tmp_path, server.url, "--max-steps", "1000000", "--eval-every", "1000000",
+                     "--checkpoint-every", "1000000")  # fmt: skip
+    watch = StepWatch(tmp_path)
+    try:
+        watch.until(20, process)
+        server.kill()  # the calls queued and the next ones meet a dead server
+        asked = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 143, tmp_path_log(tmp_path)
+        assert time.monotonic() - asked < 10
+    finally:
+        process.kill()
+    said = whole_log(tmp_path)
+    assert "stopped by SIGTERM after step" in said and "Traceback" not in said
+
+
 def test_a_closed_port_is_refused_in_seconds_with_no_run_left(tmp_path):
     started = time.monotonic()
     process = _train(tmp_path, "http://127.0.0.1:1", "--max-steps", "2")
