@@ -145,6 +145,11 @@ def test_a_damaged_journal_is_named_with_its_line_and_how_to_recover(tmp_path, c
                                *lines[2:]]))  # fmt: skip
     with pytest.raises(ConfigError, match=r"damaged at line 3 .*op_code 99 is none of optuna's"):
         open_journal(path)  # optuna's replay would stop at an AssertionError
+    assert _search(corpus, space, out, "--storage", str(path)) == 2  # and from the command
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("amptrain:")]
+    assert "damaged at line 3" in line and "op_code 99" in line and "Traceback" not in err
+    assert not out.exists()
     path.write_bytes(b"not a journal at all")  # another file given by mistake: never cut
     with pytest.raises(ConfigError, match="damaged at line 1 .*not a journal record"):
         open_journal(path)
