@@ -176,6 +176,14 @@ class TrainConfig:
     text_field: str = "text"
     """The field (column) that holds the text in .jsonl, .json, .csv, .tsv, .parquet and
     `datasets` data."""
+    prompt_field: str = "prompt"
+    """Instruction data: the field of a record that holds the prompt (read, not scored)."""
+    completion_field: str = "completion"
+    """Instruction data: the field that holds the completion (scored). Records with `messages`
+    (role/content turns) are chat data, their assistant turns scored."""
+    long_examples: str = "truncate"
+    """Instruction and chat examples longer than the context: `truncate` (cut from the prompt
+    side) or `drop` (left out, counted)."""
     data_dtype: str = "uint16"
     """The ids of a .bin token file without a header: uint16 (nanoGPT's) or uint32 (for
     vocabularies over 65,536); litgpt's files state their own."""
@@ -195,13 +203,16 @@ class TrainConfig:
     """Settings of the training loop."""
 
     def __post_init__(self) -> None:
-        for field in ("model", "data", "text_field", "precision", "device", "out"):
+        for field in ("model", "data", "text_field", "prompt_field", "completion_field",
+                      "precision", "device", "out"):  # fmt: skip
             value = getattr(self, field)
             _check(isinstance(value, str) and value != "", field, value, "a non-empty string")
         _check(self.tokenizer is None or isinstance(self.tokenizer, str), "tokenizer",
                self.tokenizer, "a path to a tokenizer.json, or null")  # fmt: skip
         _check(self.data_dtype in ("uint16", "uint32"), "data_dtype", self.data_dtype,
                "uint16 or uint32")  # fmt: skip
+        _check(self.long_examples in ("truncate", "drop"), "long_examples", self.long_examples,
+               "truncate or drop")  # fmt: skip
         _check(_is_int(self.context) and self.context >= 2, "context", self.context,
                "an integer >= 2")  # fmt: skip
         _check(_finite(self.val_fraction) and 0 < self.val_fraction < 1, "val_fraction",

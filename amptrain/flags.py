@@ -22,7 +22,8 @@ from amptrain.config import FitOptions, TrainConfig
 
 # The settable fields, in the order `--help` lists them ("fit." marks FitOptions fields).
 FIELDS = (
-    "model", "model_kwargs", "init_from", "data", "text_field", "data_dtype", "tokenizer",
+    "model", "model_kwargs", "init_from", "data", "text_field", "prompt_field",
+    "completion_field", "long_examples", "data_dtype", "tokenizer",
     "context", "val_fraction", "precision", "device", "out", "fit.max_steps", "fit.batch_size",
     "fit.grad_accum", "fit.lr", "fit.warmup", "fit.weight_decay", "fit.clip_norm",
     "fit.eval_every", "fit.eval_batches", "fit.log_every", "fit.seed", "fit.max_nonfinite",

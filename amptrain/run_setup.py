@@ -117,7 +117,10 @@ def check_before_launch(cfg: TrainConfig) -> None:
 
 def load_data(cfg: TrainConfig, tokenizer: data.ByteTokenizer | data.JsonTokenizer) -> data.Blocks:
     """The blocks of `cfg.data`, read in the format its name says (every command loads so)."""
-    return data.load(cfg.data, cfg.context, tokenizer, cfg.text_field, cfg.data_dtype)
+    fields = data.ExampleFields(cfg.prompt_field, cfg.completion_field,
+                                long_examples=cfg.long_examples)  # fmt: skip
+    return data.load(cfg.data, cfg.context, tokenizer, cfg.text_field, cfg.data_dtype, fields,
+                     cfg.fit.ignore_index)  # fmt: skip
 
 
 def check_token_file(

@@ -21,6 +21,7 @@ from torch import nn
 from amptrain import checkpoint, data, distributed, sharding
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig
+from amptrain.data.tokenizers import SETTINGS_FILES
 from amptrain.errors import (
     EnvironmentFailure,
     Interrupted,
@@ -210,6 +211,9 @@ def _write_sources(run_dir: Path, cfg: TrainConfig) -> None:
     path = tokenizer_file(cfg)
     if path is not None:
         atomic_write_bytes(run_dir / "tokenizer.json", Path(path).read_bytes())
+        for name in SETTINGS_FILES:  # its special tokens and chat template, where it has them
+            if (Path(path).parent / name).is_file():
+                atomic_write_bytes(run_dir / name, (Path(path).parent / name).read_bytes())
 
 
 def _save_weights(weights: dict[str, Any], run_dir: Path) -> None:

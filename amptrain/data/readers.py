@@ -10,17 +10,16 @@ use JSONL for large data). Parquet needs the `data` extra (pyarrow), a `save_to_
 from __future__ import annotations
 
 import codecs
-import contextlib
 import csv
 import functools
 import io
-import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from amptrain.data.formats import DataFile, open_binary
+from amptrain.data.records import damaged_part, json_records, jsonl_records, not_utf8, unreadable
 from amptrain.errors import DataError
 
 PIECE = 1 << 20  # characters (or bytes) per piece
@@ -56,14 +55,6 @@ def _text(path: Path, raw: bool) -> Iterator[str | bytes]:
             raise not_utf8(path, "its end", exc) from None
 
 
-def not_utf8(path: Path, where: str | None, exc: UnicodeDecodeError) -> DataError:
-    """The error for text that is not UTF-8: the file, where, the byte; never replaced."""
-    byte = exc.object[exc.start : exc.start + 1].hex()
-    at = f" at {where}" if where else ""
-    return DataError(f"{path} is not UTF-8{at} (byte 0x{byte}: {exc.reason}); save the file "
-                     "as UTF-8 (e.g. iconv -f latin1 -t utf-8)")  # fmt: skip
-
-
 def _joined(texts: Iterable[str]) -> Iterator[str]:
     """Documents joined by newlines, in pieces of about `PIECE` characters."""
     batch, size, first = [], 0, True
@@ -81,7 +72,8 @@ def missing_field(path: Path, field: str, fields: Iterable[str], where: str = ""
     """The error for a record without the text field: the file, the field, the fields there."""
     return DataError(
         f"{path}{where} has no text field {field!r}; its fields are {sorted(fields)}; "
-        "choose one with --text-field"
+        "choose one with --text-field (records with a prompt and a completion, or with "
+        "'messages', train as instruction or chat examples: --prompt-field, --completion-field)"
     )
 
 
@@ -102,46 +94,15 @@ def _text_of(record: Any, path: Path, field: str, where: str) -> str | None:
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:
-    with open_binary(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number} is not JSON ({exc.msg}); JSONL needs "
-                                "one JSON record per line") from None  # fmt: skip
-            except RecursionError:
-                raise DataError(
-                    f"{path} line {number} is JSON nested deeper than Python reads; a record "
-                    "is an object with a text field"
-                ) from None
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path} line {number} is not UTF-8 ({exc.reason} at byte "
-                                f"{exc.start}); save the file as UTF-8") from None  # fmt: skip
-            text = _text_of(record, path, field, f" line {number}")
-            if text is not None:
-                yield text
+    for where, record in jsonl_records(path):
+        text = _text_of(record, path, field, where)
+        if text is not None:
+            yield text
 
 
 def _json(path: Path, field: str) -> Iterator[str]:
-    with open_binary(path) as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not JSON ({exc.msg} at line {exc.lineno}); for one "
-                            "record per line name it .jsonl") from None  # fmt: skip
-        except RecursionError:
-            raise DataError(f"{path} is JSON nested deeper than Python reads; a .json data "
-                            "file is a list of records or of strings") from None  # fmt: skip
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start}); save it "
-                            "as UTF-8") from None  # fmt: skip
-    if not isinstance(records, list):
-        raise DataError(f"{path} holds a JSON {type(records).__name__}; a .json data file "
-                        "must be a list of records or of strings")  # fmt: skip
-    for i, record in enumerate(records):
-        text = _text_of(record, path, field, f" item {i}")
+    for where, record in json_records(path):
+        text = _text_of(record, path, field, where)
         if text is not None:
             yield text
 
@@ -169,38 +130,13 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
     requires("pyarrow", "data", f"--data {path}", "convert it to JSONL")
     import pyarrow.parquet as pq
 
-    with _unreadable(path, "Parquet file"):
+    with unreadable(path, "Parquet file"):
         parquet = pq.ParquetFile(path)
         names = parquet.schema_arrow.names
         if field not in names:
             raise missing_field(path, field, names)
         for batch in parquet.iter_batches(batch_size=4096, columns=[field]):
             yield from _strings(batch.column(0).to_pylist(), path, field)
-
-
-@contextlib.contextmanager
-def _unreadable(
-    path: Path, what: str, find: Callable[[], Path | None] | None = None
-) -> Iterator[None]:
-    """A damaged file's error from pyarrow or datasets, as one line naming the file.
-
-    `find`, called only on an error, names the damaged file inside the folder `path`.
-    """
-    import pyarrow as pa
-
-    try:
-        yield
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        part = find() if find else None
-        if part is not None:
-            raise DataError(f"{part}, a file of the {what} {path}, cannot be read ({reason}): "
-                            "it is damaged or cut short; save the data again, or leave it out "
-                            "of --data") from None  # fmt: skip
-        raise DataError(f"{path} is not a readable {what} ({reason}): it is damaged or cut "
-                        "short; write it again, or leave it out of --data") from None  # fmt: skip
 
 
 def _arrow(path: Path, field: str) -> Iterator[str]:
@@ -210,7 +146,7 @@ def _arrow(path: Path, field: str) -> Iterator[str]:
     requires("pyarrow", "data", f"--data {path}", "convert it to JSONL")
     import pyarrow as pa
 
-    with _unreadable(path, "Arrow file"), pa.memory_map(str(path)) as source:
+    with unreadable(path, "Arrow file"), pa.memory_map(str(path)) as source:
         is_file = source.read(6) == b"ARROW1"
         source.seek(0)
         reader = pa.ipc.open_file(source) if is_file else pa.ipc.open_stream(source)
@@ -240,8 +176,8 @@ def _datasets(path: Path, field: str) -> Iterator[str]:
     requires("datasets", "data", f"--data {path} (a save_to_disk folder)")
     import datasets
 
-    damaged = functools.partial(_damaged_part, path)
-    with _unreadable(path, "datasets folder", damaged):
+    damaged = functools.partial(damaged_part, path)
+    with unreadable(path, "datasets folder", damaged):
         loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         splits = sorted(loaded)
@@ -251,27 +187,6 @@ def _datasets(path: Path, field: str) -> Iterator[str]:
         loaded = loaded["train" if "train" in loaded else splits[0]]
     if field not in loaded.column_names:
         raise missing_field(path, field, loaded.column_names)
-    with _unreadable(path, "datasets folder", damaged):
+    with unreadable(path, "datasets folder", damaged):
         for batch in loaded.select_columns([field]).iter(batch_size=4096):
             yield from _strings(batch[field], path, field)
-
-
-def _damaged_part(folder: Path) -> Path | None:
-    """The first file of a `save_to_disk` folder that does not read whole, or None.
-
-    Its JSON files must parse and its Arrow files hold every record batch they announce; this
-    runs only once loading has failed, to name the file rather than the folder.
-    """
-    import pyarrow as pa
-
-    for part in sorted(folder.rglob("*")):
-        try:
-            if part.suffix == ".json":
-                json.loads(part.read_text(encoding="utf-8"))
-            elif part.suffix == ".arrow":
-                with pa.memory_map(str(part)) as source:
-                    for _ in pa.ipc.open_stream(source):  # each batch mapped, none kept
-                        pass
-        except (pa.ArrowException, OSError, ValueError):
-            return part
-    return None

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amptrain.data import formats, readers, tokens
+from amptrain.data import examples, formats, readers, tokens
 from amptrain.data.packing import Blocks, pack
 from amptrain.data.tokenizers import ByteTokenizer, JsonTokenizer
 from amptrain.errors import DataError
@@ -60,8 +60,13 @@ def load(
     tokenizer: ByteTokenizer | JsonTokenizer | str | Path | None = None,
     text_field: str = "text",
     data_dtype: str = "uint16",
+    fields: examples.ExampleFields | None = None,
+    ignore_index: int = -100,
 ) -> Blocks:
     """Load a named source into blocks: `None` or `"builtin"` for the built-in corpus, else a path.
+
+    Records with a prompt and a completion, or with chat messages, and no text field are
+    instruction or chat examples (`examples`): one example a row, the prompt not scored.
 
     Args:
         source: `"builtin"`, a file in a supported format (see `formats.SUPPORTED`), or a folder.
@@ -70,6 +75,8 @@ def load(
             it); default UTF-8 bytes. Not used for a `.bin` token file.
         text_field: The field of JSONL/JSON/CSV/TSV/Parquet/`datasets` records that holds text.
         data_dtype: `uint16` or `uint32`, the ids of a header-less `.bin` token file.
+        fields: Where instruction and chat records keep their parts (default: TRL's names).
+        ignore_index: The label of positions that are not scored.
 
     Raises:
         DataError: For a file in no supported format, a missing text field, or too few tokens.
@@ -83,6 +90,14 @@ def load(
         files, name = formats.resolve(source), str(source)
     if files[0].kind == "tokens":
         return token_file(files[0].path, context, data_dtype)
+    fields = fields or examples.ExampleFields()
+    kind = examples.record_kind(files[0], text_field, fields)
+    if kind != "text":
+        if tokenizer.eos_id is None:
+            raise DataError(f"--data {source} holds {kind} examples, which end in an "
+                            f"end-of-sequence token, and the tokenizer {tokenizer.name} names "
+                            "none; give it a tokenizer_config.json with an eos_token")  # fmt: skip
+        return examples.load_examples(files, kind, context, tokenizer, fields, ignore_index)
     ids = stream(files, tokenizer, text_field)
     blocks = pack(torch.from_numpy(ids), context, name or "the built-in corpus")
     blocks.max_id = int(ids.max())  # a tokenizer's ids are >= 0: fit need not scan them again

@@ -72,7 +72,11 @@ def with_run_split(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
         return cfg
     seed = cfg.fit.seed if "seed" in given else saved["fit"]["seed"]
     fit = dataclasses.replace(cfg.fit, seed=seed)
-    read = {k: saved[k] for k in ("text_field", "data_dtype") if k in saved}  # read it as trained
+    read = {
+        k: saved[k]
+        for k in ("text_field", "prompt_field", "completion_field", "long_examples", "data_dtype")
+        if k in saved
+    }  # read it as trained (fmt: skip)
     return dataclasses.replace(cfg, data=saved["data"], val_fraction=saved["val_fraction"], fit=fit,
                                **read)  # fmt: skip
 
