@@ -98,8 +98,7 @@ def test_chat_records_with_the_tokenizers_template_score_the_assistant_turns(tmp
     assert blocks.inputs[0, : len(ids)].tolist() == ids
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused_not_scored_wrongly(tmp_path,
-                                                                              llama_dir):
+def test_a_template_that_rewrites_earlier_turns_is_refused_not_scored_wrongly(tmp_path, llama_dir):
     settings = json.loads((llama_dir / "tokenizer_config.json").read_text())
     rewrites = "{% for m in messages %}{{ m.role }}{{ messages|length }}{% endfor %}"
     (llama_dir / "tokenizer_config.json").write_text(

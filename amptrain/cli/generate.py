@@ -27,6 +27,15 @@ def register(sub: Any) -> argparse.ArgumentParser:
              "picks the likeliest token (default: 1.0)")  # fmt: skip
     opts.add("--top-k", type=int, default=None,
              help="sample among the k most likely tokens only (default: all)")  # fmt: skip
+    opts.add("--top-p", type=float, default=None,
+             help="sample among the likeliest tokens whose probability sums to p (nucleus "
+             "sampling; default: all)")  # fmt: skip
+    opts.add("--stop", action="append", default=[], metavar="TEXT",
+             help="end at this text (not printed); repeat for several; the tokenizer's "
+             "end-of-sequence token always ends it")  # fmt: skip
+    opts.add("--chat", action="store_true", default=False,
+             help="send --prompt as a user turn in the tokenizer's chat template (or the "
+             "plain one) and print the assistant's reply")  # fmt: skip
     return opts.done(run)
 
 
@@ -35,5 +44,6 @@ def run(args: argparse.Namespace) -> int:
     from amptrain.generate import generate_text
 
     print(generate_text(config_from_args(args), args.prompt, args.max_new_tokens,
-                        args.temperature, args.top_k))  # fmt: skip
+                        args.temperature, args.top_k, args.top_p, tuple(args.stop),
+                        args.chat))  # fmt: skip
     return 0
