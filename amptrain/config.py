@@ -192,7 +192,13 @@ class TrainConfig:
     context: int = 128
     """Tokens per training block."""
     val_fraction: float = 0.1
-    """Fraction of blocks held out for validation."""
+    """Fraction of blocks held out for validation (when `val_data` is not given)."""
+    val_data: str | None = None
+    """Held-out data to validate on, read as `data` is (a file, a folder, or a `datasets`
+    split's folder; a `DatasetDict` folder gives its `validation` or `test` split); all of
+    `data` then trains."""
+    epochs: float | None = None
+    """Passes over the training blocks; sets `max_steps` (`train` only) from the data's size."""
     precision: str = "auto"
     """fp32, tf32, fp16, bf16, auto, or a Lightning alias such as bf16-mixed."""
     device: str = "auto"
@@ -207,6 +213,10 @@ class TrainConfig:
                       "precision", "device", "out"):  # fmt: skip
             value = getattr(self, field)
             _check(isinstance(value, str) and value != "", field, value, "a non-empty string")
+        _check(self.val_data is None or (isinstance(self.val_data, str) and self.val_data != ""),
+               "val_data", self.val_data, "a path, or null")  # fmt: skip
+        _check(self.epochs is None or (_finite(self.epochs) and self.epochs > 0), "epochs",
+               self.epochs, "a number > 0 (passes over the training data), or null")  # fmt: skip
         _check(self.tokenizer is None or isinstance(self.tokenizer, str), "tokenizer",
                self.tokenizer, "a path to a tokenizer.json, or null")  # fmt: skip
         _check(self.data_dtype in ("uint16", "uint32"), "data_dtype", self.data_dtype,

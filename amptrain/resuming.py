@@ -71,7 +71,8 @@ def data_digest(cfg: TrainConfig) -> str:
 
     Remembered per file size and time (`models.digests`), so a corpus is hashed once.
     """
-    return files_digest(data.source_files(cfg.data))
+    held_out = [] if cfg.val_data is None else data.source_files(data.held_out_source(cfg.val_data))
+    return files_digest([*data.source_files(cfg.data), *held_out])
 
 
 def check_data(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:
@@ -86,7 +87,9 @@ def check_data(cfg: TrainConfig, ckpt: checkpoint.Checkpoint) -> None:
     now = data_digest(cfg)
     if now != recorded:
         raise DataError(
-            f"--data {cfg.data} changed since {ckpt.path.name} was saved (sha256 "
+            f"--data {cfg.data}"
+            f"{'' if cfg.val_data is None else f' or --val-data {cfg.val_data}'} changed since "
+            f"{ckpt.path.name} was saved (sha256 "
             f"{recorded[:12]}... then, {now[:12]}... now); a resumed run repeats only on the same "
             f"data: put it back, or train on the new data as a new run with --init-from "
             f"{ckpt.path.parent.parent}"

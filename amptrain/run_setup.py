@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +80,10 @@ def prepare(
     if cfg.model == "tiny-gpt":
         check_model_size(cfg, tokenizer.vocab_size, device)
     blocks = load_data(cfg, tokenizer)
-    train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
+    if cfg.val_data is None:
+        train, val = data.split(blocks, cfg.val_fraction, cfg.fit.seed)
+    else:
+        train, val = blocks, load_data(cfg, tokenizer, held_out=True)
     torch.manual_seed(cfg.fit.seed)  # the same seed gives the same initial weights
     model = model_factory(cfg, torch.device("cpu"))()
     sharding.check_shardable(model, cfg.fit.strategy, cfg.model)
@@ -115,12 +119,31 @@ def check_before_launch(cfg: TrainConfig) -> None:
     sharding.check_shardable(model, cfg.fit.strategy, cfg.model)
 
 
-def load_data(cfg: TrainConfig, tokenizer: data.ByteTokenizer | data.JsonTokenizer) -> data.Blocks:
-    """The blocks of `cfg.data`, read in the format its name says (every command loads so)."""
+def load_data(
+    cfg: TrainConfig, tokenizer: data.ByteTokenizer | data.JsonTokenizer, held_out: bool = False
+) -> data.Blocks:
+    """The blocks of `cfg.data` (`held_out`: of `cfg.val_data`), read as its name says.
+
+    Every command loads its data here. A `DatasetDict` folder as `val_data` gives its
+    `validation` split, else its `test` split.
+    """
+    source = data.held_out_source(cfg.val_data) if held_out else cfg.data
     fields = data.ExampleFields(cfg.prompt_field, cfg.completion_field,
                                 long_examples=cfg.long_examples)  # fmt: skip
-    return data.load(cfg.data, cfg.context, tokenizer, cfg.text_field, cfg.data_dtype, fields,
+    return data.load(source, cfg.context, tokenizer, cfg.text_field, cfg.data_dtype, fields,
                      cfg.fit.ignore_index)  # fmt: skip
+
+
+def steps_for_epochs(cfg: TrainConfig, train: data.Blocks, world_size: int = 1) -> int:
+    """The optimizer steps of `cfg.epochs` passes over `train` at the run's global batch.
+
+    An epoch is the whole global batches of the training blocks (`data.batches` drops the
+    last partial one), each optimizer step `grad_accum` of them; a fraction of an epoch
+    rounds up to a whole step.
+    """
+    batches = len(train) // (cfg.fit.batch_size * world_size)
+    data.check_batch_size(train, cfg.fit.batch_size, world_size)
+    return max(1, math.ceil(cfg.epochs * batches / cfg.fit.grad_accum))
 
 
 def check_token_file(

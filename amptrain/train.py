@@ -45,7 +45,7 @@ from amptrain.resuming import (
     saved_config,
     truncate_metrics,
 )
-from amptrain.run_setup import prepare, tokenizer_file
+from amptrain.run_setup import prepare, steps_for_epochs, tokenizer_file
 from amptrain.runs import (
     atomic_safetensors_save,
     atomic_write_bytes,
@@ -275,6 +275,11 @@ def _new_run(cfg: TrainConfig, command: str) -> _Opened:
     """Check everything `fit` will, then create the run directory and its config.json."""
     check_folder(cfg.out)
     model, train, val, precision = prepare(cfg)
+    if cfg.epochs is not None:  # the steps of that many passes, recorded as max_steps
+        steps = steps_for_epochs(cfg, train, distributed.world()[1])
+        log.info("--epochs %g: %d optimizer steps over %d training blocks", cfg.epochs, steps,
+                 len(train))  # fmt: skip
+        cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, max_steps=steps))
     preflight(
         model, train, val, precision=precision, source=cfg.model, **dataclasses.asdict(cfg.fit)
     )  # refused before the run directory exists

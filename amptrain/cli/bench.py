@@ -17,7 +17,7 @@ from amptrain.cli.common import (
 
 # Flags of `train` that `bench` does not take: it sets steps, evaluation and precisions itself.
 SKIP = (
-    "--max-steps", "--eval-every", "--log-every", "--max-nonfinite", "--precision",
+    "--max-steps", "--epochs", "--eval-every", "--log-every", "--max-nonfinite", "--precision",
     "--checkpoint-every", "--keep-last",
     "--checkpoint-format", "--init-scale", "--growth-interval",
 )  # fmt: skip

@@ -9,7 +9,8 @@ from amptrain.cli.common import command_options, command_settings, config_from_a
 
 # Train flags the doctor does not take (it runs a few fixed passes, not a training run).
 SKIP = (
-    "--max-steps", "--grad-accum", "--warmup", "--clip-norm", "--eval-every", "--eval-batches",
+    "--max-steps", "--epochs", "--grad-accum", "--warmup", "--clip-norm", "--eval-every",
+    "--eval-batches",
     "--log-every", "--max-nonfinite", "--checkpoint-every", "--keep-last",
     "--checkpoint-format", "--growth-interval",
 )  # fmt: skip

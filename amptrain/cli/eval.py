@@ -9,7 +9,8 @@ from amptrain.cli.common import command_options, config_from_args, print_ending
 
 # Train flags `eval` does not take: it trains nothing.
 SKIP = (
-    "--init-from", "--val-fraction", "--max-steps", "--grad-accum", "--lr", "--warmup",
+    "--init-from", "--val-fraction", "--val-data", "--max-steps", "--epochs", "--grad-accum",
+    "--lr", "--warmup",
     "--weight-decay", "--clip-norm", "--eval-every", "--eval-batches", "--log-every",
     "--max-nonfinite", "--init-scale", "--growth-interval", "--checkpoint-every", "--keep-last",
     "--checkpoint-format",

@@ -9,7 +9,9 @@ from amptrain.cli.common import command_options, config_from_args
 
 # Train flags `generate` does not take: it trains nothing and reads no corpus.
 SKIP = (
-    "--init-from", "--data", "--text-field", "--data-dtype", "--val-fraction", "--max-steps",
+    "--init-from", "--data", "--text-field", "--prompt-field", "--completion-field",
+    "--long-examples",
+    "--data-dtype", "--val-fraction", "--val-data", "--max-steps", "--epochs",
     "--batch-size", "--grad-accum", "--lr", "--warmup", "--weight-decay", "--clip-norm",
     "--eval-every", "--eval-batches", "--log-every", "--max-nonfinite", "--init-scale",
     "--growth-interval", "--checkpoint-every", "--keep-last",

@@ -10,8 +10,8 @@ from typing import Any
 from amptrain.cli.common import command_options, command_settings, config_from_args, print_ending
 from amptrain.config import GRACE_PERIOD, HEARTBEAT_INTERVAL, SEARCH_BUDGET_STEPS, SEARCH_PRUNERS
 
-SKIP = ("--max-steps", "--eval-every", "--log-every", "--checkpoint-every", "--keep-last",
-        "--checkpoint-format")  # fmt: skip
+SKIP = ("--max-steps", "--epochs", "--eval-every", "--log-every", "--checkpoint-every",
+        "--keep-last", "--checkpoint-format")  # fmt: skip
 
 
 def register(sub: Any) -> argparse.ArgumentParser:

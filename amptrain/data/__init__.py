@@ -26,6 +26,7 @@ from amptrain.data.packing import (
 from amptrain.data.sources import (
     BUILTIN_MODULES,
     builtin_corpus_files,
+    held_out_source,
     load,
     read_text,
     source_files,
@@ -37,5 +38,6 @@ __all__ = [
     "BUILTIN_MODULES", "BYTE_VOCAB", "SUPPORTED", "Blocks", "ByteTokenizer", "ExampleFields",
     "JsonTokenizer",
     "as_blocks", "batches", "builtin_corpus_files", "check_batch_size", "check_ids",
-    "epoch_order", "load", "pack", "read_text", "source_files", "split", "text_files",
+    "epoch_order", "held_out_source", "load", "pack", "read_text", "source_files", "split",
+    "text_files",
 ]  # fmt: skip

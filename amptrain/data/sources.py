@@ -162,3 +162,20 @@ def token_file(path: Path, context: int, data_dtype: str) -> Blocks:
     blocks = pack(torch.from_numpy(array), context, str(path))
     log.info("%s: %s token ids (%s), largest id %s", path, f"{array.size:,}", array.dtype, top)
     return Blocks(blocks.store, None, blocks.name, max_id=top)
+
+
+def held_out_source(path: str | None) -> str:
+    """`--val-data` as a source: a `DatasetDict` folder's held-out split, else the path.
+
+    Raises:
+        DataError: For a `DatasetDict` with neither a `validation` nor a `test` split.
+    """
+    folder = Path(str(path))
+    if not (folder / "dataset_dict.json").is_file():
+        return str(path)
+    for split in ("validation", "test"):
+        if (folder / split).is_dir():
+            return str(folder / split)
+    splits = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    raise DataError(f"--val-data {path} holds the splits {splits} and no 'validation' or "
+                    "'test' split; pass the held-out split's folder as --val-data")  # fmt: skip

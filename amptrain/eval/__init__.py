@@ -72,11 +72,9 @@ def with_run_split(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
         return cfg
     seed = cfg.fit.seed if "seed" in given else saved["fit"]["seed"]
     fit = dataclasses.replace(cfg.fit, seed=seed)
-    read = {
-        k: saved[k]
-        for k in ("text_field", "prompt_field", "completion_field", "long_examples", "data_dtype")
-        if k in saved
-    }  # read it as trained (fmt: skip)
+    kept = ("text_field", "prompt_field", "completion_field", "long_examples", "data_dtype",
+            "val_data")  # read as it trained, its held-out data too  # fmt: skip
+    read = {k: saved[k] for k in kept if k in saved}
     return dataclasses.replace(cfg, data=saved["data"], val_fraction=saved["val_fraction"], fit=fit,
                                **read)  # fmt: skip
 

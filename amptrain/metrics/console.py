@@ -10,6 +10,7 @@ import datetime as dt
 import functools
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -52,6 +53,14 @@ class ProgressSink:
         )
         self._task = self._progress.add_task(description, total=total_steps, figures="")
         self._progress.start()
+
+    def log_config(self, values: Mapping[str, Any]) -> None:
+        """The run's resolved settings: `--epochs` has set the steps the bar counts to."""
+        steps = values.get("fit", {}).get("max_steps")
+        if isinstance(steps, int) and steps != self.total:
+            self.total = steps
+            if self.live:
+                self._progress.update(self._task, total=steps)
 
     def log(self, metrics: Mapping[str, Value], step: int) -> None:
         """Advance the bar to `step` (or print its line), or print a line for an evaluation."""
