@@ -27,6 +27,7 @@ TENSORBOARD_AVAILABLE = _available("tensorboard")
 MLFLOW_AVAILABLE = _available("mlflow")  # mlflow-skinny installs the same package
 PYARROW_AVAILABLE = _available("pyarrow")
 DATASETS_AVAILABLE = _available("datasets")
+PEFT_AVAILABLE = _available("peft")
 
 _FLAGS = {
     "matplotlib": "MATPLOTLIB_AVAILABLE",
@@ -39,6 +40,7 @@ _FLAGS = {
     "mlflow": "MLFLOW_AVAILABLE",
     "pyarrow": "PYARROW_AVAILABLE",
     "datasets": "DATASETS_AVAILABLE",
+    "peft": "PEFT_AVAILABLE",
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import rng
+from amptrain import lora, rng
 from amptrain.checkpoint import TRANSIENT, Checkpoint, CheckpointError
 from amptrain.optim import load_state_keeping_impl
 
@@ -36,15 +36,24 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
     rng.restore(state, device)
 
 
+def module_state(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint keeps of the model: its state dict, or a LoRA model's adapters only.
+
+    A LoRA run's frozen base is rebuilt from where it came from (the model, `--init-from`),
+    so its checkpoints hold the adapters, and the optimizer state holds theirs alone.
+    """
+    return lora.trainable_state(model) if lora.is_lora(model) else model.state_dict()
+
+
 def restore_module(model: nn.Module, state: dict[str, Any], where: Path) -> None:
     """`load_state_dict`, with a readable error listing differences of keys and shapes."""
     check_module(model, state, where)
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not lora.is_lora(model))
 
 
 def check_module(model: nn.Module, state: dict[str, Any], where: Path) -> None:
     """Refuse a state dict whose keys or shapes differ from the model's, listing them."""
-    own = model.state_dict()
+    own = module_state(model)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
@@ -61,7 +70,7 @@ def capture(model, optimizer, scheduler, precision, state, rngs=None) -> tuple[d
 
     `rngs` is every rank's `rng.state()` in rank order (this process's alone by default).
     """
-    return capture_states(model.state_dict(), optimizer.state_dict(), scheduler, precision,
+    return capture_states(module_state(model), optimizer.state_dict(), scheduler, precision,
                           state, rngs)  # fmt: skip
 
 

@@ -197,6 +197,15 @@ class TrainConfig:
     """Held-out data to validate on, read as `data` is (a file, a folder, or a `datasets`
     split's folder; a `DatasetDict` folder gives its `validation` or `test` split); all of
     `data` then trains."""
+    lora: int = 0
+    """LoRA rank: train adapters of this rank on a frozen base (PEFT); 0 trains every weight."""
+    lora_alpha: float | None = None
+    """LoRA alpha (the adapters' output is scaled by alpha / rank); default twice the rank."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapters' input."""
+    lora_targets: str | None = None
+    """Comma-separated names of the layers to adapt (a layer matches when its name is or ends
+    with one); default the linear layers of the repeated blocks."""
     epochs: float | None = None
     """Passes over the training blocks; sets `max_steps` (`train` only) from the data's size."""
     precision: str = "auto"
@@ -215,6 +224,14 @@ class TrainConfig:
             _check(isinstance(value, str) and value != "", field, value, "a non-empty string")
         _check(self.val_data is None or (isinstance(self.val_data, str) and self.val_data != ""),
                "val_data", self.val_data, "a path, or null")  # fmt: skip
+        _check(_is_int(self.lora) and self.lora >= 0, "lora", self.lora,
+               "an integer >= 0 (the rank; 0 for a full fine-tune)")  # fmt: skip
+        _check(self.lora_alpha is None or (_finite(self.lora_alpha) and self.lora_alpha > 0),
+               "lora_alpha", self.lora_alpha, "a number > 0, or null: twice the rank")  # fmt: skip
+        _check(_finite(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout",
+               self.lora_dropout, "in [0, 1)")  # fmt: skip
+        _check(self.lora_targets is None or isinstance(self.lora_targets, str), "lora_targets",
+               self.lora_targets, "comma-separated layer names, or null")  # fmt: skip
         _check(self.epochs is None or (_finite(self.epochs) and self.epochs > 0), "epochs",
                self.epochs, "a number > 0 (passes over the training data), or null")  # fmt: skip
         _check(self.tokenizer is None or isinstance(self.tokenizer, str), "tokenizer",

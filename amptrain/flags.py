@@ -24,7 +24,8 @@ from amptrain.config import FitOptions, TrainConfig
 FIELDS = (
     "model", "model_kwargs", "init_from", "data", "text_field", "prompt_field",
     "completion_field", "long_examples", "data_dtype", "tokenizer",
-    "context", "val_fraction", "val_data", "precision", "device", "out", "epochs",
+    "context", "val_fraction", "val_data", "precision", "device", "out", "epochs", "lora",
+    "lora_alpha", "lora_dropout", "lora_targets",
     "fit.max_steps", "fit.batch_size",
     "fit.grad_accum", "fit.lr", "fit.warmup", "fit.weight_decay", "fit.clip_norm",
     "fit.eval_every", "fit.eval_batches", "fit.log_every", "fit.seed", "fit.max_nonfinite",

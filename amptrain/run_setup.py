@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint, data, distributed, sharding
+from amptrain import checkpoint, data, distributed, lora, sharding
 from amptrain.adapter import probe_vocab
 from amptrain.config import TrainConfig
 from amptrain.errors import (
@@ -89,11 +89,27 @@ def prepare(
     sharding.check_shardable(model, cfg.fit.strategy, cfg.model)
     if cfg.init_from:
         load_into(model, cfg.init_from)
+    if cfg.lora:
+        model = lora.apply(model, lora_settings(cfg), precision.dtype)
     model = model.to(device)
     check_context(model, cfg.context, cfg.fit.batch_size, device, cfg.model)
     if str(cfg.data).lower().endswith(".bin") and blocks.max_id is not None:
         check_token_file(model, blocks, cfg, device)
     return model, train, val, precision
+
+
+def lora_settings(cfg: TrainConfig) -> lora.LoraSettings:
+    """The LoRA settings of `cfg` (`cfg.lora` is the rank).
+
+    Raises:
+        ConfigError: For `--lora` with `--strategy fsdp`, which PEFT's wrapped layers do not
+            shard under FSDP2 here; DDP and one process take it.
+    """
+    if cfg.fit.strategy == "fsdp":
+        raise ConfigError("--lora with --strategy fsdp is not supported: the adapters are small "
+                          "and the base is frozen, so --strategy ddp holds them on every "
+                          "process; use ddp")  # fmt: skip
+    return lora.LoraSettings(cfg.lora, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
 
 def check_before_launch(cfg: TrainConfig) -> None:
@@ -105,6 +121,8 @@ def check_before_launch(cfg: TrainConfig) -> None:
     Raises:
         ModelError: A model FSDP cannot shard; also a model that cannot be built at all.
     """
+    if cfg.lora:
+        lora_settings(cfg)
     if cfg.fit.strategy != "fsdp":
         return
     meta = torch.device("meta")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from amptrain import checkpoint, data, distributed, sharding
+from amptrain import checkpoint, data, distributed, lora, sharding
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig
 from amptrain.data.tokenizers import SETTINGS_FILES
@@ -62,6 +63,9 @@ from amptrain.runs.lock import acquire as acquire_run_lock
 from amptrain.runs.run_sinks import FastPathRecord, RunDirectoryWatch, record_fast_path
 
 log = logging.getLogger("amptrain")
+
+ADAPTER_DIR = "adapter"
+"""A LoRA run's PEFT adapter folder, beside the merged weights."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,11 +189,18 @@ def _train(
         weights = sharding.full_state_dict(model)  # gathered from the shards (collective)
         if not main:
             return TrainRun(result, run_dir, model, train, val)
+        adapters = None
+        if lora.is_lora(model):  # the adapters first, then the merged model as any run's
+            adapters = lora.describe(model)
+            _save_adapter(model, run_dir)
+            model = lora.merged(model)
+            weights = model.state_dict()
         _save_weights(weights, run_dir)  # first: what a full disk spares
         record_fast_path(run_dir / "config.json", result.fast_path)
         if is_hf_model(model):
             _export(model, run_dir, tokenizer_file(cfg), weights)  # gathered: no collective
-        atomic_write_json(run_dir / "summary.json", summary(result, cfg, model, sinks))
+        atomic_write_json(run_dir / "summary.json",
+                          {**summary(result, cfg, model, sinks), "lora": adapters})  # fmt: skip
         if not received:
             _plot(result, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
         if received:
@@ -214,6 +225,29 @@ def _write_sources(run_dir: Path, cfg: TrainConfig) -> None:
         for name in SETTINGS_FILES:  # its special tokens and chat template, where it has them
             if (Path(path).parent / name).is_file():
                 atomic_write_bytes(run_dir / name, (Path(path).parent / name).read_bytes())
+
+
+def _save_adapter(model: nn.Module, run_dir: Path) -> None:
+    """`adapter/`, the PEFT adapter folder, replaced whole (a resumed run writes it again)."""
+    target = run_dir / ADAPTER_DIR
+    tmp = run_dir / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lora.save_adapter(model, tmp)
+        old = run_dir / f".{ADAPTER_DIR}.old-{os.getpid()}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        newest = checkpoint.latest(run_dir / "checkpoints")
+        raise EnvironmentFailure(
+            f"could not write the LoRA adapters {target} ({exc.strerror or exc}); the trained "
+            f"adapters are in checkpoint {newest.name if newest else '(none)'}: free space, "
+            "then --resume auto writes them"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save_weights(weights: dict[str, Any], run_dir: Path) -> None:
