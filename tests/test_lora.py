@@ -173,3 +173,61 @@ def test_lora_targets_by_name(corpus):
     assert lora.describe(model)["targets"] == ["qkv"]
     adapted = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
     assert adapted and all(".qkv." in n for n in adapted)
+
+
+def test_a_search_tries_lora_ranks_and_alphas_and_writes_the_best_command(tmp_path, corpus):
+    space = tmp_path / "space.yaml"
+    space.write_text("lora: [2, 4]\nlora_alpha: {low: 2, high: 16}\nlr: {low: 1e-3, high: 1e-2}\n")
+    out = tmp_path / "runs"
+    assert main(["search", "--data", str(corpus), *TINY, "--precision", "fp32", "--out", str(out),
+                 "--trials", "3", "--budget-steps", "2", "--space", str(space),
+                 "--study-name", "s"]) == 0  # fmt: skip
+    (run,) = out.glob("search-*")
+    best = json.loads((run / "best.json").read_text())
+    assert best["params"]["lora"] in (2, 4) and 2 <= best["params"]["lora_alpha"] <= 16
+    assert f"--lora {best['params']['lora']}" in best["command"], best["command"]
+
+
+def test_the_doctor_examines_the_adapters_of_a_lora_model(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert (
+        main(
+            [
+                "doctor",
+                "--lora",
+                "4",
+                "--layers",
+                "2",
+                "--width",
+                "32",
+                "--heads",
+                "2",
+                "--context",
+                "16",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = next(out.glob("doctor-*/report.md")).read_text()
+    assert "lora_A" in report and "lora_B" in report
+
+
+@pytest.mark.slow
+def test_lora_on_two_ddp_processes_matches_one(tmp_path, corpus):
+    common = ["--data", str(corpus), "--lora", "4", "--lora-dropout", "0", "--precision", "fp32",
+              "--max-steps", "4", "--lr", "1e-2", "--eval-every", "4", *TINY]  # fmt: skip
+    common[common.index("--batch-size") + 1] = "2"  # per process: the global batch is 4
+    assert main(["train", *common, "--nproc", "2", "--out", str(tmp_path / "two")]) == 0
+    common[common.index("--batch-size") + 1] = "4"
+    assert main(["train", *common, "--out", str(tmp_path / "one")]) == 0
+    two = load_file(_run(tmp_path / "two") / "model.safetensors")
+    one = load_file(_run(tmp_path / "one") / "model.safetensors")
+    assert two.keys() == one.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
+    assert (_run(tmp_path / "two") / "adapter" / "adapter_model.safetensors").is_file()

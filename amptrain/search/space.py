@@ -40,8 +40,11 @@ PARAMS = {
     "weight_decay": "fit.weight_decay",
     "clip_norm": "fit.clip_norm",
     "precision": "precision",
+    "lora": "lora",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
 }
-_INTS = ("batch_size", "grad_accum")
+_INTS = ("batch_size", "grad_accum", "lora")
 # Batch sizes are choices, not ranges: every trial then scores the same validation blocks
 # (see search._eval_blocks), and `amptrain train` with the best batch size scores them too.
 _CHOICES_ONLY = ("batch_size", "precision")
