@@ -231,3 +231,20 @@ def test_lora_on_two_ddp_processes_matches_one(tmp_path, corpus):
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
     assert (_run(tmp_path / "two") / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_bench_runs_a_lora_arm_beside_the_full_fine_tunes_and_keeps_it_out_of_the_verdict():
+    from conftest import pattern_blocks, tiny_model
+
+    from amptrain.bench import bench
+
+    report = bench(tiny_model(), pattern_blocks(48), pattern_blocks(16, seed=1),
+                   precisions=["bf16"], steps=6, warmup=2, repeats=1, batch_size=8, lr=1e-2,
+                   eval_batches=2, compile=False,
+                   adapters=lora.LoraSettings(rank=4))  # fmt: skip
+    assert [a.precision for a in report.arms] == ["fp32", "bf16", "bf16+lora"]
+    arm = report.arm("bf16+lora")
+    assert arm.status == "ok" and arm.tokens_per_s > 0 and arm.mem_mb is not None
+    assert arm.mfu_probe is None and arm.val_loss is not None
+    assert arm.init_digest == report.arm("fp32").init_digest  # the same start, adapters added
+    assert report.best != "bf16+lora"

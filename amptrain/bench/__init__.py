@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import distributed, sharding
-from amptrain.bench import figures, ranks
+from amptrain import distributed, lora, sharding
+from amptrain.bench import arms, figures, ranks
 from amptrain.bench import verdict as bench_verdict
 from amptrain.bench.clock import StepClock
 from amptrain.callbacks import Callback
@@ -168,11 +168,19 @@ class _Run:
 
 
 def train_once(
-    template: nn.Module, train: Blocks, val: Blocks, precision: str, opts: dict[str, Any]
+    template: nn.Module,
+    train: Blocks,
+    val: Blocks,
+    arm: str,
+    opts: dict[str, Any],
+    adapters: lora.LoraSettings | None = None,
 ) -> _Run:
     model = copy.deepcopy(template)  # fresh weights, equal to the template's
     device = next(model.parameters()).device
     init_digest = state_digest(model)
+    precision = arms.precision_of(arm)
+    if arms.is_lora(arm):
+        model = lora.apply(model, adapters, resolve(precision, device).dtype)
     recorder = _Recorder(model, device)
     try:
         result = fit(model, train, val, precision=precision, callbacks=[recorder], **opts)
@@ -229,6 +237,7 @@ def bench(
     compile: bool | str = "auto",
     strategy: str = "ddp",
     source: str = "model",
+    adapters: lora.LoraSettings | None = None,
 ) -> BenchReport:
     """Benchmark precisions side by side on one model and one batch sequence.
 
@@ -256,6 +265,9 @@ def bench(
             model: `ddp` or `fsdp` (see `amptrain.bench.ranks` for what the figures mean
             then); `fsdp` in one process is refused.
         source: How to name the model in error messages.
+        adapters: LoRA settings: one more arm trains adapters on the frozen model in the
+            lowest precision of the arms (`bf16+lora`, say), beside the full fine-tunes
+            (`amptrain.bench.arms`).
 
     Returns:
         A `BenchReport`; failed arms are rows with `status` "failed" or "oom".
@@ -269,22 +281,24 @@ def bench(
         model = model()
     sharding.check_shardable(model, strategy, source)
     device = next(model.parameters()).device
-    arms, skipped = arm_names(precisions, device)
+    names, skipped = arm_names(precisions, device)
+    if adapters is not None:
+        names.append(names[-1] + arms.LORA)
     train_b, val_b = as_blocks(train, name="training data"), as_blocks(val, name="validation data")
     check_data(model, train_b, val_b, device, source, -100)
     # Every step logged: the report's loss curve and loss-scale events are per step.
     opts = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                 eval_every=steps, eval_batches=eval_batches, compile=compile,
                 strategy=strategy, log_every=1)  # fmt: skip
-    runs: dict[str, list[_Run]] = {name: [] for name in arms}
+    runs: dict[str, list[_Run]] = {name: [] for name in names}
     errors: dict[str, tuple[str, str]] = {}
     for repeat in range(repeats):
-        for name in arms:
+        for name in names:
             if name in errors:
                 continue
             log.info("bench: repeat %d/%d, %s", repeat + 1, repeats, name)
             try:
-                runs[name].append(train_once(model, train_b, val_b, name, opts))
+                runs[name].append(train_once(model, train_b, val_b, name, opts, adapters))
             except torch.OutOfMemoryError as exc:
                 errors[name] = ("oom", f"out of memory at batch_size={batch_size}: {exc}")
             except Exception as exc:  # one arm's failure must not stop the others
@@ -293,17 +307,18 @@ def bench(
     tokens_per_step = batch_size * (train_b.context - 1) * world_size  # every rank's
     why = "timed as asked" if precisions is not None else "timed: not emulated here"
     rows = [_row(name, runs[name], errors.get(name), warmup, tokens_per_step, device, why)
-            for name in arms]  # fmt: skip
+            for name in names]  # fmt: skip
     check_fair(rows)
     if memory:
         mem_opts = {**opts, "max_steps": min(steps, 4), "eval_every": steps}
-        rows = [figures.with_memory(row, device, _memory_run(model, train_b, val_b, row, mem_opts))
+        rows = [figures.with_memory(row, device,
+                                    _memory_run(model, train_b, val_b, row, mem_opts, adapters))
                 for row in rows]  # fmt: skip
     rows, flops = figures.with_mfu(rows, model, train_b, device, batch_size, world_size)
     rows = figures.compare_to_fp32(rows, quality_tol)
     best, verdict = bench_verdict.verdict(rows, quality_tol)
     rows += [ArmResult(name, "skipped", text, error=text) for name, text in skipped.items()]
-    settings = dict(precisions=arms, steps=steps, warmup=warmup, repeats=repeats,
+    settings = dict(precisions=names, steps=steps, warmup=warmup, repeats=repeats,
                     batch_size=batch_size, context=train_b.context, lr=lr, seed=seed,
                     eval_batches=eval_batches, quality_tol=quality_tol, processes=world_size,
                     strategy=strategy, **flops)  # fmt: skip
@@ -350,7 +365,7 @@ def arm_names(
 
 
 def _row(name, runs, error, warmup, tokens_per_step, device, why) -> ArmResult:
-    prec = resolve(name, device)
+    prec = resolve(arms.precision_of(name), device)
     why = "timed: fp32 is the reference" if name == "fp32" else why
     reason = f"{why}; {prec.warning or prec.reason}"
     if error is not None:
@@ -367,6 +382,8 @@ def check_fair(rows: Sequence[ArmResult]) -> None:
             raise RuntimeError(f"benchmark arms differ in {field}: {seen}; the comparison is void")
 
 
-def _memory_run(model, train, val, row: ArmResult, opts: dict[str, Any]) -> Callable[[], _Run]:
+def _memory_run(
+    model, train, val, row: ArmResult, opts: dict[str, Any], adapters=None
+) -> Callable[[], _Run]:
     """One short run of `row`'s arm, for its memory figures."""
-    return lambda: train_once(model, train, val, row.precision, opts)
+    return lambda: train_once(model, train, val, row.precision, opts, adapters)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from amptrain import flops, hardware, tf32
-from amptrain.bench import ranks
+from amptrain.bench import arms, ranks
 from amptrain.data import Blocks
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def with_mfu(rows, model, train: Blocks, device, batch_size: int, world_size: in
     tokens = batch_size * (train.context - 1)
     out = []
     for row in rows:
-        if row.status != "ok":
+        if row.status != "ok" or arms.is_lora(row.precision):  # its FLOPs are not a full step's
             out.append(row)
             continue
         achieved = flops_per_token * row.tokens_per_s / world_size / 1e12  # per device
@@ -101,7 +101,8 @@ def targets(rows: Sequence[ArmResult]) -> dict[str, dict[str, Any]]:
     """The original tier-3 targets, measured rather than assumed, for every non-fp32 arm."""
     out = {}
     for r in rows:
-        if r.precision == "fp32" or r.status != "ok" or r.speedup_vs_fp32 is None:
+        if (r.precision == "fp32" or r.status != "ok" or r.speedup_vs_fp32 is None
+                or arms.is_lora(r.precision)):  # fmt: skip
             continue
         mem = r.mem_reduction_vs_fp32
         out[r.precision] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
@@ -203,15 +204,16 @@ def run_bench(
     """
     from amptrain import distributed
     from amptrain.bench import bench, ranks
-    from amptrain.run_setup import prepare
+    from amptrain.run_setup import lora_settings, prepare
 
     ranks.check_strategy(cfg.fit.strategy, distributed.world()[1])
-    model, train, val, _ = prepare(cfg)
+    adapters = lora_settings(cfg) if cfg.lora else None
+    model, train, val, _ = prepare(dataclasses.replace(cfg, lora=0))  # the arms add adapters
     report = bench(
         model, train, val, precisions=precisions, steps=steps, warmup=warmup, repeats=repeats,
         batch_size=cfg.fit.batch_size, lr=cfg.fit.lr, seed=cfg.fit.seed,
         eval_batches=cfg.fit.eval_batches, quality_tol=quality_tol, memory=memory,
-        compile=cfg.fit.compile, strategy=cfg.fit.strategy, source=cfg.model,
+        compile=cfg.fit.compile, strategy=cfg.fit.strategy, source=cfg.model, adapters=adapters,
     )  # fmt: skip
     if not distributed.is_main():
         return report, None

@@ -11,6 +11,8 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from amptrain.bench import arms
+
 if TYPE_CHECKING:
     from amptrain.bench import ArmResult
 
@@ -26,7 +28,8 @@ def verdict(rows: Sequence[ArmResult], tol: float) -> tuple[str | None, str]:
     overlap, the order is not measured, and the verdict says so, with the load average
     where it is high.
     """
-    good = sorted((r for r in rows if r.status == "ok" and r.quality_ok),
+    good = sorted((r for r in rows if r.status == "ok" and r.quality_ok
+                   and not arms.is_lora(r.precision)),
                   key=lambda r: r.tokens_per_s, reverse=True)  # fmt: skip
     if not good:
         return None, "no precision ran to completion with fp32 as the reference"
