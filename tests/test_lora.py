@@ -117,6 +117,8 @@ def test_the_adapter_folder_loads_in_peft_and_the_merged_hf_export_agrees(hf_lor
     from transformers import AutoModelForCausalLM
 
     base_dir, run = hf_lora_run
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_val_loss"] < summary["initial_val_loss"]  # the adapters learn
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["task_type"] == "CAUSAL_LM"
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
