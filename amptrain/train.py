@@ -200,7 +200,8 @@ def _train(
         if is_hf_model(model):
             _export(model, run_dir, tokenizer_file(cfg), weights)  # gathered: no collective
         atomic_write_json(run_dir / "summary.json",
-                          {**summary(result, cfg, model, sinks), "lora": adapters})  # fmt: skip
+                          {**summary(result, cfg, model, sinks), "lora": adapters,
+                           "examples": train.about})  # fmt: skip
         if not received:
             _plot(result, run_dir / "loss.png", f"{cfg.model} ({result.precision})")
         if received:

@@ -165,7 +165,7 @@ def part_sft(args: argparse.Namespace) -> dict:
     answer = "The answer is forty-two."
     records = [{"prompt": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(40))
                 + "\n", "completion": answer} for _ in range(2000)]  # fmt: skip
-    steps = 20 if args.quick else 300
+    steps = 4 if args.quick else 300
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         masked, whole = Path(tmp) / "sft.jsonl", Path(tmp) / "rows.jsonl"

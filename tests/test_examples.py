@@ -190,6 +190,9 @@ def test_chat_data_trains_with_the_prompt_masked_and_eval_scores_completions(tmp
         == 0
     )
     (run,) = out.glob("train-*")
+    about = json.loads((run / "summary.json").read_text())["examples"]
+    assert about["kind"] == "chat" and about["examples"] == 64
+    assert about["layout"] == "one example per row, padded to 32 tokens"
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [h["val/loss"] for h in history if "val/loss" in h]
     assert losses[-1] < 0.5 * losses[0], losses  # a fixed answer is learnt; random prompts not

@@ -105,6 +105,10 @@ def load_examples(
                         f"{_expected(kind, fields)}")  # fmt: skip
     blocks = _padded(rows, context, tokenizer, ignore_index, name)
     scored = int((blocks.store_labels[:, 1:] != ignore_index).sum())
+    blocks.about = {"kind": kind, "examples": len(rows), "skipped": dict(skipped),
+                    "cut_from_the_prompt_side": truncated,
+                    "layout": f"one example per row, padded to {context} tokens",
+                    "scored_fraction": scored / max(1, len(rows) * (context - 1))}  # fmt: skip
     log.info("%s data %s: %d examples, one per row padded to %d tokens (%.0f%% of positions "
              "scored: completions only)%s%s", kind, name, len(rows), context,
              100 * scored / max(1, len(rows) * (context - 1)),

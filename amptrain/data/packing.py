@@ -27,6 +27,9 @@ class Blocks:
         labels: `[M, T]` labels, or None when they equal the inputs.
         name: What the data is called in messages.
         rows: The stored rows this object holds, in order; None for all of them.
+        max_id: Every stored id lies in [0, max_id], when known on load.
+        about: What loading found, for the run's record (instruction and chat data: the
+            examples, the skipped records, the layout); kept by `subset`.
     """
 
     def __init__(
@@ -36,10 +39,12 @@ class Blocks:
         name: str = "data",
         rows: torch.Tensor | None = None,
         max_id: int | None = None,
+        about: dict | None = None,
     ) -> None:
         self.store, self.name, self.rows = inputs, name, rows
         self.store_labels = None if labels is inputs else labels
         self.max_id = max_id  # when known (found on load), every stored id is in [0, max_id]
+        self.about = about
 
     def __len__(self) -> int:
         return self.store.size(0) if self.rows is None else self.rows.numel()
@@ -73,7 +78,7 @@ class Blocks:
     def subset(self, index: torch.Tensor) -> Blocks:
         """The blocks at `index`, in that order (no tokens are copied)."""
         rows = index if self.rows is None else self.rows[index]
-        return Blocks(self.store, self.store_labels, self.name, rows, self.max_id)
+        return Blocks(self.store, self.store_labels, self.name, rows, self.max_id, self.about)
 
     def chunks(self, tokens: int = 1 << 20) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """`(first_row, inputs, labels)` for consecutive slices of about `tokens` ids, as int64."""
