@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from amptrain import lora
 from amptrain.errors import DataError, ModelError
 from amptrain.losses import next_token_cross_entropy
 
@@ -74,10 +75,16 @@ def forward_logits(
     `with_targets` gives that answer in advance (a compiled trace cannot call `inspect`).
     """
     if with_targets is None:
-        with_targets = takes_targets(type(getattr(model, "module", model)))  # unwrap DDP
+        with_targets = takes_targets(type(inner_model(model)))
     if not with_targets:
         return extract_logits(model(ids))
     return extract_logits(model(ids, targets=shifted_targets(labels)))
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP's wrapper and PEFT's (whose forward passes keywords on)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if lora.is_lora(model) else model
 
 
 @functools.cache

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amptrain.adapter import forward_logits, next_token_loss, takes_targets
+from amptrain.adapter import forward_logits, inner_model, next_token_loss, takes_targets
 from amptrain.blocks import repeated_blocks
 from amptrain.precision import Precision
 
@@ -63,7 +63,7 @@ def eager_loss(ignore_index: int) -> LossFn:
 
 def eager_forward(model: nn.Module) -> LossFn:
     """`forward_logits` with the `targets` question answered in advance (no `inspect` per call)."""
-    with_targets = takes_targets(type(getattr(model, "module", model)))
+    with_targets = takes_targets(type(inner_model(model)))
 
     def forward(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return forward_logits(model, ids, labels, with_targets)

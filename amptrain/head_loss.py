@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amptrain.adapter import forward_logits, next_token_loss, takes_targets
+from amptrain.adapter import forward_logits, inner_model, next_token_loss, takes_targets
 from amptrain.errors import ModelError
 from amptrain.precision import Precision
 
@@ -264,7 +264,7 @@ def find_head(
     Returns `(None, reason)` where there is none, or where the model does more with it than
     return it (cast to another dtype at most), or computes its own loss from the logits.
     """
-    if takes_targets(type(model)):
+    if takes_targets(type(inner_model(model))):
         return None, "the forward computes its own loss from the logits (a `targets` parameter)"
     outputs: dict[str, list[torch.Tensor]] = {}
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}

@@ -11,7 +11,9 @@ on a custom `nn.Module` alike:
 - **Precision.** The adapters train in fp32 (PEFT's `autocast_adapter_dtype`, checked after
   wrapping) under the run's autocast. The frozen base is stored in the run's autocast dtype
   (bf16, or fp16) where the run computes in it, which halves its memory; with fp32 or tf32
-  everything stays fp32. Buffers (RoPE tables) are never cast. `describe` says what was kept
+  everything stays fp32. Every frozen parameter is cast, norms and biases too: a model whose
+  parameters mix dtypes fails any matmul run outside autocast (the dry run, a user's own
+  code). Buffers (RoPE tables) are never cast. `describe` says what was kept
   in which dtype, and the run records it.
 - **State.** Only the adapters train, so a checkpoint holds them and their optimizer state
   (`trainable_state`); the base is rebuilt from where it came from on resume.

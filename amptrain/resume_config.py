@@ -62,6 +62,8 @@ def resumed_config(saved: TrainConfig, given: dict[str, Any], step: int) -> Trai
             f"--max-steps {max_steps} is below the run's {saved_steps} (checkpoint at step "
             f"{step}); a resumed run can only be extended: give --max-steps {saved_steps} or more"
         )
+    if max_steps != saved_steps:  # the steps now say how long, not the run's --epochs
+        new["epochs"] = None
     return TrainConfig.from_dict({**new, **{name: old[name] for name in _PLACE}})
 
 

@@ -103,12 +103,17 @@ def lora_settings(cfg: TrainConfig) -> lora.LoraSettings:
 
     Raises:
         ConfigError: For `--lora` with `--strategy fsdp`, which PEFT's wrapped layers do not
-            shard under FSDP2 here; DDP and one process take it.
+            shard under FSDP2 here (DDP and one process take it), or with sharded checkpoints,
+            which would hold the frozen base too.
     """
     if cfg.fit.strategy == "fsdp":
         raise ConfigError("--lora with --strategy fsdp is not supported: the adapters are small "
                           "and the base is frozen, so --strategy ddp holds them on every "
                           "process; use ddp")  # fmt: skip
+    if cfg.fit.checkpoint_format == "sharded":
+        raise ConfigError("--lora with --checkpoint-format sharded is not supported: a LoRA "
+                          "checkpoint holds the adapters alone, written whole; use "
+                          "--checkpoint-format full (the default)")  # fmt: skip
     return lora.LoraSettings(cfg.lora, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
 

@@ -193,7 +193,7 @@ def _train(
         if lora.is_lora(model):  # the adapters first, then the merged model as any run's
             adapters = lora.describe(model)
             _save_adapter(model, run_dir)
-            model = lora.merged(model)
+            model = _merged(model, run_dir)
             weights = model.state_dict()
         _save_weights(weights, run_dir)  # first: what a full disk spares
         record_fast_path(run_dir / "config.json", result.fast_path)
@@ -249,6 +249,22 @@ def _save_adapter(model: nn.Module, run_dir: Path) -> None:
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _merged(model: nn.Module, run_dir: Path) -> nn.Module:
+    """The adapters merged into the base in fp32, on the CPU (never the device's memory).
+
+    Raises:
+        EnvironmentFailure: Out of host memory, naming the adapter folder, which is written.
+    """
+    try:
+        return lora.merged(model.cpu())
+    except MemoryError:
+        raise EnvironmentFailure(
+            f"out of memory merging the LoRA adapters into an fp32 copy of the base; the "
+            f"adapters are saved in {run_dir / ADAPTER_DIR} (PeftModel.from_pretrained loads "
+            "them onto the base)"
+        ) from None
 
 
 def _save_weights(weights: dict[str, Any], run_dir: Path) -> None:

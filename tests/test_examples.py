@@ -202,3 +202,27 @@ def test_chat_data_trains_with_the_prompt_masked_and_eval_scores_completions(tmp
     val_rows = figures["blocks"]
     assert figures["tokens"] == val_rows * 4  # "OK!" and its EOS, nothing of the prompt
     assert torch.isfinite(torch.tensor(figures["loss"]))
+
+
+def test_templates_compile_as_transformers_compiles_them_and_broken_ones_are_one_line(
+    tmp_path, llama_dir
+):
+    settings = json.loads((llama_dir / "tokenizer_config.json").read_text())
+    hf_style = ("{% for m in messages %}{% if loop.index > 9 %}{% break %}{% endif %}"
+                "<s>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+                "</s>\n{% endgeneration %}{% else %}{{ m.content }}</s>\n{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<s>assistant\n{% endif %}")  # fmt: skip
+    (llama_dir / "tokenizer_config.json").write_text(
+        json.dumps({**settings, "chat_template": hf_style})
+    )
+    tokenizer = data.JsonTokenizer(llama_dir)
+    assert tokenizer.eos_id in tokenizer.stop_ids
+    turns = [{"role": "user", "content": "the"}, {"role": "assistant", "content": "fox"}]
+    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": turns}] * 2)
+    blocks = data.load(path, 64, tokenizer)
+    assert tokenizer.decode(_scored(blocks)[0], special=True) == "fox</s>\n"
+    (llama_dir / "tokenizer_config.json").write_text(
+        json.dumps({**settings, "chat_template": "{% for %}"})
+    )
+    with pytest.raises(DataError, match="no usable chat example .*TemplateSyntaxError"):
+        data.load(path, 64, data.JsonTokenizer(llama_dir))

@@ -86,6 +86,10 @@ def test_eval_generate_and_init_from_take_a_lora_run(tmp_path, corpus, capsys):
                  "--no-progress"]) == 0  # fmt: skip
     assert main(["train", "--data", str(corpus), "--init-from", str(run), "--max-steps", "1",
                  "--precision", "fp32", "--out", str(tmp_path / "again"), *TINY]) == 0  # fmt: skip
+    (run / "model.safetensors").unlink()  # as if stopped before the merge: adapters only
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run), "--out", str(out), "--no-progress"]) == 2
+    assert "holds LoRA adapters only" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -158,6 +162,7 @@ def test_a_bf16_base_merges_within_a_stated_tolerance(tmp_path):
     (["--strategy", "fsdp"], "--lora with --strategy fsdp is not supported"),
     (["--lora-targets", "nonesuch"], "--lora-targets 'nonesuch': ['nonesuch'] matches no"),
     (["--lora-dropout", "1.5"], "lora_dropout=1.5 is invalid"),
+    (["--checkpoint-format", "sharded"], "--lora with --checkpoint-format sharded"),
 ])  # fmt: skip
 def test_lora_refusals_are_one_line_before_any_run(extra, said, tmp_path, corpus, capsys):
     out = tmp_path / "runs"
@@ -250,3 +255,24 @@ def test_the_bench_runs_a_lora_arm_beside_the_full_fine_tunes_and_keeps_it_out_o
     assert arm.mfu_probe is None and arm.val_loss is not None
     assert arm.init_digest == report.arm("fp32").init_digest  # the same start, adapters added
     assert report.best != "bf16+lora"
+
+
+def test_lora_trains_a_nanogpt_style_model_whose_forward_takes_targets(corpus):
+    import sys
+    from pathlib import Path
+
+    import amptrain
+
+    sys.path.insert(0, str(Path(__file__).parent / "model_styles"))
+    from nanogpt_model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16))
+    model = lora.apply(base, lora.LoraSettings(rank=4), torch.float32)
+    from amptrain import data
+
+    blocks = data.load(corpus, 16)
+    train, val = data.split(blocks, 0.1, 0)
+    result = amptrain.fit(model, train, val, precision="fp32", max_steps=10, batch_size=4,
+                          lr=1e-2, eval_every=10, eval_batches=1, compile=False)  # fmt: skip
+    assert result.final_val_loss < result.initial_val_loss

@@ -113,3 +113,17 @@ def test_the_progress_line_counts_to_the_steps_epochs_set():
     sink.log_config({"fit": {"max_steps": 37}})
     sink.log({"train/loss": 1.0, "perf/tokens_per_s": 10.0, "train/lr": 1e-3}, 5)
     assert "step 5/37" in text.getvalue(), text.getvalue()
+
+
+def test_a_run_started_with_epochs_is_extended_on_resume_with_max_steps(tmp_path, corpus):
+    out = tmp_path / "runs"
+    assert main(["train", "--data", str(corpus), "--epochs", "0.2", "--out", str(out),
+                 *TINY]) == 0  # fmt: skip
+    run, saved = _run(out)
+    steps = saved["fit"]["max_steps"]
+    assert main(["train", "--resume", str(run), "--max-steps", str(steps + 2), "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    _, resumed = _run(out)
+    assert resumed["fit"]["max_steps"] == steps + 2 and resumed["epochs"] is None
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == steps + 2

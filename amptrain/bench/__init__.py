@@ -283,7 +283,7 @@ def bench(
     device = next(model.parameters()).device
     names, skipped = arm_names(precisions, device)
     if adapters is not None:
-        names.append(names[-1] + arms.LORA)
+        names.append(arms.lowest(names) + arms.LORA)
     train_b, val_b = as_blocks(train, name="training data"), as_blocks(val, name="validation data")
     check_data(model, train_b, val_b, device, source, -100)
     # Every step logged: the report's loss curve and loss-scale events are per step.

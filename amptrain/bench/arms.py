@@ -21,3 +21,9 @@ def precision_of(arm: str) -> str:
 def is_lora(arm: str) -> bool:
     """Whether the arm trains LoRA adapters."""
     return arm.endswith(LORA)
+
+
+def lowest(precisions: list[str]) -> str:
+    """The lowest of the precisions (bf16, then fp16, tf32, fp32): the LoRA arm's."""
+    order = ("bf16", "fp16", "tf32", "fp32")
+    return min(precisions, key=lambda p: order.index(p) if p in order else len(order))

@@ -123,8 +123,8 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
     if "epochs" in given and "max_steps" in given:
         raise AmptrainError(f"--epochs {given['epochs']} and --max-steps {given['max_steps']} "
                             "both say how long to train; give one")  # fmt: skip
-    if "max_steps" in given:  # the flag wins over a config's epochs, as over its max_steps
-        values["epochs"] = None
+    if "max_steps" in given and values.get("epochs") is not None:
+        values["epochs"] = None  # the flag wins over a config file's epochs
     sizes = {f: given[flag[2:]] for flag, f in GPT_FLAGS.items() if flag[2:] in given}
     if sizes:
         if values.get("model", "tiny-gpt") != "tiny-gpt":

@@ -8,8 +8,9 @@ from typing import Any
 from amptrain.cli.common import command_options, command_settings, config_from_args, print_ending
 from amptrain.config import COMPARE_STEPS
 
-SKIP = ("--max-steps", "--epochs", "--eval-every", "--log-every", "--checkpoint-every",
-        "--keep-last", "--checkpoint-format")  # fmt: skip
+SKIP = ("--max-steps", "--epochs", "--lora", "--lora-alpha", "--lora-dropout", "--lora-targets",
+        "--eval-every", "--log-every", "--checkpoint-every", "--keep-last",
+        "--checkpoint-format")  # fmt: skip
 
 
 def register(sub: Any) -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from amptrain.cli.common import command_options, config_from_args, print_ending
 
 # Train flags `eval` does not take: it trains nothing.
 SKIP = (
+    "--lora", "--lora-alpha", "--lora-dropout", "--lora-targets",
     "--init-from", "--val-fraction", "--val-data", "--max-steps", "--epochs", "--grad-accum",
     "--lr", "--warmup",
     "--weight-decay", "--clip-norm", "--eval-every", "--eval-batches", "--log-every",

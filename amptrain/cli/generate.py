@@ -9,6 +9,7 @@ from amptrain.cli.common import command_options, config_from_args
 
 # Train flags `generate` does not take: it trains nothing and reads no corpus.
 SKIP = (
+    "--lora", "--lora-alpha", "--lora-dropout", "--lora-targets",
     "--init-from", "--data", "--text-field", "--prompt-field", "--completion-field",
     "--long-examples",
     "--data-dtype", "--val-fraction", "--val-data", "--max-steps", "--epochs",

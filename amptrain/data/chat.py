@@ -103,29 +103,57 @@ def prompt_ids(prompt: str, tokenizer: Any) -> list[int]:
 def render(
     tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False
 ) -> str:
-    """The chat template applied as Hugging Face applies it (a sandboxed Jinja environment)."""
-    template = _compiled(tokenizer.chat_template)
+    """The chat template applied as Hugging Face applies it (a sandboxed Jinja environment).
+
+    Raises:
+        TemplateError: If the template does not compile or refuses the conversation.
+    """
     try:
+        template = _compiled(tokenizer.chat_template)
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=getattr(tokenizer, "bos_token", None) or "",
                                eos_token=getattr(tokenizer, "eos_token", None) or "")  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - a template raises what its author wrote
-        raise TemplateError(f"that the chat template refuses ({exc})") from None
+        raise TemplateError(
+            f"that the chat template refuses ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 _TEMPLATES: dict[str, Any] = {}
 
 
 def _compiled(source: str) -> Any:
+    """The template compiled as transformers compiles chat templates.
+
+    The same environment: sandboxed, `trim_blocks`, `lstrip_blocks`, loop controls
+    (`{% break %}`), `raise_exception`, `strftime_now` and a `tojson` that keeps non-ASCII;
+    the `{% generation %}` markers some templates carry (for assistant masks) render their body.
+    """
     if source not in _TEMPLATES:
+        import datetime
+
+        from jinja2 import nodes
+        from jinja2.ext import Extension
         from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class Generation(Extension):
+            tags = {"generation"}
+
+            def parse(self, parser: Any) -> Any:
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return nodes.Scope(body, lineno=lineno)
 
         def raise_exception(message: str) -> None:
             raise ValueError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True,
+            extensions=[Generation, "jinja2.ext.loopcontrols"],
+        )  # fmt: skip
         env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(
             value, ensure_ascii=False, indent=indent
         )
         _TEMPLATES[source] = env.from_string(source)

@@ -37,6 +37,7 @@ class ByteTokenizer:
     name = "bytes"
     eos_id = 0
     eos_token = "\0"
+    stop_ids = frozenset({0})
     bos_id = None
     bos_token = None
     chat_template = None
@@ -84,6 +85,9 @@ class JsonTokenizer:
         self.bos_token = _token_text(settings.get("bos_token"))
         self.bos_id = None if self.bos_token is None else self._tok.token_to_id(self.bos_token)
         self.chat_template = _chat_template(path.parent, settings)
+        ends = {self._tok.token_to_id(t) for t in EOS_NAMES} | {self.eos_id}
+        self.stop_ids = frozenset(i for i in ends if i is not None)
+        """Ids that end generation: the EOS and the vocabulary's other end-of-turn tokens."""
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of `text`; `special=False` adds no BOS/EOS of the tokenizer's own."""

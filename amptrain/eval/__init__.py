@@ -10,6 +10,7 @@ new `eval-*` run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ def evaluate_model(cfg: TrainConfig, whole_data: bool) -> dict[str, Any]:
     from amptrain.run_setup import load_data, prepare, tokenizer_for
     from amptrain.step import evaluate
 
-    model, train, val, precision = prepare(cfg)
+    model, train, val, precision = prepare(dataclasses.replace(cfg, lora=0))  # merged weights
     blocks = load_data(cfg, tokenizer_for(cfg)) if whole_data else val
     scores = evaluate(model, blocks, precision, cfg.fit.batch_size, None, cfg.fit.ignore_index)
     targets = blocks.labels[:, 1:]
@@ -63,8 +64,6 @@ def _utf8_bytes(tokenizer: Any, labels: Any, ignore_index: int) -> int:
 
 def with_run_split(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     """For a run as the model: its data, validation fraction and seed, so `val` is its split."""
-    import dataclasses
-
     from amptrain.models.trained import run_config
 
     saved = run_config(cfg.model)

@@ -4,9 +4,11 @@ The prompt is encoded with the run's own tokenizer (with `chat`, as a user turn 
 template, ready for the assistant's); each new token is drawn from the last position's logits
 divided by the temperature, restricted to the `top_k` most likely and to the smallest set whose
 probability reaches `top_p` when given (temperature 0 takes the most likely token). Generation
-stops at the tokenizer's end-of-sequence token and at the first `stop` string, neither of which
-is printed. The context window slides once the text is longer than the model's context, as
-nanoGPT's `generate` does. Sampling is seeded.
+stops at the tokenizer's end-of-sequence token (or another end-of-turn token its vocabulary
+has, `tokenizers.EOS_NAMES`: a chat template may end a turn with `<|eot_id|>` while its
+`eos_token` is `<|end_of_text|>`) and at the first `stop` string, none of which is printed.
+The context window slides once the text is longer than the model's context, as nanoGPT's
+`generate` does. Sampling is seeded.
 """
 
 from __future__ import annotations
@@ -120,7 +122,14 @@ def generate_text(
     if any(not s for s in stop):
         raise ConfigError("--stop '' is invalid: a stop string needs at least one character")
     tokenizer = tokenizer_for(cfg)
-    ids = chats.prompt_ids(prompt, tokenizer) if chat else tokenizer.encode(prompt)
+    try:
+        ids = chats.prompt_ids(prompt, tokenizer) if chat else tokenizer.encode(prompt)
+    except chats.TemplateError as exc:
+        raise ConfigError(f"--chat: the tokenizer's chat template cannot render a user turn, a "
+                          f"conversation {exc}; leave --chat out") from None  # fmt: skip
+    if not ids:
+        raise ConfigError(f"--prompt {prompt!r} encodes to no token with {tokenizer.name}; give "
+                          "text the tokenizer keeps")  # fmt: skip
     device = pick_device(cfg.device)
     precision = resolve(cfg.precision, device)
     model = model_factory(cfg, device)()
@@ -143,19 +152,20 @@ class Ends:
 
     def __init__(self, tokenizer: Any, start: int, stop: tuple[str, ...]) -> None:
         self.tokenizer, self.start, self.stop = tokenizer, start, stop
-        self.eos = getattr(tokenizer, "eos_id", None)
+        self.ends = tokenizer.stop_ids
 
     def __call__(self, ids: torch.Tensor) -> bool:
         """Whether the last token ended generation."""
         new = ids[0, self.start :].tolist()
-        if self.eos is not None and new[-1] == self.eos:
+        if new[-1] in self.ends:
             return True
         return bool(self.stop) and any(s in self.tokenizer.decode(new) for s in self.stop)
 
     def text(self, new: list[int]) -> str:
         """The generated text, without the end-of-sequence token and from the first stop on."""
-        if self.eos is not None and self.eos in new:
-            new = new[: new.index(self.eos)]
+        ended = [i for i, token in enumerate(new) if token in self.ends]
+        if ended:
+            new = new[: ended[0]]
         text = self.tokenizer.decode(new)
         cuts = [text.index(s) for s in self.stop if s in text]
         return text[: min(cuts)] if cuts else text

@@ -111,7 +111,13 @@ def weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
             "it is not a checkpoint directory; give a run directory of amptrain train, a "
             "checkpoint directory, or a .safetensors or .pt file"
         )
-    return _state_dict(checkpoint.load(path).tensors["model"], path), path
+    state = _state_dict(checkpoint.load(path).tensors["model"], path)
+    if state and all(".lora_" in key for key in state):
+        raise ModelError(
+            f"{path} holds LoRA adapters only (the run stopped before it merged them into "
+            f"{WEIGHTS}); resume the run (amptrain train --resume) to write its weights"
+        )
+    return state, path
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -117,4 +117,4 @@ def _worker(
             optimize_trials(open_study(job, worker=index), job, n, [])
     except AmptrainError as exc:  # said once by the main process, not by every worker
         reasons.put(f"worker {index}: {exc}")  # type: ignore[attr-defined]
-        sys.exit(STORAGE_FAILED)
+        sys.exit(getattr(exc, "exit_code", STORAGE_FAILED))
