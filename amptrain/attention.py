@@ -143,8 +143,9 @@ def time_pass(model: nn.Module, precision: Precision, sample: torch.Tensor, back
     sync = (lambda: torch.cuda.synchronize(sample.device)) if sample.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
-    with AttentionPlan(backend, "").context(), precision.autocast():
-        logits = extract_logits(model(sample))
-    logits.float().square().mean().backward()
+    with AttentionPlan(backend, "").context():  # the backward too: it may recompute a block
+        with precision.autocast():
+            logits = extract_logits(model(sample))
+        logits.float().square().mean().backward()
     sync()
     return time.perf_counter() - start

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 from amptrain.errors import ConfigError
@@ -97,6 +98,11 @@ class FitOptions:
     allocator: str = "auto"
     """CPU host memory: `auto` (glibc keeps freed memory for reuse when the first steps' page
     faults say it pays) or `system` (malloc left as it is)."""
+    activation_checkpointing: str = "none"
+    """Recompute the repeated blocks' activations in the backward to save memory: `none`,
+    `full` (every block), `every:N` (blocks 0, N, 2N...), `selective` (every block keeps its
+    matmul and attention outputs, recomputes the rest) or `auto` (none, until a memory budget
+    needs more)."""
     checkpoint_format: str = "auto"
     """`sharded` (every rank writes its part with torch.distributed.checkpoint; resumes on any
     number of processes), `full` (rank 0 writes the whole state, gathered under fsdp) or
@@ -142,6 +148,10 @@ class FitOptions:
                f"one of {', '.join(attention)}")  # fmt: skip
         _check(self.allocator in ALLOCATORS, "allocator", self.allocator,
                f"one of {', '.join(ALLOCATORS)}")  # fmt: skip
+        ac = self.activation_checkpointing
+        _check(isinstance(ac, str) and re.fullmatch(r"none|auto|full|selective|every:[1-9]\d*", ac)
+               is not None, "activation_checkpointing", ac,
+               "none, full, every:N (N >= 1), selective or auto")  # fmt: skip
         losses = ("auto", "fused", "unfused")
         _check(self.loss in losses, "loss", self.loss, f"one of {', '.join(losses)}")
         clip = self.clip_norm

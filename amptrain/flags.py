@@ -31,7 +31,7 @@ FIELDS = (
     "fit.eval_every", "fit.eval_batches", "fit.log_every", "fit.seed", "fit.max_nonfinite",
     "fit.init_scale", "fit.growth_interval", "fit.checkpoint_every", "fit.keep_last",
     "fit.optimizer_impl", "fit.attention", "fit.loss", "fit.strategy",
-    "fit.checkpoint_format", "fit.allocator",
+    "fit.checkpoint_format", "fit.allocator", "fit.activation_checkpointing",
 )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint, distributed, resharding, rng, sharding
+from amptrain import checkpoint, distributed, recompute, resharding, rng, sharding
 from amptrain import data as data_mod
 from amptrain.allocator import StepFaults
 from amptrain.attention import AttentionPlan
@@ -97,8 +97,36 @@ def fit(
     opts, prec, train_b, val_b = preflight(model, train, val, precision=precision, source=source,
                                            resume=resume, allow_new_scaler=allow_new_scaler,
                                            **options)  # fmt: skip
-    rank, world_size = distributed.world()
     prec.warn_if_emulated()  # before any training kernel, with the measured figures
+    recomputed = recompute.apply(model, opts.activation_checkpointing)  # checkpoint, compile, shard
+    try:
+        return _fit(model, train_b, val_b, prec, opts, recomputed, sinks=sinks,
+                    callbacks=callbacks, checkpoint_dir=checkpoint_dir, resume=resume,
+                    allow_new_scaler=allow_new_scaler, history=history,
+                    handle_signals=handle_signals, checkpoint_meta=checkpoint_meta)  # fmt: skip
+    finally:
+        recomputed.undo()  # the blocks' own forward again
+
+
+def _fit(
+    model: nn.Module,
+    train_b: data_mod.Blocks,
+    val_b: data_mod.Blocks,
+    prec: Precision,
+    opts: FitOptions,
+    recomputed: recompute.Recompute,
+    *,
+    sinks: Iterable[Sink],
+    callbacks: Iterable[Callback],
+    checkpoint_dir: str | Path | None,
+    resume: Checkpoint | None,
+    allow_new_scaler: bool,
+    history: Sequence[dict[str, Any]],
+    handle_signals: bool,
+    checkpoint_meta: dict[str, Any] | None,
+) -> FitResult:
+    """`fit` once its input is checked and its blocks checkpointed as asked."""
+    rank, world_size = distributed.world()
     shards = sharding.shard(model, prec, opts.strategy, world_size)  # before the optimizer
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
@@ -113,6 +141,7 @@ def fit(
         attn, compiled, loss_fn, fast_path = plan_fast_path(model, net, train_b, prec, optimizer,
                                                             opts, resume, state.step)  # fmt: skip
         fast_path["sharding"] = shards
+        fast_path.update(recomputed.record)
         sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
         resolved = {"fit": dataclasses.asdict(opts), "precision": prec.name,
                     "precision_reason": prec.reason, "fast_path": fast_path}  # fmt: skip

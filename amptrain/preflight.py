@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint_state, distributed, resharding, sharding
+from amptrain import checkpoint_state, distributed, recompute, resharding, sharding
 from amptrain import data as data_mod
 from amptrain.adapter import probe_vocab, training_device
 from amptrain.checkpoint import Checkpoint
@@ -52,6 +52,7 @@ def preflight(
     world_size = distributed.world()[1]
     check_parameter_dtypes(model, source)
     sharding.check_shardable(model, opts.strategy, source)
+    recompute.check(model, opts.activation_checkpointing)
     opts = resharding.keep_global_batch(opts, resume, world_size)  # another number of processes
     device = training_device(model, source)
     prec = resolve_precision(precision, device, resume, allow_new_scaler, **opts.scaler_options)

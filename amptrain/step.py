@@ -80,9 +80,10 @@ def train_step(
     lr = optimizer.param_groups[0]["lr"]
     total = torch.zeros((), device=window[0][0].device)
     for i, (x, y) in enumerate(window):
-        with deferred_sync(model, i < len(window) - 1), precision.autocast():
-            with attention():
-                loss_sum = loss_fn(model, x, y)
+        # The backward runs in the forward's attention scope too: a checkpointed block
+        # recomputes its forward there, which must take the same kernels.
+        with deferred_sync(model, i < len(window) - 1), precision.autocast(), attention():
+            loss_sum = loss_fn(model, x, y)
             # Normalise by the whole window's token count: every token weighs the same, so
             # accumulating A batches of B equals one batch of A*B. DDP and FSDP average over
             # ranks, hence the world size.
