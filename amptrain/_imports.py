@@ -28,6 +28,7 @@ MLFLOW_AVAILABLE = _available("mlflow")  # mlflow-skinny installs the same packa
 PYARROW_AVAILABLE = _available("pyarrow")
 DATASETS_AVAILABLE = _available("datasets")
 PEFT_AVAILABLE = _available("peft")
+BITSANDBYTES_AVAILABLE = _available("bitsandbytes")
 
 _FLAGS = {
     "matplotlib": "MATPLOTLIB_AVAILABLE",
@@ -41,6 +42,7 @@ _FLAGS = {
     "pyarrow": "PYARROW_AVAILABLE",
     "datasets": "DATASETS_AVAILABLE",
     "peft": "PEFT_AVAILABLE",
+    "bitsandbytes": "BITSANDBYTES_AVAILABLE",
 }
 
 

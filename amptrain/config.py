@@ -82,6 +82,9 @@ class FitOptions:
     """Save a checkpoint every this many steps (0: only at the end and when interrupted)."""
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted after a newer one is complete."""
+    optimizer_state: str = "32bit"
+    """AdamW's moments: `32bit`, or `8bit` (bitsandbytes' blockwise 8-bit moments, 2 bytes a
+    parameter instead of 8; tensors under 4,096 elements keep 32-bit state)."""
     optimizer_impl: str = "auto"
     """AdamW kernel: `auto` (fused where torch has it), `fused`, `foreach` or `for-loop`."""
     attention: str = "auto"
@@ -134,6 +137,8 @@ class FitOptions:
                self.growth_factor, "a finite number > 1")  # fmt: skip
         _check(_finite(self.backoff_factor) and 0 < self.backoff_factor < 1, "backoff_factor",
                self.backoff_factor, "in (0, 1)")  # fmt: skip
+        _check(self.optimizer_state in ("32bit", "8bit"), "optimizer_state",
+               self.optimizer_state, "32bit or 8bit")  # fmt: skip
         impls = ("auto", "fused", "foreach", "for-loop")
         _check(self.optimizer_impl in impls, "optimizer_impl", self.optimizer_impl,
                f"one of {', '.join(impls)}")  # fmt: skip

@@ -33,6 +33,8 @@ def make_optimizer(model: nn.Module, opts: FitOptions) -> torch.optim.AdamW:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": opts.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if opts.optimizer_state == "8bit":
+        return _adamw_8bit(groups, opts)
     requested = opts.optimizer_impl
     missing = _fused_missing(params) if requested in ("auto", "fused") else None
     if requested == "fused" and missing:
@@ -48,6 +50,24 @@ def make_optimizer(model: nn.Module, opts: FitOptions) -> torch.optim.AdamW:
         flags, reason = _FLAGS[requested], "requested"
     optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, **flags)
     optimizer.amptrain_reason = reason
+    return optimizer
+
+
+MIN_8BIT_SIZE = 4096
+"""Tensors with fewer elements keep 32-bit AdamW state under `optimizer_state="8bit"`."""
+
+
+def _adamw_8bit(groups: list[dict], opts: FitOptions) -> torch.optim.Optimizer:
+    """Bitsandbytes' AdamW with blockwise 8-bit moments (a CPU and a CUDA kernel)."""
+    from amptrain._imports import requires
+
+    requires("bitsandbytes", "memory", "--optimizer-state 8bit", "leave it at 32bit")
+    import bitsandbytes
+
+    optimizer = bitsandbytes.optim.AdamW8bit(groups, lr=opts.lr, betas=opts.betas,
+                                             min_8bit_size=MIN_8BIT_SIZE)  # fmt: skip
+    optimizer.amptrain_reason = (f"8bit: bitsandbytes' blockwise 8-bit moments (tensors under "
+                                 f"{MIN_8BIT_SIZE:,} elements keep 32-bit state)")  # fmt: skip
     return optimizer
 
 
@@ -69,6 +89,8 @@ def _fused_missing(params: list[torch.Tensor]) -> str | None:
 
 def impl_of(optimizer: torch.optim.Optimizer) -> str:
     """The kernel the optimizer's next step will run, read from its param groups' flags."""
+    if type(optimizer).__module__.startswith("bitsandbytes"):
+        return "bitsandbytes 8-bit"
     group = optimizer.param_groups[0]
     if group.get("fused"):
         return "fused"

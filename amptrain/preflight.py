@@ -17,7 +17,7 @@ from amptrain import data as data_mod
 from amptrain.adapter import probe_vocab, training_device
 from amptrain.checkpoint import Checkpoint
 from amptrain.config import FitOptions
-from amptrain.errors import ModelError
+from amptrain.errors import ConfigError, ModelError
 from amptrain.models.limits import check_context
 from amptrain.precision import Precision, resolve, resumed
 
@@ -53,6 +53,7 @@ def preflight(
     check_parameter_dtypes(model, source)
     sharding.check_shardable(model, opts.strategy, source)
     recompute.check(model, opts.activation_checkpointing)
+    check_optimizer_state(opts)
     opts = resharding.keep_global_batch(opts, resume, world_size)  # another number of processes
     device = training_device(model, source)
     prec = resolve_precision(precision, device, resume, allow_new_scaler, **opts.scaler_options)
@@ -62,6 +63,25 @@ def preflight(
     if resume is not None:
         checkpoint_state.check_resumable(resume, model, prec, allow_new_scaler)
     return opts, prec, train_b, val_b
+
+
+def check_optimizer_state(opts: FitOptions) -> None:
+    """Refuse 8-bit optimizer state where it cannot run, before any work.
+
+    Raises:
+        ModuleNotFoundError: Without bitsandbytes (the `memory` extra).
+        ConfigError: With FSDP or sharded checkpoints: bitsandbytes steps plain tensors, not
+            the DTensor shards of either.
+    """
+    if opts.optimizer_state != "8bit":
+        return
+    from amptrain._imports import requires
+
+    requires("bitsandbytes", "memory", "--optimizer-state 8bit", "leave it at 32bit")
+    if opts.strategy == "fsdp" or opts.checkpoint_format == "sharded":
+        raise ConfigError("--optimizer-state 8bit with --strategy fsdp or --checkpoint-format "
+                          "sharded is not supported: bitsandbytes steps whole tensors, not "
+                          "shards; use --strategy ddp and full checkpoints")  # fmt: skip
 
 
 def check_parameter_dtypes(model: nn.Module, source: str) -> None:

@@ -216,7 +216,7 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "WANDB_SILENT": "true",
 }  # fmt: skip
 QUIET_LOGGERS = ("mlflow", "alembic", "transformers", "huggingface_hub", "datasets", "wandb",
-                 "peft", "urllib3")  # fmt: skip
+                 "peft", "bitsandbytes", "urllib3")  # fmt: skip
 
 
 @contextlib.contextmanager
