@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from amptrain import checkpoint, distributed, recompute, resharding, rng, sharding
+from amptrain import checkpoint, distributed, recompute, resharding, rng, sharding, step_metrics
 from amptrain import data as data_mod
 from amptrain.allocator import StepFaults
 from amptrain.attention import AttentionPlan
@@ -26,10 +25,10 @@ from amptrain.callbacks import Callback, emit
 from amptrain.checkpoint import Checkpoint
 from amptrain.compiling import LossFn, compiled_graphs
 from amptrain.config import FitOptions
-from amptrain.errors import Interrupted, NonFiniteError
+from amptrain.errors import Interrupted
 from amptrain.fast_path import plan_fast_path
 from amptrain.fit_result import FitResult, TrainState, fit_result
-from amptrain.hardware import peak_memory_mb, reset_peak_memory
+from amptrain.hardware import reset_peak_memory
 from amptrain.interrupts import EvalCut, agree_on_stop, deferred_signals, stop_handler
 from amptrain.metrics import tracking
 from amptrain.metrics.meters import Throughput
@@ -38,7 +37,7 @@ from amptrain.metrics.tracker import Tracker
 from amptrain.optim import make_optimizer, make_scheduler, reset_lr
 from amptrain.precision import Precision
 from amptrain.preflight import check_data, preflight
-from amptrain.step import Batch, DeviceCounters, evaluate, train_step
+from amptrain.step import DeviceCounters, device_clock, evaluate, to_device, train_step
 
 __all__ = ["FitResult", "TrainState", "check_data", "evaluate", "fit", "preflight", "train_step"]
 
@@ -215,11 +214,11 @@ def _run(run: _Loop) -> float:
     if run.val is not None and (state.step == 0 or state.eval_pending):
         _eval_and_log(run)  # the first one, or the one a signal interrupted before the resume
     agree_on_stop(state)  # a stop asked before the first step (`on_fit_start`), on every rank
-    clock = _now(device)
+    clock = device_clock(device)
     meter, train_time = Throughput(clock), 0.0
     counters = DeviceCounters(device, state.skipped_steps, state.consecutive_nonfinite)
     while state.step < opts.max_steps and not state.should_stop:
-        window = [_to_device(next(batches), device) for _ in range(opts.grad_accum)]
+        window = [to_device(next(batches), device) for _ in range(opts.grad_accum)]
         with run.faults.step(state.step + 1):
             out = train_step(run.net, window, run.prec, run.optimizer, run.scheduler, opts,
                              run.attention.context, run.loss_fn)  # fmt: skip
@@ -233,18 +232,20 @@ def _run(run: _Loop) -> float:
         # both only on steps that every rank knows to be such steps.
         synced = state.step % opts.log_every == 0 or last or due or eval_due
         if synced or (world_size == 1 and state.stop_requested):  # one process logs its last
-            metrics = _log_step(run, counters, meter, out.lr)
+            metrics = step_metrics.log_step(_reading(run), counters, meter, out.lr)
         emit(run.callbacks, "on_step_end", state, metrics)
         agree_on_stop(state, synced)
         if state.should_stop and counters.pending:
-            _read_counters(run, counters, out.lr)  # a stop request: the checkpoint needs them
+            step_metrics.read_counters(
+                _reading(run), counters, out.lr
+            )  # a stop: the checkpoint needs them
         stop = last or (state.should_stop and not state.stop_signal)
         state.eval_pending = run.val is not None and (state.step % opts.eval_every == 0 or stop)
         # After a signal the grace period may be short: checkpoint at once, evaluate on resume.
         if state.eval_pending and not state.stop_signal:
-            train_time += _now(device) - clock
+            train_time += device_clock(device) - clock
             _eval_and_log(run)
-            clock = _now(device)
+            clock = device_clock(device)
             meter = Throughput(clock)
         if run.checkpoint_dir is not None and (due or last or state.should_stop):
             _save_checkpoint(run)
@@ -253,7 +254,7 @@ def _run(run: _Loop) -> float:
     unsaved = run.checkpoint_dir is not None and run.saved_step != state.step
     if unsaved and (state.stop_signal or state.step == opts.max_steps):
         _save_checkpoint(run)  # a signal in the first evaluation, or the owed one just done
-    return train_time + _now(device) - clock
+    return train_time + device_clock(device) - clock
 
 
 def _save_checkpoint(run: _Loop) -> None:
@@ -289,86 +290,9 @@ def _save_checkpoint(run: _Loop) -> None:
     run.last_checkpoint, run.saved_step = path, run.state.step
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    """The batch on `device`; to a GPU from pinned memory, so the copy does not block the host."""
-    if device.type != "cuda":
-        return batch[0].to(device), batch[1].to(device)
-    return _to_gpu(batch[0], device), _to_gpu(batch[1], device)
-
-
-def _to_gpu(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if tensor.device.type == "cpu" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()  # data already on the GPU is left where it is
-    return tensor.to(device, non_blocking=True)
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # otherwise the clock measures only kernel queuing
-    return time.perf_counter()
-
-
-def _memory(device: torch.device) -> dict[str, Any]:
-    peak, source = peak_memory_mb(device)
-    (peak,) = distributed.all_reduce([peak], "max")  # the rank that needs the most
-    return {"mem/peak_mb": peak, "mem/source": source}
-
-
-def _log_step(run: _Loop, counters: DeviceCounters, meter: Throughput, lr: float) -> dict:
-    """Read the counters, log the step's metrics, apply the non-finite policy; the metrics."""
-    device = next(run.model.parameters()).device
-    steps = counters.pending  # the steps since the last read: the meter's window
-    metrics = _read_counters(run, counters, lr)
-    meter.update(metrics.pop("tokens"), steps)
-    metrics.update(meter.compute(_now(device)))
-    metrics.update(_memory(device))
-    _log(run.sinks, metrics, run.state.step)
-    if run.state.consecutive_nonfinite >= run.opts.max_nonfinite:
-        raise _nonfinite_error(run.prec, run.state)
-    return metrics
-
-
-def _read_counters(run: _Loop, counters: DeviceCounters, lr: float) -> dict[str, Any]:
-    """Read the device counters into the state; the step metrics, plus `tokens` since last read.
-
-    Steps skipped since the last read are taken back from the schedule here (the step
-    stepped the scheduler as if they were real updates).
-    """
-    state, read = run.state, counters.read()
-    skipped = int(read["skipped"]) - state.skipped_steps
-    state.tokens += int(read["tokens"])
-    state.skipped_steps = int(read["skipped"])
-    state.consecutive_nonfinite = int(read["consecutive"])
-    state.last_finite_loss = read["last_finite_loss"]
-    state.last_finite_step = int(read["last_finite_step"])
-    if skipped:
-        run.scheduler.last_epoch -= skipped
-        reset_lr(run.optimizer, run.scheduler, run.opts)
-        log.info("%d step(s) up to step %d had a non-finite gradient norm and were skipped; "
-                 "loss scale now %g", skipped, state.step, run.prec.loss_scale)  # fmt: skip
-    return {
-        "train/loss": read["loss"],
-        "train/lr": lr,
-        "train/grad_norm": read["grad_norm"],
-        "amp/loss_scale": run.prec.loss_scale,
-        "amp/skipped_steps": state.skipped_steps,
-        "tokens": int(read["tokens"]),
-    }
-
-
-def _log(sinks: Sequence[Sink], metrics: Mapping[str, Any], step: int) -> None:
-    for sink in sinks:
-        sink.log(metrics, step)
-
-
-def _nonfinite_error(prec: Precision, state: TrainState) -> NonFiniteError:
-    first = state.step - state.consecutive_nonfinite + 1
-    return NonFiniteError(
-        f"{state.consecutive_nonfinite} consecutive non-finite steps (steps {first}-"
-        f"{state.step}); loss scale fell to {prec.loss_scale:g}; last finite loss "
-        f"{state.last_finite_loss:.4f} at step {state.last_finite_step}. Try a lower --lr, "
-        "--precision bf16, or `amptrain doctor` to find the overflowing layer"
-    )
+def _reading(run: _Loop) -> step_metrics.Reading:
+    return step_metrics.Reading(run.state, run.sinks, run.prec, run.optimizer, run.scheduler,
+                                run.opts, next(run.model.parameters()).device)  # fmt: skip
 
 
 def _eval_and_log(run: _Loop) -> None:
@@ -389,6 +313,6 @@ def _eval_and_log(run: _Loop) -> None:
     finally:
         state.evaluating = False
     state.eval_pending = False
-    _log(run.sinks, metrics, state.step)
+    step_metrics.to_sinks(run.sinks, metrics, state.step)
     emit(run.callbacks, "on_eval_end", state, metrics)
     agree_on_stop(state, synced=True)

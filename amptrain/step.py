@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -215,3 +216,23 @@ class DeviceCounters:
         return {"loss": loss, "grad_norm": norm, "tokens": tokens, "skipped": skipped,
                 "consecutive": consecutive, "last_finite_loss": last,
                 "last_finite_step": last_step}  # fmt: skip
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch on `device`; to a GPU from pinned memory, so the copy does not block the host."""
+    if device.type != "cuda":
+        return batch[0].to(device), batch[1].to(device)
+    return _to_gpu(batch[0], device), _to_gpu(batch[1], device)
+
+
+def _to_gpu(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()  # data already on the GPU is left where it is
+    return tensor.to(device, non_blocking=True)
+
+
+def device_clock(device: torch.device) -> float:
+    """`time.perf_counter()` once `device`'s queued work is done (CUDA is synchronised)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # otherwise the clock measures only kernel queuing
+    return time.perf_counter()

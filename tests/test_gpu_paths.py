@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from amptrain import loop, losses
+from amptrain import losses, step
 from amptrain.cli import main
 from amptrain.runs import atomic_safetensors_save
 
@@ -32,7 +32,7 @@ def test_batches_go_to_a_gpu_from_pinned_memory_without_blocking(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "to", to)
     ids = torch.zeros(2, 4, dtype=torch.long)
-    loop._to_device((ids, ids), torch.device("cuda", 0))
+    step.to_device((ids, ids), torch.device("cuda", 0))
     assert moves == ["pin", ("to", "cuda:0", True)] * 2
 
 

@@ -16,7 +16,7 @@ from conftest import HostReads, pattern_blocks, tiny_model
 from spawning import spawn
 
 import amptrain
-from amptrain import loop
+from amptrain import loop, step_metrics
 
 STEPS, LOG_EVERY = 7, 3
 QUIET = [1, 2, 4, 5]  # neither logging (3, 6), nor last (7), nor evaluation or checkpoint
@@ -69,7 +69,9 @@ def test_two_processes_read_nothing_on_a_step_that_does_not_log(tmp_path):
 
 def test_step_time_is_per_step_whatever_the_logging_interval(monkeypatch):
     clock = iter(range(0, 10_000, 2))  # every read of the loop's clock is 2 s later
-    monkeypatch.setattr(loop, "_now", lambda device: float(next(clock)))
+    fake = lambda device: float(next(clock))  # noqa: E731
+    monkeypatch.setattr(loop, "device_clock", fake)  # the loop's reads and the logged step's
+    monkeypatch.setattr(step_metrics, "device_clock", fake)
     result = amptrain.fit(tiny_model(), pattern_blocks(32), precision="fp32", batch_size=4,
                           max_steps=20, log_every=10, compile=False)  # fmt: skip
     times = [r["perf/step_time_s"] for r in result.history if "train/loss" in r]
