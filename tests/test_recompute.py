@@ -10,7 +10,7 @@ from conftest import pattern_blocks, tiny_model
 from torch import nn
 
 import amptrain
-from amptrain import hardware, recompute
+from amptrain import recompute
 from amptrain.errors import ConfigError
 
 MODES = ["none", "full", "every:2", "selective"]
@@ -46,18 +46,35 @@ def test_the_modes_choose_their_blocks():
     assert recompute.apply(model, "full").record["checkpointed_blocks"] == "5 of 5"
 
 
+PEAK = """
+import sys, torch, amptrain
+from conftest import pattern_blocks, tiny_model
+from amptrain.hardware import peak_memory_mb, reset_peak_memory
+mode, compile = sys.argv[1], sys.argv[2] == "compile"
+torch.manual_seed(0)
+model = tiny_model(n_layer=6, n_embd=64, n_head=4, block_size=256)
+train, val = pattern_blocks(64, context=256), pattern_blocks(8, 256, seed=1)
+before = reset_peak_memory(torch.device("cpu"), return_freed=True)
+amptrain.fit(model, train, val, precision="fp32", max_steps=2, batch_size=32, eval_every=2,
+             eval_batches=1, compile=compile, activation_checkpointing=mode, allocator="system")
+print(peak_memory_mb(torch.device("cpu"))[0] - before)
+"""
+
+
 def _peak(mode: str, compile: bool) -> float:
-    """The peak memory increment of a short activation-bound run, in a forked worker."""
+    """The peak memory increment of a short activation-bound run, in a fresh process.
 
-    def work():
-        torch.manual_seed(0)
-        model = tiny_model(n_layer=6, n_embd=64, n_head=4, block_size=256)
-        amptrain.fit(model, pattern_blocks(64, context=256), pattern_blocks(8, 256, seed=1),
-                     precision="fp32", max_steps=2, batch_size=32, eval_every=2, eval_batches=1,
-                     compile=compile, activation_checkpointing=mode,
-                     allocator="system")  # fmt: skip
+    Not a forked worker (`hardware.measure_memory`): a fork of a test worker that other tests
+    left with threads can inherit a held lock, and compiling in it then waits forever.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    return hardware.measure_memory(torch.device("cpu"), work)[1]
+    done = subprocess.run([sys.executable, "-c", PEAK, mode, "compile" if compile else "eager"],
+                          cwd=Path(__file__).parent, capture_output=True, text=True,
+                          timeout=600, check=True)  # fmt: skip
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
