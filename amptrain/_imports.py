@@ -29,6 +29,7 @@ PYARROW_AVAILABLE = _available("pyarrow")
 DATASETS_AVAILABLE = _available("datasets")
 PEFT_AVAILABLE = _available("peft")
 BITSANDBYTES_AVAILABLE = _available("bitsandbytes")
+OPTIMI_AVAILABLE = _available("optimi")  # torch-optimi
 
 _FLAGS = {
     "matplotlib": "MATPLOTLIB_AVAILABLE",
@@ -43,6 +44,7 @@ _FLAGS = {
     "datasets": "DATASETS_AVAILABLE",
     "peft": "PEFT_AVAILABLE",
     "bitsandbytes": "BITSANDBYTES_AVAILABLE",
+    "optimi": "OPTIMI_AVAILABLE",
 }
 
 

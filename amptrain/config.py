@@ -15,6 +15,8 @@ from typing import Any
 
 from amptrain.errors import ConfigError
 
+BF16_TRUE = "bf16-true"
+"""Lightning's name for bf16 weights: precision bf16 with `FitOptions.weights="bf16"`."""
 STRATEGIES = ("ddp", "fsdp")
 """How several processes share the training: replicated (DDP) or sharded (FSDP2)."""
 CHECKPOINT_FORMATS = ("auto", "full", "sharded")
@@ -82,6 +84,14 @@ class FitOptions:
     """Save a checkpoint every this many steps (0: only at the end and when interrupted)."""
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted after a newer one is complete."""
+    weights: str = "fp32"
+    """The trainable matrices' dtype: `fp32` (fp32 master weights under autocast) or `bf16`
+    (bf16 weights, gradients and AdamW state with a compensated update: `--precision
+    bf16-true`); embeddings, norms and biases stay fp32. Needs precision bf16."""
+    compensation: str = "kahan"
+    """With bf16 weights, how an update too small for bf16 is kept: `kahan` (torch-optimi's
+    Kahan summation, a bf16 compensation buffer) or `none` (nearest rounding, which drops
+    updates under half a bf16 step: asked for only)."""
     optimizer_state: str = "32bit"
     """AdamW's moments: `32bit`, or `8bit` (bitsandbytes' blockwise 8-bit moments, 2 bytes a
     parameter instead of 8; tensors under 4,096 elements keep 32-bit state)."""
@@ -137,6 +147,9 @@ class FitOptions:
                self.growth_factor, "a finite number > 1")  # fmt: skip
         _check(_finite(self.backoff_factor) and 0 < self.backoff_factor < 1, "backoff_factor",
                self.backoff_factor, "in (0, 1)")  # fmt: skip
+        _check(self.weights in ("fp32", "bf16"), "weights", self.weights, "fp32 or bf16")
+        _check(self.compensation in ("kahan", "none"), "compensation", self.compensation,
+               "kahan or none")  # fmt: skip
         _check(self.optimizer_state in ("32bit", "8bit"), "optimizer_state",
                self.optimizer_state, "32bit or 8bit")  # fmt: skip
         impls = ("auto", "fused", "foreach", "for-loop")
@@ -265,6 +278,9 @@ class TrainConfig:
             object.__setattr__(self, "fit", FitOptions(**_known(FitOptions, self.fit, "fit")))
         elif not isinstance(self.fit, FitOptions):
             raise ConfigError(f"fit must be a JSON object of loop settings, got {self.fit!r}")
+        if self.precision.lower() == BF16_TRUE:  # bf16 autocast with bf16 weights
+            object.__setattr__(self, "precision", "bf16")
+            object.__setattr__(self, "fit", dataclasses.replace(self.fit, weights="bf16"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values."""

@@ -30,7 +30,8 @@ FIELDS = (
     "fit.grad_accum", "fit.lr", "fit.warmup", "fit.weight_decay", "fit.clip_norm",
     "fit.eval_every", "fit.eval_batches", "fit.log_every", "fit.seed", "fit.max_nonfinite",
     "fit.init_scale", "fit.growth_interval", "fit.checkpoint_every", "fit.keep_last",
-    "fit.optimizer_impl", "fit.optimizer_state", "fit.attention", "fit.loss", "fit.strategy",
+    "fit.optimizer_impl", "fit.optimizer_state", "fit.weights", "fit.compensation",
+    "fit.attention", "fit.loss", "fit.strategy",
     "fit.checkpoint_format", "fit.allocator", "fit.activation_checkpointing",
 )  # fmt: skip
 

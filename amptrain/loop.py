@@ -17,7 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint, distributed, recompute, resharding, rng, sharding, step_metrics
+from amptrain import (
+    checkpoint,
+    distributed,
+    low_weights,
+    recompute,
+    resharding,
+    rng,
+    sharding,
+    step_metrics,
+)
 from amptrain import data as data_mod
 from amptrain.allocator import StepFaults
 from amptrain.attention import AttentionPlan
@@ -126,6 +135,7 @@ def _fit(
 ) -> FitResult:
     """`fit` once its input is checked and its blocks checkpointed as asked."""
     rank, world_size = distributed.world()
+    weights = low_weights.cast(model) if opts.weights == "bf16" else {"weights": "fp32"}
     shards = sharding.shard(model, prec, opts.strategy, world_size)  # before the optimizer
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
@@ -141,6 +151,7 @@ def _fit(
                                                             opts, resume, state.step)  # fmt: skip
         fast_path["sharding"] = shards
         fast_path.update(recomputed.record)
+        fast_path.update(weights)
         sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
         resolved = {"fit": dataclasses.asdict(opts), "precision": prec.name,
                     "precision_reason": prec.reason, "fast_path": fast_path}  # fmt: skip

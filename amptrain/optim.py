@@ -35,6 +35,8 @@ def make_optimizer(model: nn.Module, opts: FitOptions) -> torch.optim.AdamW:
     ]
     if opts.optimizer_state == "8bit":
         return _adamw_8bit(groups, opts)
+    if opts.weights == "bf16":
+        return _adamw_compensated(groups, opts)
     requested = opts.optimizer_impl
     missing = _fused_missing(params) if requested in ("auto", "fused") else None
     if requested == "fused" and missing:
@@ -50,6 +52,22 @@ def make_optimizer(model: nn.Module, opts: FitOptions) -> torch.optim.AdamW:
         flags, reason = _FLAGS[requested], "requested"
     optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, **flags)
     optimizer.amptrain_reason = reason
+    return optimizer
+
+
+def _adamw_compensated(groups: list[dict], opts: FitOptions) -> torch.optim.Optimizer:
+    """torch-optimi's AdamW, with Kahan summation on the bf16 parameters unless refused."""
+    from amptrain._imports import requires
+
+    requires("optimi", "memory", "--precision bf16-true", "use --precision bf16")
+    import optimi
+
+    kahan = opts.compensation == "kahan"
+    optimizer = optimi.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8, kahan_sum=kahan,
+                             foreach=False)  # fmt: skip
+    optimizer.amptrain_reason = (
+        "bf16 weights: torch-optimi's AdamW with Kahan-compensated updates" if kahan else
+        "bf16 weights, updates rounded to nearest (compensation none, as asked)")  # fmt: skip
     return optimizer
 
 
@@ -91,6 +109,8 @@ def impl_of(optimizer: torch.optim.Optimizer) -> str:
     """The kernel the optimizer's next step will run, read from its param groups' flags."""
     if type(optimizer).__module__.startswith("bitsandbytes"):
         return "bitsandbytes 8-bit"
+    if type(optimizer).__module__.startswith("optimi"):
+        return "optimi, Kahan" if optimizer.defaults.get("kahan_sum") else "optimi"
     group = optimizer.param_groups[0]
     if group.get("fused"):
         return "fused"
@@ -122,6 +142,9 @@ def load_state_keeping_impl(
     counters as fp32 tensors on the parameters' device. `load` replaces
     `optimizer.load_state_dict` (a sharded optimizer loads through DCP's `set_state_dict`).
     """
+    if type(optimizer) is not torch.optim.AdamW:  # another library's: its groups as saved
+        (load or optimizer.load_state_dict)(state)
+        return
     flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
     (load or optimizer.load_state_dict)(state)
     for group, saved in zip(optimizer.param_groups, flags):

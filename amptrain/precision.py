@@ -44,8 +44,8 @@ _REFUSED = {
     "half": "'half' is ambiguous; say 'fp16' (autocast + GradScaler) or 'bf16'",
     "16-true": "amptrain keeps fp32 master weights; '16-true' would train in pure fp16. "
     "Use 'fp16' (16-mixed)",
-    "bf16-true": "amptrain keeps fp32 master weights; 'bf16-true' would train in pure bf16. "
-    "Use 'bf16' (bf16-mixed)",
+    "bf16-true": "'bf16-true' is bf16 autocast with bf16 weights, a setting of a training run "
+    "(train, fit: --precision bf16-true, or --weights bf16), not a precision of its own",
 }
 
 _WARNED: set[tuple[str, str]] = set()  # (device, precision) pairs warned in this process

@@ -16,7 +16,7 @@ from amptrain import checkpoint_state, distributed, recompute, resharding, shard
 from amptrain import data as data_mod
 from amptrain.adapter import probe_vocab, training_device
 from amptrain.checkpoint import Checkpoint
-from amptrain.config import FitOptions
+from amptrain.config import BF16_TRUE, FitOptions
 from amptrain.errors import ConfigError, ModelError
 from amptrain.models.limits import check_context
 from amptrain.precision import Precision, resolve, resumed
@@ -48,6 +48,8 @@ def preflight(
     Raises:
         ConfigError, DataError, ModelError, PrecisionError, CheckpointError: The refusal.
     """
+    if isinstance(precision, str) and precision.lower() == BF16_TRUE:  # bf16 weights
+        precision, options = "bf16", {**options, "weights": "bf16"}
     opts = FitOptions(**options)
     world_size = distributed.world()[1]
     check_parameter_dtypes(model, source)
@@ -57,12 +59,39 @@ def preflight(
     opts = resharding.keep_global_batch(opts, resume, world_size)  # another number of processes
     device = training_device(model, source)
     prec = resolve_precision(precision, device, resume, allow_new_scaler, **opts.scaler_options)
+    check_weights(opts, prec)
     train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index,
                                 opts.batch_size, opts.labels_shifted)  # fmt: skip
     data_mod.check_batch_size(train_b, opts.batch_size, world_size)
     if resume is not None:
         checkpoint_state.check_resumable(resume, model, prec, allow_new_scaler)
     return opts, prec, train_b, val_b
+
+
+def check_weights(opts: FitOptions, prec: Precision) -> None:
+    """Refuse bf16 weights where they cannot train as documented, before any work.
+
+    Raises:
+        ModuleNotFoundError: Without torch-optimi (the `memory` extra).
+        ConfigError: For another precision than bf16, gradient accumulation (bf16 gradients
+            would be summed in bf16), FSDP, or 8-bit optimizer state.
+    """
+    if opts.weights != "bf16":
+        return
+    from amptrain._imports import requires
+
+    requires("optimi", "memory", "--precision bf16-true", "use --precision bf16")
+    why = None
+    if prec.name != "bf16":
+        why = f"they need precision bf16 (the run's is {prec.name})"
+    elif opts.grad_accum > 1:
+        why = "gradient accumulation would sum bf16 gradients in bf16; give --grad-accum 1"
+    elif opts.strategy == "fsdp":
+        why = "FSDP's mixed-precision policy is not combined with them; use --strategy ddp"
+    elif opts.optimizer_state == "8bit":
+        why = "the compensated update keeps 16-bit AdamW state; leave --optimizer-state at 32bit"
+    if why:
+        raise ConfigError(f"bf16 weights (--precision bf16-true): {why}")
 
 
 def check_optimizer_state(opts: FitOptions) -> None:

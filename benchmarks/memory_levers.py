@@ -5,7 +5,8 @@ parameters with the 256-token byte vocabulary), batch 1, context 128, under:
 
 - `fp32`: fp32 weights, gradients and AdamW moments (16 bytes a parameter);
 - `bf16 autocast`: the same state, a bf16 forward;
-- `bf16 autocast + 8-bit state`: `optimizer_state="8bit"` (bitsandbytes' blockwise moments).
+- `bf16 autocast + 8-bit state`: `optimizer_state="8bit"` (bitsandbytes' blockwise moments);
+- `bf16-true, Kahan`: bf16 matrices, gradients and moments, Kahan-compensated updates.
 
 (b) An activation-bound job, for activation checkpointing: tiny-gpt (4 x 128) at batch 32,
 context 512, fp32, under `activation_checkpointing` none, full, every:2 and selective.
@@ -16,8 +17,7 @@ training, above the idle process before the model was built) and tokens/s; per j
 configuration against the first (peak memory ratio, and the speed ratio of medians with its
 per-round min-max, `rounds.ratio`).
 
-Not here yet: bf16 weights with compensated updates (the issue's bf16-true), the quality runs
-and the largest model that fits a budget: amptrain has no bf16-true yet.
+Not here yet: stochastic rounding, the quality runs and the largest model that fits a budget.
 
     python benchmarks/memory_levers.py                # both jobs, 3 rounds
     python benchmarks/memory_levers.py --quick        # tiny: does it run?
@@ -46,7 +46,8 @@ JOBS = {
     "parameter-bound": {
         "shape": dict(n_layer=12, n_embd=768, n_head=12), "batch": 1, "context": 128,
         "configs": {"fp32": ("fp32", {}), "bf16 autocast": ("bf16", {}),
-                    "bf16 autocast + 8-bit state": ("bf16", {"optimizer_state": "8bit"})},
+                    "bf16 autocast + 8-bit state": ("bf16", {"optimizer_state": "8bit"}),
+                    "bf16-true, Kahan": ("bf16-true", {})},
     },
     "activation-bound": {
         "shape": dict(n_layer=4, n_embd=128, n_head=4), "batch": 32, "context": 512,

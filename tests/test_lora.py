@@ -276,3 +276,15 @@ def test_lora_trains_a_nanogpt_style_model_whose_forward_takes_targets(corpus):
     result = amptrain.fit(model, train, val, precision="fp32", max_steps=10, batch_size=4,
                           lr=1e-2, eval_every=10, eval_batches=1, compile=False)  # fmt: skip
     assert result.final_val_loss < result.initial_val_loss
+
+
+@pytest.mark.slow
+def test_a_lora_model_trains_compiled(corpus):
+    import amptrain
+
+    cfg = TrainConfig(data=str(corpus), context=16, lora=4, precision="bf16", device="cpu",
+                      model_kwargs={"n_layer": 2, "n_embd": 32, "n_head": 2})  # fmt: skip
+    model, train, val, precision = run_setup.prepare(cfg)
+    result = amptrain.fit(model, train, val, precision=precision, max_steps=6, batch_size=4,
+                          lr=1e-2, eval_every=6, eval_batches=1, compile=True)  # fmt: skip
+    assert result.fast_path["compiled"] and result.final_val_loss < result.initial_val_loss
