@@ -48,8 +48,8 @@ def test_bf16_weights_train_with_embeddings_and_norms_in_fp32():
                           precision="bf16-true", max_steps=30, batch_size=8, lr=1e-2,
                           eval_every=30, eval_batches=1, compile=False)  # fmt: skip
     assert result.final_val_loss < result.initial_val_loss
-    assert result.fast_path["weights"] == "bf16" and result.fast_path["optimizer_impl"] == (
-        "optimi, Kahan")
+    assert result.fast_path["weights"] == "bf16"
+    assert result.fast_path["optimizer_impl"] == "optimi, Kahan"
     for name, param in model.named_parameters():  # tiny-gpt ties lm_head to wte
         embedding = name in ("wte.weight", "wpe.weight", "lm_head.weight")
         want = torch.float32 if param.dim() < 2 or embedding else torch.bfloat16
