@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +23,6 @@ from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig
 from amptrain.data.tokenizers import SETTINGS_FILES
 from amptrain.errors import (
-    EnvironmentFailure,
     Interrupted,
     Stopped,
 )
@@ -34,7 +32,6 @@ from amptrain.metrics import tracking
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
 from amptrain.models import check_trusted, provenance
 from amptrain.models.provenance import BASE_FILE
-from amptrain.models.trained import WEIGHTS
 from amptrain.precision import Precision
 from amptrain.preflight import preflight
 from amptrain.resume_config import resumed_config
@@ -48,24 +45,21 @@ from amptrain.resuming import (
 )
 from amptrain.run_setup import prepare, steps_for_epochs, tokenizer_file
 from amptrain.runs import (
-    atomic_safetensors_save,
     atomic_write_bytes,
     atomic_write_json,
     check_folder,
     clean_temporaries,
     create_run_dir,
     environment,
+    final_files,
     write_config,
 )
-from amptrain.runs.hf_export import export_hf, is_hf_model
+from amptrain.runs.hf_export import is_hf_model
 from amptrain.runs.lock import RunInUseError, RunLock
 from amptrain.runs.lock import acquire as acquire_run_lock
 from amptrain.runs.run_sinks import FastPathRecord, RunDirectoryWatch, record_fast_path
 
 log = logging.getLogger("amptrain")
-
-ADAPTER_DIR = "adapter"
-"""A LoRA run's PEFT adapter folder, beside the merged weights."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,13 +186,13 @@ def _train(
         adapters = None
         if lora.is_lora(model):  # the adapters first, then the merged model as any run's
             adapters = lora.describe(model)
-            _save_adapter(model, run_dir)
-            model = _merged(model, run_dir)
+            final_files.save_adapter(model, run_dir)
+            model = final_files.merged(model, run_dir)
             weights = model.state_dict()
-        _save_weights(weights, run_dir)  # first: what a full disk spares
+        final_files.save_weights(weights, run_dir)  # first: what a full disk spares
         record_fast_path(run_dir / "config.json", result.fast_path)
         if is_hf_model(model):
-            _export(model, run_dir, tokenizer_file(cfg), weights)  # gathered: no collective
+            final_files.export(model, run_dir, tokenizer_file(cfg), weights)  # no collective
         atomic_write_json(run_dir / "summary.json",
                           {**summary(result, cfg, model, sinks), "lora": adapters,
                            "examples": train.about})  # fmt: skip
@@ -226,71 +220,6 @@ def _write_sources(run_dir: Path, cfg: TrainConfig) -> None:
         for name in SETTINGS_FILES:  # its special tokens and chat template, where it has them
             if (Path(path).parent / name).is_file():
                 atomic_write_bytes(run_dir / name, (Path(path).parent / name).read_bytes())
-
-
-def _save_adapter(model: nn.Module, run_dir: Path) -> None:
-    """`adapter/`, the PEFT adapter folder, replaced whole (a resumed run writes it again)."""
-    target = run_dir / ADAPTER_DIR
-    tmp = run_dir / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        lora.save_adapter(model, tmp)
-        old = run_dir / f".{ADAPTER_DIR}.old-{os.getpid()}"
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        newest = checkpoint.latest(run_dir / "checkpoints")
-        raise EnvironmentFailure(
-            f"could not write the LoRA adapters {target} ({exc.strerror or exc}); the trained "
-            f"adapters are in checkpoint {newest.name if newest else '(none)'}: free space, "
-            "then --resume auto writes them"
-        ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _merged(model: nn.Module, run_dir: Path) -> nn.Module:
-    """The adapters merged into the base in fp32, on the CPU (never the device's memory).
-
-    Raises:
-        EnvironmentFailure: Out of host memory, naming the adapter folder, which is written.
-    """
-    try:
-        return lora.merged(model.cpu())
-    except MemoryError:
-        raise EnvironmentFailure(
-            f"out of memory merging the LoRA adapters into an fp32 copy of the base; the "
-            f"adapters are saved in {run_dir / ADAPTER_DIR} (PeftModel.from_pretrained loads "
-            "them onto the base)"
-        ) from None
-
-
-def _save_weights(weights: dict[str, Any], run_dir: Path) -> None:
-    """The final model.safetensors; a failed write names it and what still holds the weights."""
-    try:
-        atomic_safetensors_save(weights, run_dir / WEIGHTS)
-    except (OSError, MemoryError) as exc:
-        newest = checkpoint.latest(run_dir / "checkpoints")
-        short = "memory" if isinstance(exc, MemoryError) else "space"
-        kept = (f"the trained state is in checkpoint {newest.name}: free {short}, then "
-                f"--resume auto writes it" if newest else "no checkpoint holds it")  # fmt: skip
-        why = "out of memory" if isinstance(exc, MemoryError) else exc.strerror or exc
-        raise EnvironmentFailure(
-            f"could not write the final weights {run_dir / WEIGHTS} ({why}); {kept}"
-        ) from None
-
-
-def _export(
-    model: nn.Module, run_dir: Path, tokenizer: str | None, weights: dict[str, Any]
-) -> None:
-    """hf/, an after-step: when it fails the run is still complete in model.safetensors."""
-    try:
-        export_hf(model, run_dir, tokenizer, state_dict=weights)
-    except Exception as exc:  # noqa: BLE001 - e.g. a model transformers cannot serialise
-        log.warning("hf/ not written (%s: %s); the run's weights are saved in %s",
-                    type(exc).__name__, exc, WEIGHTS)  # fmt: skip
 
 
 class _Opened(NamedTuple):

@@ -16,6 +16,7 @@ import pytest
 from amptrain import checkpoint, loop, train
 from amptrain.cli import main
 from amptrain.errors import EXIT_CODES
+from amptrain.runs import final_files
 
 TINY = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch-size",
         "4", "--eval-every", "2", "--eval-batches", "1", "--no-progress"]  # fmt: skip
@@ -228,7 +229,7 @@ def test_a_disk_or_memory_full_at_the_final_weights_names_the_file_and_the_check
             raise MemoryError
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train, "atomic_safetensors_save", full)
+    monkeypatch.setattr(final_files, "atomic_safetensors_save", full)
     out = tmp_path / "runs"
     assert _train(corpus, out, "--max-steps", "2") == 3
     err = capsys.readouterr().err
