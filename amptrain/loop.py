@@ -106,13 +106,15 @@ def fit(
                                            resume=resume, allow_new_scaler=allow_new_scaler,
                                            **options)  # fmt: skip
     prec.warn_if_emulated()  # before any training kernel, with the measured figures
-    recomputed = recompute.apply(model, opts.activation_checkpointing)  # checkpoint, compile, shard
+    recomputed = recompute.apply(model, opts.activation_checkpointing)  # checkpoint, shard, compile
+    lowered = low_weights.cast(model, opts.weights)  # bf16 matrices for the run (bf16-true)
     try:
-        return _fit(model, train_b, val_b, prec, opts, recomputed, sinks=sinks,
+        return _fit(model, train_b, val_b, prec, opts, recomputed, lowered, sinks=sinks,
                     callbacks=callbacks, checkpoint_dir=checkpoint_dir, resume=resume,
                     allow_new_scaler=allow_new_scaler, history=history,
                     handle_signals=handle_signals, checkpoint_meta=checkpoint_meta)  # fmt: skip
     finally:
+        lowered.undo()  # fp32 again, exactly
         recomputed.undo()  # the blocks' own forward again
 
 
@@ -123,6 +125,7 @@ def _fit(
     prec: Precision,
     opts: FitOptions,
     recomputed: recompute.Recompute,
+    lowered: low_weights.Lowered,
     *,
     sinks: Iterable[Sink],
     callbacks: Iterable[Callback],
@@ -135,7 +138,6 @@ def _fit(
 ) -> FitResult:
     """`fit` once its input is checked and its blocks checkpointed as asked."""
     rank, world_size = distributed.world()
-    weights = low_weights.cast(model) if opts.weights == "bf16" else {"weights": "fp32"}
     shards = sharding.shard(model, prec, opts.strategy, world_size)  # before the optimizer
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
@@ -151,14 +153,15 @@ def _fit(
                                                             opts, resume, state.step)  # fmt: skip
         fast_path["sharding"] = shards
         fast_path.update(recomputed.record)
-        fast_path.update(weights)
+        fast_path.update(lowered.record)
         sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
         resolved = {"fit": dataclasses.asdict(opts), "precision": prec.name,
                     "precision_reason": prec.reason, "fast_path": fast_path}  # fmt: skip
         tracking.tell_config(sinks, resolved)  # trackers log the run as it runs, not as asked
         meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend,
                 "batch_size": opts.batch_size, "strategy": opts.strategy,
-                "checkpoint_format": opts.checkpoint_format}  # fmt: skip
+                "checkpoint_format": opts.checkpoint_format,
+                "weights": opts.weights}  # fmt: skip
         shard_files = resharding.writes_shards(opts.checkpoint_format, sharding.is_sharded(model))
         run = _Loop(model, net, train_b, val_b, prec, optimizer, scheduler, opts, state, sinks,
                     list(callbacks), checkpoint_dir, meta, attn, shard_files,

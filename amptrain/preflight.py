@@ -15,7 +15,7 @@ from torch import nn
 from amptrain import checkpoint_state, distributed, recompute, resharding, sharding
 from amptrain import data as data_mod
 from amptrain.adapter import probe_vocab, training_device
-from amptrain.checkpoint import Checkpoint
+from amptrain.checkpoint import Checkpoint, CheckpointError
 from amptrain.config import BF16_TRUE, FitOptions
 from amptrain.errors import ConfigError, ModelError
 from amptrain.models.limits import check_context
@@ -65,6 +65,11 @@ def preflight(
     data_mod.check_batch_size(train_b, opts.batch_size, world_size)
     if resume is not None:
         checkpoint_state.check_resumable(resume, model, prec, allow_new_scaler)
+        trained = resume.trainer.get("weights", "fp32")
+        if trained != opts.weights:
+            raise CheckpointError(f"{resume.path} was trained with {trained} weights and this "
+                                  f"run asks for {opts.weights}; resume with the same weights "
+                                  "(--precision bf16-true for bf16)")  # fmt: skip
     return opts, prec, train_b, val_b
 
 
@@ -82,7 +87,13 @@ def check_weights(opts: FitOptions, prec: Precision) -> None:
 
     requires("optimi", "memory", "--precision bf16-true", "use --precision bf16")
     why = None
-    if prec.name != "bf16":
+    if distributed.world()[1] > 1:
+        why = ("DDP would all-reduce the bf16 gradients in bf16; train on one process, or "
+               "use --precision bf16")  # fmt: skip
+    elif opts.optimizer_impl not in ("auto", "for-loop"):
+        why = (f"their optimizer is torch-optimi's for-loop AdamW, not --optimizer-impl "
+               f"{opts.optimizer_impl}; leave it at auto")  # fmt: skip
+    elif prec.name != "bf16":
         why = f"they need precision bf16 (the run's is {prec.name})"
     elif opts.grad_accum > 1:
         why = "gradient accumulation would sum bf16 gradients in bf16; give --grad-accum 1"
@@ -118,7 +129,8 @@ def check_parameter_dtypes(model: nn.Module, source: str) -> None:
 
     amptrain keeps fp32 master weights and runs the forward pass in the precision's autocast;
     half-precision parameters would train in pure half precision while the run reports another
-    precision (and fp16's loss scaler cannot unscale fp16 gradients).
+    precision (and fp16's loss scaler cannot unscale fp16 gradients). `--precision bf16-true`
+    casts the matrices itself, for the run only (`low_weights`).
 
     Raises:
         ModelError: Naming how many parameters, one of them, and the fix.

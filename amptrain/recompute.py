@@ -15,8 +15,8 @@
 Checkpointing is torch's non-reentrant `torch.utils.checkpoint.checkpoint`, which restores the
 autocast state and the generators on recompute, so in fp32 the run is bit for bit the run
 without it. It wraps each chosen block's `forward` for the run only (`Recompute.undo` puts it
-back), so parameter and module names do not change, and it is applied before compiling and
-sharding: checkpoint, then compile, then shard.
+back), so parameter and module names do not change, and it is applied before sharding and
+compiling: checkpoint, then shard (`fully_shard` per block, torchtitan's order), then compile.
 """
 
 from __future__ import annotations

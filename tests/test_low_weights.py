@@ -50,10 +50,10 @@ def test_bf16_weights_train_with_embeddings_and_norms_in_fp32():
     assert result.final_val_loss < result.initial_val_loss
     assert result.fast_path["weights"] == "bf16"
     assert result.fast_path["optimizer_impl"] == "optimi, Kahan"
-    for name, param in model.named_parameters():  # tiny-gpt ties lm_head to wte
-        embedding = name in ("wte.weight", "wpe.weight", "lm_head.weight")
-        want = torch.float32 if param.dim() < 2 or embedding else torch.bfloat16
-        assert param.dtype == want, name
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 again after
+    matrices = sum(p.numel() for n, p in model.named_parameters()
+                   if p.dim() >= 2 and n not in ("wte.weight", "wpe.weight"))  # fmt: skip
+    assert result.fast_path["bf16_parameters"] == matrices  # tiny-gpt ties lm_head to wte
     kept = result.fast_path["kept_fp32"]
     assert "wte.weight" in kept and "wpe.weight" in kept and "ln_f.weight" in kept
 
@@ -82,6 +82,7 @@ def test_a_bf16_true_run_resumes_bit_for_bit(tmp_path, corpus):
     (dict(precision="fp32", weights="bf16"), "they need precision bf16"),
     (dict(precision="bf16-true", grad_accum=2), "gradient accumulation"),
     (dict(precision="bf16-true", optimizer_state="8bit"), "16-bit AdamW state"),
+    (dict(precision="bf16-true", optimizer_impl="fused"), "not --optimizer-impl fused"),
 ])  # fmt: skip
 def test_bf16_weights_where_they_cannot_apply_are_refused(extra, said):
     model = tiny_model()
@@ -89,3 +90,17 @@ def test_bf16_weights_where_they_cannot_apply_are_refused(extra, said):
         amptrain.fit(model, pattern_blocks(16), pattern_blocks(8), max_steps=1, batch_size=4,
                      **extra)  # fmt: skip
     assert all(p.dtype == torch.float32 for p in model.parameters())  # nothing was cast
+
+
+def test_a_bf16_true_model_trains_on_and_resumes_only_with_bf16_weights(tmp_path):
+    from amptrain import checkpoint
+    from amptrain.checkpoint import CheckpointError
+
+    model, train, val = tiny_model(), pattern_blocks(32), pattern_blocks(8, seed=1)
+    common = dict(max_steps=2, batch_size=4, eval_every=2, eval_batches=1, compile=False)
+    amptrain.fit(model, train, val, precision="bf16-true", checkpoint_dir=tmp_path, **common)
+    amptrain.fit(model, train, val, precision="bf16-true", **common)  # on its bf16 matrices
+    ckpt = checkpoint.load(checkpoint.latest(tmp_path))
+    with pytest.raises(CheckpointError, match="trained with bf16 weights and this run asks"):
+        amptrain.fit(tiny_model(), train, val, precision="bf16", resume=ckpt,
+                     **{**common, "max_steps": 4})  # fmt: skip

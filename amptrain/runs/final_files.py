@@ -35,10 +35,15 @@ def save_adapter(model: nn.Module, run_dir: Path) -> None:
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         lora.save_adapter(model, tmp)
-        old = run_dir / f".{ADAPTER_DIR}.old-{os.getpid()}"
+        old = run_dir / f".{ADAPTER_DIR}.old.tmp-{os.getpid()}"  # a killed run's is cleaned
         if target.exists():
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old.exists():
+                os.replace(old, target)  # the previous adapters stay where they were
+            raise
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         newest = checkpoint.latest(run_dir / "checkpoints")
@@ -59,7 +64,9 @@ def merged(model: nn.Module, run_dir: Path) -> nn.Module:
     """
     try:
         return lora.merged(model.cpu())
-    except MemoryError:
+    except (MemoryError, RuntimeError) as exc:  # torch's CPU allocator raises RuntimeError
+        if isinstance(exc, RuntimeError) and "allocate" not in str(exc):
+            raise
         raise EnvironmentFailure(
             f"out of memory merging the LoRA adapters into an fp32 copy of the base; the "
             f"adapters are saved in {run_dir / ADAPTER_DIR} (PeftModel.from_pretrained loads "
