@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from amptrain import lora
 from amptrain.blocks import repeated_blocks
 from amptrain.errors import ConfigError
 
@@ -101,8 +102,7 @@ def apply(model: nn.Module, mode: str) -> Recompute:
 
 
 def _blocks(model: nn.Module):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's
-    return repeated_blocks(inner)
+    return repeated_blocks(model.get_base_model() if lora.is_lora(model) else model)
 
 
 def _checkpointed(forward: Callable[..., Any], context: Any, *args: Any, **kwargs: Any) -> Any:

@@ -37,15 +37,14 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import fresh  # noqa: E402
 import provenance  # noqa: E402
 import rounds  # noqa: E402
 
@@ -59,13 +58,6 @@ CONFIGS = {"full fp32": ("fp32", 0), "full bf16": ("bf16", 0), "lora r16 bf16": 
 BATCH, CONTEXT = 2, 128
 
 
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise OSError("no VmRSS")
-
-
 def worker(name: str, shape: dict, steps: int, warmup: int) -> dict:
     """One configuration in this (fresh) process: its figures as a dict."""
     import transformers
@@ -75,7 +67,7 @@ def worker(name: str, shape: dict, steps: int, warmup: int) -> dict:
 
     transformers.logging.set_verbosity_error()
     precision, rank = CONFIGS[name]
-    idle = _rss_mb()
+    idle = fresh.idle_mb()
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
     params = sum(p.numel() for p in model.parameters())
@@ -85,31 +77,22 @@ def worker(name: str, shape: dict, steps: int, warmup: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     train = torch.randint(0, shape["vocab_size"], (BATCH * steps, CONTEXT), generator=gen)
     val = torch.randint(0, shape["vocab_size"], (BATCH, CONTEXT), generator=gen)
-    times: list[float] = []
-
-    class Clock(amptrain.callbacks.Callback):
-        def on_step_end(self, state, metrics):
-            times.append(time.perf_counter())
-
+    clock = fresh.Clock()
     with tempfile.TemporaryDirectory() as tmp:
         result = amptrain.fit(model, train, val, precision=precision, max_steps=steps,
                               batch_size=BATCH, eval_every=steps, eval_batches=1, log_every=1,
-                              compile=False, checkpoint_dir=tmp, callbacks=[Clock()],
+                              compile=False, checkpoint_dir=tmp, callbacks=[clock],
                               allocator="system")  # fmt: skip
         ckpt = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
-    step_s = statistics.median(b - a for a, b in zip(times[warmup:], times[warmup + 1 :]))
+    step_s = clock.step_s(warmup)
     return {"parameters": params, "trainable": trainable, "precision": result.precision,
             "peak_mb": result.peak_mem_mb - idle, "tokens_per_s": BATCH * (CONTEXT - 1) / step_s,
             "checkpoint_mb": ckpt / 2**20, "loss": result.final_val_loss}  # fmt: skip
 
 
 def run_worker(name: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), *(["--quick"] if args.quick else [])]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return fresh.run(__file__, "--worker", name, "--steps", str(args.steps), "--warmup",
+                     str(args.warmup), *(["--quick"] if args.quick else []))  # fmt: skip
 
 
 def part_lora(args: argparse.Namespace) -> dict:

@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import fresh  # noqa: E402
 import provenance  # noqa: E402
 import rounds  # noqa: E402
 
@@ -58,13 +57,6 @@ JOBS = {
 QUICK_SHAPE = dict(n_layer=2, n_embd=64, n_head=2)
 
 
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise OSError("no VmRSS")
-
-
 def worker(job: str, config: str, steps: int, warmup: int, quick: bool) -> dict:
     """One configuration of one job in this (fresh) process: its figures."""
     import amptrain
@@ -73,7 +65,7 @@ def worker(job: str, config: str, steps: int, warmup: int, quick: bool) -> dict:
     spec = JOBS[job]
     precision, extra = spec["configs"][config]
     batch, context = (4, 64) if quick else (spec["batch"], spec["context"])
-    idle = _rss_mb()
+    idle = fresh.idle_mb()
     torch.manual_seed(0)
     shape = QUICK_SHAPE if quick else spec["shape"]
     model = TinyGPT(GPTConfig(vocab_size=256, block_size=context, **shape))
@@ -81,17 +73,12 @@ def worker(job: str, config: str, steps: int, warmup: int, quick: bool) -> dict:
     gen = torch.Generator().manual_seed(1)
     train = torch.randint(0, 256, (batch * steps, context), generator=gen)
     val = torch.randint(0, 256, (batch, context), generator=gen)
-    times: list[float] = []
-
-    class Clock(amptrain.callbacks.Callback):
-        def on_step_end(self, state, metrics):
-            times.append(time.perf_counter())
-
+    clock = fresh.Clock()
     result = amptrain.fit(model, train, val, precision=precision, max_steps=steps,
                           batch_size=batch, eval_every=steps, eval_batches=1, log_every=1,
-                          compile=False, callbacks=[Clock()], allocator="system",
+                          compile=False, callbacks=[clock], allocator="system",
                           **extra)  # fmt: skip
-    step_s = statistics.median(b - a for a, b in zip(times[warmup:], times[warmup + 1 :]))
+    step_s = clock.step_s(warmup)
     peak = result.peak_mem_mb - idle
     return {"parameters": params, "peak_mb": peak, "bytes_per_parameter": peak * 2**20 / params,
             "tokens_per_s": batch * (context - 1) / step_s,
@@ -99,12 +86,8 @@ def worker(job: str, config: str, steps: int, warmup: int, quick: bool) -> dict:
 
 
 def run_worker(job: str, config: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", job, config, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), *(["--quick"] if args.quick else [])]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{job} / {config} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return fresh.run(__file__, "--worker", job, config, "--steps", str(args.steps), "--warmup",
+                     str(args.warmup), *(["--quick"] if args.quick else []))  # fmt: skip
 
 
 def measure_job(job: str, args: argparse.Namespace) -> dict:

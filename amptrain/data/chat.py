@@ -8,7 +8,7 @@ generation prompt, must be where the rendering with that turn begins, and what t
 turns differently once later ones follow (some drop earlier reasoning) cannot be split so, and
 its conversations are reported as unusable rather than scored wrongly.
 
-Without a template, the plain template `CHAT_TEMPLATE` is used:
+Without a template, a plain one is used:
 
     system: You are terse.
     user: What is 2 + 2?
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-CHAT_TEMPLATE = "plain: one line a turn, 'role: content', an assistant turn ending in EOS"
 ROLES = ("system", "user", "assistant", "tool")
 
 

@@ -7,7 +7,7 @@ it plain text. Each example becomes one row of `context` tokens:
 
 - Instruction: the prompt's tokens, then the completion's, then the end-of-sequence token.
 - Chat: the turns rendered with the tokenizer's chat template where it has one, else with
-  the plain template `CHAT_TEMPLATE` documents; each assistant turn (and the end of its turn)
+  the plain template `chat` documents; each assistant turn (and the end of its turn)
   is the completion, every other turn prompt.
 
 Only completion positions are scored: the prompt's labels are the ignore index, so the loss,
@@ -36,9 +36,6 @@ from amptrain.data.records import records
 from amptrain.errors import DataError
 
 log = logging.getLogger("amptrain")
-
-LONG_EXAMPLES = ("truncate", "drop")
-"""What becomes of an example longer than the context: cut from the prompt side, or left out."""
 
 
 @dataclasses.dataclass(frozen=True)
