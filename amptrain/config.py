@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from amptrain.errors import ConfigError
+from amptrain.sizes import parse_size
 
 BF16_TRUE = "bf16-true"
 """Lightning's name for bf16 weights: precision bf16 with `FitOptions.weights="bf16"`."""
@@ -90,11 +91,19 @@ class FitOptions:
     bf16-true`); embeddings, norms and biases stay fp32. Needs precision bf16."""
     compensation: str = "kahan"
     """With bf16 weights, how an update too small for bf16 is kept: `kahan` (torch-optimi's
-    Kahan summation, a bf16 compensation buffer) or `none` (nearest rounding, which drops
-    updates under half a bf16 step: asked for only)."""
+    Kahan summation, a bf16 compensation buffer: 10 bytes a parameter), `sr` (stochastic
+    rounding seeded by the run's seed and step: 8 bytes) or `none` (nearest rounding, which
+    drops updates under half a bf16 step: asked for only)."""
     optimizer_state: str = "32bit"
     """AdamW's moments: `32bit`, or `8bit` (bitsandbytes' blockwise 8-bit moments, 2 bytes a
     parameter instead of 8; tensors under 4,096 elements keep 32-bit state)."""
+    micro_batch: str | None = None
+    """`auto`: split each process's batch (`batch_size` x `grad_accum`) into the largest
+    micro-batch whose step fits `memory_budget`, found by measuring a step, and accumulate the
+    rest, so the global batch stays as asked. None: `batch_size` is the micro-batch."""
+    memory_budget: str | None = None
+    """The memory a process may use, e.g. `16GiB` or `12GB` (default: the device's memory
+    less a tenth). `micro_batch="auto"` and `activation_checkpointing="auto"` plan within it."""
     optimizer_impl: str = "auto"
     """AdamW kernel: `auto` (fused where torch has it), `fused`, `foreach` or `for-loop`."""
     attention: str = "auto"
@@ -148,10 +157,14 @@ class FitOptions:
         _check(_finite(self.backoff_factor) and 0 < self.backoff_factor < 1, "backoff_factor",
                self.backoff_factor, "in (0, 1)")  # fmt: skip
         _check(self.weights in ("fp32", "bf16"), "weights", self.weights, "fp32 or bf16")
-        _check(self.compensation in ("kahan", "none"), "compensation", self.compensation,
-               "kahan or none")  # fmt: skip
+        _check(self.compensation in ("kahan", "sr", "none"), "compensation", self.compensation,
+               "kahan, sr or none")  # fmt: skip
         _check(self.optimizer_state in ("32bit", "8bit"), "optimizer_state",
                self.optimizer_state, "32bit or 8bit")  # fmt: skip
+        _check(self.micro_batch in (None, "auto"), "micro_batch", self.micro_batch,
+               "auto, or unset (batch_size is the micro-batch)")  # fmt: skip
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget)
         impls = ("auto", "fused", "foreach", "for-loop")
         _check(self.optimizer_impl in impls, "optimizer_impl", self.optimizer_impl,
                f"one of {', '.join(impls)}")  # fmt: skip

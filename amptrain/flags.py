@@ -33,6 +33,7 @@ FIELDS = (
     "fit.optimizer_impl", "fit.optimizer_state", "fit.weights", "fit.compensation",
     "fit.attention", "fit.loss", "fit.strategy",
     "fit.checkpoint_format", "fit.allocator", "fit.activation_checkpointing",
+    "fit.micro_batch", "fit.memory_budget",
 )  # fmt: skip
 
 

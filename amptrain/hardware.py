@@ -10,6 +10,7 @@ the datasheet figure is shown beside it where the device is known.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -112,18 +113,27 @@ def _status_mb(field: str) -> float:
     raise OSError(f"{field} not in /proc/self/status")
 
 
+class WorkerKilled(RuntimeError):
+    """The forked memory worker died without a word: the OOM killer, or another signal."""
+
+
 def measure_memory(
-    device: torch.device, work: Callable[[], object], timeout: float = 600.0
+    device: torch.device,
+    work: Callable[[], object],
+    timeout: float = 600.0,
+    oom_first: bool = False,
 ) -> tuple[float | None, float | None, str]:
     """Peak memory of `work`, measured in isolation: `(peak_mb, increment_mb, source)`.
 
     On CUDA: the allocator's peak after a reset, and its increment over what was allocated
     before. On CPU: `work` runs in a forked worker process (one thread; speed is not measured
     there) whose freed heap is returned to the OS first, so the increment of its peak RSS is
-    what `work` itself needed.
+    what `work` itself needed. With `oom_first` the worker asks to be the OOM killer's first
+    choice, so that work too large for the machine kills the worker and not its parent.
 
     Raises:
         Exception: Whatever `work` raised (in the worker, on CPU), or TimeoutError.
+        WorkerKilled: If the worker died without reporting (killed for memory, on CPU).
     """
     if device.type == "cuda":
         gc.collect()
@@ -136,10 +146,14 @@ def measure_memory(
         return peak, peak - before, source
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    worker = ctx.Process(target=_memory_worker, args=(child, work))
+    worker = ctx.Process(target=_memory_worker, args=(child, work, oom_first))
     worker.start()
     child.close()
-    got = parent.recv() if parent.poll(timeout) else TimeoutError("memory worker timed out")
+    try:
+        got = parent.recv() if parent.poll(timeout) else TimeoutError("memory worker timed out")
+    except EOFError:  # it died before sending anything
+        worker.join(5)
+        got = WorkerKilled(f"the memory worker died (exit code {worker.exitcode})")
     worker.join(5)
     if worker.is_alive():
         worker.kill()
@@ -149,8 +163,11 @@ def measure_memory(
     return peak, delta, "process-rss: peak-RSS increment of a forked worker process"
 
 
-def _memory_worker(conn: Any, work: Callable[[], object]) -> None:
+def _memory_worker(conn: Any, work: Callable[[], object], oom_first: bool = False) -> None:
     torch.set_num_threads(1)  # OpenMP thread pools do not survive fork
+    if oom_first:
+        with contextlib.suppress(OSError):  # raising one's own score needs no privilege
+            Path("/proc/self/oom_score_adj").write_text("1000")
     try:
         cpu = torch.device("cpu")
         base = reset_peak_memory(cpu, return_freed=True)

@@ -21,6 +21,7 @@ from amptrain import (
     checkpoint,
     distributed,
     low_weights,
+    memory_plan,
     recompute,
     resharding,
     rng,
@@ -68,6 +69,7 @@ def fit(
     history: Sequence[dict[str, Any]] = (),
     handle_signals: bool = False,
     checkpoint_meta: dict[str, Any] | None = None,
+    planned: dict[str, Any] | None = None,
     **options: Any,
 ) -> FitResult:
     """Train `model` in place on `train` with the given precision; evaluate on `val`.
@@ -91,6 +93,8 @@ def fit(
         history: Metric records of the run before `resume`, for the result's summary.
         handle_signals: On SIGINT/SIGTERM finish the step, checkpoint, raise `Interrupted`.
         checkpoint_meta: JSON values stored in every checkpoint's trainer.json (config hash).
+        planned: The record of a memory plan the options already carry (`memory_plan.plan`,
+            made by the caller before its run directory): it is recorded, not made again.
         **options: `FitOptions` fields: `max_steps`, `batch_size`, `lr`, `grad_accum`...
 
     Returns:
@@ -106,13 +110,18 @@ def fit(
                                            resume=resume, allow_new_scaler=allow_new_scaler,
                                            **options)  # fmt: skip
     prec.warn_if_emulated()  # before any training kernel, with the measured figures
+    if resume is not None and memory_plan.wanted(opts):  # the split its run chose
+        opts = memory_plan.resumed(opts, resume.trainer)
+    elif memory_plan.wanted(opts):  # a micro-batch (and checkpointing) measured to fit
+        opts, planned = memory_plan.plan(model, train_b, prec, opts)
     recomputed = recompute.apply(model, opts.activation_checkpointing)  # checkpoint, shard, compile
     lowered = low_weights.cast(model, opts.weights)  # bf16 matrices for the run (bf16-true)
     try:
         return _fit(model, train_b, val_b, prec, opts, recomputed, lowered, sinks=sinks,
                     callbacks=callbacks, checkpoint_dir=checkpoint_dir, resume=resume,
                     allow_new_scaler=allow_new_scaler, history=history,
-                    handle_signals=handle_signals, checkpoint_meta=checkpoint_meta)  # fmt: skip
+                    handle_signals=handle_signals, checkpoint_meta=checkpoint_meta,
+                    planned=planned)  # fmt: skip
     finally:
         lowered.undo()  # fp32 again, exactly
         recomputed.undo()  # the blocks' own forward again
@@ -135,6 +144,7 @@ def _fit(
     history: Sequence[dict[str, Any]],
     handle_signals: bool,
     checkpoint_meta: dict[str, Any] | None,
+    planned: dict[str, Any] | None,
 ) -> FitResult:
     """`fit` once its input is checked and its blocks checkpointed as asked."""
     rank, world_size = distributed.world()
@@ -148,12 +158,19 @@ def _fit(
         resharding.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
         reset_lr(optimizer, scheduler, opts)  # an extended run's schedule, from now on
     net = sharding.wrap(model, world_size)  # DDP's wrapper, or the sharded model itself
+    if lowered.params and net is not model:
+        net.register_comm_hook(None, low_weights.fp32_allreduce)  # bf16 gradients summed in fp32
+        lowered.record["gradient_reduction"] = "fp32"
+    if lowered.params and opts.grad_accum > 1:
+        lowered.accumulate_in_fp32()
     with prec.activate():  # the fast path is decided and timed in the run's matmul mode (TF32)
         attn, compiled, loss_fn, fast_path = plan_fast_path(model, net, train_b, prec, optimizer,
                                                             opts, resume, state.step)  # fmt: skip
         fast_path["sharding"] = shards
         fast_path.update(recomputed.record)
         fast_path.update(lowered.record)
+        if planned:
+            fast_path["memory_plan"] = planned
         sinks = [tracker, *sinks] if rank == 0 else [tracker]  # files and console on rank 0 only
         resolved = {"fit": dataclasses.asdict(opts), "precision": prec.name,
                     "precision_reason": prec.reason, "fast_path": fast_path}  # fmt: skip
@@ -161,12 +178,14 @@ def _fit(
         meta = {**(checkpoint_meta or {}), "world_size": world_size, "attention": attn.backend,
                 "batch_size": opts.batch_size, "strategy": opts.strategy,
                 "checkpoint_format": opts.checkpoint_format,
-                "weights": opts.weights}  # fmt: skip
+                "weights": opts.weights,
+                "activation_checkpointing": opts.activation_checkpointing}  # fmt: skip
         shard_files = resharding.writes_shards(opts.checkpoint_format, sharding.is_sharded(model))
         run = _Loop(model, net, train_b, val_b, prec, optimizer, scheduler, opts, state, sinks,
                     list(callbacks), checkpoint_dir, meta, attn, shard_files,
                     StepFaults(opts.allocator, next(model.parameters()).device,
-                               sharding.is_sharded(model)), loss_fn)  # fmt: skip
+                               sharding.is_sharded(model)), loss_fn,
+                    lowered.gather if lowered.hooks else None)  # fmt: skip
         model.train()
         reset_peak_memory(next(model.parameters()).device)  # this run's peak, from here on
         with deferred_signals(stop_handler(state), handle_signals):
@@ -211,6 +230,7 @@ class _Loop:
     shards: bool  # checkpoints in the sharded format (DCP), not rank 0's full files
     faults: StepFaults  # the first steps' page faults, and the allocator's record
     loss_fn: LossFn | None = None  # the forward+loss of one micro-batch; None: eager
+    gather_grads: Any = None  # bf16 weights' fp32 gradient sums, before the step reads them
     last_checkpoint: Path | None = None
     saved_step: int = -1
 
@@ -224,7 +244,8 @@ def _run(run: _Loop) -> float:
     device = next(model.parameters()).device
     rank, world_size = distributed.world()
     batches = data_mod.batches(run.train, opts.batch_size, opts.seed, start=state.batches,
-                               rank=rank, world_size=world_size)  # fmt: skip
+                               rank=rank, world_size=world_size,
+                               window=opts.grad_accum)  # fmt: skip
     if run.val is not None and (state.step == 0 or state.eval_pending):
         _eval_and_log(run)  # the first one, or the one a signal interrupted before the resume
     agree_on_stop(state)  # a stop asked before the first step (`on_fit_start`), on every rank
@@ -235,7 +256,7 @@ def _run(run: _Loop) -> float:
         window = [to_device(next(batches), device) for _ in range(opts.grad_accum)]
         with run.faults.step(state.step + 1):
             out = train_step(run.net, window, run.prec, run.optimizer, run.scheduler, opts,
-                             run.attention.context, run.loss_fn)  # fmt: skip
+                             run.attention.context, run.loss_fn, run.gather_grads)  # fmt: skip
         state.step, state.batches = state.step + 1, state.batches + opts.grad_accum
         counters.add(out, state.step)
         metrics: dict[str, Any] = {}

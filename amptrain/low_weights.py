@@ -10,6 +10,11 @@ such as RoPE tables; the forward still runs under bf16 autocast, which casts the
 `cast` returns the record of what was cast and kept, and `undo` returns the matrices to fp32
 at the end of the run: exactly, since every bf16 value is an fp32 value, so the model after
 `fit` is an fp32 model as after any run, and `model.safetensors` holds fp32.
+
+Gradient accumulation sums in fp32: after each micro-batch's backward a hook adds the bf16
+gradient into an fp32 sum and clears it, and `gather` hands the optimizer the sum rounded
+once, so a window of A micro-batches rounds its gradient as one batch of A does. Under DDP
+the gradients are all-reduced in fp32 (`fp32_allreduce`), as bf16 autocast's are.
 """
 
 from __future__ import annotations
@@ -27,12 +32,64 @@ class Lowered:
 
     record: dict[str, Any]
     params: list[nn.Parameter] = dataclasses.field(default_factory=list)
+    sums: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    hooks: list[Any] = dataclasses.field(default_factory=list)
+
+    def accumulate_in_fp32(self) -> None:
+        """Sum the cast parameters' gradients in fp32 over a window (see `gather`)."""
+        for param in self.params:
+            self.hooks.append(param.register_post_accumulate_grad_hook(self._add))
+        self.record["gradient_accumulation"] = "fp32 sums"
+
+    def _add(self, param: torch.Tensor) -> None:
+        held = self.sums.get(id(param))
+        if held is None:
+            self.sums[id(param)] = param.grad.float()
+        else:
+            held.add_(param.grad)
+        param.grad = None
+
+    def gather(self) -> None:
+        """Give each cast parameter its window's fp32 gradient sum, rounded once to bf16."""
+        for param in self.params:
+            held = self.sums.pop(id(param), None)
+            if held is not None:
+                param.grad = held.to(param.dtype)
 
     def undo(self) -> None:
         """Return the cast parameters to fp32 (exact)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        self.sums.clear()
         for param in self.params:
             param.data = param.data.float()
         self.params.clear()
+
+
+def fp32_allreduce(group, bucket):  # noqa: ANN001, ANN201 (DDP reads the annotations)
+    """A DDP comm hook: average a bucket of gradients in fp32, whatever their dtype.
+
+    DDP checks a hook's annotations against its own classes, and under postponed annotations
+    they are strings, so this one has none.
+    """
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    wide = buffer.float().div_(dist.get_world_size(group))
+    future = dist.all_reduce(wide, group=group, async_op=True).get_future()
+
+    def back(done: Any) -> torch.Tensor:
+        return buffer.copy_(done.value()[0])
+
+    return future.then(back)
+
+
+def castable(model: nn.Module) -> set[int]:
+    """The ids of the weights `cast` lowers: linear layers' matrices not tied to an embedding."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {id(m.weight) for m in model.modules()
+            if isinstance(m, nn.Linear) and id(m.weight) not in embedded}  # fmt: skip
 
 
 def cast(model: nn.Module, weights: str) -> Lowered:
@@ -42,9 +99,7 @@ def cast(model: nn.Module, weights: str) -> Lowered:
     """
     if weights != "bf16":
         return Lowered({"weights": weights})
-    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    linear = {id(m.weight) for m in model.modules()
-              if isinstance(m, nn.Linear) and id(m.weight) not in embedded}  # fmt: skip
+    linear = castable(model)
     lowered = Lowered({"weights": "bf16"})
     kept = []
     for name, param in model.named_parameters():

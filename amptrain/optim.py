@@ -56,7 +56,14 @@ def make_optimizer(model: nn.Module, opts: FitOptions) -> torch.optim.AdamW:
 
 
 def _adamw_compensated(groups: list[dict], opts: FitOptions) -> torch.optim.Optimizer:
-    """torch-optimi's AdamW, with Kahan summation on the bf16 parameters unless refused."""
+    """AdamW for bf16 weights: stochastic rounding, Kahan summation (torch-optimi's) or none."""
+    if opts.compensation == "sr":
+        from amptrain.stochastic_round import StochasticAdamW
+
+        optimizer = StochasticAdamW(groups, lr=opts.lr, betas=opts.betas, seed=opts.seed)
+        optimizer.amptrain_reason = ("bf16 weights: AdamW with stochastically rounded updates, "
+                                     "seeded by the run's seed and step")  # fmt: skip
+        return optimizer
     from amptrain._imports import requires
 
     requires("optimi", "memory", "--precision bf16-true", "use --precision bf16")
@@ -109,6 +116,8 @@ def impl_of(optimizer: torch.optim.Optimizer) -> str:
     """The kernel the optimizer's next step will run, read from its param groups' flags."""
     if type(optimizer).__module__.startswith("bitsandbytes"):
         return "bitsandbytes 8-bit"
+    if type(optimizer).__module__ == "amptrain.stochastic_round":
+        return "stochastic rounding"
     if type(optimizer).__module__.startswith("optimi"):
         return "optimi, Kahan" if optimizer.defaults.get("kahan_sum") else "optimi"
     group = optimizer.param_groups[0]

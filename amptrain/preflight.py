@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint_state, distributed, recompute, resharding, sharding
+from amptrain import checkpoint_state, distributed, memory_plan, recompute, resharding, sharding
 from amptrain import data as data_mod
 from amptrain.adapter import probe_vocab, training_device
 from amptrain.checkpoint import Checkpoint, CheckpointError
@@ -58,6 +58,7 @@ def preflight(
     check_optimizer_state(opts)
     opts = resharding.keep_global_batch(opts, resume, world_size)  # another number of processes
     device = training_device(model, source)
+    memory_plan.check_footprint(model, opts, device, source)
     prec = resolve_precision(precision, device, resume, allow_new_scaler, **opts.scaler_options)
     check_weights(opts, prec)
     train_b, val_b = check_data(model, train, val, device, source, opts.ignore_index,
@@ -78,8 +79,8 @@ def check_weights(opts: FitOptions, prec: Precision) -> None:
 
     Raises:
         ModuleNotFoundError: Without torch-optimi (the `memory` extra).
-        ConfigError: For another precision than bf16, gradient accumulation (bf16 gradients
-            would be summed in bf16), FSDP, or 8-bit optimizer state.
+        ConfigError: For another precision than bf16, gradient accumulation under DDP (the
+            skipped reductions would sum bf16 gradients in bf16), FSDP, or 8-bit state.
     """
     if opts.weights != "bf16":
         return
@@ -87,16 +88,14 @@ def check_weights(opts: FitOptions, prec: Precision) -> None:
 
     requires("optimi", "memory", "--precision bf16-true", "use --precision bf16")
     why = None
-    if distributed.world()[1] > 1:
-        why = ("DDP would all-reduce the bf16 gradients in bf16; train on one process, or "
-               "use --precision bf16")  # fmt: skip
+    if distributed.world()[1] > 1 and opts.grad_accum > 1:
+        why = ("with several processes they take --grad-accum 1 (DDP would sum the skipped "
+               "reductions' bf16 gradients in bf16); raise --batch-size instead")  # fmt: skip
     elif opts.optimizer_impl not in ("auto", "for-loop"):
         why = (f"their optimizer is torch-optimi's for-loop AdamW, not --optimizer-impl "
                f"{opts.optimizer_impl}; leave it at auto")  # fmt: skip
     elif prec.name != "bf16":
         why = f"they need precision bf16 (the run's is {prec.name})"
-    elif opts.grad_accum > 1:
-        why = "gradient accumulation would sum bf16 gradients in bf16; give --grad-accum 1"
     elif opts.strategy == "fsdp":
         why = "FSDP's mixed-precision policy is not combined with them; use --strategy ddp"
     elif opts.optimizer_state == "8bit":

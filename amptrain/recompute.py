@@ -52,6 +52,11 @@ def parse(mode: str) -> tuple[str, int]:
     raise ConfigError(f"activation_checkpointing={mode!r} is invalid: it must be {MODES}")
 
 
+def possible(model: nn.Module) -> bool:
+    """Whether the model has a stack of repeated blocks to checkpoint."""
+    return _blocks(model) is not None
+
+
 def check(model: nn.Module, mode: str) -> None:
     """Refuse a mode that checkpoints something on a model with no repeated blocks.
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amptrain import checkpoint, data, distributed, lora, sharding
+from amptrain import checkpoint, data, distributed, lora, memory_plan, sharding
 from amptrain.adapter import probe_vocab
 from amptrain.config import TrainConfig
 from amptrain.errors import (
@@ -192,10 +192,6 @@ def check_token_file(
         )
 
 
-# Training holds fp32 weights, their gradients and AdamW's two moments: 16 bytes a parameter.
-_TRAIN_BYTES_PER_PARAM = 16
-
-
 def check_model_size(cfg: TrainConfig, vocab_size: int, device: torch.device) -> None:
     """Refuse a tiny-gpt too large for `device` from its parameter count, before allocating it.
 
@@ -210,20 +206,17 @@ def check_model_size(cfg: TrainConfig, vocab_size: int, device: torch.device) ->
         raise ConfigError(
             f"model_kwargs {cfg.model_kwargs}: {exc}; tiny-gpt takes {known}"
         ) from None
-    need, have = gpt.n_params * _TRAIN_BYTES_PER_PARAM, _device_memory(device)
+    per_param = memory_plan.bytes_per_parameter(cfg.fit, lowered=True)  # the levers' bytes
+    need, (have, whence) = gpt.n_params * per_param, memory_plan.budget_bytes(cfg.fit, device)
     if need > have:
         raise ConfigError(
             f"model_kwargs n_layer={gpt.n_layer}, n_embd={gpt.n_embd} with context "
             f"{gpt.block_size}: tiny-gpt would have {gpt.n_params:.3g} parameters and training "
-            f"them needs about {need / 2**30:,.0f} GiB, more than the {have / 2**30:,.0f} GiB of "
-            f"{device}; choose a smaller --width, --layers or --context"
+            f"them needs at least {need / 2**30:,.1f} GiB ({per_param} bytes a parameter), more "
+            f"than the {have / 2**30:,.1f} GiB budget ({whence}) of {device}; choose a smaller "
+            "--width, --layers or --context, or lower the bytes a parameter with --precision "
+            "bf16-true or --optimizer-state 8bit"
         )
-
-
-def _device_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def model_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], nn.Module]:

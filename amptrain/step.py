@@ -57,6 +57,7 @@ def train_step(
     opts: FitOptions,
     attention: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     loss_fn: LossFn | None = None,
+    gather_grads: Callable[[], None] | None = None,
 ) -> StepOutput:
     """One optimizer step over the micro-batches of `window` (gradient accumulation).
 
@@ -67,7 +68,9 @@ def train_step(
     `attention` scopes the forward passes (the SDPA backend of `amptrain.attention`); the
     backward follows the kernels the forward chose. `loss_fn` is the forward and loss of one
     micro-batch: compiled (`amptrain.compiling`), fused with the head (`amptrain.head_loss`),
-    or by default the eager one.
+    or by default the eager one. `gather_grads` runs after the last backward, before the
+    gradients are read: bf16 weights summed their micro-batches' gradients in fp32 aside
+    (`low_weights.Lowered.gather`).
 
     Nothing here reads a tensor on the host (with a fused optimizer): the step of a non-finite
     gradient is skipped on the device, and the scheduler is stepped as if it were not; the loop
@@ -90,6 +93,8 @@ def train_step(
             # ranks, hence the world size.
             precision.backward(loss_sum * (world_size / n_targets))
         total += loss_sum.detach()
+    if gather_grads is not None:
+        gather_grads()
     precision.unscale_(optimizer)  # clipping must see the true (unscaled) gradients
     norm = full_value(_grad_norm(model, opts.clip_norm))  # FSDP: the norm over every shard
     skipped = ~torch.isfinite(norm)

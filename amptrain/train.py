@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from amptrain import checkpoint, data, distributed, lora, sharding
+from amptrain import checkpoint, data, distributed, lora, memory_plan, sharding
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig
 from amptrain.data.tokenizers import SETTINGS_FILES
@@ -174,6 +174,7 @@ def _train(
             model, train, val, precision=precision, sinks=[*files, *sinks],
             source=cfg.model, checkpoint_dir=run_dir / "checkpoints", resume=ckpt,
             allow_new_scaler=allow_new_scaler, history=history, handle_signals=True,
+            planned=run.planned,
             checkpoint_meta={"config_hash": checkpoint.config_hash(cfg.to_dict()),
                              "max_steps": cfg.fit.max_steps, "data_sha256": data_digest(cfg)},
             **dataclasses.asdict(cfg.fit),
@@ -235,6 +236,7 @@ class _Opened(NamedTuple):
     history: Sequence[dict[str, Any]] = ()
     trackers: Sequence[Sink] = ()
     lock: RunLock | None = None  # rank 0's hold on the run directory
+    planned: dict[str, Any] | None = None  # the micro-batch measured to fit, before the run
 
 
 def _lock(run_dir: Path) -> RunLock | None:
@@ -260,9 +262,23 @@ def _new_run(cfg: TrainConfig, command: str) -> _Opened:
         log.info("--epochs %g: %d optimizer steps over %d training blocks", cfg.epochs, steps,
                  len(train))  # fmt: skip
         cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, max_steps=steps))
-    preflight(
+    opts, prec, train_b, _ = preflight(
         model, train, val, precision=precision, source=cfg.model, **dataclasses.asdict(cfg.fit)
     )  # refused before the run directory exists
+    planned = None
+    if memory_plan.wanted(opts):  # measured now: a budget nothing fits is refused here too
+        opts, planned = memory_plan.plan(model, train_b, prec, opts)
+        split = {
+            k: getattr(opts, k)
+            for k in (
+                "batch_size",
+                "grad_accum",
+                "eval_batches",
+                "activation_checkpointing",
+                "micro_batch",
+            )
+        }
+        cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, **split))
     main = distributed.is_main()
     run_dir = create_run_dir(cfg.out, command) if main else None
     run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
@@ -278,7 +294,7 @@ def _new_run(cfg: TrainConfig, command: str) -> _Opened:
         if lock is not None:
             lock.release()
         raise
-    return _Opened(cfg, run_dir, model, train, val, precision, lock=lock)
+    return _Opened(cfg, run_dir, model, train, val, precision, lock=lock, planned=planned)
 
 
 def _remove_new_run(run_dir: Path, trackers: Sequence[Sink]) -> None:

@@ -22,24 +22,42 @@ pytest.importorskip("optimi")
 
 
 def _lost_updates(compensation: str, steps: int = 200) -> float:
-    """How far a bf16 weight of 1.0 moves under `steps` AdamW updates of about 1e-4 each.
+    """How far bf16 weights of 1.0 move, on average, under `steps` AdamW updates of about 1e-4.
 
     At 1.0 a bf16 step is 2**-7 (0.0078): nearest rounding drops every update of 1e-4.
+    Stochastic rounding moves a weight by whole steps, about 2.6 of them in 200 updates, so
+    the mean over 4,096 weights is what shows whether the updates were kept.
     """
-    layer = nn.Linear(1, 1, bias=False)
-    layer.weight.data = torch.ones(1, 1, dtype=torch.bfloat16)
+    layer = nn.Linear(64, 64, bias=False)
+    layer.weight.data = torch.ones(64, 64, dtype=torch.bfloat16)
     opts = FitOptions(lr=1e-4, weight_decay=0.0, weights="bf16", compensation=compensation)
     optimizer = make_optimizer(layer, opts)
     for _ in range(steps):
         layer.weight.grad = torch.ones_like(layer.weight)  # Adam's update: about lr a step
         optimizer.step()
-    return 1.0 - float(layer.weight)
+    return 1.0 - float(layer.weight.detach().double().mean())
 
 
-def test_kahan_keeps_the_updates_nearest_rounding_drops():
+@pytest.mark.parametrize("compensation", ["kahan", "sr"])
+def test_compensated_updates_keep_what_nearest_rounding_drops(compensation):
     assert _lost_updates("none") == 0.0  # every update rounded away
-    moved = _lost_updates("kahan")
-    assert moved == pytest.approx(200 * 1e-4, rel=0.1)  # all 200 updates kept
+    moved = _lost_updates(compensation)
+    assert moved == pytest.approx(200 * 1e-4, rel=0.05)  # the 200 updates kept
+
+
+def test_stochastic_rounding_is_unbiased_and_exact_on_bf16_values():
+    from amptrain.stochastic_round import round_stochastic
+
+    gen = torch.Generator().manual_seed(0)
+    value = torch.full((200_000,), 1.0 + 2**-9)  # a quarter of the way from 1 to the next bf16
+    noise = torch.randint(0, 2**16, value.shape, dtype=torch.int32, generator=gen)
+    rounded = round_stochastic(value, noise)
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert float(rounded.double().mean()) == pytest.approx(1.0 + 2**-9, abs=2e-5)
+    assert float(round_stochastic(-value, noise).double().mean()) == pytest.approx(
+        -(1.0 + 2**-9), abs=2e-5)  # fmt: skip
+    exact = torch.randn(1000).bfloat16().float()
+    assert torch.equal(round_stochastic(exact, noise[:1000]).float(), exact)
 
 
 def test_bf16_weights_train_with_embeddings_and_norms_in_fp32():
@@ -58,29 +76,68 @@ def test_bf16_weights_train_with_embeddings_and_norms_in_fp32():
     assert "wte.weight" in kept and "wpe.weight" in kept and "ln_f.weight" in kept
 
 
-def test_a_bf16_true_run_resumes_bit_for_bit(tmp_path, corpus):
+@pytest.mark.parametrize("compensation, state_key", [("kahan", "kahan_comp"), ("sr", "exp_avg")])
+def test_a_bf16_true_run_resumes_bit_for_bit(tmp_path, corpus, compensation, state_key):
     out = tmp_path / "runs"
     flags = ["--layers", "2", "--width", "32", "--heads", "2", "--context", "16",
              "--batch-size", "4", "--device", "cpu", "--no-progress", "--no-compile",
              "--eval-batches", "1"]  # fmt: skip
     assert main(["train", "--data", str(corpus), "--precision", "bf16-true", "--max-steps", "6",
-                 "--checkpoint-every", "3", "--eval-every", "3", "--out", str(out),
-                 *flags]) == 0  # fmt: skip
+                 "--compensation", compensation, "--checkpoint-every", "3", "--eval-every", "3",
+                 "--out", str(out), *flags]) == 0  # fmt: skip
     (run,) = out.glob("train-*")
     saved = json.loads((run / "config.json").read_text())
     assert saved["precision"] == "bf16" and saved["fit"]["weights"] == "bf16"
+    assert saved["fit"]["compensation"] == compensation
     whole = (run / "model.safetensors").read_bytes()
     state = torch.load(run / "checkpoints" / "step-000000003" / "optimizer.pt", weights_only=True)
-    assert any(s.get("kahan_comp") is not None for s in state["state"].values())
+    held = [s[state_key] for s in state["state"].values() if state_key in s]
+    assert any(t is not None and t.dtype == torch.bfloat16 for t in held)
     shutil.rmtree(run / "checkpoints" / "step-000000006")
     (run / "model.safetensors").unlink()
     assert main(["train", "--resume", str(run), "--out", str(out), "--no-progress"]) == 0
     assert (run / "model.safetensors").read_bytes() == whole
 
 
+def test_accumulated_bf16_gradients_are_summed_in_fp32_and_rounded_once():
+    from amptrain import low_weights
+
+    layer = nn.Linear(64, 64, bias=False)
+    lowered = low_weights.cast(layer, "bf16")
+    lowered.accumulate_in_fp32()
+    inputs = [torch.randn(8, 64, dtype=torch.bfloat16) * 100 for _ in range(3)]
+    alone = []
+    for x in inputs:  # each micro-batch's bf16 gradient by itself
+        layer(x).square().sum().backward()
+        lowered.gather()
+        alone.append(layer.weight.grad.float())
+        layer.weight.grad = None
+    for x in inputs:  # the window: three backwards, then one gather
+        layer(x).square().sum().backward()
+        assert layer.weight.grad is None  # held aside in fp32
+    lowered.gather()
+    assert torch.equal(layer.weight.grad, sum(alone).bfloat16())
+    summed_in_bf16 = (alone[0].bfloat16() + alone[1].bfloat16()) + alone[2].bfloat16()
+    assert not torch.equal(layer.weight.grad, summed_in_bf16)  # what plain accumulation gives
+    lowered.undo()
+    assert layer.weight.dtype == torch.float32 and not layer.weight._post_accumulate_grad_hooks
+
+
+def test_bf16_true_with_gradient_accumulation_trains_like_the_whole_batch():
+    train, val = pattern_blocks(48), pattern_blocks(16, seed=1)
+    common = dict(precision="bf16-true", max_steps=10, lr=1e-2, eval_every=10,
+                  eval_batches=1, compile=False)  # fmt: skip
+    torch.manual_seed(0)
+    whole = amptrain.fit(tiny_model(n_layer=2, n_embd=32), train, val, batch_size=8, **common)
+    torch.manual_seed(0)
+    split = amptrain.fit(tiny_model(n_layer=2, n_embd=32), train, val, batch_size=4,
+                         grad_accum=2, **common)  # fmt: skip
+    assert split.fast_path["gradient_accumulation"] == "fp32 sums"
+    assert split.final_val_loss == pytest.approx(whole.final_val_loss, rel=0.02)
+
+
 @pytest.mark.parametrize("extra, said", [
     (dict(precision="fp32", weights="bf16"), "they need precision bf16"),
-    (dict(precision="bf16-true", grad_accum=2), "gradient accumulation"),
     (dict(precision="bf16-true", optimizer_state="8bit"), "16-bit AdamW state"),
     (dict(precision="bf16-true", optimizer_impl="fused"), "not --optimizer-impl fused"),
 ])  # fmt: skip

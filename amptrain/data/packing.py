@@ -250,6 +250,7 @@ def batches(
     start: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    window: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless seeded batches of `(inputs, labels)`, starting at global batch number `start`.
 
@@ -257,11 +258,13 @@ def batches(
     batch has the same shape. Position `start` is reached without replaying earlier batches,
     which makes resuming exact and cheap. With several ranks, global batch b is
     `batch_size * world_size` blocks of the permutation and rank r takes its r-th slice, so
-    the ranks together see exactly what one process with the global batch would.
+    the ranks together see exactly what one process with the global batch would. Batches come
+    in whole windows of `window` (gradient accumulation): an epoch ends where a whole window no
+    longer fits, so A micro-batches of B see what one batch of A*B would.
     """
     check_batch_size(blocks, batch_size, world_size)
     n, global_batch = len(blocks), batch_size * world_size
-    per_epoch = n // global_batch
+    per_epoch = n // (global_batch * window) * window or n // global_batch
     epoch, index = divmod(start, per_epoch)
     while True:
         order = epoch_order(n, seed, epoch)

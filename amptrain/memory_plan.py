@@ -1,0 +1,260 @@
+"""What a run holds in memory, and a micro-batch that fits a budget with the global batch kept.
+
+`footprint` counts the bytes the weights, their gradients and the optimizer state take under
+the run's levers (fp32 masters and AdamW: 16 bytes a parameter; bf16 weights with Kahan
+summation 10, with stochastic rounding or none 8; 8-bit AdamW moments 2 instead of 8; frozen
+parameters their own size), so the preflight refuses a model whose state alone cannot fit.
+
+`plan` answers `micro_batch="auto"`: the batch each process steps on (`batch_size` x
+`grad_accum`) is split into the largest micro-batch whose training step fits the memory
+budget, found by measuring one step, and gradient accumulation takes the rest, so the global
+batch is exactly the one asked for (the step normalises the loss by the window's token count,
+so A micro-batches of B equal one batch of A*B). With `activation_checkpointing="auto"` the
+blocks are checkpointed when the asked batch does not fit without it.
+
+A probe on the CPU runs in a forked process (`hardware.measure_memory`) that volunteers to the
+kernel's OOM killer first, so a micro-batch too large for the machine kills the probe and not
+the run. On CUDA the step runs in the process with the learning rate at zero (the weights do not
+move) and an out-of-memory error means it does not fit. The probe's step is eager: a compiled
+step holds no more, except under checkpointing on torch 2.13 (see `recompute`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from amptrain import data as data_mod
+from amptrain import distributed, hardware, low_weights, recompute
+from amptrain.compiling import eager_loss
+from amptrain.config import FitOptions
+from amptrain.errors import ConfigError
+from amptrain.optim import make_optimizer
+from amptrain.precision import Precision
+from amptrain.sizes import parse_size
+
+log = logging.getLogger("amptrain")
+
+MARGIN = 0.1
+"""The share of the device's memory the default budget leaves free (the OS, other processes)."""
+
+
+def budget_bytes(opts: FitOptions, device: torch.device) -> tuple[int, str]:
+    """The run's memory budget per process, and where it came from."""
+    if opts.memory_budget is not None:
+        return parse_size(opts.memory_budget), "--memory-budget"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    have = device_memory(device) // local
+    return int(have * (1 - MARGIN)), f"the device's memory less {MARGIN:.0%}"
+
+
+def device_memory(device: torch.device) -> int:
+    """The bytes `device` has: a GPU's memory, or the machine's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def bytes_per_parameter(opts: FitOptions, lowered: bool) -> int:
+    """Bytes a trainable parameter holds: weight, gradient, AdamW moments, compensation.
+
+    `lowered`: the parameter is one `low_weights` casts to bf16 under bf16 weights.
+    """
+    if opts.weights == "bf16" and lowered:
+        return 2 + 2 + 4 + (2 if opts.compensation == "kahan" else 0)  # bf16 moments
+    moments = 2 if opts.optimizer_state == "8bit" else 8
+    return 4 + 4 + moments
+
+
+def footprint(model: nn.Module, opts: FitOptions, world_size: int = 1) -> dict[str, Any]:
+    """The bytes of the weights, gradients and optimizer state under `opts`' levers.
+
+    Under FSDP each process holds its share of them.
+    """
+    cast = low_weights.castable(model) if opts.weights == "bf16" else set()
+    trained = frozen = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            trained += param.numel() * bytes_per_parameter(opts, id(param) in cast)
+        else:
+            frozen += param.numel() * param.element_size()
+    total = trained + frozen
+    if opts.strategy == "fsdp" and world_size > 1:
+        total //= world_size
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"bytes": total, "per_parameter": round(trained / max(n, 1), 2)}
+
+
+def check_footprint(model: nn.Module, opts: FitOptions, device: torch.device, source: str) -> None:
+    """Refuse a run whose weights and optimizer state alone exceed the memory budget.
+
+    Raises:
+        ConfigError: Naming the bytes needed, the budget and the levers that lower it.
+    """
+    need = footprint(model, opts, distributed.world()[1])
+    budget, whence = budget_bytes(opts, device)
+    if need["bytes"] <= budget:
+        return
+    raise ConfigError(
+        f"{source}: its weights, gradients and optimizer state take {_gib(need['bytes'])} "
+        f"({need['per_parameter']:g} bytes a trained parameter), more than the "
+        f"{_gib(budget)} budget ({whence}); lower it with --precision bf16-true (8-10 bytes), "
+        "--optimizer-state 8bit, --lora, or --strategy fsdp over several processes"
+    )
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:,.2f} GiB"
+
+
+def wanted(opts: FitOptions) -> bool:
+    """Whether `opts` leave something for `plan` to decide."""
+    return opts.micro_batch == "auto" or (
+        opts.activation_checkpointing == "auto" and opts.memory_budget is not None
+    )
+
+
+def resumed(opts: FitOptions, trainer: dict[str, Any]) -> FitOptions:
+    """`opts` with the split a checkpoint's run planned: a resume keeps its micro-batch."""
+    micro = int(trainer.get("batch_size", opts.batch_size))
+    per_process = opts.batch_size * opts.grad_accum
+    if per_process % micro:
+        raise ConfigError(
+            f"the checkpoint's micro-batch {micro} does not divide this run's batch "
+            f"{per_process}; resume with the batch it was trained with"
+        )
+    mode = trainer.get("activation_checkpointing", opts.activation_checkpointing)
+    return _split(opts, micro, mode)
+
+
+def plan(
+    model: nn.Module, blocks: data_mod.Blocks, prec: Precision, opts: FitOptions
+) -> tuple[FitOptions, dict[str, Any]]:
+    """`opts` with `micro_batch="auto"` and `activation_checkpointing="auto"` decided.
+
+    Returns the options to train with (`micro_batch=None`) and the record of the probes.
+
+    Raises:
+        ConfigError: When even a micro-batch of one does not fit the budget (with
+            checkpointing, where `auto` allows it).
+    """
+    device = next(model.parameters()).device
+    budget, whence = budget_bytes(opts, device)
+    per_process = opts.batch_size * opts.grad_accum
+    sizes = [m for m in range(per_process, 0, -1) if per_process % m == 0]  # largest first
+    modes = [opts.activation_checkpointing]
+    if opts.activation_checkpointing == "auto":  # none, and full where the model allows it
+        modes = ["none", "full"] if recompute.possible(model) else ["none"]
+    probes: list[dict[str, Any]] = []
+
+    def fits(micro: int, mode: str) -> bool:
+        peak = _probe(model, blocks, prec, opts, micro, mode)
+        probes.append({"micro_batch": micro, "activation_checkpointing": mode,
+                       "peak_mb": None if peak is None else round(peak / 2**20, 1)})  # fmt: skip
+        return peak is not None and peak <= budget
+
+    chosen = None
+    if opts.micro_batch != "auto":  # checkpointing alone is decided, at the asked micro-batch
+        sizes = [opts.batch_size]
+    for mode in modes:
+        if fits(sizes[0], mode):
+            chosen = (sizes[0], mode)
+            break
+    if chosen is None:  # the largest size that fits, with the last (the most frugal) mode
+        mode = modes[-1]
+        low, high, best = 1, len(sizes) - 1, None  # sizes[0] is known not to fit
+        while low <= high:  # sizes fall as the index grows, and so does the peak
+            mid = (low + high) // 2
+            if fits(sizes[mid], mode):
+                best, high = mid, mid - 1
+            else:
+                low = mid + 1
+        chosen = None if best is None else (sizes[best], mode)
+    chosen = _agree(chosen)
+    if chosen is None:
+        raise ConfigError(
+            f"no micro-batch fits the {_gib(budget)} memory budget ({whence}): a step of "
+            f"{sizes[-1]} block(s) of {blocks.context} tokens peaks at "
+            f"{probes[-1]['peak_mb']} MB; raise --memory-budget, shorten --context, or lower "
+            "the state with --precision bf16-true, --optimizer-state 8bit or "
+            "--activation-checkpointing full"
+        )
+    micro, mode = chosen
+    record = {"micro_batch": micro, "grad_accum": per_process // micro,
+              "activation_checkpointing": mode, "budget_mb": round(budget / 2**20),
+              "budget_from": whence, "asked": f"{opts.batch_size} x {opts.grad_accum}",
+              "probes": probes}  # fmt: skip
+    log.info("micro-batch %d x %d accumulated (asked %s), activation checkpointing %s, within "
+             "%s", micro, per_process // micro, record["asked"], mode, _gib(budget))  # fmt: skip
+    return _split(opts, micro, mode), record
+
+
+def _split(opts: FitOptions, micro: int, mode: str) -> FitOptions:
+    """`opts` stepping on micro-batches of `micro`, the global batch and evaluation kept.
+
+    Evaluation takes as many blocks as with the asked batch size, in smaller batches.
+    """
+    per_process = opts.batch_size * opts.grad_accum
+    evaluated = opts.eval_batches * opts.batch_size
+    return dataclasses.replace(opts, batch_size=micro, grad_accum=per_process // micro,
+                               eval_batches=-(-evaluated // micro),
+                               activation_checkpointing=mode, micro_batch=None)  # fmt: skip
+
+
+def _agree(chosen: tuple[int, str] | None) -> tuple[int, str] | None:
+    """Every process takes the smallest micro-batch any chose (and checkpointing if any did)."""
+    if distributed.world()[1] == 1:
+        return chosen
+    micro = chosen[0] if chosen else 0
+    full = 1.0 if chosen and chosen[1] != "none" else 0.0
+    least, any_full = distributed.all_reduce([-float(micro), full], op="max")
+    if least == 0:
+        return None
+    return int(-least), "full" if any_full else (chosen[1] if chosen else "none")
+
+
+def _probe(
+    model: nn.Module,
+    blocks: data_mod.Blocks,
+    prec: Precision,
+    opts: FitOptions,
+    micro: int,
+    mode: str,
+) -> float | None:
+    """The peak bytes of one training step on `micro` blocks, or None if it ran out."""
+    device = next(model.parameters()).device
+    x, y = blocks.take(slice(0, micro))
+    probe_opts = dataclasses.replace(opts, activation_checkpointing=mode)
+
+    def step() -> None:
+        lowered = low_weights.cast(model, probe_opts.weights)
+        checkpointed = recompute.apply(model, mode)
+        try:
+            optimizer = make_optimizer(model, probe_opts)
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0  # the weights stay as they are
+            with prec.autocast():
+                eager_loss(opts.ignore_index)(model, x.to(device), y.to(device)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del optimizer
+        finally:
+            checkpointed.undo()
+            lowered.undo()
+
+    try:
+        peak, _, _ = hardware.measure_memory(device, step, oom_first=True)
+    except (torch.OutOfMemoryError, hardware.WorkerKilled, MemoryError):
+        peak = None
+    finally:
+        if device.type == "cuda":
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+    return None if peak is None else peak * 2**20
