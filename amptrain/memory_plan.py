@@ -2,7 +2,8 @@
 
 `footprint` counts the bytes the weights, their gradients and the optimizer state take under
 the run's levers (fp32 masters and AdamW: 16 bytes a parameter; bf16 weights with Kahan
-summation 10, with stochastic rounding or none 8; 8-bit AdamW moments 2 instead of 8; frozen
+summation 10, with stochastic rounding or none 8, and 6 with 8-bit moments; 8-bit AdamW
+moments 2 bytes instead of 8; frozen
 parameters their own size), so the preflight refuses a model whose state alone cannot fit.
 
 `plan` answers `micro_batch="auto"`: the batch each process steps on (`batch_size` x
@@ -66,10 +67,10 @@ def bytes_per_parameter(opts: FitOptions, lowered: bool) -> int:
 
     `lowered`: the parameter is one `low_weights` casts to bf16 under bf16 weights.
     """
-    if opts.weights == "bf16" and lowered:
-        return 2 + 2 + 4 + (2 if opts.compensation == "kahan" else 0)  # bf16 moments
-    moments = 2 if opts.optimizer_state == "8bit" else 8
-    return 4 + 4 + moments
+    eight = opts.optimizer_state == "8bit"
+    if opts.weights == "bf16" and lowered:  # bf16 moments, or 8-bit ones
+        return 2 + 2 + (2 if eight else 4) + (2 if opts.compensation == "kahan" else 0)
+    return 4 + 4 + (2 if eight else 8)
 
 
 def footprint(model: nn.Module, opts: FitOptions, world_size: int = 1) -> dict[str, Any]:

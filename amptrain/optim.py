@@ -33,10 +33,10 @@ def make_optimizer(model: nn.Module, opts: FitOptions) -> torch.optim.AdamW:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": opts.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    if opts.optimizer_state == "8bit":
-        return _adamw_8bit(groups, opts)
     if opts.weights == "bf16":
         return _adamw_compensated(groups, opts)
+    if opts.optimizer_state == "8bit":
+        return _adamw_8bit(groups, opts)
     requested = opts.optimizer_impl
     missing = _fused_missing(params) if requested in ("auto", "fused") else None
     if requested == "fused" and missing:
@@ -60,9 +60,16 @@ def _adamw_compensated(groups: list[dict], opts: FitOptions) -> torch.optim.Opti
     if opts.compensation == "sr":
         from amptrain.stochastic_round import StochasticAdamW
 
-        optimizer = StochasticAdamW(groups, lr=opts.lr, betas=opts.betas, seed=opts.seed)
+        eight = opts.optimizer_state == "8bit"
+        if eight:
+            from amptrain._imports import requires
+
+            requires("bitsandbytes", "memory", "--optimizer-state 8bit", "leave it at 32bit")
+        optimizer = StochasticAdamW(groups, lr=opts.lr, betas=opts.betas, seed=opts.seed,
+                                    moments="8bit" if eight else "bf16")  # fmt: skip
+        moments = ", moments in bitsandbytes' blockwise 8 bits" if eight else ""
         optimizer.amptrain_reason = ("bf16 weights: AdamW with stochastically rounded updates, "
-                                     "seeded by the run's seed and step")  # fmt: skip
+                                     f"seeded by the run's seed and step{moments}")  # fmt: skip
         return optimizer
     from amptrain._imports import requires
 
@@ -117,7 +124,7 @@ def impl_of(optimizer: torch.optim.Optimizer) -> str:
     if type(optimizer).__module__.startswith("bitsandbytes"):
         return "bitsandbytes 8-bit"
     if type(optimizer).__module__ == "amptrain.stochastic_round":
-        return "stochastic rounding"
+        return "stochastic rounding" + (", 8-bit moments" if optimizer.codec else "")
     if type(optimizer).__module__.startswith("optimi"):
         return "optimi, Kahan" if optimizer.defaults.get("kahan_sum") else "optimi"
     group = optimizer.param_groups[0]

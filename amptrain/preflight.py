@@ -80,7 +80,8 @@ def check_weights(opts: FitOptions, prec: Precision) -> None:
     Raises:
         ModuleNotFoundError: Without torch-optimi (the `memory` extra).
         ConfigError: For another precision than bf16, gradient accumulation under DDP (the
-            skipped reductions would sum bf16 gradients in bf16), FSDP, or 8-bit state.
+            skipped reductions would sum bf16 gradients in bf16), FSDP, or 8-bit state
+            without stochastic rounding.
     """
     if opts.weights != "bf16":
         return
@@ -98,8 +99,9 @@ def check_weights(opts: FitOptions, prec: Precision) -> None:
         why = f"they need precision bf16 (the run's is {prec.name})"
     elif opts.strategy == "fsdp":
         why = "FSDP's mixed-precision policy is not combined with them; use --strategy ddp"
-    elif opts.optimizer_state == "8bit":
-        why = "the compensated update keeps 16-bit AdamW state; leave --optimizer-state at 32bit"
+    elif opts.optimizer_state == "8bit" and opts.compensation != "sr":
+        why = (f"8-bit AdamW state takes --compensation sr (stochastic rounding); Kahan "
+               f"summation's buffer needs 16-bit moments (asked: {opts.compensation})")  # fmt: skip
     if why:
         raise ConfigError(f"bf16 weights (--precision bf16-true): {why}")
 

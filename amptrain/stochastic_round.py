@@ -12,6 +12,12 @@ seed, the step and the parameter's index, so they are a function of where the ru
 what ran before: a resumed run, or another rank of a DDP run, draws the same bits. Parameters
 kept in fp32 (embeddings, norms, biases) get plain AdamW.
 
+With `moments="8bit"` the two moments of every tensor of at least `MIN_8BIT_SIZE` elements are
+kept as bitsandbytes keeps them in its 8-bit AdamW: blocks of 256 values, each an absolute
+maximum and 8-bit codes on bitsandbytes' dynamic map (signed for the first moment, unsigned
+for the second), dequantized for the update and quantized again after it with bitsandbytes'
+own functions. A bf16 weight then costs 6 bytes: weight, gradient, two 1-byte moments.
+
 torchao's AdamW has the same rounding (`bf16_stochastic_round`), but it draws from the global
 generator inside a `torch.compile`d step: it needs a compiler, and it is seeded by whatever
 else used the global generator. torch-optimi has Kahan summation, not stochastic rounding.
@@ -26,6 +32,11 @@ import torch
 
 _LOW_16 = 0xFFFF
 _HIGH_16 = -65536  # 0xFFFF0000 as an int32 mask
+MIN_8BIT_SIZE = 4096
+"""Smaller tensors keep 16-bit moments under `moments="8bit"` (bitsandbytes' threshold)."""
+BLOCK = 256
+_KEPT = (torch.uint8, torch.float32)  # state dtypes a bf16 parameter's load must not cast
+"""Values per absolute maximum of the 8-bit moments (bitsandbytes' 8-bit optimizers' block)."""
 
 
 def round_stochastic(value: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -51,7 +62,9 @@ class StochasticAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) whose bf16 tensors are updated by stochastic rounding.
 
     Its state per parameter is `step` (an int), `exp_avg` and `exp_avg_sq` in the parameter's
-    dtype. There is no other state: the random bits depend on (`seed`, step, index).
+    dtype, or with `moments="8bit"` their uint8 codes and per-block `exp_avg_absmax` and
+    `exp_avg_sq_absmax`. There is no other state: the random bits depend on (`seed`, step,
+    index).
     """
 
     def __init__(
@@ -62,10 +75,12 @@ class StochasticAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         seed: int = 0,
+        moments: str = "bf16",
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.seed = seed
+        self.codec = _Codec() if moments == "8bit" else None
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @torch.no_grad()
@@ -85,32 +100,47 @@ class StochasticAdamW(torch.optim.Optimizer):
 
     def _update(self, param: torch.Tensor, group: dict, index: int) -> None:
         state = self.state[param]
+        quantized = self.codec is not None and param.numel() >= MIN_8BIT_SIZE
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param)
-            state["exp_avg_sq"] = torch.zeros_like(param)
+            for name in ("exp_avg", "exp_avg_sq"):
+                if quantized:
+                    state[name] = torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
+                    state[name + "_absmax"] = torch.zeros(-(-param.numel() // BLOCK),
+                                                          device=param.device)  # fmt: skip
+                else:
+                    state[name] = torch.zeros_like(param)
         state["step"] += 1
         step, lr = state["step"], group["lr"]
         beta1, beta2 = group["betas"]
         grad = param.grad.float()
-        exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()
+        if quantized:
+            exp_avg = self.codec.decode(state, "exp_avg", signed=True)
+            exp_avg_sq = self.codec.decode(state, "exp_avg_sq", signed=False)
+        else:
+            exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
         weight = param.float()
         weight.mul_(1 - lr * group["weight_decay"])
         weight.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
-        if param.dtype != torch.bfloat16:  # fp32: the state was updated in place
+        if quantized:
+            self.codec.encode(state, "exp_avg", exp_avg, signed=True)
+            self.codec.encode(state, "exp_avg_sq", exp_avg_sq, signed=False)
+        if param.dtype != torch.bfloat16:  # fp32: updated in place
             if weight.data_ptr() != param.data_ptr():
                 param.copy_(weight)
             return
         generator = self._generator(param.device)
         generator.manual_seed(step_seed(self.seed, step, index))
-        bits = torch.randint(-(2**31), 2**31, (2, *param.shape), dtype=torch.int32,
-                             device=param.device, generator=generator)  # fmt: skip
+        shape = (1 if quantized else 2, *param.shape)
+        bits = torch.randint(-(2**31), 2**31, shape, dtype=torch.int32, device=param.device,
+                             generator=generator)  # fmt: skip
         param.copy_(round_stochastic(weight, bits[0] & _LOW_16))
-        state["exp_avg"].copy_(round_stochastic(exp_avg, bits[1] & _LOW_16))
-        state["exp_avg_sq"].copy_(round_stochastic(exp_avg_sq, (bits[1] >> 16) & _LOW_16))
+        if not quantized:
+            state["exp_avg"].copy_(round_stochastic(exp_avg, bits[1] & _LOW_16))
+            state["exp_avg_sq"].copy_(round_stochastic(exp_avg_sq, (bits[1] >> 16) & _LOW_16))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -125,7 +155,46 @@ class StochasticAdamW(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load as torch does, taking the saved seed back."""
+        """Load as torch does, taking the saved seed back and each state tensor's dtype.
+
+        torch casts every saved state tensor to its parameter's dtype, which would round the
+        8-bit codes' fp32 maxima to bf16: the saved tensors are put back as they were.
+        """
+        saved = {key: {name: value for name, value in held.items()
+                       if isinstance(value, torch.Tensor) and value.dtype in _KEPT}
+                 for key, held in state_dict["state"].items()}  # fmt: skip
         super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for key, held in saved.items():
+            state = self.state[params[key]]
+            for name, value in held.items():
+                state[name] = value.to(params[key].device, copy=True)
         for group in self.param_groups:
             self.seed = group.pop("sr_seed", self.seed)
+
+
+class _Codec:
+    """bitsandbytes' blockwise 8-bit quantization of a moment, on its dynamic maps."""
+
+    def __init__(self) -> None:
+        import bitsandbytes.functional as bnb
+
+        self.bnb = bnb
+        self.maps: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+    def _map(self, signed: bool, device: torch.device) -> torch.Tensor:
+        if (signed, device) not in self.maps:
+            self.maps[signed, device] = self.bnb.create_dynamic_map(signed=signed).to(device)
+        return self.maps[signed, device]
+
+    def decode(self, state: dict, name: str, signed: bool) -> torch.Tensor:
+        codes = state[name]
+        flat = self.bnb.dequantize_blockwise(codes.view(-1), absmax=state[name + "_absmax"],
+                                             code=self._map(signed, codes.device),
+                                             blocksize=BLOCK)  # fmt: skip
+        return flat.view(codes.shape)
+
+    def encode(self, state: dict, name: str, value: torch.Tensor, signed: bool) -> None:
+        self.bnb.quantize_blockwise(value.reshape(-1), code=self._map(signed, value.device),
+                                    absmax=state[name + "_absmax"], out=state[name].view(-1),
+                                    blocksize=BLOCK)  # fmt: skip

@@ -21,7 +21,7 @@ from amptrain.optim import make_optimizer
 pytest.importorskip("optimi")
 
 
-def _lost_updates(compensation: str, steps: int = 200) -> float:
+def _lost_updates(compensation: str, steps: int = 200, state: str = "32bit") -> float:
     """How far bf16 weights of 1.0 move, on average, under `steps` AdamW updates of about 1e-4.
 
     At 1.0 a bf16 step is 2**-7 (0.0078): nearest rounding drops every update of 1e-4.
@@ -30,7 +30,8 @@ def _lost_updates(compensation: str, steps: int = 200) -> float:
     """
     layer = nn.Linear(64, 64, bias=False)
     layer.weight.data = torch.ones(64, 64, dtype=torch.bfloat16)
-    opts = FitOptions(lr=1e-4, weight_decay=0.0, weights="bf16", compensation=compensation)
+    opts = FitOptions(lr=1e-4, weight_decay=0.0, weights="bf16", compensation=compensation,
+                      optimizer_state=state)  # fmt: skip
     optimizer = make_optimizer(layer, opts)
     for _ in range(steps):
         layer.weight.grad = torch.ones_like(layer.weight)  # Adam's update: about lr a step
@@ -38,10 +39,11 @@ def _lost_updates(compensation: str, steps: int = 200) -> float:
     return 1.0 - float(layer.weight.detach().double().mean())
 
 
-@pytest.mark.parametrize("compensation", ["kahan", "sr"])
-def test_compensated_updates_keep_what_nearest_rounding_drops(compensation):
+@pytest.mark.parametrize("compensation, state", [("kahan", "32bit"), ("sr", "32bit"),
+                                                 ("sr", "8bit")])  # fmt: skip
+def test_compensated_updates_keep_what_nearest_rounding_drops(compensation, state):
     assert _lost_updates("none") == 0.0  # every update rounded away
-    moved = _lost_updates(compensation)
+    moved = _lost_updates(compensation, state=state)
     assert moved == pytest.approx(200 * 1e-4, rel=0.05)  # the 200 updates kept
 
 
@@ -76,23 +78,28 @@ def test_bf16_weights_train_with_embeddings_and_norms_in_fp32():
     assert "wte.weight" in kept and "wpe.weight" in kept and "ln_f.weight" in kept
 
 
-@pytest.mark.parametrize("compensation, state_key", [("kahan", "kahan_comp"), ("sr", "exp_avg")])
-def test_a_bf16_true_run_resumes_bit_for_bit(tmp_path, corpus, compensation, state_key):
+@pytest.mark.parametrize("compensation, state, held_key, held_dtype", [
+    ("kahan", "32bit", "kahan_comp", torch.bfloat16), ("sr", "32bit", "exp_avg", torch.bfloat16),
+    ("sr", "8bit", "exp_avg", torch.uint8)])  # fmt: skip
+def test_a_bf16_true_run_resumes_bit_for_bit(tmp_path, corpus, compensation, state, held_key,
+                                             held_dtype):  # fmt: skip
     out = tmp_path / "runs"
     flags = ["--layers", "2", "--width", "32", "--heads", "2", "--context", "16",
              "--batch-size", "4", "--device", "cpu", "--no-progress", "--no-compile",
              "--eval-batches", "1"]  # fmt: skip
     assert main(["train", "--data", str(corpus), "--precision", "bf16-true", "--max-steps", "6",
-                 "--compensation", compensation, "--checkpoint-every", "3", "--eval-every", "3",
+                 "--compensation", compensation, "--optimizer-state", state,
+                 "--checkpoint-every", "3", "--eval-every", "3",
                  "--out", str(out), *flags]) == 0  # fmt: skip
     (run,) = out.glob("train-*")
     saved = json.loads((run / "config.json").read_text())
     assert saved["precision"] == "bf16" and saved["fit"]["weights"] == "bf16"
     assert saved["fit"]["compensation"] == compensation
     whole = (run / "model.safetensors").read_bytes()
-    state = torch.load(run / "checkpoints" / "step-000000003" / "optimizer.pt", weights_only=True)
-    held = [s[state_key] for s in state["state"].values() if state_key in s]
-    assert any(t is not None and t.dtype == torch.bfloat16 for t in held)
+    saved_state = run / "checkpoints" / "step-000000003" / "optimizer.pt"
+    state = torch.load(saved_state, weights_only=True)
+    held = [s[held_key] for s in state["state"].values() if held_key in s]
+    assert any(t is not None and t.dtype == held_dtype for t in held)
     shutil.rmtree(run / "checkpoints" / "step-000000006")
     (run / "model.safetensors").unlink()
     assert main(["train", "--resume", str(run), "--out", str(out), "--no-progress"]) == 0
@@ -138,7 +145,7 @@ def test_bf16_true_with_gradient_accumulation_trains_like_the_whole_batch():
 
 @pytest.mark.parametrize("extra, said", [
     (dict(precision="fp32", weights="bf16"), "they need precision bf16"),
-    (dict(precision="bf16-true", optimizer_state="8bit"), "16-bit AdamW state"),
+    (dict(precision="bf16-true", optimizer_state="8bit"), "8-bit AdamW state takes --compensat"),
     (dict(precision="bf16-true", optimizer_impl="fused"), "not --optimizer-impl fused"),
 ])  # fmt: skip
 def test_bf16_weights_where_they_cannot_apply_are_refused(extra, said):

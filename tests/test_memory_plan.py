@@ -46,6 +46,8 @@ def test_the_footprint_counts_the_bytes_each_lever_keeps_a_parameter():
     assert memory_plan.footprint(model, kahan)["bytes"] == 10 * matrices + 16 * rest
     sr = FitOptions(weights="bf16", compensation="sr")
     assert memory_plan.footprint(model, sr)["bytes"] == 8 * matrices + 16 * rest
+    sr8 = FitOptions(weights="bf16", compensation="sr", optimizer_state="8bit")
+    assert memory_plan.footprint(model, sr8)["bytes"] == 6 * matrices + 10 * rest
     fsdp = memory_plan.footprint(model, FitOptions(strategy="fsdp"), world_size=4)
     assert fsdp["bytes"] == 16 * n // 4
     model.wte.weight.requires_grad_(False)  # frozen: its own 4 bytes
