@@ -6,7 +6,9 @@ parameters with the 256-token byte vocabulary), batch 1, context 128, under:
 - `fp32`: fp32 weights, gradients and AdamW moments (16 bytes a parameter);
 - `bf16 autocast`: the same state, a bf16 forward;
 - `bf16 autocast + 8-bit state`: `optimizer_state="8bit"` (bitsandbytes' blockwise moments);
-- `bf16-true, Kahan`: bf16 matrices, gradients and moments, Kahan-compensated updates.
+- `bf16-true, Kahan`: bf16 matrices, gradients and moments, Kahan-compensated updates;
+- `bf16-true, SR`: the same with stochastically rounded updates and no buffer;
+- `bf16-true, SR + 8-bit state`: and the moments in 8-bit blocks.
 
 (b) An activation-bound job, for activation checkpointing: tiny-gpt (4 x 128) at batch 32,
 context 512, fp32, under `activation_checkpointing` none, full, every:2 and selective.
@@ -17,10 +19,15 @@ training, above the idle process before the model was built) and tokens/s; per j
 configuration against the first (peak memory ratio, and the speed ratio of medians with its
 per-round min-max, `rounds.ratio`).
 
-Not here yet: stochastic rounding, the quality runs and the largest model that fits a budget.
+(c) `quality`: the built-in model fine-tuned `--quality-steps` steps on the built-in corpus in
+each configuration, at the default lr and at 1e-5 (`levers_quality.py`).
 
-    python benchmarks/memory_levers.py                # both jobs, 3 rounds
-    python benchmarks/memory_levers.py --quick        # tiny: does it run?
+(d) `largest`: the largest GPT of one shape family whose full fine-tuning step fits
+`--budget-gib` (16), per configuration (`levers_largest.py`).
+
+    python benchmarks/memory_levers.py                       # all four jobs
+    python benchmarks/memory_levers.py --jobs quality,largest
+    python benchmarks/memory_levers.py --quick               # tiny: does it run?
 
 Each run writes a new results/memory-levers-<cpu>-<isa>-t<threads>-torch<version>-<time>.json.
 Run it alone: other jobs move the speed figures (the memory ones hold).
@@ -38,15 +45,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fresh  # noqa: E402
+import levers_largest  # noqa: E402
+import levers_quality  # noqa: E402
 import provenance  # noqa: E402
 import rounds  # noqa: E402
+
+EXTRA_JOBS = ("quality", "largest")
 
 JOBS = {
     "parameter-bound": {
         "shape": dict(n_layer=12, n_embd=768, n_head=12), "batch": 1, "context": 128,
         "configs": {"fp32": ("fp32", {}), "bf16 autocast": ("bf16", {}),
                     "bf16 autocast + 8-bit state": ("bf16", {"optimizer_state": "8bit"}),
-                    "bf16-true, Kahan": ("bf16-true", {})},
+                    "bf16-true, Kahan": ("bf16-true", {}),
+                    "bf16-true, SR": ("bf16-true", {"compensation": "sr"}),
+                    "bf16-true, SR + 8-bit state": ("bf16-true", {"compensation": "sr",
+                                                                  "optimizer_state": "8bit"})},
     },
     "activation-bound": {
         "shape": dict(n_layer=4, n_embd=128, n_head=4), "batch": 32, "context": 512,
@@ -137,21 +151,38 @@ def measure_job(job: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     rounds.round_options(parser, steps=8)
-    parser.add_argument("--jobs", default=",".join(JOBS), help="comma-separated")
+    parser.add_argument("--jobs", default=",".join([*JOBS, *EXTRA_JOBS]), help="comma-separated")
+    parser.add_argument("--quality-steps", type=int, default=600)
+    parser.add_argument(
+        "--lrs", default="1e-3,1e-5", help="quality: the default lr, and a small one"
+    )
+    parser.add_argument("--budget-gib", type=float, default=16.0, help="largest: the budget")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--largest-worker", nargs=3, help=argparse.SUPPRESS)
     parser.set_defaults(rounds=3)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps, args.warmup, args.quick)))
         return
+    if args.largest_worker:
+        config, k, budget = args.largest_worker
+        print(json.dumps(levers_largest.worker(config, int(k), float(budget))))
+        return
     if args.quick:
         args.rounds, args.steps, args.warmup = 1, 4, 1
+        args.quality_steps, args.budget_gib = 20, 0.25
     meta = provenance.start("memory_levers")
     payload = {"jobs": {}, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
                "shapes": {job: ("quick" if args.quick else spec["shape"], spec["batch"],
                                 spec["context"]) for job, spec in JOBS.items()}}  # fmt: skip
     for job in args.jobs.split(","):
-        payload["jobs"][job] = measure_job(job, args)
+        if job == "quality":
+            lrs = args.lrs.split(",")
+            payload["jobs"][job] = levers_quality.measure(args.quality_steps, lrs, args.quick)
+        elif job == "largest":
+            payload["jobs"][job] = levers_largest.measure(__file__, args.budget_gib, args.quick)
+        else:
+            payload["jobs"][job] = measure_job(job, args)
     out = args.out or provenance.result_file("memory-levers", args.quick)
     provenance.write(out, meta, payload)
     print(f"result: {out}")
