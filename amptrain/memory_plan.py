@@ -208,6 +208,27 @@ def _split(opts: FitOptions, micro: int, mode: str) -> FitOptions:
                                activation_checkpointing=mode, micro_batch=None)  # fmt: skip
 
 
+def largest_batch(
+    model: nn.Module, blocks: data_mod.Blocks, prec: Precision, opts: FitOptions, budget: int
+) -> int | None:
+    """The largest power-of-two batch whose step fits `budget` bytes, or None for none.
+
+    Measured as `plan` measures, up to the blocks there are.
+    """
+    mode = "none" if opts.activation_checkpointing == "auto" else opts.activation_checkpointing
+
+    def fits(size: int) -> bool:
+        peak = _probe(model, blocks, prec, opts, size, mode)
+        return peak is not None and peak <= budget
+
+    if not fits(1):
+        return None
+    size = 1
+    while size * 2 <= len(blocks) and fits(size * 2):
+        size *= 2
+    return size
+
+
 def _agree(chosen: tuple[int, str] | None) -> tuple[int, str] | None:
     """Every process takes the smallest micro-batch any chose (and checkpointing if any did)."""
     if distributed.world()[1] == 1:

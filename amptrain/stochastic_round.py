@@ -51,6 +51,16 @@ def round_stochastic(value: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return ((bits + noise) & _HIGH_16).view(torch.float32).to(torch.bfloat16)
 
 
+def _round_into(target: torch.Tensor, value: torch.Tensor, noise: torch.Tensor) -> None:
+    """`target` (bf16) set to fp32 `value` rounded as `round_stochastic` does.
+
+    `value`, a temporary, is overwritten in place instead of copied.
+    """
+    bits = value.view(torch.int32)
+    bits.add_(noise).bitwise_and_(_HIGH_16)
+    target.copy_(value)  # exact: the dropped bits are zero
+
+
 def step_seed(seed: int, step: int, index: int) -> int:
     """A 63-bit seed for parameter `index` at optimizer step `step` of a run seeded `seed`."""
     mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + index) % (2**64)
@@ -81,6 +91,9 @@ class StochasticAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.seed = seed
         self.codec = _Codec() if moments == "8bit" else None
+        for group in self.param_groups:  # the state first, in one stretch of memory, before
+            for param in group["params"]:  # the steps' temporaries come and go around it
+                self._init_state(param)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @torch.no_grad()
@@ -98,21 +111,28 @@ class StochasticAdamW(torch.optim.Optimizer):
                 index += 1
         return loss
 
-    def _update(self, param: torch.Tensor, group: dict, index: int) -> None:
+    def _init_state(self, param: torch.Tensor) -> dict:
         state = self.state[param]
-        quantized = self.codec is not None and param.numel() >= MIN_8BIT_SIZE
-        if not state:
-            state["step"] = 0
-            for name in ("exp_avg", "exp_avg_sq"):
-                if quantized:
-                    state[name] = torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
-                    state[name + "_absmax"] = torch.zeros(-(-param.numel() // BLOCK),
-                                                          device=param.device)  # fmt: skip
-                else:
-                    state[name] = torch.zeros_like(param)
+        state["step"] = 0
+        for name in ("exp_avg", "exp_avg_sq"):
+            if self._quantized(param):
+                state[name] = torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
+                state[name + "_absmax"] = torch.zeros(-(-param.numel() // BLOCK),
+                                                      device=param.device)  # fmt: skip
+            else:
+                state[name] = torch.zeros_like(param)
+        return state
+
+    def _quantized(self, param: torch.Tensor) -> bool:
+        return self.codec is not None and param.numel() >= MIN_8BIT_SIZE
+
+    def _update(self, param: torch.Tensor, group: dict, index: int) -> None:
+        state = self.state[param] or self._init_state(param)
+        quantized = self._quantized(param)
         state["step"] += 1
         step, lr = state["step"], group["lr"]
         beta1, beta2 = group["betas"]
+        low = param.dtype == torch.bfloat16  # fp32 tensors are updated in place, as AdamW does
         grad = param.grad.float()
         if quantized:
             exp_avg = self.codec.decode(state, "exp_avg", signed=True)
@@ -121,26 +141,32 @@ class StochasticAdamW(torch.optim.Optimizer):
             exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        # The denominator takes the gradient's fp32 copy (fewer temporaries), not a gradient.
+        denom = torch.sqrt(exp_avg_sq, out=grad) if low else exp_avg_sq.sqrt()
+        denom.div_(math.sqrt(1 - beta2**step)).add_(group["eps"])
         weight = param.float()
         weight.mul_(1 - lr * group["weight_decay"])
         weight.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+        del denom, grad
         if quantized:
             self.codec.encode(state, "exp_avg", exp_avg, signed=True)
             self.codec.encode(state, "exp_avg_sq", exp_avg_sq, signed=False)
-        if param.dtype != torch.bfloat16:  # fp32: updated in place
-            if weight.data_ptr() != param.data_ptr():
-                param.copy_(weight)
+        if not low:
             return
         generator = self._generator(param.device)
         generator.manual_seed(step_seed(self.seed, step, index))
-        shape = (1 if quantized else 2, *param.shape)
-        bits = torch.randint(-(2**31), 2**31, shape, dtype=torch.int32, device=param.device,
-                             generator=generator)  # fmt: skip
-        param.copy_(round_stochastic(weight, bits[0] & _LOW_16))
-        if not quantized:
-            state["exp_avg"].copy_(round_stochastic(exp_avg, bits[1] & _LOW_16))
-            state["exp_avg_sq"].copy_(round_stochastic(exp_avg_sq, (bits[1] >> 16) & _LOW_16))
+        # One draw of 31 random bits an element gives the three roundings 16 bits each: bits
+        # 0-15, bits 15-30, and bits 0-15 xor 8-23 (a full-rank map of uniform bits, uniform).
+        bits = torch.empty(param.shape, dtype=torch.int32, device=param.device)
+        bits.random_(generator=generator)
+        noise = torch.bitwise_and(bits, _LOW_16)
+        _round_into(param, weight, noise)
+        if quantized:
+            return
+        torch.bitwise_right_shift(bits, 15, out=noise).bitwise_and_(_LOW_16)
+        _round_into(state["exp_avg"], exp_avg, noise)
+        torch.bitwise_right_shift(bits, 8, out=noise).bitwise_xor_(bits).bitwise_and_(_LOW_16)
+        _round_into(state["exp_avg_sq"], exp_avg_sq, noise)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:

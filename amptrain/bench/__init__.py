@@ -28,6 +28,7 @@ from amptrain import distributed, lora, sharding
 from amptrain.bench import arms, figures, ranks
 from amptrain.bench import verdict as bench_verdict
 from amptrain.bench.clock import StepClock
+from amptrain.bench.results import ArmResult, BenchReport
 from amptrain.callbacks import Callback
 from amptrain.config import FitOptions
 from amptrain.data import Blocks, as_blocks
@@ -36,11 +37,12 @@ from amptrain.loop import FitResult, check_data, fit
 from amptrain.precision import (
     default_plan,
     default_precisions,
-    normalize,
     probe_of,
     resolve,
     skip_reason,
 )
+
+arm_names = arms.names
 
 __all__ = [
     "ArmResult", "BenchReport", "arm_names", "bench", "check_settings", "default_plan",
@@ -49,69 +51,8 @@ __all__ = [
 
 log = logging.getLogger("amptrain")
 
-
-@dataclasses.dataclass(frozen=True)
-class ArmResult:
-    """One precision's figures. Fields that compare with fp32 are None for fp32 itself."""
-
-    precision: str
-    status: str  # "ok", "failed", "oom" or "skipped" (emulated here; see `error`)
-    reason: str
-    error: str | None = None
-    step_ms: float | None = None
-    step_ms_iqr: tuple[float, float] | None = None
-    repeat_ms_range: tuple[float, float] | None = None
-    tokens_per_s: float | None = None
-    speedup_vs_fp32: float | None = None
-    peak_mem_mb: float | None = None
-    mem_mb: float | None = None
-    mem_source: str | None = None
-    mem_reduction_vs_fp32: float | None = None
-    train_loss: float | None = None
-    val_loss: float | None = None
-    val_accuracy: float | None = None
-    val_loss_rel_diff: float | None = None
-    val_accuracy_diff: float | None = None
-    quality_ok: bool | None = None
-    loss_scale: float | None = None
-    skipped_steps: int | None = None
-    scale_backoffs: int | None = None
-    scale_growths: int | None = None
-    achieved_tflops: float | None = None
-    probe_tflops: float | None = None
-    peak_source: str | None = None
-    datasheet_tflops: float | None = None
-    mfu_probe: float | None = None
-    mfu_datasheet: float | None = None
-    init_digest: str | None = None
-    batch_digest: str | None = None
-    loss_curve: tuple[float, ...] = ()
-    sharding: dict[str, Any] | None = None
-    """How the processes shared the model in this arm (`fit`'s record: strategy, policy)."""
-    allocator: dict[str, Any] | None = None
-    """Whether this arm's host memory was kept for reuse, and the page faults that decided it
-    (`fit`'s record, `amptrain.allocator`): it moves CPU step times and peak RSS."""
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchReport:
-    """All arms, the verdict, and the conditions of the measurement."""
-
-    arms: tuple[ArmResult, ...]
-    best: str | None
-    verdict: str
-    targets: dict[str, dict[str, Any]]
-    settings: dict[str, Any]
-    environment: dict[str, Any]
-    probe: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def arm(self, precision: str) -> ArmResult:
-        """The row of one precision."""
-        return next(a for a in self.arms if a.precision == precision)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values."""
-        return dataclasses.asdict(self)
+LEVER_RECORD = ("weights", "optimizer_impl", "activation_checkpointing")
+"""The fields of `fit`'s record an arm reports about its memory levers."""
 
 
 class _Recorder(Callback):
@@ -178,12 +119,13 @@ def train_once(
     model = copy.deepcopy(template)  # fresh weights, equal to the template's
     device = next(model.parameters()).device
     init_digest = state_digest(model)
-    precision = arms.precision_of(arm)
+    precision = arms.autocast_of(arm)  # bf16-true: bf16 autocast, and bf16 weights (levers)
     if arms.is_lora(arm):
         model = lora.apply(model, adapters, resolve(precision, device).dtype)
     recorder = _Recorder(model, device)
     try:
-        result = fit(model, train, val, precision=precision, callbacks=[recorder], **opts)
+        result = fit(model, train, val, precision=precision, callbacks=[recorder],
+                     **{**opts, **arms.options_of(arm)})  # fmt: skip
     finally:
         batch_digest = recorder.close()
     batch_digest = ranks.global_digest(batch_digest)  # every rank's batches, on rank 0
@@ -216,6 +158,7 @@ def _aggregate(runs: Sequence[_Run], warmup: int, tokens_per_step: int) -> dict[
         "batch_digest": runs[0].batch_digest,
         "sharding": last.fast_path.get("sharding"),
         "allocator": {k: v for k, v in last.fast_path.items() if k.startswith("allocator")},
+        "levers": {k: last.fast_path.get(k) for k in LEVER_RECORD},
     }
 
 
@@ -238,6 +181,8 @@ def bench(
     strategy: str = "ddp",
     source: str = "model",
     adapters: lora.LoraSettings | None = None,
+    levers: bool = False,
+    memory_budget: str | None = None,
 ) -> BenchReport:
     """Benchmark precisions side by side on one model and one batch sequence.
 
@@ -268,6 +213,10 @@ def bench(
         adapters: LoRA settings: one more arm trains adapters on the frozen model in the
             lowest precision of the arms (`bf16+lora`, say), beside the full fine-tunes
             (`amptrain.bench.arms`).
+        levers: Add the memory levers' arms (`arms.MEMORY_ARMS`): bf16 weights with each
+            compensation, 8-bit optimizer state, activation checkpointing.
+        memory_budget: A size (`16GiB`): every arm is also asked the largest batch whose
+            step fits it, and the memory verdict names the cheapest arm that fits.
 
     Returns:
         A `BenchReport`; failed arms are rows with `status` "failed" or "oom".
@@ -281,7 +230,10 @@ def bench(
         model = model()
     sharding.check_shardable(model, strategy, source)
     device = next(model.parameters()).device
-    names, skipped = arm_names(precisions, device)
+    names, skipped = arms.names(precisions, device)
+    if levers:
+        names += [arm for arm in arms.names(list(arms.MEMORY_ARMS), device)[0]
+                  if arm not in names]  # fmt: skip
     if adapters is not None:
         names.append(arms.lowest(names) + arms.LORA)
     train_b, val_b = as_blocks(train, name="training data"), as_blocks(val, name="validation data")
@@ -316,15 +268,20 @@ def bench(
                 for row in rows]  # fmt: skip
     rows, flops = figures.with_mfu(rows, model, train_b, device, batch_size, world_size)
     rows = figures.compare_to_fp32(rows, quality_tol)
+    if memory_budget is not None:
+        rows = [figures.with_largest_batch(row, model, train_b, opts, memory_budget)
+                for row in rows]  # fmt: skip
     best, verdict = bench_verdict.verdict(rows, quality_tol)
+    memory_verdict = bench_verdict.cheapest(rows, quality_tol, batch_size, memory_budget)
     rows += [ArmResult(name, "skipped", text, error=text) for name, text in skipped.items()]
     settings = dict(precisions=names, steps=steps, warmup=warmup, repeats=repeats,
                     batch_size=batch_size, context=train_b.context, lr=lr, seed=seed,
                     eval_batches=eval_batches, quality_tol=quality_tol, processes=world_size,
-                    strategy=strategy, **flops)  # fmt: skip
+                    strategy=strategy, memory_budget=memory_budget, **flops)  # fmt: skip
     caps = probe_of(device)
     return BenchReport(tuple(rows), best, verdict, figures.targets(rows), settings,
-                       figures.environment(device), caps.to_dict() if caps else {})  # fmt: skip
+                       figures.environment(device), caps.to_dict() if caps else {},
+                       memory_verdict)  # fmt: skip
 
 
 def check_settings(steps: int, warmup: int, repeats: int, quality_tol: float) -> None:
@@ -342,30 +299,8 @@ def check_settings(steps: int, warmup: int, repeats: int, quality_tol: float) ->
         raise ConfigError(f"quality_tol={quality_tol} must be in (0, 1)")
 
 
-def arm_names(
-    precisions: Sequence[str] | None, device: torch.device
-) -> tuple[list[str], dict[str, str]]:
-    """The arms to run (fp32 first), and the default arms left out with why.
-
-    Raises:
-        PrecisionError: A precision the device cannot serve, before any work.
-    """
-    if precisions is None:
-        return default_plan(probe_of(device), device)
-    names = []
-    for name in ["fp32", *precisions]:
-        norm = normalize(name)
-        if norm == "auto":
-            norm = resolve("auto", device).name
-        if norm not in names:
-            names.append(norm)
-    for name in names:
-        resolve(name, device)  # refuse what the device cannot serve, before any work
-    return names, {}
-
-
 def _row(name, runs, error, warmup, tokens_per_step, device, why) -> ArmResult:
-    prec = resolve(arms.precision_of(name), device)
+    prec = resolve(arms.autocast_of(name), device)
     why = "timed: fp32 is the reference" if name == "fp32" else why
     reason = f"{why}; {prec.warning or prec.reason}"
     if error is not None:

@@ -14,10 +14,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from amptrain import flops, hardware, tf32
+from amptrain import flops, hardware, memory_plan, tf32
 from amptrain.bench import arms, ranks
+from amptrain.config import FitOptions
 from amptrain.data import Blocks
+from amptrain.precision import resolve
+from amptrain.sizes import parse_size
 
 if TYPE_CHECKING:
     from amptrain.bench import ArmResult
@@ -62,10 +66,11 @@ def with_mfu(rows, model, train: Blocks, device, batch_size: int, world_size: in
             out.append(row)
             continue
         achieved = flops_per_token * row.tokens_per_s / world_size / 1e12  # per device
-        peak, source = hardware.peak_tflops(device, row.precision, model, tokens)
+        peak, source = hardware.peak_tflops(device, arms.autocast_of(row.precision), model,
+                                            tokens)  # fmt: skip
         if achieved > peak:  # training outran every probe: the probe under-read, not MFU > 1
             peak, source = achieved, f"training's own rate (the probe read {peak:.3g})"
-        sheet = hardware.datasheet_tflops(device, row.precision)
+        sheet = hardware.datasheet_tflops(device, arms.autocast_of(row.precision))
         out.append(dataclasses.replace(
             row, achieved_tflops=achieved, probe_tflops=peak, peak_source=source,
             datasheet_tflops=sheet, mfu_probe=achieved / peak if peak else None,
@@ -123,3 +128,17 @@ def environment(device: torch.device) -> dict[str, Any]:
     env["tf32"] = tf32.flags()
     env["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return env
+
+
+def with_largest_batch(
+    row: ArmResult, model: nn.Module, train: Blocks, opts: dict[str, Any], budget: str
+) -> ArmResult:
+    """`row` with the largest batch whose step of its arm fits `budget`."""
+    if row.status != "ok" or arms.is_lora(row.precision):
+        return row
+    fit_opts = FitOptions(**{k: v for k, v in opts.items() if k != "max_steps"},
+                          **arms.options_of(row.precision))  # fmt: skip
+    prec = resolve(arms.autocast_of(row.precision), next(model.parameters()).device)
+    largest = memory_plan.largest_batch(copy.deepcopy(model), train, prec, fit_opts,
+                                        parse_size(budget))  # fmt: skip
+    return dataclasses.replace(row, largest_batch=largest)

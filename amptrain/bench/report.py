@@ -22,6 +22,7 @@ CSV_FIELDS = (
     "quality_ok", "loss_scale", "skipped_steps", "scale_backoffs", "scale_growths",
     "achieved_tflops", "probe_tflops", "datasheet_tflops", "mfu_probe", "mfu_datasheet",
     "reason", "error", "device", "torch", "threads", "precisions", "processes", "strategy",
+    "largest_batch",
 )  # fmt: skip
 
 
@@ -37,22 +38,22 @@ def _fmt(value: object, spec: str = ".3g", pct: bool = False) -> str:
 
 def _columns(a: ArmResult) -> list[str]:
     if a.status == "skipped":
-        return [a.precision, a.error or "skipped", *["-"] * 9]
+        return [a.precision, a.error or "skipped", *["-"] * 10]
     if a.status != "ok":
-        return [a.precision, f"{a.status.upper()}: {(a.error or '')[:80]}", *["-"] * 9]
+        return [a.precision, f"{a.status.upper()}: {(a.error or '')[:80]}", *["-"] * 10]
     spread = f"{a.step_ms_iqr[0]:.1f}-{a.step_ms_iqr[1]:.1f}"
     return [
         a.precision, f"{a.step_ms:.1f} ({spread})", f"{a.tokens_per_s:,.0f}",
         _fmt(a.speedup_vs_fp32, ".2f"), _fmt(a.mem_mb, ".0f"),
         _fmt(a.mem_reduction_vs_fp32, ".0%"), f"{a.val_loss:.4f}",
         _fmt(a.val_loss_rel_diff, pct=True), _fmt(a.quality_ok), _fmt(a.mfu_probe, ".1%"),
-        _scale_story(a),
+        _scale_story(a), _fmt(a.largest_batch),
     ]  # fmt: skip
 
 
-HEADERS = ["precision", "step ms, median (IQR)", "tokens/s", "speedup", "memory MB",
+HEADERS = ["arm", "step ms, median (IQR)", "tokens/s", "speedup", "memory MB",
            "memory saved vs fp32", "val loss", "val loss vs fp32", "quality ok", "MFU (probe)",
-           "loss scale"]  # fmt: skip
+           "loss scale", "largest batch in budget"]  # fmt: skip
 
 
 def _scale_story(a: ArmResult) -> str:
@@ -64,7 +65,8 @@ def _scale_story(a: ArmResult) -> str:
 def console_table(report: BenchReport) -> Table:
     """The arms as a rich table: one column per precision, so it fits a narrow terminal."""
     title = bench_title(report)
-    caption = f"verdict: {report.verdict}\n{probe_line(report.probe)}"
+    memory = f"\n{report.memory_verdict}" if report.memory_verdict else ""
+    caption = f"verdict: {report.verdict}{memory}\n{probe_line(report.probe)}"
     table = Table(title=title, caption=caption)
     table.add_column("", style="bold", overflow="fold")
     for arm in report.arms:
@@ -136,6 +138,8 @@ def markdown(report: BenchReport) -> str:
     """report.md: the table, the verdict, the original targets and the conditions."""
     s, env = report.settings, report.environment
     lines = ["# Precision benchmark", "", f"**Verdict:** {report.verdict}", ""]
+    if report.memory_verdict:
+        lines[-1:-1] = ["", f"**Memory:** {report.memory_verdict}"]
     lines += ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(_columns(a)) + " |" for a in report.arms]
     lines += ["", "## Original tier-3 targets, as measured", ""]
@@ -195,6 +199,7 @@ def run_bench(
     memory: bool = True,
     run_dir: Path | None = None,
     settings: dict[str, Any] | None = None,
+    levers: bool = False,
 ) -> tuple[BenchReport, Path | None]:
     """The `bench` command: build model and data like `train`, benchmark, write the report.
 
@@ -214,6 +219,7 @@ def run_bench(
         batch_size=cfg.fit.batch_size, lr=cfg.fit.lr, seed=cfg.fit.seed,
         eval_batches=cfg.fit.eval_batches, quality_tol=quality_tol, memory=memory,
         compile=cfg.fit.compile, strategy=cfg.fit.strategy, source=cfg.model, adapters=adapters,
+        levers=levers, memory_budget=cfg.fit.memory_budget,
     )  # fmt: skip
     if not distributed.is_main():
         return report, None

@@ -49,6 +49,32 @@ def verdict(rows: Sequence[ArmResult], tol: float) -> tuple[str | None, str]:
     )
 
 
+def cheapest(
+    rows: Sequence[ArmResult], tol: float, batch_size: int, budget: str | None = None
+) -> str:
+    """The arm that keeps quality with the least memory (and fits `budget`, where given).
+
+    LoRA arms train other weights and are left out. Memory is each arm's measured increment;
+    with a budget an arm fits when its largest batch reaches the benchmark's batch size.
+    """
+    good = [r for r in rows if r.status == "ok" and r.quality_ok and r.mem_mb is not None
+            and not arms.is_lora(r.precision)]  # fmt: skip
+    if budget is not None:
+        good = [r for r in good if (r.largest_batch or 0) >= batch_size]
+    where = f" and fits {budget} at batch {batch_size}" if budget else ""
+    if not good:
+        return f"memory: no arm with its memory measured kept quality{where}"
+    best = min(good, key=lambda r: r.mem_mb)
+    line = (f"memory: {best.precision} keeps quality{where} with the least memory: "
+            f"{best.mem_mb:,.0f} MB")  # fmt: skip
+    ref = next((r for r in rows if r.precision == "fp32" and r.mem_mb), None)
+    if ref is not None and best.precision != "fp32":
+        line += f" ({best.mem_mb / ref.mem_mb:.2f}x fp32's)"
+    if best.largest_batch is not None:
+        line += f", batches up to {best.largest_batch} within {budget}"
+    return line
+
+
 def inseparable(a: ArmResult, b: ArmResult) -> str | None:
     """Why the step times of two arms cannot be told apart, or None when they can."""
     for arm in (a, b):
