@@ -161,12 +161,12 @@ def _fit(
     if lowered.params and net is not model:
         net.register_comm_hook(None, low_weights.fp32_allreduce)  # bf16 gradients summed in fp32
         lowered.record["gradient_reduction"] = "fp32"
-    if lowered.params and opts.grad_accum > 1:
-        lowered.accumulate_in_fp32()
     with prec.activate():  # the fast path is decided and timed in the run's matmul mode (TF32)
         attn, compiled, loss_fn, fast_path = plan_fast_path(model, net, train_b, prec, optimizer,
                                                             opts, resume, state.step)  # fmt: skip
         fast_path["sharding"] = shards
+        if lowered.params and opts.grad_accum > 1:  # after the fast path's timed passes
+            lowered.accumulate_in_fp32()
         fast_path.update(recomputed.record)
         fast_path.update(lowered.record)
         if planned:

@@ -55,6 +55,7 @@ class Lowered:
             held = self.sums.pop(id(param), None)
             if held is not None:
                 param.grad = held.to(param.dtype)
+        self.sums.clear()
 
     def undo(self) -> None:
         """Return the cast parameters to fp32 (exact)."""

@@ -88,8 +88,33 @@ def footprint(model: nn.Module, opts: FitOptions, world_size: int = 1) -> dict[s
     total = trained + frozen
     if opts.strategy == "fsdp" and world_size > 1:
         total //= world_size
+    elif world_size > 1:  # DDP's buckets hold a second copy of the gradients
+        total += _gradient_bytes(model, opts)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"bytes": total, "per_parameter": round(trained / max(n, 1), 2)}
+
+
+def _gradient_bytes(model: nn.Module, opts: FitOptions) -> int:
+    """The bytes of the trained parameters' gradients (bf16 for the cast matrices)."""
+    cast = low_weights.castable(model) if opts.weights == "bf16" else set()
+    return sum(p.numel() * (2 if id(p) in cast else 4) for p in model.parameters()
+               if p.requires_grad)  # fmt: skip
+
+
+def _unprobed(model: nn.Module, opts: FitOptions, accumulated: int) -> int:
+    """What the run holds that one probed step does not.
+
+    The fp32 sums of accumulated bf16 gradients, and DDP's gradient buckets. (Under FSDP the
+    probe measures the unsharded step, which overstates a shard's: the plan errs on the safe
+    side.)
+    """
+    extra = 0
+    if opts.weights == "bf16" and accumulated > 1:
+        extra += 4 * sum(p.numel() for p in model.parameters()
+                         if id(p) in low_weights.castable(model))  # fmt: skip
+    if distributed.world()[1] > 1 and opts.strategy != "fsdp":
+        extra += _gradient_bytes(model, opts)
+    return extra
 
 
 def check_footprint(model: nn.Module, opts: FitOptions, device: torch.device, source: str) -> None:
@@ -103,15 +128,19 @@ def check_footprint(model: nn.Module, opts: FitOptions, device: torch.device, so
     if need["bytes"] <= budget:
         return
     raise ConfigError(
-        f"{source}: its weights, gradients and optimizer state take {_gib(need['bytes'])} "
+        f"{source}: its weights, gradients and optimizer state take {_size(need['bytes'])} "
         f"({need['per_parameter']:g} bytes a trained parameter), more than the "
-        f"{_gib(budget)} budget ({whence}); lower it with --precision bf16-true (8-10 bytes), "
+        f"{_size(budget)} budget ({whence}); lower it with --precision bf16-true (8-10 bytes), "
         "--optimizer-state 8bit, --lora, or --strategy fsdp over several processes"
     )
 
 
-def _gib(size: float) -> str:
-    return f"{size / 2**30:,.2f} GiB"
+def _size(size: float) -> str:
+    """A size in the unit that reads best: `1.50 GiB`, `12.0 MiB`, `800 KiB`."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if size >= scale:
+            return f"{size / scale:,.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{size / 2**10:,.0f} KiB"
 
 
 def wanted(opts: FitOptions) -> bool:
@@ -149,6 +178,8 @@ def plan(
     budget, whence = budget_bytes(opts, device)
     per_process = opts.batch_size * opts.grad_accum
     sizes = [m for m in range(per_process, 0, -1) if per_process % m == 0]  # largest first
+    if opts.weights == "bf16" and distributed.world()[1] > 1:  # bf16 weights cannot accumulate
+        sizes = [per_process]  # under DDP (`preflight.check_weights`)
     modes = [opts.activation_checkpointing]
     if opts.activation_checkpointing == "auto":  # none, and full where the model allows it
         modes = ["none", "full"] if recompute.possible(model) else ["none"]
@@ -156,6 +187,8 @@ def plan(
 
     def fits(micro: int, mode: str) -> bool:
         peak = _probe(model, blocks, prec, opts, micro, mode)
+        if peak is not None:
+            peak += _unprobed(model, opts, per_process // micro)
         probes.append({"micro_batch": micro, "activation_checkpointing": mode,
                        "peak_mb": None if peak is None else round(peak / 2**20, 1)})  # fmt: skip
         return peak is not None and peak <= budget
@@ -179,12 +212,17 @@ def plan(
         chosen = None if best is None else (sizes[best], mode)
     chosen = _agree(chosen)
     if chosen is None:
+        last = probes[-1]["peak_mb"]
+        peaked = "ran out of memory" if last is None else f"peaks at {last:,.0f} MB"
+        levers = ["--precision bf16-true", "--optimizer-state 8bit"]
+        if "full" not in modes and recompute.possible(model):
+            levers.append("--activation-checkpointing full")
+        if opts.micro_batch != "auto":
+            levers.append("--micro-batch auto")
         raise ConfigError(
-            f"no micro-batch fits the {_gib(budget)} memory budget ({whence}): a step of "
-            f"{sizes[-1]} block(s) of {blocks.context} tokens peaks at "
-            f"{probes[-1]['peak_mb']} MB; raise --memory-budget, shorten --context, or lower "
-            "the state with --precision bf16-true, --optimizer-state 8bit or "
-            "--activation-checkpointing full"
+            f"no micro-batch fits the {_size(budget)} memory budget ({whence}): a step of "
+            f"{probes[-1]['micro_batch']} block(s) of {blocks.context} tokens {peaked}; raise "
+            f"--memory-budget, shorten --context, or lower the memory with {', '.join(levers)}"
         )
     micro, mode = chosen
     record = {"micro_batch": micro, "grad_accum": per_process // micro,
@@ -192,14 +230,15 @@ def plan(
               "budget_from": whence, "asked": f"{opts.batch_size} x {opts.grad_accum}",
               "probes": probes}  # fmt: skip
     log.info("micro-batch %d x %d accumulated (asked %s), activation checkpointing %s, within "
-             "%s", micro, per_process // micro, record["asked"], mode, _gib(budget))  # fmt: skip
+             "%s", micro, per_process // micro, record["asked"], mode, _size(budget))  # fmt: skip
     return _split(opts, micro, mode), record
 
 
 def _split(opts: FitOptions, micro: int, mode: str) -> FitOptions:
     """`opts` stepping on micro-batches of `micro`, the global batch and evaluation kept.
 
-    Evaluation takes as many blocks as with the asked batch size, in smaller batches.
+    Evaluation takes as many blocks as with the asked batch size (or the fewest more that
+    whole micro-batches hold), in smaller batches.
     """
     per_process = opts.batch_size * opts.grad_accum
     evaluated = opts.eval_batches * opts.batch_size
@@ -211,9 +250,9 @@ def _split(opts: FitOptions, micro: int, mode: str) -> FitOptions:
 def largest_batch(
     model: nn.Module, blocks: data_mod.Blocks, prec: Precision, opts: FitOptions, budget: int
 ) -> int | None:
-    """The largest power-of-two batch whose step fits `budget` bytes, or None for none.
+    """The largest batch whose step fits `budget` bytes, or None when one block does not.
 
-    Measured as `plan` measures, up to the blocks there are.
+    Measured as `plan` measures, up to the blocks there are: doubling, then bisecting.
     """
     mode = "none" if opts.activation_checkpointing == "auto" else opts.activation_checkpointing
 
@@ -223,10 +262,17 @@ def largest_batch(
 
     if not fits(1):
         return None
-    size = 1
-    while size * 2 <= len(blocks) and fits(size * 2):
-        size *= 2
-    return size
+    low, high = 1, None  # low fits; high (when known) does not
+    while high is None and low * 2 <= len(blocks):
+        if fits(low * 2):
+            low *= 2
+        else:
+            high = low * 2
+    high = high or len(blocks) + 1
+    while high - low > 1:  # between the last power of two that fit and the first that did not
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 def _agree(chosen: tuple[int, str] | None) -> tuple[int, str] | None:
@@ -256,8 +302,9 @@ def _probe(
 
     def step() -> None:
         lowered = low_weights.cast(model, probe_opts.weights)
-        checkpointed = recompute.apply(model, mode)
+        checkpointed = None
         try:
+            checkpointed = recompute.apply(model, mode)
             optimizer = make_optimizer(model, probe_opts)
             for group in optimizer.param_groups:
                 group["lr"] = 0.0  # the weights stay as they are
@@ -267,7 +314,8 @@ def _probe(
             optimizer.zero_grad(set_to_none=True)
             del optimizer
         finally:
-            checkpointed.undo()
+            if checkpointed is not None:
+                checkpointed.undo()
             lowered.undo()
 
     try:

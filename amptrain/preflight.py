@@ -87,14 +87,16 @@ def check_weights(opts: FitOptions, prec: Precision) -> None:
         return
     from amptrain._imports import requires
 
-    requires("optimi", "memory", "--precision bf16-true", "use --precision bf16")
+    if opts.compensation != "sr":  # Kahan summation and nearest rounding: torch-optimi's AdamW
+        requires("optimi", "memory", "--precision bf16-true", "use --compensation sr")
     why = None
     if distributed.world()[1] > 1 and opts.grad_accum > 1:
         why = ("with several processes they take --grad-accum 1 (DDP would sum the skipped "
                "reductions' bf16 gradients in bf16); raise --batch-size instead")  # fmt: skip
     elif opts.optimizer_impl not in ("auto", "for-loop"):
-        why = (f"their optimizer is torch-optimi's for-loop AdamW, not --optimizer-impl "
-               f"{opts.optimizer_impl}; leave it at auto")  # fmt: skip
+        why = (f"their optimizer is a for-loop AdamW of its own (--compensation "
+               f"{opts.compensation}), not --optimizer-impl {opts.optimizer_impl}; leave it at "
+               "auto")  # fmt: skip
     elif prec.name != "bf16":
         why = f"they need precision bf16 (the run's is {prec.name})"
     elif opts.strategy == "fsdp":

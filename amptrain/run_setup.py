@@ -160,13 +160,15 @@ def load_data(
 def steps_for_epochs(cfg: TrainConfig, train: data.Blocks, world_size: int = 1) -> int:
     """The optimizer steps of `cfg.epochs` passes over `train` at the run's global batch.
 
-    An epoch is the whole global batches of the training blocks (`data.batches` drops the
-    last partial one), each optimizer step `grad_accum` of them; a fraction of an epoch
+    An epoch is the whole optimizer steps of the training blocks (`data.batches` ends an
+    epoch on the last whole window of `grad_accum` global batches); a fraction of an epoch
     rounds up to a whole step.
     """
-    batches = len(train) // (cfg.fit.batch_size * world_size)
     data.check_batch_size(train, cfg.fit.batch_size, world_size)
-    return max(1, math.ceil(cfg.epochs * batches / cfg.fit.grad_accum))
+    global_batch = cfg.fit.batch_size * world_size
+    windows = len(train) // (global_batch * cfg.fit.grad_accum)
+    steps = windows or len(train) // global_batch / cfg.fit.grad_accum  # under one window
+    return max(1, math.ceil(cfg.epochs * steps))
 
 
 def check_token_file(

@@ -6,11 +6,18 @@ head). Each rank then holds 1/N of the parameters, of their gradients and of Ada
 moments; a block's parameters are gathered just before its forward and backward and freed
 after.
 
-Precision changes under sharding. `bf16` and `fp16` gather the parameters in the low dtype
-(`MixedPrecisionPolicy(param_dtype=...)`: half the all-gather traffic and unsharded memory)
-and reduce the gradients in fp32 (a sum over many ranks keeps its precision); the sharded
-fp32 parameters stay the master copy. fp16 keeps torch's own `GradScaler`: a reduce-scatter
-leaves an overflow in the shard of one rank only, and the scaler's found-inf check on the
+Precision changes under sharding. `bf16` and `fp16` gather the blocks' parameters in the low
+dtype (`MixedPrecisionPolicy(param_dtype=...)`: half the all-gather traffic and unsharded
+memory) and reduce the gradients in fp32 (a sum over many ranks keeps its precision); the
+sharded fp32 parameters stay the master copy. What autocast leaves in fp32 stays fp32 under
+the policy too, so that FSDP trains as one process does: the root's parameters (embeddings,
+the final norm, the head, which autocast casts itself for its matmul) and every norm inside
+a block are units of their own gathered in fp32, and a block's inputs are not cast (the
+residual stream stays fp32, as under autocast). Only the blocks' other weights (the matrices
+and biases autocast would cast for each matmul anyway) are gathered in the low dtype.
+
+fp16 keeps torch's own `GradScaler`: a reduce-scatter leaves an overflow in the shard of one
+rank only, and the scaler's found-inf check on the
 sharded (DTensor) gradients is reduced with a max over the ranks by DTensor itself (its
 `found_inf_reduce_handler`, in torch since 2.6), so every rank skips the same steps and backs
 off the same scale (`tests/test_fsdp.py` checks it). torch's `ShardedGradScaler` would
@@ -34,9 +41,10 @@ from amptrain.precision import Precision
 log = logging.getLogger("amptrain")
 
 _POLICY_REASON = {
-    "bf16": "parameters gathered in bf16 (half the all-gather traffic and unsharded memory), "
-    "gradients reduced in fp32 (sums over ranks keep their precision); autocast stays on for "
-    "the ops it keeps in fp32",
+    "bf16": "the blocks' matrices gathered in bf16 (half their all-gather traffic and unsharded "
+    "memory), gradients reduced in fp32 (sums over ranks keep their precision); embeddings, "
+    "head and norms gathered in fp32 and the residual stream left fp32, as autocast keeps "
+    "them in one process",
     "fp16": "parameters gathered in fp16, gradients reduced in fp32; the GradScaler's "
     "found-inf flag on the sharded gradients is max-reduced over the ranks (DTensor), so "
     "every rank skips the same steps",
@@ -102,12 +110,20 @@ def shard(model: nn.Module, prec: Precision, strategy: str, world_size: int) -> 
     assert found is not None, "check_shardable runs first"
     units = f"{len(found.blocks)} x {found.block_class} ({found.path}) + root"  # before the
     # class swap: fully_shard turns a Block into an FSDPBlock
-    policy = MixedPrecisionPolicy()
-    if prec.uses_autocast:
-        policy = MixedPrecisionPolicy(param_dtype=prec.dtype, reduce_dtype=torch.float32)
+    policy = keep = MixedPrecisionPolicy()
+    if prec.uses_autocast:  # the blocks' matrices low, what autocast keeps fp32 in fp32
+        policy = MixedPrecisionPolicy(param_dtype=prec.dtype, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False)  # fmt: skip
+        keep = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    norms = 0
     for block in found.blocks:
+        for norm in _norms(block) if prec.uses_autocast else ():
+            fully_shard(norm, mp_policy=keep)
+            norms += 1
         fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    fully_shard(model, mp_policy=keep)
+    if norms:
+        units += f", {norms} norms in fp32"
     record = {
         "strategy": "fsdp", "sharded": True, "world_size": world_size,
         "units": units,
@@ -117,6 +133,12 @@ def shard(model: nn.Module, prec: Precision, strategy: str, world_size: int) -> 
     }  # fmt: skip
     log.info("sharding: %s", record)
     return record
+
+
+def _norms(block: nn.Module) -> list[nn.Module]:
+    """The normalisation layers in a block that hold parameters (autocast runs them in fp32)."""
+    return [m for m in block.modules() if m is not block and "Norm" in type(m).__name__
+            and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
 
 
 def wrap(model: nn.Module, world_size: int) -> nn.Module:

@@ -9,7 +9,8 @@ gradients and moments, 8 bytes a parameter against Kahan summation's 10.
 The update is computed in fp32 from the bf16 values and rounded once into each bf16 tensor
 (the weight and both moments). The random bits come from a generator seeded from the run's
 seed, the step and the parameter's index, so they are a function of where the run is, not of
-what ran before: a resumed run, or another rank of a DDP run, draws the same bits. Parameters
+what ran before: a resumed run, or another rank of a DDP run on the same kind of device,
+draws the same bits (CUDA's generator lays its bits out by the GPU's size). Parameters
 kept in fp32 (embeddings, norms, biases) get plain AdamW.
 
 With `moments="8bit"` the two moments of every tensor of at least `MIN_8BIT_SIZE` elements are
@@ -35,8 +36,8 @@ _HIGH_16 = -65536  # 0xFFFF0000 as an int32 mask
 MIN_8BIT_SIZE = 4096
 """Smaller tensors keep 16-bit moments under `moments="8bit"` (bitsandbytes' threshold)."""
 BLOCK = 256
-_KEPT = (torch.uint8, torch.float32)  # state dtypes a bf16 parameter's load must not cast
 """Values per absolute maximum of the 8-bit moments (bitsandbytes' 8-bit optimizers' block)."""
+_KEPT = (torch.uint8, torch.float32)  # state dtypes a bf16 parameter's load must not cast
 
 
 def round_stochastic(value: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -156,7 +157,9 @@ class StochasticAdamW(torch.optim.Optimizer):
         generator = self._generator(param.device)
         generator.manual_seed(step_seed(self.seed, step, index))
         # One draw of 31 random bits an element gives the three roundings 16 bits each: bits
-        # 0-15, bits 15-30, and bits 0-15 xor 8-23 (a full-rank map of uniform bits, uniform).
+        # 0-15, bits 15-30, and bits 0-15 xor 8-23 (a full-rank map of uniform bits). Each is
+        # uniform, so each rounding is unbiased; they are not independent of one another.
+        # A non-finite gradient never gets here (the step skips it).
         bits = torch.empty(param.shape, dtype=torch.int32, device=param.device)
         bits.random_(generator=generator)
         noise = torch.bitwise_and(bits, _LOW_16)

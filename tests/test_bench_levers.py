@@ -9,7 +9,7 @@ import torch
 from conftest import pattern_blocks, tiny_model
 
 from amptrain.bench import arm_names, arms, bench
-from amptrain.errors import ConfigError
+from amptrain.errors import ConfigError, PrecisionError
 
 pytest.importorskip("optimi")
 pytest.importorskip("bitsandbytes")
@@ -34,7 +34,7 @@ def test_an_arm_is_a_precision_with_levers():
     ("fp32-true", "not accepted"),
 ])  # fmt: skip
 def test_an_arm_that_cannot_run_is_refused_before_any_work(arm, said):
-    with pytest.raises((ConfigError, Exception), match=said):
+    with pytest.raises((ConfigError, PrecisionError), match=said):
         arm_names([arm], CPU)
 
 

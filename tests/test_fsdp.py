@@ -124,11 +124,12 @@ def test_fsdp_two_processes_match_one(tmp_path):
         assert inf[r]["loss_scale"] == 65536.0 / 2
         assert inf[r]["fast_path"]["sharding"]["reduce_dtype"] == "float32"
 
-    # bf16: parameters gathered in bf16 against autocast in one process; 2% on the loss.
+    # bf16: the blocks' matrices gathered in bf16, what autocast keeps fp32 gathered in fp32.
     bf16 = torch.load(tmp_path / "bf16.pt", weights_only=True)
     assert bf16["result"]["fast_path"]["sharding"]["param_dtype"] == "bfloat16"
+    assert bf16["result"]["fast_path"]["sharding"]["units"].endswith("4 norms in fp32")
     _, result = _single("bf16", 8, **SMALL)
-    assert bf16["result"]["final_val_loss"] == pytest.approx(result.final_val_loss, rel=2e-2)
+    assert bf16["result"]["final_val_loss"] == pytest.approx(result.final_val_loss, rel=2e-3)
 
 
 class NoStack(nn.Module):
@@ -219,10 +220,15 @@ def _case_styles(rank, tmp):
         ckpt = checkpoint.load(f"{tmp}/{name}/step-000000002")
         resumed = amptrain.fit(_style_models()[name], pattern_blocks(16), precision="fp32",
                                batch_size=2, max_steps=3, strategy="fsdp", resume=ckpt)  # fmt: skip
+        # bf16: the norms inside the blocks become fp32 units of their own (RMSNorm included)
+        low = amptrain.fit(_style_models()[name], pattern_blocks(16), precision="bf16",
+                           batch_size=2, max_steps=2, strategy="fsdp")  # fmt: skip
         if rank == 0:
             record = result.fast_path["sharding"]
             found = {"keys_kept": sorted(state) == keys, "units": record["units"],
-                     "steps": result.steps, "resumed_steps": resumed.steps}  # fmt: skip
+                     "steps": result.steps, "resumed_steps": resumed.steps,
+                     "bf16_units": low.fast_path["sharding"]["units"],
+                     "bf16_finite": math.isfinite(low.final_train_loss)}  # fmt: skip
             Path(f"{tmp}/{name}.json").write_text(json.dumps(found))
 
 
@@ -230,13 +236,18 @@ def _case_styles(rank, tmp):
 def test_model_styles_shard_per_block(tmp_path):
     _spawn("styles", tmp_path)
     found = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert found["nanogpt"] == {"keys_kept": True, "units": "2 x Block (transformer.h) + root",
-                                "steps": 2, "resumed_steps": 3}  # fmt: skip
+    assert {k: found["nanogpt"][k] for k in ("keys_kept", "units", "steps", "resumed_steps")} == {
+        "keys_kept": True, "units": "2 x Block (transformer.h) + root", "steps": 2,
+        "resumed_steps": 3}  # fmt: skip
     assert found["llama_style"]["units"] == "2 x TransformerBlock (layers) + root"
     if "hf_llama" in found:
         assert found["hf_llama"]["units"] == "2 x LlamaDecoderLayer (model.layers) + root"
     assert all(r["keys_kept"] and r["steps"] == 2 for r in found.values())
     assert all(r["resumed_steps"] == 3 for r in found.values())
+    assert found["nanogpt"]["bf16_units"] == "2 x Block (transformer.h) + root, 4 norms in fp32"
+    if "hf_llama" in found:  # input and post-attention RMSNorm of each layer
+        assert found["hf_llama"]["bf16_units"].endswith(", 4 norms in fp32")
+    assert all(r["bf16_finite"] for r in found.values())
     for name in found:  # a full checkpoint: AdamW state for every parameter, keyed as torch keys it
         optimizer = checkpoint.load(tmp_path / name / "step-000000002").tensors["optimizer"]
         ids = [i for group in optimizer["param_groups"] for i in group["params"]]

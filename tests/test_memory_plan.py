@@ -65,8 +65,8 @@ def test_a_model_whose_state_exceeds_the_budget_is_refused_before_any_work():
     model = tiny_model(n_layer=2, n_embd=32)
     with pytest.raises(
         ConfigError,
-        match=r"take 0\.00 GiB \(16 bytes a trained parameter\), "
-        r"more than the 0\.00 GiB budget \(--memory-budget\)",
+        match=r"take [0-9]+ KiB \(16 bytes a trained parameter\), "
+        r"more than the 98 KiB budget \(--memory-budget\); lower it with --precision bf16",
     ):
         amptrain.fit(model, pattern_blocks(16), None, max_steps=1, batch_size=4,
                      memory_budget="100kB")  # fmt: skip
@@ -161,7 +161,7 @@ def test_an_impossible_budget_is_one_line_before_any_run_directory(tmp_path, cor
                  "--out", str(out)])  # fmt: skip
     assert code == 2 and not list(out.glob("train-*"))
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no micro-batch fits the 0.01 GiB memory budget" in err[0]
+    assert len(err) == 1 and "no micro-batch fits the 10.0 MiB memory budget" in err[0]
     assert "raise --memory-budget" in err[0]
 
 
@@ -185,3 +185,89 @@ def test_the_cli_records_the_split_it_measured_and_resumes_with_it(tmp_path, cor
     shutil.rmtree(run / "checkpoints" / "step-000000004")
     assert main(["train", "--resume", str(run), "--out", str(out), "--no-progress"]) == 0
     assert (run / "model.safetensors").read_bytes() == whole
+
+
+def test_ranks_agree_on_the_smallest_micro_batch_and_on_checkpointing(monkeypatch):
+    from amptrain import distributed
+
+    others = {"values": None}
+
+    def fake_all_reduce(values, op="sum"):  # this rank's values against another rank's
+        assert op == "max"
+        return [max(a, b) for a, b in zip(values, others["values"])]
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "all_reduce", fake_all_reduce)
+    others["values"] = [-2.0, 0.0]  # the other rank fits 2 blocks without checkpointing
+    assert memory_plan._agree((4, "none")) == (2, "none")
+    others["values"] = [-8.0, 1.0]  # it needed checkpointing
+    assert memory_plan._agree((4, "none")) == (4, "full")
+    others["values"] = [-0.0, 0.0]  # nothing fitted there
+    assert memory_plan._agree((4, "none")) is None
+
+
+def test_bf16_weights_on_several_processes_are_not_split(monkeypatch):
+    """DDP cannot accumulate bf16 gradients in fp32, so the plan keeps the batch whole."""
+    from amptrain import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "all_reduce", lambda values, op="sum": values)
+    model, blocks = _big(), pattern_blocks(64, context=128)
+    opts = FitOptions(batch_size=16, micro_batch="auto", weights="bf16", memory_budget="1MiB")
+    with pytest.raises(ConfigError, match=r"a step of 16 block\(s\)"):
+        memory_plan.plan(model, blocks, resolve("bf16", CPU), opts)
+
+
+def test_a_split_run_resumes_with_the_split_it_measured(tmp_path):
+    from amptrain import checkpoint
+
+    train, val = pattern_blocks(64, context=128), pattern_blocks(16, context=128, seed=1)
+    budget = str(int((_peak(_big(), train, 4) + _peak(_big(), train, 8)) / 2))
+    common = dict(precision="fp32", lr=3e-3, eval_every=3, eval_batches=2, compile=False,
+                  batch_size=16, micro_batch="auto", memory_budget=budget)  # fmt: skip
+    whole = amptrain.fit(_big(), train, val, max_steps=6, checkpoint_every=3,
+                         checkpoint_dir=tmp_path, **common)  # fmt: skip
+    ckpt = checkpoint.load(tmp_path / "step-000000003")
+    assert ckpt.trainer["batch_size"] == 4  # the micro-batch the plan chose
+    resumed = amptrain.fit(_big(), train, val, max_steps=6, resume=ckpt, **common)
+    assert "memory_plan" not in resumed.fast_path  # not measured again: the checkpoint's split
+    assert resumed.final_val_loss == whole.final_val_loss
+
+
+def test_no_gradient_of_the_fast_path_timing_reaches_the_first_accumulated_step(monkeypatch):
+    from amptrain import low_weights
+    from amptrain.callbacks import Callback
+
+    held = []
+    accumulate = low_weights.Lowered.accumulate_in_fp32
+
+    def capture(self):
+        held.append(self)
+        accumulate(self)
+
+    monkeypatch.setattr(low_weights.Lowered, "accumulate_in_fp32", capture)
+
+    class AtStart(Callback):
+        def on_fit_start(self, state):
+            assert held and not held[0].sums  # the timed passes left nothing behind
+
+    amptrain.fit(tiny_model(), pattern_blocks(32), pattern_blocks(8, seed=1),
+                 precision="bf16-true", batch_size=4, grad_accum=2, max_steps=2,
+                 attention="auto", compile=False, callbacks=[AtStart()])  # fmt: skip
+
+
+def test_the_search_space_takes_bf16_weights_and_their_levers():
+    from amptrain.config import TrainConfig
+    from amptrain.search.space import apply, parse_space, train_command
+
+    space = {"precision": ["bf16", "bf16-true"], "compensation": ["kahan", "sr"],
+             "optimizer_state": ["32bit", "8bit"]}  # fmt: skip
+    dims = parse_space(space, TrainConfig(), "cpu")
+    assert set(dims) == {"precision", "compensation", "optimizer_state"}
+    cfg = apply(TrainConfig(), {"precision": "bf16-true", "compensation": "sr",
+                                "optimizer_state": "8bit"})  # fmt: skip
+    command = train_command(cfg)
+    assert "--weights bf16" in command and "--compensation sr" in command
+    assert "--optimizer-state 8bit" in command
+    with pytest.raises(ConfigError, match="compensation"):
+        parse_space({"compensation": ["kahan", "stochastic"]}, TrainConfig(), "cpu")

@@ -213,8 +213,8 @@ def test_space_errors_name_the_key_and_the_valid_ones(data):
         (
             {"learning_rate": [1e-3]},
             "search space key 'learning_rate' is not a searchable setting;"
-            " valid keys: batch_size, clip_norm, grad_accum, lora, lora_alpha, lora_dropout, lr,"
-            " precision, warmup, weight_decay",
+            " valid keys: batch_size, clip_norm, compensation, grad_accum, lora, lora_alpha,"
+            " lora_dropout, lr, optimizer_state, precision, warmup, weight_decay",
         ),
         ({"batch_size": {"low": 8, "high": 32}}, "'batch_size' takes a list of choices"),
         ({"lr": {"low": 1e-2, "high": 1e-3}}, "need low < high"),

@@ -222,6 +222,8 @@ def bench(
         A `BenchReport`; failed arms are rows with `status` "failed" or "oom".
     """
     check_settings(steps, warmup, repeats, quality_tol)
+    if memory_budget is not None:
+        FitOptions(memory_budget=memory_budget)  # a size that is not one, refused by name
     world_size = distributed.world()[1]
     FitOptions(strategy=strategy)  # an unknown strategy, refused by name
     ranks.check_strategy(strategy, world_size)

@@ -71,7 +71,8 @@ def autocast_of(arm: str) -> str:
 
 def options_of(arm: str) -> dict[str, Any]:
     """The `FitOptions` fields the arm's precision and levers set (bf16 weights included)."""
-    options: dict[str, Any] = {"weights": "bf16"} if precision_of(arm) == BF16_TRUE else {}
+    bf16_true = precision_of(arm).lower() == BF16_TRUE
+    options: dict[str, Any] = {"weights": "bf16"} if bf16_true else {}
     for lever in split(arm)[1]:
         options.update(LEVERS[lever])
     return options

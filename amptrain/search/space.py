@@ -1,9 +1,11 @@
 """The search space of `amptrain search`: which training settings are sampled, and how.
 
 A space maps the names of `train` flags (`lr`, `batch_size` or `batch-size`, `grad_accum`,
-`warmup`, `weight_decay`, `clip_norm`, `precision`) to one of:
+`warmup`, `weight_decay`, `clip_norm`, `precision`, the LoRA settings, and the memory levers
+`compensation` and `optimizer_state`) to one of:
 
-- a list: the choices, e.g. `"batch_size": [8, 16, 32]` or `"precision": ["fp32", "bf16"]`;
+- a list: the choices, e.g. `"batch_size": [8, 16, 32]` or `"precision": ["bf16",
+  "bf16-true"]` (bf16 weights are a precision choice, as on the command line);
 - a table `{"low": a, "high": b, "log": false, "step": null}`: a range of numbers (whole
   numbers for `grad_accum`);
 - a single value: fixed for every trial.
@@ -43,11 +45,13 @@ PARAMS = {
     "lora": "lora",
     "lora_alpha": "lora_alpha",
     "lora_dropout": "lora_dropout",
+    "compensation": "fit.compensation",
+    "optimizer_state": "fit.optimizer_state",
 }
 _INTS = ("batch_size", "grad_accum", "lora")
 # Batch sizes are choices, not ranges: every trial then scores the same validation blocks
 # (see search._eval_blocks), and `amptrain train` with the best batch size scores them too.
-_CHOICES_ONLY = ("batch_size", "precision")
+_CHOICES_ONLY = ("batch_size", "precision", "compensation", "optimizer_state")
 _RANGE_KEYS = ("low", "high", "log", "step")
 
 
@@ -145,9 +149,11 @@ def parse_space(
             except ConfigError as exc:
                 raise ConfigError(f"search space {name!r}: {exc}") from None
             if name == "precision":
+                from amptrain.config import BF16_TRUE
                 from amptrain.precision import resolve
 
-                resolve(value, device)
+                bf16_true = str(value).lower() == BF16_TRUE  # bf16 autocast, bf16 weights
+                resolve("bf16" if bf16_true else value, device)
     return dims
 
 
