@@ -129,7 +129,8 @@ def test_fsdp_two_processes_match_one(tmp_path):
     assert bf16["result"]["fast_path"]["sharding"]["param_dtype"] == "bfloat16"
     assert bf16["result"]["fast_path"]["sharding"]["units"].endswith("4 norms in fp32")
     _, result = _single("bf16", 8, **SMALL)
-    assert bf16["result"]["final_val_loss"] == pytest.approx(result.final_val_loss, rel=2e-3)
+    # 6e-6 apart here; with every parameter gathered in bf16 (the residual stream in bf16), 2.6e-4
+    assert bf16["result"]["final_val_loss"] == pytest.approx(result.final_val_loss, rel=5e-5)
 
 
 class NoStack(nn.Module):
