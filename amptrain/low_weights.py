@@ -111,6 +111,7 @@ def cast(model: nn.Module, weights: str) -> Lowered:
             lowered.params.append(param)
         else:
             kept.append(name)
+    saved = "fp32: the bf16 matrices widened exactly at the end"
     lowered.record.update(bf16_parameters=sum(p.numel() for p in lowered.params),
-                          kept_fp32=kept)  # fmt: skip
+                          kept_fp32=kept, saved_weights=saved)  # fmt: skip
     return lowered

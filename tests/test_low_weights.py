@@ -76,6 +76,7 @@ def test_bf16_weights_train_with_embeddings_and_norms_in_fp32():
     assert result.fast_path["bf16_parameters"] == matrices  # tiny-gpt ties lm_head to wte
     kept = result.fast_path["kept_fp32"]
     assert "wte.weight" in kept and "wpe.weight" in kept and "ln_f.weight" in kept
+    assert result.fast_path["saved_weights"].startswith("fp32")
 
 
 @pytest.mark.parametrize("compensation, state, held_key, held_dtype", [
