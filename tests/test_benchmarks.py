@@ -20,7 +20,14 @@ sys.path.insert(0, str(BENCHMARKS))
 import provenance  # noqa: E402
 import rounds  # noqa: E402
 
-LIBRARIES = {"rounds.py", "provenance.py", "peers_arms.py", "fresh.py"}  # imported by the scripts
+LIBRARIES = {
+    "rounds.py",
+    "provenance.py",
+    "peers_arms.py",
+    "fresh.py",
+    "levers_quality.py",
+    "levers_largest.py",
+}  # imported by the scripts
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in LIBRARIES)
 # gpu_check.py has a dry run of its own (tests/test_gpu_check.py); profile_step.py prints only.
 WRITES = [s for s in SCRIPTS if s not in ("gpu_check.py", "profile_step.py")]
