@@ -110,8 +110,9 @@ def _unprobed(model: nn.Module, opts: FitOptions, accumulated: int) -> int:
     """
     extra = 0
     if opts.weights == "bf16" and accumulated > 1:
+        cast = low_weights.castable(model)
         extra += 4 * sum(p.numel() for p in model.parameters()
-                         if id(p) in low_weights.castable(model))  # fmt: skip
+                         if p.requires_grad and id(p) in cast)  # fmt: skip
     if distributed.world()[1] > 1 and opts.strategy != "fsdp":
         extra += _gradient_bytes(model, opts)
     return extra
@@ -258,7 +259,7 @@ def largest_batch(
 
     def fits(size: int) -> bool:
         peak = _probe(model, blocks, prec, opts, size, mode)
-        return peak is not None and peak <= budget
+        return peak is not None and peak + _unprobed(model, opts, 1) <= budget
 
     if not fits(1):
         return None

@@ -45,7 +45,8 @@ _POLICY_REASON = {
     "memory), gradients reduced in fp32 (sums over ranks keep their precision); embeddings, "
     "head and norms gathered in fp32 and the residual stream left fp32, as autocast keeps "
     "them in one process",
-    "fp16": "parameters gathered in fp16, gradients reduced in fp32; the GradScaler's "
+    "fp16": "the blocks' matrices gathered in fp16 (embeddings, head and norms in fp32), "
+    "gradients reduced in fp32; the GradScaler's "
     "found-inf flag on the sharded gradients is max-reduced over the ranks (DTensor), so "
     "every rank skips the same steps",
 }
@@ -115,11 +116,13 @@ def shard(model: nn.Module, prec: Precision, strategy: str, world_size: int) -> 
         policy = MixedPrecisionPolicy(param_dtype=prec.dtype, reduce_dtype=torch.float32,
                                       cast_forward_inputs=False)  # fmt: skip
         keep = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    norms = 0
+    norms, done, shared = 0, set(), _shared(model)
     for block in found.blocks:
-        for norm in _norms(block) if prec.uses_autocast else ():
-            fully_shard(norm, mp_policy=keep)
-            norms += 1
+        for norm in _norms(block, shared) if prec.uses_autocast else ():
+            if id(norm) not in done:  # a norm module shared by blocks is one unit
+                fully_shard(norm, mp_policy=keep)
+                done.add(id(norm))
+                norms += 1
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=keep)
     if norms:
@@ -128,6 +131,8 @@ def shard(model: nn.Module, prec: Precision, strategy: str, world_size: int) -> 
         "strategy": "fsdp", "sharded": True, "world_size": world_size,
         "units": units,
         "param_dtype": str(policy.param_dtype or torch.float32).removeprefix("torch."),
+        "param_dtype_of": "the blocks' matrices and biases" if norms or prec.uses_autocast
+        else "every parameter",
         "reduce_dtype": str(policy.reduce_dtype or torch.float32).removeprefix("torch."),
         "reason": _POLICY_REASON.get(prec.name, f"{prec.name}: no mixed-precision policy"),
     }  # fmt: skip
@@ -135,10 +140,24 @@ def shard(model: nn.Module, prec: Precision, strategy: str, world_size: int) -> 
     return record
 
 
-def _norms(block: nn.Module) -> list[nn.Module]:
-    """The normalisation layers in a block that hold parameters (autocast runs them in fp32)."""
-    return [m for m in block.modules() if m is not block and "Norm" in type(m).__name__
-            and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
+def _norms(block: nn.Module, shared: set[int]) -> list[nn.Module]:
+    """The normalisation layers in a block that hold parameters, innermost first.
+
+    Autocast runs them in fp32. A norm whose parameters another module shares stays in the
+    block's unit (its tie kept).
+    """
+    found = [m for m in block.modules() if m is not block and "Norm" in type(m).__name__
+             and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
+    return [m for m in reversed(found) if not any(id(p) in shared for p in m.parameters())]
+
+
+def _shared(model: nn.Module) -> set[int]:
+    """The ids of parameters reachable from more than one module (tied weights)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
 
 
 def wrap(model: nn.Module, world_size: int) -> nn.Module:

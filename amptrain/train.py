@@ -8,55 +8,32 @@ for a Hugging Face model (see `runs.hf_export`) and, with the `plot` extra, `los
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from torch import nn
 
-from amptrain import checkpoint, data, distributed, lora, memory_plan, sharding
+from amptrain import checkpoint, data, distributed, lora, sharding
 from amptrain._imports import MATPLOTLIB_AVAILABLE
 from amptrain.config import TrainConfig
-from amptrain.data.tokenizers import SETTINGS_FILES
-from amptrain.errors import (
-    Interrupted,
-    Stopped,
-)
+from amptrain.errors import Interrupted, Stopped
 from amptrain.interrupts import deferred_signals
 from amptrain.loop import FitResult, fit
 from amptrain.metrics import tracking
 from amptrain.metrics.sinks import CsvSink, JsonlSink, Sink
-from amptrain.models import check_trusted, provenance
-from amptrain.models.provenance import BASE_FILE
-from amptrain.precision import Precision
-from amptrain.preflight import preflight
-from amptrain.resume_config import resumed_config
-from amptrain.resuming import (
-    check_config_hash,
-    check_data,
-    data_digest,
-    find_resume,
-    saved_config,
-    truncate_metrics,
-)
-from amptrain.run_setup import prepare, steps_for_epochs, tokenizer_file
+from amptrain.resuming import data_digest
+from amptrain.run_opening import open_new, open_resumed, remove_new_run
+from amptrain.run_setup import tokenizer_file
 from amptrain.runs import (
-    atomic_write_bytes,
     atomic_write_json,
-    check_folder,
     clean_temporaries,
-    create_run_dir,
     environment,
     final_files,
-    write_config,
 )
 from amptrain.runs.hf_export import is_hf_model
-from amptrain.runs.lock import RunInUseError, RunLock
-from amptrain.runs.lock import acquire as acquire_run_lock
 from amptrain.runs.run_sinks import FastPathRecord, RunDirectoryWatch, record_fast_path
 
 log = logging.getLogger("amptrain")
@@ -140,10 +117,10 @@ def _train(
         return tracking.start(trackers, run_dir, created) if main else []
 
     if resume is None:
-        run = _new_run(cfg, command)
+        run = open_new(cfg, command)
         started = start(run.run_dir, True)
     else:  # started before the run's files are edited: a refusal leaves them as they were
-        run = _resumed_run(cfg, resume, command, given or {}, allow_new_scaler, start)
+        run = open_resumed(cfg, resume, command, given or {}, allow_new_scaler, start)
         started = list(run.trackers)
     try:
         if run.lock is not None:
@@ -205,160 +182,11 @@ def _train(
         return TrainRun(result, run_dir, model, train, val)
     except Stopped:
         if resume is None and main and checkpoint.latest(run.run_dir / "checkpoints") is None:
-            _remove_new_run(run.run_dir, started)
+            remove_new_run(run.run_dir, started)
         raise
     finally:
         if run.lock is not None:
             run.lock.release()  # the run's last file is written
-
-
-def _write_sources(run_dir: Path, cfg: TrainConfig) -> None:
-    """`base.json` (where the model came from) and a copy of the tokenizer: the run can move."""
-    atomic_write_json(run_dir / BASE_FILE, provenance.record(cfg.model))
-    path = tokenizer_file(cfg)
-    if path is not None:
-        atomic_write_bytes(run_dir / "tokenizer.json", Path(path).read_bytes())
-        for name in SETTINGS_FILES:  # its special tokens and chat template, where it has them
-            if (Path(path).parent / name).is_file():
-                atomic_write_bytes(run_dir / name, (Path(path).parent / name).read_bytes())
-
-
-class _Opened(NamedTuple):
-    """A run ready for `fit`: checked in full, its directory created or reopened."""
-
-    cfg: TrainConfig
-    run_dir: Path
-    model: nn.Module
-    train: data.Blocks
-    val: data.Blocks
-    precision: Precision
-    ckpt: checkpoint.Checkpoint | None = None
-    history: Sequence[dict[str, Any]] = ()
-    trackers: Sequence[Sink] = ()
-    lock: RunLock | None = None  # rank 0's hold on the run directory
-    planned: dict[str, Any] | None = None  # the micro-batch measured to fit, before the run
-
-
-def _lock(run_dir: Path) -> RunLock | None:
-    """Rank 0 locks the run directory; a refusal reaches every rank (no rank trains alone)."""
-    lock, refusal = None, None
-    if distributed.is_main():
-        try:
-            lock = acquire_run_lock(run_dir)
-        except RunInUseError as exc:
-            refusal = str(exc)
-    refusal = distributed.broadcast(refusal)
-    if refusal:
-        raise RunInUseError(refusal)
-    return lock
-
-
-def _new_run(cfg: TrainConfig, command: str) -> _Opened:
-    """Check everything `fit` will, then create the run directory and its config.json."""
-    check_folder(cfg.out)
-    model, train, val, precision = prepare(cfg)
-    if cfg.epochs is not None:  # the steps of that many passes, recorded as max_steps
-        steps = steps_for_epochs(cfg, train, distributed.world()[1])
-        log.info("--epochs %g: %d optimizer steps over %d training blocks", cfg.epochs, steps,
-                 len(train))  # fmt: skip
-        cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, max_steps=steps))
-    opts, prec, train_b, _ = preflight(
-        model, train, val, precision=precision, source=cfg.model, **dataclasses.asdict(cfg.fit)
-    )  # refused before the run directory exists
-    planned = None
-    if memory_plan.wanted(opts):  # measured now: a budget nothing fits is refused here too
-        opts, planned = memory_plan.plan(model, train_b, prec, opts)
-        split = {
-            k: getattr(opts, k)
-            for k in (
-                "batch_size",
-                "grad_accum",
-                "eval_batches",
-                "activation_checkpointing",
-                "micro_batch",
-            )
-        }
-        cfg = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, **split))
-    main = distributed.is_main()
-    run_dir = create_run_dir(cfg.out, command) if main else None
-    run_dir = Path(distributed.broadcast(str(run_dir) if main else None))
-    lock = None
-    try:
-        lock = _lock(run_dir)  # a new name: free, but a resume beside the run must see it taken
-        if main:
-            write_config(run_dir, command, cfg)
-            _write_sources(run_dir, cfg)
-    except BaseException:  # a signal or a failed write: nothing of a run that never trained
-        if main:
-            _remove_new_run(run_dir, [])
-        if lock is not None:
-            lock.release()
-        raise
-    return _Opened(cfg, run_dir, model, train, val, precision, lock=lock, planned=planned)
-
-
-def _remove_new_run(run_dir: Path, trackers: Sequence[Sink]) -> None:
-    """Remove a new run's directory that holds no training (its trackers closed first)."""
-    for sink in trackers:
-        with contextlib.suppress(Exception):
-            sink.close()
-    shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _resumed_run(
-    cfg: TrainConfig,
-    resume: str,
-    command: str,
-    given: dict[str, Any],
-    allow_new_scaler: bool,
-    start: Callable[[Path, bool], list[Sink]],
-) -> _Opened:
-    """Load and check the checkpoint against everything, and only then edit the run's files."""
-    run_dir, ckpt = find_resume(cfg.out, resume, command)
-    lock = _lock(run_dir)  # before anything is read for the resume, or edited
-    try:
-        return _reopen(cfg, run_dir, ckpt, command, given, allow_new_scaler, start, lock)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-
-
-def _reopen(
-    cfg: TrainConfig,
-    run_dir: Path,
-    ckpt: checkpoint.Checkpoint,
-    command: str,
-    given: dict[str, Any],
-    allow_new_scaler: bool,
-    start: Callable[[Path, bool], list[Sink]],
-    lock: RunLock | None,
-) -> _Opened:
-    """`_resumed_run` once the run is locked."""
-    saved = TrainConfig.from_dict(saved_config(run_dir))
-    check_data(saved, ckpt)
-    if "model" not in given:  # named by the run's config.json, which may come from elsewhere
-        check_trusted(saved.model, run_dir)
-    check_config_hash(saved, ckpt)
-    cfg = resumed_config(saved, given, ckpt.trainer["step"])
-    asked = given.get("precision")  # else config.json's, checked against the checkpoint too
-    model, train, val, precision = prepare(
-        dataclasses.replace(cfg, precision=asked or cfg.precision), ckpt,
-        allow_new_scaler=allow_new_scaler,
-        asked_by="--precision" if asked else "the run's config.json")  # fmt: skip
-    # Every check of the resume (shapes, scaler, world size...) before any file is touched.
-    preflight(model, train, val, precision=precision, source=cfg.model, resume=ckpt,
-              allow_new_scaler=allow_new_scaler, **dataclasses.asdict(cfg.fit))  # fmt: skip
-    started = start(run_dir, False)  # the trackers too: a refused one changes nothing
-    distributed.barrier()  # every rank has read the checkpoint before rank 0 edits the run
-    history = []
-    if distributed.is_main():
-        history = truncate_metrics(run_dir, ckpt.trainer["step"])
-        if cfg != saved:  # extended: config.json says what the run now is
-            config = {**cfg.to_dict(), "environment": environment()}
-            atomic_write_json(run_dir / "config.json", config)
-    log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, ckpt.trainer["step"])
-    return _Opened(cfg, run_dir, model, train, val, precision, ckpt, history, started, lock)
 
 
 def _plot(result: FitResult, path: Path, title: str) -> None:

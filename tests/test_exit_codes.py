@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from amptrain import checkpoint, loop, train
+from amptrain import checkpoint, loop, run_opening, train
 from amptrain.cli import main
 from amptrain.errors import EXIT_CODES
 from amptrain.runs import final_files
@@ -161,13 +161,13 @@ def test_a_signal_before_training_is_one_line_and_leaves_no_run(
     signum, code, tmp_path, corpus, monkeypatch, capsys
 ):
     out = tmp_path / "runs"
-    real = train._write_sources
+    real = run_opening._write_sources
 
     def write_sources(run_dir, cfg):  # the run directory exists; nothing has trained
         real(run_dir, cfg)
         os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(train, "_write_sources", write_sources)
+    monkeypatch.setattr(run_opening, "_write_sources", write_sources)
     assert _train(corpus, out, "--max-steps", "2") == code
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("amptrain:")]
@@ -184,13 +184,13 @@ def test_a_signal_before_a_resume_trains_leaves_the_run_as_it_was(
     assert _train(corpus, out, "--max-steps", "2", "--checkpoint-every", "1") == 0
     (run,) = out.iterdir()
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    real = train.check_config_hash
+    real = run_opening.check_config_hash
 
     def check(*args):  # the checkpoint is loaded; no file of the run is edited yet
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args)
 
-    monkeypatch.setattr(train, "check_config_hash", check)
+    monkeypatch.setattr(run_opening, "check_config_hash", check)
     capsys.readouterr()
     assert _train(corpus, out, "--max-steps", "4", "--resume", "auto") == 143
     assert "nothing had trained; the run is as it was" in capsys.readouterr().err

@@ -271,3 +271,5 @@ def test_the_search_space_takes_bf16_weights_and_their_levers():
     assert "--optimizer-state 8bit" in command
     with pytest.raises(ConfigError, match="compensation"):
         parse_space({"compensation": ["kahan", "stochastic"]}, TrainConfig(), "cpu")
+    plain = apply(cfg, {"precision": "bf16"})  # a bf16-true base: the sampled precision rules
+    assert plain.precision == "bf16" and plain.fit.weights == "fp32"

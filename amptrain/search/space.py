@@ -148,6 +148,15 @@ def parse_space(
                 apply(base, {name: value})
             except ConfigError as exc:
                 raise ConfigError(f"search space {name!r}: {exc}") from None
+            if name in ("optimizer_state", "compensation"):  # its library, before any trial
+                from amptrain.preflight import check_optimizer_state
+
+                trial_fit = apply(base, {name: value}).fit
+                check_optimizer_state(trial_fit)
+                if name == "compensation" and value != "sr":
+                    from amptrain._imports import requires
+
+                    requires("optimi", "memory", f"compensation {value}", "search sr only")
             if name == "precision":
                 from amptrain.config import BF16_TRUE
                 from amptrain.precision import resolve
@@ -210,6 +219,12 @@ def apply(cfg: TrainConfig, params: Mapping[str, Any]) -> TrainConfig:
     """
     fit_values = {PARAMS[n][4:]: v for n, v in params.items() if PARAMS[n].startswith("fit.")}
     top = {PARAMS[n]: v for n, v in params.items() if not PARAMS[n].startswith("fit.")}
+    if "precision" in top:  # a sampled precision says the weights too (bf16-true or not)
+        from amptrain.config import BF16_TRUE
+
+        fit_values.setdefault("weights", "fp32")
+        if str(top["precision"]).lower() == BF16_TRUE:
+            top["precision"], fit_values["weights"] = "bf16", "bf16"
     return dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, **fit_values), **top)
 
 
