@@ -16,7 +16,8 @@ blocks are checkpointed when the asked batch does not fit without it.
 A probe on the CPU runs in a forked process (`hardware.measure_memory`) that volunteers to the
 kernel's OOM killer first, so a micro-batch too large for the machine kills the probe and not
 the run. On CUDA the step runs in the process with the learning rate at zero (the weights do not
-move) and an out-of-memory error means it does not fit. The probe's step is eager: a compiled
+move; bf16 weights' matrices are left rounded to bf16, as the run rounds them at its start) and
+an out-of-memory error means it does not fit. The probe's step is eager: a compiled
 step holds no more, except under checkpointing on torch 2.13 (see `recompute`).
 """
 

@@ -273,3 +273,30 @@ def test_the_search_space_takes_bf16_weights_and_their_levers():
         parse_space({"compensation": ["kahan", "stochastic"]}, TrainConfig(), "cpu")
     plain = apply(cfg, {"precision": "bf16"})  # a bf16-true base: the sampled precision rules
     assert plain.precision == "bf16" and plain.fit.weights == "fp32"
+
+
+@pytest.mark.parametrize("levers", [{}, {"weights": "bf16", "compensation": "sr"},
+                                    {"weights": "bf16", "compensation": "kahan"}])  # fmt: skip
+def test_a_probe_run_in_the_process_as_on_cuda_leaves_the_model_as_it_was(monkeypatch, levers):
+    """On CUDA the probe's step runs in the run's own process: lr 0, casts and grads undone."""
+    from amptrain.bench import state_digest
+
+    def in_process(device, work, timeout=600.0, oom_first=False):  # as measure_memory on CUDA
+        work()
+        return 100.0, 50.0, "simulated"
+
+    from amptrain import low_weights
+
+    def as_the_run_starts(model):  # bf16 weights: the run rounds the matrices first
+        low_weights.cast(model, levers.get("weights", "fp32")).undo()
+        return state_digest(model)
+
+    monkeypatch.setattr(hardware, "measure_memory", in_process)
+    model = tiny_model(n_layer=2, n_embd=32)
+    prec = resolve("bf16" if levers else "fp32", CPU)
+    peak = memory_plan._probe(model, pattern_blocks(16), prec, FitOptions(**levers), 4, "full")
+    assert peak == 100.0 * 2**20
+    assert as_the_run_starts(model) == as_the_run_starts(tiny_model(n_layer=2, n_embd=32))
+    assert all(p.grad is None and p.dtype == torch.float32 for p in model.parameters())
+    if not levers:  # fp32: bit for bit as it was
+        assert state_digest(model) == state_digest(tiny_model(n_layer=2, n_embd=32))

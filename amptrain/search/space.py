@@ -145,24 +145,21 @@ def parse_space(
         dims[name] = _dimension(name, spec)
         for value in dims[name].values_to_check():
             try:
-                apply(base, {name: value})
+                trial = apply(base, {name: value})
             except ConfigError as exc:
                 raise ConfigError(f"search space {name!r}: {exc}") from None
             if name in ("optimizer_state", "compensation"):  # its library, before any trial
                 from amptrain.preflight import check_optimizer_state
 
-                trial_fit = apply(base, {name: value}).fit
-                check_optimizer_state(trial_fit)
+                check_optimizer_state(trial.fit)
                 if name == "compensation" and value != "sr":
                     from amptrain._imports import requires
 
                     requires("optimi", "memory", f"compensation {value}", "search sr only")
-            if name == "precision":
-                from amptrain.config import BF16_TRUE
+            if name == "precision":  # bf16-true is bf16 autocast with bf16 weights (TrainConfig)
                 from amptrain.precision import resolve
 
-                bf16_true = str(value).lower() == BF16_TRUE  # bf16 autocast, bf16 weights
-                resolve("bf16" if bf16_true else value, device)
+                resolve(trial.precision, device)
     return dims
 
 
@@ -219,12 +216,8 @@ def apply(cfg: TrainConfig, params: Mapping[str, Any]) -> TrainConfig:
     """
     fit_values = {PARAMS[n][4:]: v for n, v in params.items() if PARAMS[n].startswith("fit.")}
     top = {PARAMS[n]: v for n, v in params.items() if not PARAMS[n].startswith("fit.")}
-    if "precision" in top:  # a sampled precision says the weights too (bf16-true or not)
-        from amptrain.config import BF16_TRUE
-
-        fit_values.setdefault("weights", "fp32")
-        if str(top["precision"]).lower() == BF16_TRUE:
-            top["precision"], fit_values["weights"] = "bf16", "bf16"
+    if "precision" in top:  # a sampled precision says the weights too: TrainConfig turns
+        fit_values.setdefault("weights", "fp32")  # bf16-true into bf16 with bf16 weights
     return dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, **fit_values), **top)
 
 
