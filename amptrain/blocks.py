@@ -56,3 +56,15 @@ def repeated_blocks(model: nn.Module) -> RepeatedBlocks | None:
         if size > best_size:
             best, best_size = RepeatedBlocks(name, module, children), size
     return best
+
+
+def kept_in_fp32(module: nn.Module) -> bool:
+    """True for the layers that mixed precision keeps in fp32: normalisations and embeddings.
+
+    Autocast runs norms in fp32 and never casts an embedding's lookup; bf16 weights
+    (`low_weights`) and FSDP's mixed-precision units (`sharding`) keep the same layers fp32.
+    Found by class name, so that `LlamaRMSNorm`, `T5LayerNorm` and a hand-written `RMSNorm`
+    count as `nn.LayerNorm` does.
+    """
+    name = type(module).__name__
+    return isinstance(module, nn.Embedding) or "Norm" in name or "Embedding" in name

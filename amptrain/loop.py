@@ -158,15 +158,16 @@ def _fit(
         resharding.restore(resume, model, optimizer, scheduler, prec, state, allow_new_scaler)
         reset_lr(optimizer, scheduler, opts)  # an extended run's schedule, from now on
     net = sharding.wrap(model, world_size)  # DDP's wrapper, or the sharded model itself
-    if lowered.params and net is not model:
-        net.register_comm_hook(None, low_weights.fp32_allreduce)  # bf16 gradients summed in fp32
+    if lowered.params and world_size > 1:  # bf16 gradients summed in fp32: a hook under DDP,
+        if net is not model:  # the policy's reduce dtype under FSDP2
+            net.register_comm_hook(None, low_weights.fp32_allreduce)
         lowered.record["gradient_reduction"] = "fp32"
     with prec.activate():  # the fast path is decided and timed in the run's matmul mode (TF32)
         attn, compiled, loss_fn, fast_path = plan_fast_path(model, net, train_b, prec, optimizer,
                                                             opts, resume, state.step)  # fmt: skip
         fast_path["sharding"] = shards
-        if lowered.params and opts.grad_accum > 1:  # after the fast path's timed passes
-            lowered.accumulate_in_fp32()
+        if lowered.params and opts.grad_accum > 1 and not shards["sharded"]:
+            lowered.accumulate_in_fp32()  # after the fast path's timed passes; FSDP2 sums in fp32
         fast_path.update(recomputed.record)
         fast_path.update(lowered.record)
         if planned:

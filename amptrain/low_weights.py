@@ -1,20 +1,24 @@
-"""bf16 weights (`--precision bf16-true`): the trainable matrices stored, and updated, in bf16.
+"""bf16 weights (`--precision bf16-true`): the layers' parameters stored, and updated, in bf16.
 
 Under bf16 autocast amptrain keeps fp32 master weights, fp32 gradients and fp32 AdamW state:
-16 bytes a parameter. With `weights="bf16"` the matrices of the linear layers are bf16 for the
-whole run, so are their gradients and AdamW moments, and the update is compensated so that a
-step smaller than half a bf16 spacing is not lost (torch-optimi's Kahan summation keeps the
-rounding error in a bf16 buffer: 10 bytes a parameter in all). What the literature and optimi
-keep in fp32 stays fp32: embeddings (and a head tied to them), norms and biases, and buffers
-such as RoPE tables; the forward still runs under bf16 autocast, which casts their outputs.
-`cast` returns the record of what was cast and kept, and `undo` returns the matrices to fp32
-at the end of the run: exactly, since every bf16 value is an fp32 value, so the model after
-`fit` is an fp32 model as after any run, and `model.safetensors` holds fp32.
+16 bytes a parameter. With `weights="bf16"` the layers' parameters (linear layers' matrices
+and biases) are bf16 for the whole run, so are their gradients and AdamW moments, and the
+update is compensated so that a step smaller than half a bf16 spacing is not lost
+(torch-optimi's Kahan summation keeps the rounding error in a bf16 buffer: 10 bytes a
+parameter in all). What the literature and optimi keep in fp32 stays fp32: embeddings (and a
+head tied to them), norms, and buffers such as RoPE tables; the forward still runs under bf16
+autocast, which casts their outputs. Biases are cast with their matrices: autocast casts them
+for the matmul anyway, the update is compensated, and FSDP2 needs one dtype in each of its
+units (`sharding`). `cast` returns the record of what was cast and kept, and `undo` returns
+them to fp32 at the end of the run: exactly, since every bf16 value is an fp32 value, so the
+model after `fit` is an fp32 model as after any run, and `model.safetensors` holds fp32.
 
 Gradient accumulation sums in fp32: after each micro-batch's backward a hook adds the bf16
 gradient into an fp32 sum and clears it, and `gather` hands the optimizer the sum rounded
 once, so a window of A micro-batches rounds its gradient as one batch of A does. Under DDP
-the gradients are all-reduced in fp32 (`fp32_allreduce`), as bf16 autocast's are.
+the gradients are all-reduced in fp32 (`fp32_allreduce`), as bf16 autocast's are. FSDP2
+reduce-scatters them in fp32 (its policy's reduce dtype) and, over a window, keeps the
+unsharded sums in fp32 itself, so the hooks are not needed there.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from amptrain.blocks import kept_in_fp32
+from amptrain.stochastic_round import is_shard
 
 
 @dataclasses.dataclass
@@ -58,13 +65,18 @@ class Lowered:
         self.sums.clear()
 
     def undo(self) -> None:
-        """Return the cast parameters to fp32 (exact)."""
+        """Return the cast parameters to fp32 (exact).
+
+        FSDP2's shards stay bf16 (its units hold one dtype); `sharding.full_state_dict`
+        widens them as it gathers them.
+        """
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
         self.sums.clear()
         for param in self.params:
-            param.data = param.data.float()
+            if not is_shard(param):
+                param.data = param.data.float()
         self.params.clear()
 
 
@@ -87,17 +99,26 @@ def fp32_allreduce(group, bucket):  # noqa: ANN001, ANN201 (DDP reads the annota
 
 
 def castable(model: nn.Module) -> set[int]:
-    """The ids of the weights `cast` lowers: linear layers' matrices not tied to an embedding."""
-    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return {id(m.weight) for m in model.modules()
-            if isinstance(m, nn.Linear) and id(m.weight) not in embedded}  # fmt: skip
+    """The ids of the parameters `cast` lowers to bf16.
+
+    Every parameter of a layer below the model that is not a norm or an embedding
+    (`blocks.kept_in_fp32`): a linear layer's matrix and bias, Hugging Face's `Conv1D`, an
+    attention's own projection. A parameter that a kept layer shares (a head tied to the
+    embedding) stays fp32 with it, and so do the parameters the model holds itself (a learned
+    position table).
+    """
+    kept, low = set(), set()
+    for module in model.modules():
+        held = {id(p) for p in module.parameters(recurse=False)}
+        if module is model or kept_in_fp32(module):
+            kept |= held
+        else:
+            low |= held
+    return low - kept
 
 
 def cast(model: nn.Module, weights: str) -> Lowered:
-    """With `weights="bf16"`, cast the trainable weights of the linear layers to bf16.
-
-    A linear layer's weight tied to an embedding (a tied head) stays fp32 with it.
-    """
+    """With `weights="bf16"`, cast the trainable parameters `castable` names to bf16."""
     if weights != "bf16":
         return Lowered({"weights": weights})
     linear = castable(model)

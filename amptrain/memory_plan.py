@@ -180,8 +180,8 @@ def plan(
     budget, whence = budget_bytes(opts, device)
     per_process = opts.batch_size * opts.grad_accum
     sizes = [m for m in range(per_process, 0, -1) if per_process % m == 0]  # largest first
-    if opts.weights == "bf16" and distributed.world()[1] > 1:  # bf16 weights cannot accumulate
-        sizes = [per_process]  # under DDP (`preflight.check_weights`)
+    if opts.weights == "bf16" and distributed.world()[1] > 1 and opts.strategy != "fsdp":
+        sizes = [per_process]  # bf16 weights cannot accumulate under DDP (`check_weights`)
     modes = [opts.activation_checkpointing]
     if opts.activation_checkpointing == "auto":  # none, and full where the model allows it
         modes = ["none", "full"] if recompute.possible(model) else ["none"]

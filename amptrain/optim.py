@@ -15,6 +15,7 @@ from torch import nn
 
 from amptrain.config import FitOptions
 from amptrain.errors import ConfigError
+from amptrain.stochastic_round import is_shard
 
 _FLAGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
@@ -36,7 +37,7 @@ def make_optimizer(model: nn.Module, opts: FitOptions) -> torch.optim.AdamW:
     if opts.weights == "bf16":
         return _adamw_compensated(groups, opts)
     if opts.optimizer_state == "8bit":
-        return _adamw_8bit(groups, opts)
+        return _adamw_8bit(groups, opts, sharded=is_shard(params[0]))
     requested = opts.optimizer_impl
     missing = _fused_missing(params) if requested in ("auto", "fused") else None
     if requested == "fused" and missing:
@@ -89,11 +90,24 @@ MIN_8BIT_SIZE = 4096
 """Tensors with fewer elements keep 32-bit AdamW state under `optimizer_state="8bit"`."""
 
 
-def _adamw_8bit(groups: list[dict], opts: FitOptions) -> torch.optim.Optimizer:
-    """Bitsandbytes' AdamW with blockwise 8-bit moments (a CPU and a CUDA kernel)."""
+def _adamw_8bit(groups: list[dict], opts: FitOptions, sharded: bool) -> torch.optim.Optimizer:
+    """AdamW with blockwise 8-bit moments: bitsandbytes' (a CPU and a CUDA kernel).
+
+    On FSDP2's shards, which bitsandbytes' optimizer cannot step, amptrain's
+    (`stochastic_round.StochasticAdamW`) on bitsandbytes' format.
+    """
     from amptrain._imports import requires
 
     requires("bitsandbytes", "memory", "--optimizer-state 8bit", "leave it at 32bit")
+    if sharded:
+        from amptrain.stochastic_round import StochasticAdamW
+
+        optimizer = StochasticAdamW(groups, lr=opts.lr, betas=opts.betas, seed=opts.seed,
+                                    moments="8bit")  # fmt: skip
+        optimizer.amptrain_reason = ("8bit, sharded: bitsandbytes' blockwise 8-bit format, "
+                                     "stepped on each process's shard (bitsandbytes' optimizer "
+                                     "steps whole tensors)")  # fmt: skip
+        return optimizer
     import bitsandbytes
 
     optimizer = bitsandbytes.optim.AdamW8bit(groups, lr=opts.lr, betas=opts.betas,
@@ -124,6 +138,8 @@ def impl_of(optimizer: torch.optim.Optimizer) -> str:
     if type(optimizer).__module__.startswith("bitsandbytes"):
         return "bitsandbytes 8-bit"
     if type(optimizer).__module__ == "amptrain.stochastic_round":
+        if not any(p.dtype == torch.bfloat16 for g in optimizer.param_groups for p in g["params"]):
+            return "8-bit moments, sharded"
         return "stochastic rounding" + (", 8-bit moments" if optimizer.codec else "")
     if type(optimizer).__module__.startswith("optimi"):
         return "optimi, Kahan" if optimizer.defaults.get("kahan_sum") else "optimi"

@@ -80,8 +80,8 @@ def check_weights(opts: FitOptions, prec: Precision) -> None:
     Raises:
         ModuleNotFoundError: Without torch-optimi (the `memory` extra).
         ConfigError: For another precision than bf16, gradient accumulation under DDP (the
-            skipped reductions would sum bf16 gradients in bf16), FSDP, or 8-bit state
-            without stochastic rounding.
+            skipped reductions would sum bf16 gradients in bf16; FSDP2 sums them in fp32), or
+            8-bit state without stochastic rounding.
     """
     if opts.weights != "bf16":
         return
@@ -90,17 +90,16 @@ def check_weights(opts: FitOptions, prec: Precision) -> None:
     if opts.compensation != "sr":  # Kahan summation and nearest rounding: torch-optimi's AdamW
         requires("optimi", "memory", "--precision bf16-true", "use --compensation sr")
     why = None
-    if distributed.world()[1] > 1 and opts.grad_accum > 1:
-        why = ("with several processes they take --grad-accum 1 (DDP would sum the skipped "
-               "reductions' bf16 gradients in bf16); raise --batch-size instead")  # fmt: skip
+    if distributed.world()[1] > 1 and opts.grad_accum > 1 and opts.strategy != "fsdp":
+        why = ("under DDP they take --grad-accum 1 (DDP would sum the skipped reductions' "
+               "bf16 gradients in bf16); raise --batch-size, or use --strategy fsdp, which "
+               "sums them in fp32")  # fmt: skip
     elif opts.optimizer_impl not in ("auto", "for-loop"):
         why = (f"their optimizer is a for-loop AdamW of its own (--compensation "
                f"{opts.compensation}), not --optimizer-impl {opts.optimizer_impl}; leave it at "
                "auto")  # fmt: skip
     elif prec.name != "bf16":
         why = f"they need precision bf16 (the run's is {prec.name})"
-    elif opts.strategy == "fsdp":
-        why = "FSDP's mixed-precision policy is not combined with them; use --strategy ddp"
     elif opts.optimizer_state == "8bit" and opts.compensation != "sr":
         why = (f"8-bit AdamW state takes --compensation sr (stochastic rounding); Kahan "
                f"summation's buffer needs 16-bit moments (asked: {opts.compensation})")  # fmt: skip
@@ -113,18 +112,12 @@ def check_optimizer_state(opts: FitOptions) -> None:
 
     Raises:
         ModuleNotFoundError: Without bitsandbytes (the `memory` extra).
-        ConfigError: With FSDP or sharded checkpoints: bitsandbytes steps plain tensors, not
-            the DTensor shards of either.
     """
     if opts.optimizer_state != "8bit":
         return
     from amptrain._imports import requires
 
     requires("bitsandbytes", "memory", "--optimizer-state 8bit", "leave it at 32bit")
-    if opts.strategy == "fsdp" or opts.checkpoint_format == "sharded":
-        raise ConfigError("--optimizer-state 8bit with --strategy fsdp or --checkpoint-format "
-                          "sharded is not supported: bitsandbytes steps whole tensors, not "
-                          "shards; use --strategy ddp and full checkpoints")  # fmt: skip
 
 
 def check_parameter_dtypes(model: nn.Module, source: str) -> None:

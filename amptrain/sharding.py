@@ -16,6 +16,12 @@ a block are units of their own gathered in fp32, and a block's inputs are not ca
 residual stream stays fp32, as under autocast). Only the blocks' other weights (the matrices
 and biases autocast would cast for each matmul anyway) are gathered in the low dtype.
 
+With bf16 weights (`--precision bf16-true`, cast by `low_weights` before sharding) the blocks'
+units hold bf16 parameters, gathered as they are, with gradients reduce-scattered in fp32
+and rounded once per shard; the norms and embeddings stay fp32 units as above, and a bf16
+layer outside the blocks (an untied head) is a unit of its own, since FSDP2 gathers a unit in
+one dtype.
+
 fp16 keeps torch's own `GradScaler`: a reduce-scatter leaves an overflow in the shard of one
 rank only, and the scaler's found-inf check on the
 sharded (DTensor) gradients is reduced with a max over the ranks by DTensor itself (its
@@ -34,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from amptrain.blocks import repeated_blocks
+from amptrain.blocks import kept_in_fp32, repeated_blocks
 from amptrain.errors import ModelError
 from amptrain.precision import Precision
 
@@ -100,12 +106,17 @@ def shard(model: nn.Module, prec: Precision, strategy: str, world_size: int) -> 
     """Apply `fully_shard` per repeated block and to the root, in place, under `fsdp`.
 
     Returns the record of what was done and why (for the fast-path record and summary.json).
-    Under `ddp`, or in one process, nothing changes and the record says so.
+    Under `ddp`, or in one process, nothing changes and the record says so. With bf16 weights
+    (`low_weights.cast` runs first) the blocks' units hold bf16 parameters, gathered as they
+    are, and a bf16 layer outside the blocks (an untied head) is a unit of its own.
+
+    Raises:
+        ModelError: When a unit would hold parameters of two dtypes (FSDP2 gathers one).
     """
     if not will_shard(strategy, world_size):
         why = "one process: nothing to shard" if world_size == 1 else "replicas (DDP)"
         return {"strategy": strategy, "sharded": False, "reason": why}
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     found = repeated_blocks(model)
     assert found is not None, "check_shardable runs first"
@@ -116,22 +127,27 @@ def shard(model: nn.Module, prec: Precision, strategy: str, world_size: int) -> 
         policy = MixedPrecisionPolicy(param_dtype=prec.dtype, reduce_dtype=torch.float32,
                                       cast_forward_inputs=False)  # fmt: skip
         keep = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    norms, done, shared = 0, set(), _shared(model)
+    kept, done, shared = 0, set(), _shared(model)
     for block in found.blocks:
-        for norm in _norms(block, shared) if prec.uses_autocast else ():
-            if id(norm) not in done:  # a norm module shared by blocks is one unit
-                fully_shard(norm, mp_policy=keep)
-                done.add(id(norm))
-                norms += 1
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=keep)
-    if norms:
-        units += f", {norms} norms in fp32"
+        for layer in _kept(block, shared) if prec.uses_autocast else ():
+            if id(layer) not in done:  # a layer shared by blocks is one unit
+                _unit(layer, keep)
+                done.add(id(layer))
+                kept += 1
+        _unit(block, policy)
+    low = _low_outside(model, found.blocks)  # bf16 weights: an untied head, say
+    for layer in low:
+        _unit(layer, policy)
+    _unit(model, keep)
+    if kept:
+        units += f", {kept} fp32 layers (norms, embeddings)"
+    if low:
+        units += f", {len(low)} bf16 layers outside the blocks"
     record = {
         "strategy": "fsdp", "sharded": True, "world_size": world_size,
         "units": units,
         "param_dtype": str(policy.param_dtype or torch.float32).removeprefix("torch."),
-        "param_dtype_of": "the blocks' matrices and biases" if norms or prec.uses_autocast
+        "param_dtype_of": "the blocks' matrices and biases" if prec.uses_autocast
         else "every parameter",
         "reduce_dtype": str(policy.reduce_dtype or torch.float32).removeprefix("torch."),
         "reason": _POLICY_REASON.get(prec.name, f"{prec.name}: no mixed-precision policy"),
@@ -140,15 +156,51 @@ def shard(model: nn.Module, prec: Precision, strategy: str, world_size: int) -> 
     return record
 
 
-def _norms(block: nn.Module, shared: set[int]) -> list[nn.Module]:
-    """The normalisation layers in a block that hold parameters, innermost first.
+def _unit(module: nn.Module, policy: Any) -> None:
+    """`fully_shard(module)`; FSDP2's refusal of two dtypes in one unit is a `ModelError`."""
+    from torch.distributed.fsdp import fully_shard
 
-    Autocast runs them in fp32. A norm whose parameters another module shares stays in the
-    block's unit (its tie kept).
+    try:
+        fully_shard(module, mp_policy=policy)
+    except AssertionError as exc:
+        if "uniform original parameter dtype" not in str(exc):
+            raise
+        dtypes = sorted({str(p.dtype)[6:] for p in module.parameters() if p.requires_grad})
+        raise ModelError(
+            f"FSDP2 cannot shard {type(module).__name__} as one unit: its parameters are "
+            f"{' and '.join(dtypes)} (a parameter shared with a norm or an embedding, or one "
+            "the model leaves in its own dtype); FSDP2 gathers a unit in one dtype. Train "
+            "with --precision bf16, or --strategy ddp"
+        ) from exc
+
+
+def _kept(block: nn.Module, shared: set[int]) -> list[nn.Module]:
+    """The layers in a block that hold parameters and stay fp32, innermost first.
+
+    Norms and embeddings (`blocks.kept_in_fp32`): autocast runs them in fp32.
+
+    A layer whose parameters another module shares stays in the block's unit (its tie kept).
     """
-    found = [m for m in block.modules() if m is not block and "Norm" in type(m).__name__
+    found = [m for m in block.modules() if m is not block and kept_in_fp32(m)
              and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
     return [m for m in reversed(found) if not any(id(p) in shared for p in m.parameters())]
+
+
+def _low_outside(model: nn.Module, blocks: tuple[nn.Module, ...]) -> list[nn.Module]:
+    """The layers outside the blocks whose own parameters are all bf16 (bf16 weights' head).
+
+    The root unit keeps the embeddings and the final norm in fp32, so such a layer is a unit
+    of its own.
+    """
+    inside = {id(m) for block in blocks for m in block.modules()}
+    found = []
+    for module in model.modules():
+        held = list(module.parameters(recurse=False))
+        if module is model or id(module) in inside or not held:
+            continue
+        if all(p.dtype == torch.bfloat16 for p in held):
+            found.append(module)
+    return found
 
 
 def _shared(model: nn.Module) -> set[int]:
@@ -185,11 +237,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict on CPU; under FSDP gathered (collective: every rank calls).
 
     Ranks other than 0 get an empty dict under FSDP, so `model.pt` is one full state dict that
-    `eval`, `generate`, `compare` and `--init-from` load unchanged.
+    `eval`, `generate`, `compare` and `--init-from` load unchanged. Trained parameters that
+    bf16 weights left in bf16 shards are widened to fp32 (exact), as one process's are.
     """
     if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=options)
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {name: value.float() if name in trained and value.dtype == torch.bfloat16 else value
+            for name, value in state.items()}  # fmt: skip

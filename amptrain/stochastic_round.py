@@ -11,13 +11,20 @@ The update is computed in fp32 from the bf16 values and rounded once into each b
 seed, the step and the parameter's index, so they are a function of where the run is, not of
 what ran before: a resumed run, or another rank of a DDP run on the same kind of device,
 draws the same bits (CUDA's generator lays its bits out by the GPU's size). Parameters
-kept in fp32 (embeddings, norms, biases) get plain AdamW.
+kept in fp32 (embeddings, norms) get plain AdamW.
 
-With `moments="8bit"` the two moments of every tensor of at least `MIN_8BIT_SIZE` elements are
-kept as bitsandbytes keeps them in its 8-bit AdamW: blocks of 256 values, each an absolute
-maximum and 8-bit codes on bitsandbytes' dynamic map (signed for the first moment, unsigned
-for the second), dequantized for the update and quantized again after it with bitsandbytes'
-own functions. A bf16 weight then costs 6 bytes: weight, gradient, two 1-byte moments.
+With `moments="8bit"` the two moments of every matrix of at least `MIN_8BIT_SIZE` elements are
+kept as bitsandbytes keeps them in its 8-bit AdamW: blocks of 256 values (128 or 64 where a
+row holds no multiple of 256; a block never crosses a row), each an absolute maximum and
+8-bit codes on bitsandbytes' dynamic map (signed for the first moment, unsigned for the
+second), dequantized for the update and quantized again after it with bitsandbytes' own
+functions. A bf16 weight then costs 6 bytes: weight, gradient, two 1-byte moments. fp32
+parameters take the same 8-bit moments and a plain AdamW update: this is the 8-bit AdamW of
+a sharded run, whose parameters bitsandbytes' optimizer cannot step.
+
+Under FSDP2 each process steps its own shard (whole rows of dim 0) and holds its state as
+DTensors laid out as the parameter, so torch's distributed checkpoint saves, gathers and
+reshards it with the weights. A shard seeds its bits by its first row too.
 
 torchao's AdamW has the same rounding (`bf16_stochastic_round`), but it draws from the global
 generator inside a `torch.compile`d step: it needs a compiler, and it is seeded by whatever
@@ -35,8 +42,9 @@ _LOW_16 = 0xFFFF
 _HIGH_16 = -65536  # 0xFFFF0000 as an int32 mask
 MIN_8BIT_SIZE = 4096
 """Smaller tensors keep 16-bit moments under `moments="8bit"` (bitsandbytes' threshold)."""
-BLOCK = 256
-"""Values per absolute maximum of the 8-bit moments (bitsandbytes' 8-bit optimizers' block)."""
+BLOCKS = (256, 128, 64)
+"""Values per absolute maximum of the 8-bit moments, the first that divides a row: 256 is
+bitsandbytes' 8-bit optimizers' block."""
 _KEPT = (torch.uint8, torch.float32)  # state dtypes a bf16 parameter's load must not cast
 
 
@@ -115,29 +123,44 @@ class StochasticAdamW(torch.optim.Optimizer):
     def _init_state(self, param: torch.Tensor) -> dict:
         state = self.state[param]
         state["step"] = 0
+        block = self._block(param)
         for name in ("exp_avg", "exp_avg_sq"):
-            if self._quantized(param):
-                state[name] = torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
-                state[name + "_absmax"] = torch.zeros(-(-param.numel() // BLOCK),
-                                                      device=param.device)  # fmt: skip
+            if block:
+                state[name] = torch.zeros_like(param, dtype=torch.uint8)
+                per_row = param.numel() // param.shape[0] // block
+                absmax = torch.zeros(_local(param).shape[0], per_row, device=param.device)
+                state[name + "_absmax"] = _like(param, absmax, (param.shape[0], per_row))
             else:
                 state[name] = torch.zeros_like(param)
         return state
 
-    def _quantized(self, param: torch.Tensor) -> bool:
-        return self.codec is not None and param.numel() >= MIN_8BIT_SIZE
+    def _block(self, param: torch.Tensor) -> int | None:
+        """The 8-bit moments' block for `param`, or None where its moments stay 16/32-bit.
+
+        A block never crosses a row, so that a shard of whole rows (FSDP2 shards dim 0) holds
+        whole blocks and quantizes them as one process does: 256 values where a row holds a
+        multiple of 256, else 128 or 64 (bitsandbytes' smaller block sizes).
+        """
+        if self.codec is None or param.numel() < MIN_8BIT_SIZE or param.dim() < 2:
+            return None
+        row = param.numel() // param.shape[0]
+        return next((size for size in BLOCKS if row % size == 0), None)
 
     def _update(self, param: torch.Tensor, group: dict, index: int) -> None:
-        state = self.state[param] or self._init_state(param)
-        quantized = self._quantized(param)
-        state["step"] += 1
-        step, lr = state["step"], group["lr"]
+        held = self.state[param] or self._init_state(param)
+        held["step"] += 1
+        step, lr = held["step"], group["lr"]
         beta1, beta2 = group["betas"]
+        block, first_row = self._block(param), _first_row(param)
+        state = {name: _local(value) for name, value in held.items()}  # this process's shard
+        grad = _local(param.grad).float()
+        param = _local(param)
+        if param.numel() == 0:  # a shard of no rows (more processes than rows)
+            return
         low = param.dtype == torch.bfloat16  # fp32 tensors are updated in place, as AdamW does
-        grad = param.grad.float()
-        if quantized:
-            exp_avg = self.codec.decode(state, "exp_avg", signed=True)
-            exp_avg_sq = self.codec.decode(state, "exp_avg_sq", signed=False)
+        if block:
+            exp_avg = self.codec.decode(state, "exp_avg", block, signed=True)
+            exp_avg_sq = self.codec.decode(state, "exp_avg_sq", block, signed=False)
         else:
             exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()
         exp_avg.lerp_(grad, 1 - beta1)
@@ -149,13 +172,14 @@ class StochasticAdamW(torch.optim.Optimizer):
         weight.mul_(1 - lr * group["weight_decay"])
         weight.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
         del denom, grad
-        if quantized:
-            self.codec.encode(state, "exp_avg", exp_avg, signed=True)
-            self.codec.encode(state, "exp_avg_sq", exp_avg_sq, signed=False)
+        if block:
+            self.codec.encode(state, "exp_avg", exp_avg, block, signed=True)
+            self.codec.encode(state, "exp_avg_sq", exp_avg_sq, block, signed=False)
         if not low:
             return
         generator = self._generator(param.device)
-        generator.manual_seed(step_seed(self.seed, step, index))
+        # A shard (FSDP2) seeds by its first row too: its bits are its own, not one process's.
+        generator.manual_seed(step_seed(self.seed, step, index + (first_row << 32)))
         # One draw of 31 random bits an element gives the three roundings 16 bits each: bits
         # 0-15, bits 15-30, and bits 0-15 xor 8-23 (a full-rank map of uniform bits). Each is
         # uniform, so each rounding is unbiased; they are not independent of one another.
@@ -164,7 +188,7 @@ class StochasticAdamW(torch.optim.Optimizer):
         bits.random_(generator=generator)
         noise = torch.bitwise_and(bits, _LOW_16)
         _round_into(param, weight, noise)
-        if quantized:
+        if block:
             return
         torch.bitwise_right_shift(bits, 15, out=noise).bitwise_and_(_LOW_16)
         _round_into(state["exp_avg"], exp_avg, noise)
@@ -192,12 +216,14 @@ class StochasticAdamW(torch.optim.Optimizer):
         saved = {key: {name: value for name, value in held.items()
                        if isinstance(value, torch.Tensor) and value.dtype in _KEPT}
                  for key, held in state_dict["state"].items()}  # fmt: skip
+        keys = [key for group in state_dict["param_groups"] for key in group["params"]]
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
-        for key, held in saved.items():
-            state = self.state[params[key]]
+        by_key = dict(zip(keys, params))  # as torch matches them: by position (the keys are
+        for key, held in saved.items():  # indices, or names under a distributed checkpoint)
+            state = self.state[by_key[key]]
             for name, value in held.items():
-                state[name] = value.to(params[key].device, copy=True)
+                state[name] = value.to(by_key[key].device, copy=True)
         for group in self.param_groups:
             self.seed = group.pop("sr_seed", self.seed)
 
@@ -216,14 +242,60 @@ class _Codec:
             self.maps[signed, device] = self.bnb.create_dynamic_map(signed=signed).to(device)
         return self.maps[signed, device]
 
-    def decode(self, state: dict, name: str, signed: bool) -> torch.Tensor:
+    def decode(self, state: dict, name: str, block: int, signed: bool) -> torch.Tensor:
         codes = state[name]
-        flat = self.bnb.dequantize_blockwise(codes.view(-1), absmax=state[name + "_absmax"],
+        absmax = state[name + "_absmax"].view(-1)
+        flat = self.bnb.dequantize_blockwise(codes.view(-1), absmax=absmax,
                                              code=self._map(signed, codes.device),
-                                             blocksize=BLOCK)  # fmt: skip
+                                             blocksize=block)  # fmt: skip
         return flat.view(codes.shape)
 
-    def encode(self, state: dict, name: str, value: torch.Tensor, signed: bool) -> None:
+    def encode(self, state: dict, name: str, value: torch.Tensor, block: int, signed: bool) -> None:
         self.bnb.quantize_blockwise(value.reshape(-1), code=self._map(signed, value.device),
-                                    absmax=state[name + "_absmax"], out=state[name].view(-1),
-                                    blocksize=BLOCK)  # fmt: skip
+                                    absmax=state[name + "_absmax"].view(-1),
+                                    out=state[name].view(-1), blocksize=block)  # fmt: skip
+
+
+def is_shard(value: torch.Tensor) -> bool:
+    """True for a DTensor: a parameter, or its state, sharded by FSDP2."""
+    if not torch.distributed.is_available():  # a torch built without it has no DTensor
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """This process's part of `value`: its local shard under FSDP2 (a DTensor), else itself."""
+    return value.to_local() if is_shard(value) else value
+
+
+def _like(param: torch.Tensor, local: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`local` as a shard of a tensor of `shape` laid out as `param` is (DTensor), or itself.
+
+    Optimizer state held as DTensors is saved, gathered and resharded by torch's distributed
+    checkpoint with the parameters'.
+    """
+    if not is_shard(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=torch.Size(shape), stride=stride)  # fmt: skip
+
+
+def _first_row(param: torch.Tensor) -> int:
+    """The index of the first row of this process's shard of `param` (0 for a whole tensor).
+
+    FSDP2 shards dim 0 in `torch.chunk`'s way: ceil(rows / processes) rows each, in rank order.
+    """
+    if not is_shard(param):
+        return 0
+    from torch.distributed.tensor import Shard
+
+    if tuple(param.placements) != (Shard(0),):
+        raise ValueError(f"StochasticAdamW steps shards of dim 0 on one mesh dimension, not "
+                         f"{param.placements}")  # fmt: skip
+    mesh = param.device_mesh
+    return mesh.get_local_rank() * -(-param.shape[0] // mesh.size())

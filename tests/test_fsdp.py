@@ -127,7 +127,9 @@ def test_fsdp_two_processes_match_one(tmp_path):
     # bf16: the blocks' matrices gathered in bf16, what autocast keeps fp32 gathered in fp32.
     bf16 = torch.load(tmp_path / "bf16.pt", weights_only=True)
     assert bf16["result"]["fast_path"]["sharding"]["param_dtype"] == "bfloat16"
-    assert bf16["result"]["fast_path"]["sharding"]["units"].endswith("4 norms in fp32")
+    assert bf16["result"]["fast_path"]["sharding"]["units"].endswith(
+        "4 fp32 layers (norms, embeddings)"
+    )
     _, result = _single("bf16", 8, **SMALL)
     # 6e-6 apart here; with every parameter gathered in bf16 (the residual stream in bf16), 2.6e-4
     assert bf16["result"]["final_val_loss"] == pytest.approx(result.final_val_loss, rel=5e-5)
@@ -224,12 +226,22 @@ def _case_styles(rank, tmp):
         # bf16: the norms inside the blocks become fp32 units of their own (RMSNorm included)
         low = amptrain.fit(_style_models()[name], pattern_blocks(16), precision="bf16",
                            batch_size=2, max_steps=2, strategy="fsdp")  # fmt: skip
+        # bf16 weights: an untied head outside the blocks is a bf16 unit of its own
+        true = _style_models()[name]
+        true_run = amptrain.fit(true, pattern_blocks(16), precision="bf16-true",
+                                compensation="sr", batch_size=2, max_steps=2,
+                                strategy="fsdp")  # fmt: skip
+        widened = {str(v.dtype) for v in sharding.full_state_dict(true).values()
+                   if v.is_floating_point()}  # fmt: skip
         if rank == 0:
             record = result.fast_path["sharding"]
             found = {"keys_kept": sorted(state) == keys, "units": record["units"],
                      "steps": result.steps, "resumed_steps": resumed.steps,
                      "bf16_units": low.fast_path["sharding"]["units"],
-                     "bf16_finite": math.isfinite(low.final_train_loss)}  # fmt: skip
+                     "bf16_finite": math.isfinite(low.final_train_loss),
+                     "true_units": true_run.fast_path["sharding"]["units"],
+                     "true_finite": math.isfinite(true_run.final_train_loss),
+                     "true_saved": sorted(widened)}  # fmt: skip
             Path(f"{tmp}/{name}.json").write_text(json.dumps(found))
 
 
@@ -245,10 +257,16 @@ def test_model_styles_shard_per_block(tmp_path):
         assert found["hf_llama"]["units"] == "2 x LlamaDecoderLayer (model.layers) + root"
     assert all(r["keys_kept"] and r["steps"] == 2 for r in found.values())
     assert all(r["resumed_steps"] == 3 for r in found.values())
-    assert found["nanogpt"]["bf16_units"] == "2 x Block (transformer.h) + root, 4 norms in fp32"
+    assert (
+        found["nanogpt"]["bf16_units"]
+        == "2 x Block (transformer.h) + root, 4 fp32 layers (norms, embeddings)"
+    )
     if "hf_llama" in found:  # input and post-attention RMSNorm of each layer
-        assert found["hf_llama"]["bf16_units"].endswith(", 4 norms in fp32")
+        assert found["hf_llama"]["bf16_units"].endswith(", 4 fp32 layers (norms, embeddings)")
     assert all(r["bf16_finite"] for r in found.values())
+    assert all(r["true_finite"] and r["true_saved"] == ["torch.float32"] for r in found.values())
+    assert found["nanogpt"]["true_units"] == found["nanogpt"]["bf16_units"]  # its head is tied
+    assert found["llama_style"]["true_units"].endswith(", 1 bf16 layers outside the blocks")
     for name in found:  # a full checkpoint: AdamW state for every parameter, keyed as torch keys it
         optimizer = checkpoint.load(tmp_path / name / "step-000000002").tensors["optimizer"]
         ids = [i for group in optimizer["param_groups"] for i in group["params"]]

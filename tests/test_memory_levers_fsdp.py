@@ -1,0 +1,104 @@
+"""The memory levers on two FSDP2 processes train as one process with the same global batch.
+
+Each rank steps its own shard: torch-optimi's Kahan AdamW runs on the DTensors as they are,
+amptrain's stochastic-rounding and 8-bit AdamW on the local shards with their state held as
+DTensors. The stated tolerance, per lever, is the disagreement that lever already has from
+its own full-precision reference: a bf16 lever's two processes are within 4x of bf16
+autocast's two processes from one (each rank rounds its half of the gradient), and 8-bit
+state's within 2x of how far 8-bit state is from 32-bit in one process (a gradient that
+differs in its last bit can move a moment across a quantization step).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load, load_file
+
+from amptrain.cli import main
+
+WIDE = ["--layers", "2", "--width", "64", "--heads", "2", "--context", "16", "--device", "cpu",
+        "--no-progress", "--no-compile", "--eval-batches", "1", "--max-steps", "4",
+        "--lr", "1e-2", "--eval-every", "4"]  # fmt: skip
+"""Rows of 64 values: the 8-bit moments' smallest block, so every matrix is quantized."""
+TWO = ["--batch-size", "2", "--nproc", "2", "--strategy", "fsdp"]
+ONE = ["--batch-size", "4"]
+
+
+def _run(corpus, out, flags):
+    assert main(["train", "--data", str(corpus), *WIDE, *flags, "--out", str(out)]) == 0
+    run = next(out.glob("train-*"))
+    return load_file(run / "model.safetensors"), json.loads((run / "summary.json").read_text())
+
+
+def _gap(got, want):
+    return max(float((got[name] - want[name]).abs().max()) for name in want)
+
+
+@pytest.fixture
+def runs(tmp_path, corpus):
+    return lambda name, flags: _run(corpus, tmp_path / name, flags)
+
+
+@pytest.mark.slow
+def test_bf16_weights_on_two_fsdp_processes_match_one(runs):
+    pytest.importorskip("optimi")
+    pytest.importorskip("bitsandbytes")
+    autocast = _gap(runs("a2", ["--precision", "bf16", *TWO])[0],
+                    runs("a1", ["--precision", "bf16", *ONE])[0])  # fmt: skip
+    levers = {"kahan": ["--compensation", "kahan"],
+              "sr8": ["--compensation", "sr", "--optimizer-state", "8bit"]}  # fmt: skip
+    for name, lever in levers.items():
+        flags = ["--precision", "bf16-true", *lever]
+        (two, s_two), (one, s_one) = (
+            runs(name + "2", [*flags, *TWO]),
+            runs(name + "1", [*flags, *ONE]),
+        )
+        fast = s_two["fast_path"]
+        assert fast["sharding"]["sharded"] and fast["weights"] == "bf16"
+        assert fast["gradient_reduction"] == "fp32"
+        assert {str(v.dtype) for v in two.values()} == {"torch.float32"}  # widened as one process's
+        assert _gap(two, one) <= 4 * autocast, name  # 0.020-0.044 against 0.022 here
+        assert s_two["final_val_loss"] == pytest.approx(s_one["final_val_loss"], rel=0.01), name
+    assert fast["optimizer_impl"] == "stochastic rounding, 8-bit moments"
+    # Gradient accumulation: FSDP2 sums the unsharded bf16 gradients in fp32 (its reduce dtype).
+    accumulated, _ = runs("sr8-accum", [*flags, "--batch-size", "1", "--grad-accum", "2",
+                                        "--nproc", "2", "--strategy", "fsdp"])  # fmt: skip
+    assert _gap(accumulated, one) <= 4 * autocast
+
+
+@pytest.mark.slow
+def test_8bit_state_on_two_fsdp_processes_matches_one(runs):
+    pytest.importorskip("bitsandbytes")
+    eight = ["--precision", "fp32", "--optimizer-state", "8bit"]
+    (two, s_two), (one, s_one) = runs("e2", [*eight, *TWO]), runs("e1", [*eight, *ONE])
+    assert s_two["fast_path"]["optimizer_impl"] == "8-bit moments, sharded"
+    assert s_one["fast_path"]["optimizer_impl"] == "bitsandbytes 8-bit"
+    full_state, _ = runs("f1", ["--precision", "fp32", *ONE])
+    assert _gap(two, one) <= 2 * _gap(one, full_state)  # 0.0086 against 0.0085 here
+    assert s_two["final_val_loss"] == pytest.approx(s_one["final_val_loss"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_sharded_bf16_sr_and_8bit_state_resume_bit_for_bit_and_on_one_process(tmp_path, corpus):
+    """The DTensor state (bf16 moments' codes and block maxima) is saved in shards by torch's
+    distributed checkpoint, read back by two processes, and gathered by one."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "runs"
+    flags = ["--precision", "bf16-true", "--compensation", "sr", "--optimizer-state", "8bit",
+             "--checkpoint-every", "2", "--eval-every", "2"]  # fmt: skip
+    assert main(["train", "--data", str(corpus), *WIDE, *flags, *TWO, "--out", str(out)]) == 0
+    (run,) = out.glob("train-*")
+    whole = (run / "model.safetensors").read_bytes()
+    shutil.rmtree(run / "checkpoints" / "step-000000004")
+    (run / "model.safetensors").unlink()
+    assert main(["train", "--resume", str(run), "--nproc", "2", "--no-progress"]) == 0
+    assert (run / "model.safetensors").read_bytes() == whole
+    shutil.rmtree(run / "checkpoints" / "step-000000004")
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # one process
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["fast_path"]["optimizer_impl"] == "stochastic rounding, 8-bit moments"
+    resumed, straight = load_file(run / "model.safetensors"), load(whole)
+    assert _gap(resumed, {name: straight[name] for name in resumed}) < 0.05  # two steps of lr 1e-2
