@@ -128,6 +128,7 @@ def _time_backends(
         for i in range(repeats + 1):
             for name in runs:
                 seconds = time_pass(model, precision, sample, name)
+                model.zero_grad(set_to_none=True)  # the next pass's forward without them
                 if i:  # the first pass of each backend is warm-up
                     runs[name].append(seconds)
     finally:

@@ -175,7 +175,7 @@ def time_steps(
             if sample.is_cuda:
                 torch.cuda.synchronize(sample.device)
             times.append(time.perf_counter() - start)
-    model.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)  # a training step's forward holds none either
     return times
 
 

@@ -42,6 +42,13 @@ _LOW_16 = 0xFFFF
 _HIGH_16 = -65536  # 0xFFFF0000 as an int32 mask
 MIN_8BIT_SIZE = 4096
 """Smaller tensors keep 16-bit moments under `moments="8bit"` (bitsandbytes' threshold)."""
+CHUNK = {"cpu": 1 << 18, "cuda": 1 << 24}
+"""Elements (whole rows) an update works on at a time, by device type.
+
+On CPU 2**18: each fp32 temporary is 1 MiB, not several times the largest tensor's size (the
+step held the peak of a parameter-bound run), and a chunk stays in the caches while its dozen
+element-wise passes run (`benchmarks/sr_chunk.py` times the sizes). On CUDA 2**24 (64 MiB
+temporaries): fewer kernel launches; not measured."""
 BLOCKS = (256, 128, 64)
 """Values per absolute maximum of the 8-bit moments, the first that divides a row: 256 is
 bitsandbytes' 8-bit optimizers' block."""
@@ -149,15 +156,39 @@ class StochasticAdamW(torch.optim.Optimizer):
     def _update(self, param: torch.Tensor, group: dict, index: int) -> None:
         held = self.state[param] or self._init_state(param)
         held["step"] += 1
-        step, lr = held["step"], group["lr"]
-        beta1, beta2 = group["betas"]
-        block, first_row = self._block(param), _first_row(param)
-        state = {name: _local(value) for name, value in held.items()}  # this process's shard
-        grad = _local(param.grad).float()
-        param = _local(param)
-        if param.numel() == 0:  # a shard of no rows (more processes than rows)
+        first_row, block = _first_row(param), self._block(param)
+        weight, grad = _rows(_local(param)), _rows(_local(param.grad))  # this process's shard
+        if weight.numel() == 0:  # a shard of no rows (more processes than rows)
             return
+        state = {name: _rows(_local(value)) for name, value in held.items() if name != "step"}
+        generator = None
+        if weight.dtype == torch.bfloat16:
+            generator = self._generator(weight.device)
+            # A shard (FSDP2) seeds by its first row too: its bits are its own, not one
+            # process's. The chunks draw in turn from the one seeded generator.
+            generator.manual_seed(step_seed(self.seed, held["step"], index + (first_row << 32)))
+        chunk = CHUNK.get(weight.device.type, CHUNK["cuda"])
+        per_chunk = max(1, chunk // weight[0].numel())  # whole rows: whole 8-bit blocks
+        for start in range(0, weight.shape[0], per_chunk):
+            rows = slice(start, start + per_chunk)
+            self._update_rows(weight[rows], grad[rows],
+                              {name: value[rows] for name, value in state.items()},
+                              group, held["step"], block, generator)  # fmt: skip
+
+    def _update_rows(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict,
+        group: dict,
+        step: int,
+        block: int | None,
+        generator: torch.Generator | None,
+    ) -> None:
+        """AdamW on some rows of a tensor: their fp32 temporaries are all the step holds."""
+        lr, (beta1, beta2) = group["lr"], group["betas"]
         low = param.dtype == torch.bfloat16  # fp32 tensors are updated in place, as AdamW does
+        grad = grad.float()
         if block:
             exp_avg = self.codec.decode(state, "exp_avg", block, signed=True)
             exp_avg_sq = self.codec.decode(state, "exp_avg_sq", block, signed=False)
@@ -177,9 +208,6 @@ class StochasticAdamW(torch.optim.Optimizer):
             self.codec.encode(state, "exp_avg_sq", exp_avg_sq, block, signed=False)
         if not low:
             return
-        generator = self._generator(param.device)
-        # A shard (FSDP2) seeds by its first row too: its bits are its own, not one process's.
-        generator.manual_seed(step_seed(self.seed, step, index + (first_row << 32)))
         # One draw of 31 random bits an element gives the three roundings 16 bits each: bits
         # 0-15, bits 15-30, and bits 0-15 xor 8-23 (a full-rank map of uniform bits). Each is
         # uniform, so each rounding is unbiased; they are not independent of one another.
@@ -263,6 +291,11 @@ def is_shard(value: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(value, DTensor)
+
+
+def _rows(value: torch.Tensor) -> torch.Tensor:
+    """`value` with a dim 0 to take rows of (a 0-d tensor as one row of one)."""
+    return value.view(1) if value.dim() == 0 else value
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:
