@@ -86,9 +86,9 @@ class FitOptions:
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted after a newer one is complete."""
     weights: str = "fp32"
-    """The trainable matrices' dtype: `fp32` (fp32 master weights under autocast) or `bf16`
-    (bf16 weights, gradients and AdamW state with a compensated update: `--precision
-    bf16-true`); embeddings, norms and biases stay fp32. Needs precision bf16."""
+    """The layers' trainable parameters' dtype: `fp32` (fp32 master weights under autocast) or
+    `bf16` (bf16 weights, gradients and AdamW state with a compensated update: `--precision
+    bf16-true`); embeddings and norms stay fp32. Needs precision bf16."""
     compensation: str = "kahan"
     """With bf16 weights, how an update too small for bf16 is kept: `kahan` (torch-optimi's
     Kahan summation, a bf16 compensation buffer: 10 bytes a parameter), `sr` (stochastic

@@ -44,7 +44,7 @@ from amptrain.metrics import tracking
 from amptrain.metrics.meters import Throughput
 from amptrain.metrics.sinks import Sink
 from amptrain.metrics.tracker import Tracker
-from amptrain.optim import make_optimizer, make_scheduler, reset_lr
+from amptrain.optim import make_optimizer, make_scheduler, reset_lr, state_format
 from amptrain.precision import Precision
 from amptrain.preflight import check_data, preflight
 from amptrain.step import DeviceCounters, device_clock, evaluate, to_device, train_step
@@ -149,6 +149,8 @@ def _fit(
     """`fit` once its input is checked and its blocks checkpointed as asked."""
     rank, world_size = distributed.world()
     shards = sharding.shard(model, prec, opts.strategy, world_size)  # before the optimizer
+    if shards["sharded"]:
+        lowered.follow_shards(model)  # the shards, not the whole bf16 tensors
     optimizer = make_optimizer(model, opts)
     scheduler = make_scheduler(optimizer, opts)
     tracker, state = Tracker(), TrainState()
@@ -180,6 +182,7 @@ def _fit(
                 "batch_size": opts.batch_size, "strategy": opts.strategy,
                 "checkpoint_format": opts.checkpoint_format,
                 "weights": opts.weights,
+                "optimizer_format": state_format(opts, shards["sharded"]),
                 "activation_checkpointing": opts.activation_checkpointing}  # fmt: skip
         shard_files = resharding.writes_shards(opts.checkpoint_format, sharding.is_sharded(model))
         run = _Loop(model, net, train_b, val_b, prec, optimizer, scheduler, opts, state, sinks,

@@ -64,6 +64,15 @@ class Lowered:
                 param.grad = held.to(param.dtype)
         self.sums.clear()
 
+    def follow_shards(self, model: nn.Module) -> None:
+        """Hold the model's sharded bf16 parameters instead of the whole ones `cast` made.
+
+        `fully_shard` replaces every parameter with a DTensor of this process's rows; the
+        whole bf16 tensors would otherwise stay alive here, a full copy of the weights on
+        every process.
+        """
+        self.params = [p for p in model.parameters() if p.dtype == torch.bfloat16]
+
     def undo(self) -> None:
         """Return the cast parameters to fp32 (exact).
 

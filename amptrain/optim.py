@@ -117,6 +117,26 @@ def _adamw_8bit(groups: list[dict], opts: FitOptions, sharded: bool) -> torch.op
     return optimizer
 
 
+STATE_FORMATS_CHANGED = {"torch-optimi AdamW, bf16 layers 2", "amptrain StochasticAdamW 2"}
+"""The formats whose layout changed since checkpoints recorded none (biases now bf16 with bf16
+weights, 8-bit blocks along rows): a checkpoint without a format cannot hold them."""
+
+
+def state_format(opts: FitOptions, sharded: bool) -> str:
+    """The optimizer state's format under `opts` (`sharded`: the parameters are FSDP2 shards).
+
+    A checkpoint records it and a resume must match it: the formats hold different state
+    (bitsandbytes' `state1`/`absmax1`, amptrain's `exp_avg` codes and row-wise maxima).
+    """
+    if opts.weights == "bf16":
+        if opts.compensation == "sr":
+            return "amptrain StochasticAdamW 2"
+        return "torch-optimi AdamW, bf16 layers 2"
+    if opts.optimizer_state == "8bit":
+        return "amptrain StochasticAdamW 2" if sharded else "bitsandbytes AdamW8bit"
+    return "torch AdamW"
+
+
 def _fused_missing(params: list[torch.Tensor]) -> str | None:
     """Why torch's fused AdamW cannot step these parameters, or None when it can.
 
@@ -138,9 +158,11 @@ def impl_of(optimizer: torch.optim.Optimizer) -> str:
     if type(optimizer).__module__.startswith("bitsandbytes"):
         return "bitsandbytes 8-bit"
     if type(optimizer).__module__ == "amptrain.stochastic_round":
-        if not any(p.dtype == torch.bfloat16 for g in optimizer.param_groups for p in g["params"]):
-            return "8-bit moments, sharded"
-        return "stochastic rounding" + (", 8-bit moments" if optimizer.codec else "")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        said = ["stochastic rounding"] if any(p.dtype == torch.bfloat16 for p in params) else []
+        said += ["8-bit moments"] if optimizer.codec else []
+        said += ["sharded"] if any(is_shard(p) for p in params) else []
+        return ", ".join(said) or "AdamW"
     if type(optimizer).__module__.startswith("optimi"):
         return "optimi, Kahan" if optimizer.defaults.get("kahan_sum") else "optimi"
     group = optimizer.param_groups[0]

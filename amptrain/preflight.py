@@ -19,6 +19,7 @@ from amptrain.checkpoint import Checkpoint, CheckpointError
 from amptrain.config import BF16_TRUE, FitOptions
 from amptrain.errors import ConfigError, ModelError
 from amptrain.models.limits import check_context
+from amptrain.optim import STATE_FORMATS_CHANGED, state_format
 from amptrain.precision import Precision, resolve, resumed
 
 __all__ = ["check_data", "preflight", "resolve_precision"]
@@ -71,7 +72,31 @@ def preflight(
             raise CheckpointError(f"{resume.path} was trained with {trained} weights and this "
                                   f"run asks for {opts.weights}; resume with the same weights "
                                   "(--precision bf16-true for bf16)")  # fmt: skip
+        check_state_format(resume, opts, world_size)
     return opts, prec, train_b, val_b
+
+
+def check_state_format(resume: Checkpoint, opts: FitOptions, world_size: int) -> None:
+    """Refuse a checkpoint whose optimizer state another optimizer wrote (`optim.state_format`).
+
+    Raises:
+        CheckpointError: Naming both formats and the way to resume.
+    """
+    sharded = sharding.will_shard(opts.strategy, world_size)
+    wanted = state_format(opts, sharded)
+    saved = resume.trainer.get("optimizer_format")
+    if saved == wanted or (saved is None and wanted not in STATE_FORMATS_CHANGED):
+        return
+    if saved is None:
+        raise CheckpointError(f"{resume.path}'s optimizer state predates this amptrain's "
+                              f"layout for it ({wanted}); start the run anew from its weights "
+                              "(--init-from)")  # fmt: skip
+    how = ("resume with the strategy and number of processes it was written with"
+           if opts.optimizer_state == "8bit" and opts.weights == "fp32" else
+           "resume with the options it was written with")  # fmt: skip
+    raise CheckpointError(f"{resume.path}'s optimizer state is {saved}'s and this run's "
+                          f"optimizer is {wanted} (8-bit state is bitsandbytes' in one process "
+                          f"or under DDP, amptrain's on FSDP2's shards); {how}")  # fmt: skip
 
 
 def check_weights(opts: FitOptions, prec: Precision) -> None:

@@ -135,7 +135,7 @@ def shard(model: nn.Module, prec: Precision, strategy: str, world_size: int) -> 
                 done.add(id(layer))
                 kept += 1
         _unit(block, policy)
-    low = _low_outside(model, found.blocks)  # bf16 weights: an untied head, say
+    low = _low_outside(model)  # bf16 weights: an untied head, say
     for layer in low:
         _unit(layer, policy)
     _unit(model, keep)
@@ -157,21 +157,30 @@ def shard(model: nn.Module, prec: Precision, strategy: str, world_size: int) -> 
 
 
 def _unit(module: nn.Module, policy: Any) -> None:
-    """`fully_shard(module)`; FSDP2's refusal of two dtypes in one unit is a `ModelError`."""
-    from torch.distributed.fsdp import fully_shard
+    """`fully_shard(module)`, refusing first a unit of two dtypes (FSDP2 gathers one).
 
-    try:
-        fully_shard(module, mp_policy=policy)
-    except AssertionError as exc:
-        if "uniform original parameter dtype" not in str(exc):
-            raise
-        dtypes = sorted({str(p.dtype)[6:] for p in module.parameters() if p.requires_grad})
+    FSDP2 itself finds out only at the first forward, with an assertion.
+
+    Raises:
+        ModelError: Naming the unit, its dtypes and a parameter of each.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    inner = {id(p) for m in module.modules() if m is not module and isinstance(m, FSDPModule)
+             for p in m.parameters()}  # fmt: skip
+    held = {}
+    for name, param in module.named_parameters():
+        if id(param) not in inner and param.is_floating_point():
+            held.setdefault(param.dtype, name)
+    if len(held) > 1:
+        said = ", ".join(f"{str(d)[6:]} ({n})" for d, n in held.items())
         raise ModelError(
-            f"FSDP2 cannot shard {type(module).__name__} as one unit: its parameters are "
-            f"{' and '.join(dtypes)} (a parameter shared with a norm or an embedding, or one "
-            "the model leaves in its own dtype); FSDP2 gathers a unit in one dtype. Train "
+            f"FSDP2 cannot shard {type(module).__name__} as one unit: it holds {said} "
+            "parameters (a parameter shared with a norm or an embedding, or one the model "
+            "holds itself beside bf16 layers), and FSDP2 gathers a unit in one dtype; train "
             "with --precision bf16, or --strategy ddp"
-        ) from exc
+        )
+    fully_shard(module, mp_policy=policy)
 
 
 def _kept(block: nn.Module, shared: set[int]) -> list[nn.Module]:
@@ -186,20 +195,28 @@ def _kept(block: nn.Module, shared: set[int]) -> list[nn.Module]:
     return [m for m in reversed(found) if not any(id(p) in shared for p in m.parameters())]
 
 
-def _low_outside(model: nn.Module, blocks: tuple[nn.Module, ...]) -> list[nn.Module]:
-    """The layers outside the blocks whose own parameters are all bf16 (bf16 weights' head).
+def _low_outside(model: nn.Module) -> list[nn.Module]:
+    """The outermost layers outside the sharded blocks whose parameters are all bf16.
 
-    The root unit keeps the embeddings and the final norm in fp32, so such a layer is a unit
-    of its own.
+    bf16 weights' untied head, say: each is a unit of its own, since the root keeps the
+    embeddings and the final norm in fp32. Called after the blocks are units.
     """
-    inside = {id(m) for block in blocks for m in block.modules()}
-    found = []
-    for module in model.modules():
-        held = list(module.parameters(recurse=False))
-        if module is model or id(module) in inside or not held:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    found: list[nn.Module] = []
+    taken: set[int] = set()
+    for module in model.modules():  # parents before children: the outermost is taken
+        if module is model or id(module) in taken:
             continue
-        if all(p.dtype == torch.bfloat16 for p in held):
+        if any(isinstance(m, FSDPModule) for m in module.modules()):  # a block, or holds one
+            continue
+        held = list(module.parameters())
+        if any(isinstance(p, DTensor) for p in held):  # inside a block: its unit has it
+            continue
+        if held and all(p.dtype == torch.bfloat16 for p in held):
             found.append(module)
+            taken.update(id(m) for m in module.modules())
     return found
 
 

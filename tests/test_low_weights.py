@@ -171,3 +171,23 @@ def test_a_bf16_true_model_trains_on_and_resumes_only_with_bf16_weights(tmp_path
     with pytest.raises(CheckpointError, match="trained with bf16 weights and this run asks"):
         amptrain.fit(tiny_model(), train, val, precision="bf16", resume=ckpt,
                      **{**common, "max_steps": 4})  # fmt: skip
+
+
+def test_a_resume_needs_the_optimizer_state_format_it_was_written_in():
+    from types import SimpleNamespace
+
+    from amptrain.checkpoint import CheckpointError
+    from amptrain.preflight import check_state_format
+
+    sr = FitOptions(weights="bf16", compensation="sr")
+    older = SimpleNamespace(path="ckpt", trainer={"weights": "bf16"})  # no format recorded
+    with pytest.raises(CheckpointError, match="predates this amptrain's layout"):
+        check_state_format(older, sr, 1)
+    check_state_format(SimpleNamespace(path="ckpt", trainer={}), FitOptions(), 1)  # unchanged
+    sharded = SimpleNamespace(
+        path="ckpt", trainer={"optimizer_format": "amptrain StochasticAdamW 2"}
+    )
+    check_state_format(sharded, FitOptions(strategy="fsdp", optimizer_state="8bit"), 2)
+    check_state_format(sharded, sr, 1)  # bf16 weights with SR: the same optimizer
+    with pytest.raises(CheckpointError, match="resume with the strategy and number of processes"):
+        check_state_format(sharded, FitOptions(strategy="fsdp", optimizer_state="8bit"), 1)

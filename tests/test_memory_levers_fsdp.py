@@ -15,7 +15,11 @@ import json
 import shutil
 
 import pytest
+import torch
+from conftest import tiny_model
 from safetensors.torch import load, load_file
+from spawning import spawn
+from torch import nn
 
 from amptrain.cli import main
 
@@ -62,7 +66,7 @@ def test_bf16_weights_on_two_fsdp_processes_match_one(runs):
         assert {str(v.dtype) for v in two.values()} == {"torch.float32"}  # widened as one process's
         assert _gap(two, one) <= 4 * autocast, name  # 0.020-0.044 against 0.022 here
         assert s_two["final_val_loss"] == pytest.approx(s_one["final_val_loss"], rel=0.01), name
-    assert fast["optimizer_impl"] == "stochastic rounding, 8-bit moments"
+    assert fast["optimizer_impl"] == "stochastic rounding, 8-bit moments, sharded"
     # Gradient accumulation: FSDP2 sums the unsharded bf16 gradients in fp32 (its reduce dtype).
     accumulated, _ = runs("sr8-accum", [*flags, "--batch-size", "1", "--grad-accum", "2",
                                         "--nproc", "2", "--strategy", "fsdp"])  # fmt: skip
@@ -70,15 +74,59 @@ def test_bf16_weights_on_two_fsdp_processes_match_one(runs):
 
 
 @pytest.mark.slow
-def test_8bit_state_on_two_fsdp_processes_matches_one(runs):
+def test_8bit_state_on_two_fsdp_processes_matches_one(tmp_path, runs, capsys):
     pytest.importorskip("bitsandbytes")
     eight = ["--precision", "fp32", "--optimizer-state", "8bit"]
-    (two, s_two), (one, s_one) = runs("e2", [*eight, *TWO]), runs("e1", [*eight, *ONE])
+    full = ["--checkpoint-every", "4", "--checkpoint-format", "full"]
+    (two, s_two), (one, s_one) = runs("e2", [*eight, *TWO, *full]), runs("e1", [*eight, *ONE])
     assert s_two["fast_path"]["optimizer_impl"] == "8-bit moments, sharded"
     assert s_one["fast_path"]["optimizer_impl"] == "bitsandbytes 8-bit"
     full_state, _ = runs("f1", ["--precision", "fp32", *ONE])
     assert _gap(two, one) <= 2 * _gap(one, full_state)  # 0.0086 against 0.0085 here
     assert s_two["final_val_loss"] == pytest.approx(s_one["final_val_loss"], rel=0.01)
+    # The gathered state: 8-bit codes of each matrix, a maximum per 64 values of each row
+    (run,) = (tmp_path / "e2").glob("train-*")
+    state = torch.load(run / "checkpoints" / "step-000000004" / "optimizer.pt")["state"]
+    codes = [s for s in state.values() if s["exp_avg"].dtype == torch.uint8]
+    assert len(codes) == 9  # the embedding; qkv, proj, fc, fc-out of 2 blocks (rows of 64, 256)
+    for held in codes:
+        rows, row = held["exp_avg"].shape
+        block = 256 if row % 256 == 0 else 64
+        assert (
+            held["exp_avg_absmax"].shape == held["exp_avg_sq_absmax"].shape == (rows, row // block)
+        )
+    # and bitsandbytes' optimizer of one process cannot read it: refused before any work
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    assert "amptrain StochasticAdamW 2's and this run's optimizer is bitsandbytes" in (
+        capsys.readouterr().err)  # fmt: skip
+
+
+def _case_shards(rank, tmp):
+    from amptrain import low_weights, sharding
+    from amptrain.errors import ModelError
+    from amptrain.precision import resolve
+    from amptrain.stochastic_round import is_shard
+
+    bf16 = resolve("bf16", torch.device("cpu"))
+    model = tiny_model(n_layer=2, n_embd=64)
+    lowered = low_weights.cast(model, "bf16")
+    whole = {id(p) for p in lowered.params}
+    sharding.shard(model, bf16, "fsdp", 2)
+    lowered.follow_shards(model)  # the run holds the shards only, not a whole bf16 copy
+    assert lowered.params and all(is_shard(p) for p in lowered.params)
+    assert not whole & {id(p) for p in lowered.params}
+    tied = tiny_model(n_layer=2, n_embd=64)
+    vocab, width = tied.wte.weight.shape
+    tied.blocks[0].extra = nn.Linear(width, vocab)  # a block's layer tied to the embedding:
+    tied.blocks[0].extra.weight = tied.wte.weight  # fp32 with it, beside the bf16 layers
+    low_weights.cast(tied, "bf16")
+    with pytest.raises(ModelError, match=r"float32 \(extra\.weight\) parameters"):
+        sharding.shard(tied, bf16, "fsdp", 2)
+
+
+@pytest.mark.slow
+def test_bf16_shards_replace_the_whole_weights_and_a_unit_of_two_dtypes_is_refused(tmp_path):
+    spawn("test_memory_levers_fsdp", "shards", tmp_path)
 
 
 @pytest.mark.slow
