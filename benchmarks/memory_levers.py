@@ -28,6 +28,8 @@ each configuration, at the default lr and at 1e-5 (`levers_quality.py`).
     python benchmarks/memory_levers.py                       # all four jobs
     python benchmarks/memory_levers.py --jobs quality,largest
     python benchmarks/memory_levers.py --quick               # tiny: does it run?
+    python benchmarks/memory_levers.py --jobs parameter-bound --rounds 5 \
+        --configs "bf16 autocast;bf16-true, Kahan"           # a speed verdict: 5 rounds
 
 Each run writes a new results/memory-levers-<cpu>-<isa>-t<threads>-torch<version>-<time>.json.
 Run it alone: other jobs move the speed figures (the memory ones hold).
@@ -106,6 +108,12 @@ def run_worker(job: str, config: str, args: argparse.Namespace) -> dict:
 
 def measure_job(job: str, args: argparse.Namespace) -> dict:
     configs = list(JOBS[job]["configs"])[: 2 if args.quick else None]  # quick: does it run?
+    if args.configs:  # the first named is the reference the others are compared with
+        configs = [c for c in args.configs.split(";") if c in JOBS[job]["configs"]]
+        if not configs:
+            sys.exit(
+                f"--configs {args.configs!r} names none of {job}'s: {list(JOBS[job]['configs'])}"
+            )
     runs = rounds.interleave({c: (lambda c=c: run_worker(job, c, args)) for c in configs},
                              args.rounds)  # fmt: skip
     base = runs[configs[0]]
@@ -152,6 +160,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     rounds.round_options(parser, steps=8)
     parser.add_argument("--jobs", default=",".join([*JOBS, *EXTRA_JOBS]), help="comma-separated")
+    parser.add_argument(
+        "--configs",
+        help="';'-separated configurations of the timed jobs, "
+        "the first the reference (default: all, bf16 autocast's job order)",
+    )
     parser.add_argument("--quality-steps", type=int, default=600)
     parser.add_argument(
         "--lrs", default="1e-3,1e-5", help="quality: the default lr, and a small one"
