@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from amptrain.blocks import kept_in_fp32
-from amptrain.stochastic_round import is_shard
+from amptrain.shards import is_shard
 
 
 @dataclasses.dataclass

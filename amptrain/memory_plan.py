@@ -34,6 +34,7 @@ from torch import nn
 
 from amptrain import data as data_mod
 from amptrain import distributed, hardware, low_weights, recompute
+from amptrain.blockwise8 import MIN_8BIT_SIZE, block_of
 from amptrain.compiling import eager_loss
 from amptrain.config import FitOptions
 from amptrain.errors import ConfigError
@@ -63,12 +64,13 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def bytes_per_parameter(opts: FitOptions, lowered: bool) -> int:
+def bytes_per_parameter(opts: FitOptions, lowered: bool, eight: bool | None = None) -> int:
     """Bytes a trainable parameter holds: weight, gradient, AdamW moments, compensation.
 
-    `lowered`: the parameter is one `low_weights` casts to bf16 under bf16 weights.
+    `lowered`: the parameter is one `low_weights` casts to bf16 under bf16 weights. `eight`:
+    its moments are 8-bit (default: whenever `optimizer_state="8bit"`, as for a large matrix).
     """
-    eight = opts.optimizer_state == "8bit"
+    eight = opts.optimizer_state == "8bit" if eight is None else eight
     if opts.weights == "bf16" and lowered:  # bf16 moments, or 8-bit ones
         return 2 + 2 + (2 if eight else 4) + (2 if opts.compensation == "kahan" else 0)
     return 4 + 4 + (2 if eight else 8)
@@ -83,7 +85,8 @@ def footprint(model: nn.Module, opts: FitOptions, world_size: int = 1) -> dict[s
     trained = frozen = 0
     for param in model.parameters():
         if param.requires_grad:
-            trained += param.numel() * bytes_per_parameter(opts, id(param) in cast)
+            eight = opts.optimizer_state == "8bit" and _eight_bit(param, opts, world_size)
+            trained += param.numel() * bytes_per_parameter(opts, id(param) in cast, eight)
         else:
             frozen += param.numel() * param.element_size()
     total = trained + frozen
@@ -93,6 +96,17 @@ def footprint(model: nn.Module, opts: FitOptions, world_size: int = 1) -> dict[s
         total += _gradient_bytes(model, opts)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"bytes": total, "per_parameter": round(trained / max(n, 1), 2)}
+
+
+def _eight_bit(param: torch.Tensor, opts: FitOptions, world_size: int) -> bool:
+    """Whether `param`'s moments are 8-bit under `optimizer_state="8bit"`.
+
+    bitsandbytes' rule (from 4,096 elements), or amptrain's blocks along rows (`blockwise8`)
+    for bf16 weights and FSDP2's shards.
+    """
+    if opts.weights == "bf16" or (opts.strategy == "fsdp" and world_size > 1):
+        return block_of(param) is not None
+    return param.numel() >= MIN_8BIT_SIZE
 
 
 def _gradient_bytes(model: nn.Module, opts: FitOptions) -> int:

@@ -13,9 +13,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from amptrain.blockwise8 import MIN_8BIT_SIZE
 from amptrain.config import FitOptions
 from amptrain.errors import ConfigError
-from amptrain.stochastic_round import is_shard
+from amptrain.shards import is_shard
 
 _FLAGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
@@ -84,10 +85,6 @@ def _adamw_compensated(groups: list[dict], opts: FitOptions) -> torch.optim.Opti
         "bf16 weights: torch-optimi's AdamW with Kahan-compensated updates" if kahan else
         "bf16 weights, updates rounded to nearest (compensation none, as asked)")  # fmt: skip
     return optimizer
-
-
-MIN_8BIT_SIZE = 4096
-"""Tensors with fewer elements keep 32-bit AdamW state under `optimizer_state="8bit"`."""
 
 
 def _adamw_8bit(groups: list[dict], opts: FitOptions, sharded: bool) -> torch.optim.Optimizer:

@@ -38,10 +38,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from amptrain.blockwise8 import Codec, block_of
+from amptrain.shards import first_row, local_part, shard_like
+
 _LOW_16 = 0xFFFF
 _HIGH_16 = -65536  # 0xFFFF0000 as an int32 mask
-MIN_8BIT_SIZE = 4096
-"""Smaller tensors keep 16-bit moments under `moments="8bit"` (bitsandbytes' threshold)."""
 CHUNK = {"cpu": 1 << 18, "cuda": 1 << 24}
 """Elements (whole rows) an update works on at a time, by device type.
 
@@ -49,9 +50,6 @@ On CPU 2**18: each fp32 temporary is 1 MiB, not several times the largest tensor
 step held the peak of a parameter-bound run), and a chunk stays in the caches while its dozen
 element-wise passes run (`benchmarks/sr_chunk.py` times the sizes). On CUDA 2**24 (64 MiB
 temporaries): fewer kernel launches; not measured."""
-BLOCKS = (256, 128, 64)
-"""Values per absolute maximum of the 8-bit moments, the first that divides a row: 256 is
-bitsandbytes' 8-bit optimizers' block."""
 _KEPT = (torch.uint8, torch.float32)  # state dtypes a bf16 parameter's load must not cast
 
 
@@ -106,7 +104,7 @@ class StochasticAdamW(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.seed = seed
-        self.codec = _Codec() if moments == "8bit" else None
+        self.codec = Codec() if moments == "8bit" else None
         for group in self.param_groups:  # the state first, in one stretch of memory, before
             for param in group["params"]:  # the steps' temporaries come and go around it
                 self._init_state(param)
@@ -135,38 +133,32 @@ class StochasticAdamW(torch.optim.Optimizer):
             if block:
                 state[name] = torch.zeros_like(param, dtype=torch.uint8)
                 per_row = param.numel() // param.shape[0] // block
-                absmax = torch.zeros(_local(param).shape[0], per_row, device=param.device)
-                state[name + "_absmax"] = _like(param, absmax, (param.shape[0], per_row))
+                absmax = torch.zeros(local_part(param).shape[0], per_row, device=param.device)
+                state[name + "_absmax"] = shard_like(param, absmax, (param.shape[0], per_row))
             else:
                 state[name] = torch.zeros_like(param)
         return state
 
     def _block(self, param: torch.Tensor) -> int | None:
-        """The 8-bit moments' block for `param`, or None where its moments stay 16/32-bit.
-
-        A block never crosses a row, so that a shard of whole rows (FSDP2 shards dim 0) holds
-        whole blocks and quantizes them as one process does: 256 values where a row holds a
-        multiple of 256, else 128 or 64 (bitsandbytes' smaller block sizes).
-        """
-        if self.codec is None or param.numel() < MIN_8BIT_SIZE or param.dim() < 2:
-            return None
-        row = param.numel() // param.shape[0]
-        return next((size for size in BLOCKS if row % size == 0), None)
+        return block_of(param) if self.codec is not None else None
 
     def _update(self, param: torch.Tensor, group: dict, index: int) -> None:
         held = self.state[param] or self._init_state(param)
         held["step"] += 1
-        first_row, block = _first_row(param), self._block(param)
-        weight, grad = _rows(_local(param)), _rows(_local(param.grad))  # this process's shard
+        start_row, block = first_row(param), self._block(param)
+        weight, grad = (
+            _rows(local_part(param)),
+            _rows(local_part(param.grad)),
+        )  # this process's shard
         if weight.numel() == 0:  # a shard of no rows (more processes than rows)
             return
-        state = {name: _rows(_local(value)) for name, value in held.items() if name != "step"}
+        state = {name: _rows(local_part(value)) for name, value in held.items() if name != "step"}
         generator = None
         if weight.dtype == torch.bfloat16:
             generator = self._generator(weight.device)
             # A shard (FSDP2) seeds by its first row too: its bits are its own, not one
             # process's. The chunks draw in turn from the one seeded generator.
-            generator.manual_seed(step_seed(self.seed, held["step"], index + (first_row << 32)))
+            generator.manual_seed(step_seed(self.seed, held["step"], index + (start_row << 32)))
         chunk = CHUNK.get(weight.device.type, CHUNK["cuda"])
         per_chunk = max(1, chunk // weight[0].numel())  # whole rows: whole 8-bit blocks
         for start in range(0, weight.shape[0], per_chunk):
@@ -256,79 +248,6 @@ class StochasticAdamW(torch.optim.Optimizer):
             self.seed = group.pop("sr_seed", self.seed)
 
 
-class _Codec:
-    """bitsandbytes' blockwise 8-bit quantization of a moment, on its dynamic maps."""
-
-    def __init__(self) -> None:
-        import bitsandbytes.functional as bnb
-
-        self.bnb = bnb
-        self.maps: dict[tuple[bool, torch.device], torch.Tensor] = {}
-
-    def _map(self, signed: bool, device: torch.device) -> torch.Tensor:
-        if (signed, device) not in self.maps:
-            self.maps[signed, device] = self.bnb.create_dynamic_map(signed=signed).to(device)
-        return self.maps[signed, device]
-
-    def decode(self, state: dict, name: str, block: int, signed: bool) -> torch.Tensor:
-        codes = state[name]
-        absmax = state[name + "_absmax"].view(-1)
-        flat = self.bnb.dequantize_blockwise(codes.view(-1), absmax=absmax,
-                                             code=self._map(signed, codes.device),
-                                             blocksize=block)  # fmt: skip
-        return flat.view(codes.shape)
-
-    def encode(self, state: dict, name: str, value: torch.Tensor, block: int, signed: bool) -> None:
-        self.bnb.quantize_blockwise(value.reshape(-1), code=self._map(signed, value.device),
-                                    absmax=state[name + "_absmax"].view(-1),
-                                    out=state[name].view(-1), blocksize=block)  # fmt: skip
-
-
-def is_shard(value: torch.Tensor) -> bool:
-    """True for a DTensor: a parameter, or its state, sharded by FSDP2."""
-    if not torch.distributed.is_available():  # a torch built without it has no DTensor
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(value, DTensor)
-
-
 def _rows(value: torch.Tensor) -> torch.Tensor:
     """`value` with a dim 0 to take rows of (a 0-d tensor as one row of one)."""
     return value.view(1) if value.dim() == 0 else value
-
-
-def _local(value: torch.Tensor) -> torch.Tensor:
-    """This process's part of `value`: its local shard under FSDP2 (a DTensor), else itself."""
-    return value.to_local() if is_shard(value) else value
-
-
-def _like(param: torch.Tensor, local: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """`local` as a shard of a tensor of `shape` laid out as `param` is (DTensor), or itself.
-
-    Optimizer state held as DTensors is saved, gathered and resharded by torch's distributed
-    checkpoint with the parameters'.
-    """
-    if not is_shard(param):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                              shape=torch.Size(shape), stride=stride)  # fmt: skip
-
-
-def _first_row(param: torch.Tensor) -> int:
-    """The index of the first row of this process's shard of `param` (0 for a whole tensor).
-
-    FSDP2 shards dim 0 in `torch.chunk`'s way: ceil(rows / processes) rows each, in rank order.
-    """
-    if not is_shard(param):
-        return 0
-    from torch.distributed.tensor import Shard
-
-    if tuple(param.placements) != (Shard(0),):
-        raise ValueError(f"StochasticAdamW steps shards of dim 0 on one mesh dimension, not "
-                         f"{param.placements}")  # fmt: skip
-    mesh = param.device_mesh
-    return mesh.get_local_rank() * -(-param.shape[0] // mesh.size())

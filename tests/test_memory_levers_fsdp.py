@@ -105,7 +105,7 @@ def _case_shards(rank, tmp):
     from amptrain import low_weights, sharding
     from amptrain.errors import ModelError
     from amptrain.precision import resolve
-    from amptrain.stochastic_round import is_shard
+    from amptrain.shards import is_shard
 
     bf16 = resolve("bf16", torch.device("cpu"))
     model = tiny_model(n_layer=2, n_embd=64)
