@@ -129,6 +129,55 @@ def test_bf16_shards_replace_the_whole_weights_and_a_unit_of_two_dtypes_is_refus
     spawn("test_memory_levers_fsdp", "shards", tmp_path)
 
 
+def _window_grads(model, rank, scale=100.0):
+    """Each of this rank's two micro-batches' bf16 gradient of the first block's MLP matrix."""
+    out = []
+    for micro in range(2):
+        tokens = torch.randint(
+            0, 32, (2, 16), generator=torch.Generator().manual_seed(10 * rank + micro)
+        )
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model(tokens).float().square().mean() * scale
+        loss.backward()
+        out.append(model.blocks[0].mlp[0].weight.grad.float().clone())
+        model.zero_grad(set_to_none=True)
+    return out
+
+
+def _case_accumulate(rank, tmp):
+    """FSDP2 sums a window's unsharded bf16 gradients in fp32 and rounds the shard once."""
+    import copy
+
+    from amptrain import low_weights, sharding
+    from amptrain.precision import resolve
+
+    model = tiny_model(n_layer=2, n_embd=64)
+    low_weights.cast(model, "bf16")
+    alone = copy.deepcopy(model)  # the same bf16 weights, unsharded
+    each = [g for r in range(2) for g in _window_grads(alone, r)]  # both ranks' micro-batches
+    fp32_sum = (sum(each) / 2).bfloat16()  # summed in fp32, averaged over 2 ranks, rounded once
+    bf16_sum = ((each[0].bfloat16() + each[1].bfloat16()) + (each[2].bfloat16()
+                + each[3].bfloat16())) / 2  # fmt: skip
+    sharding.shard(model, resolve("bf16", torch.device("cpu")), "fsdp", 2)
+    for micro in range(2):
+        tokens = torch.randint(
+            0, 32, (2, 16), generator=torch.Generator().manual_seed(10 * rank + micro)
+        )
+        with sharding.deferred_sync(model, micro == 0), torch.autocast("cpu", torch.bfloat16):
+            loss = model(tokens).float().square().mean() * 100.0
+        loss.backward()
+    got = model.blocks[0].mlp[0].weight.grad.full_tensor()
+    assert got.dtype == torch.bfloat16
+    same = float((got == fp32_sum).float().mean())
+    assert same > 0.99, same  # a few last-bit ties of the fp32 sums' order
+    assert float((got == bf16_sum).float().mean()) < same - 0.05  # bf16 sums round more
+
+
+@pytest.mark.slow
+def test_fsdp_sums_a_windows_bf16_gradients_in_fp32(tmp_path):
+    spawn("test_memory_levers_fsdp", "accumulate", tmp_path)
+
+
 @pytest.mark.slow
 def test_sharded_bf16_sr_and_8bit_state_resume_bit_for_bit_and_on_one_process(tmp_path, corpus):
     """The DTensor state (bf16 moments' codes and block maxima) is saved in shards by torch's
