@@ -23,10 +23,12 @@ step holds no more, except under checkpointing on torch 2.13 (see `recompute`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ from torch import nn
 
 from amptrain import data as data_mod
 from amptrain import distributed, hardware, low_weights, recompute
+from amptrain.blocks import repeated_blocks
 from amptrain.blockwise8 import MIN_8BIT_SIZE, block_of
 from amptrain.compiling import eager_loss
 from amptrain.config import FitOptions
@@ -116,7 +119,7 @@ def _gradient_bytes(model: nn.Module, opts: FitOptions) -> int:
                if p.requires_grad)  # fmt: skip
 
 
-def _unprobed(model: nn.Module, opts: FitOptions, accumulated: int) -> int:
+def unprobed_bytes(model: nn.Module, opts: FitOptions, accumulated: int) -> int:
     """What the run holds that one probed step does not.
 
     The fp32 sums of accumulated bf16 gradients, and DDP's gradient buckets. (Under FSDP the
@@ -202,9 +205,9 @@ def plan(
     probes: list[dict[str, Any]] = []
 
     def fits(micro: int, mode: str) -> bool:
-        peak = _probe(model, blocks, prec, opts, micro, mode)
+        peak = probe_step(model, blocks, prec, opts, micro, mode)
         if peak is not None:
-            peak += _unprobed(model, opts, per_process // micro)
+            peak += unprobed_bytes(model, opts, per_process // micro)
         probes.append({"micro_batch": micro, "activation_checkpointing": mode,
                        "peak_mb": None if peak is None else round(peak / 2**20, 1)})  # fmt: skip
         return peak is not None and peak <= budget
@@ -263,34 +266,6 @@ def _split(opts: FitOptions, micro: int, mode: str) -> FitOptions:
                                activation_checkpointing=mode, micro_batch=None)  # fmt: skip
 
 
-def largest_batch(
-    model: nn.Module, blocks: data_mod.Blocks, prec: Precision, opts: FitOptions, budget: int
-) -> int | None:
-    """The largest batch whose step fits `budget` bytes, or None when one block does not.
-
-    Measured as `plan` measures, up to the blocks there are: doubling, then bisecting.
-    """
-    mode = "none" if opts.activation_checkpointing == "auto" else opts.activation_checkpointing
-
-    def fits(size: int) -> bool:
-        peak = _probe(model, blocks, prec, opts, size, mode)
-        return peak is not None and peak + _unprobed(model, opts, 1) <= budget
-
-    if not fits(1):
-        return None
-    low, high = 1, None  # low fits; high (when known) does not
-    while high is None and low * 2 <= len(blocks):
-        if fits(low * 2):
-            low *= 2
-        else:
-            high = low * 2
-    high = high or len(blocks) + 1
-    while high - low > 1:  # between the last power of two that fit and the first that did not
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
-
-
 def _agree(chosen: tuple[int, str] | None) -> tuple[int, str] | None:
     """Every process takes the smallest micro-batch any chose (and checkpointing if any did)."""
     if distributed.world()[1] == 1:
@@ -303,20 +278,27 @@ def _agree(chosen: tuple[int, str] | None) -> tuple[int, str] | None:
     return int(-least), "full" if any_full else (chosen[1] if chosen else "none")
 
 
-def _probe(
+def probe_step(
     model: nn.Module,
     blocks: data_mod.Blocks,
     prec: Precision,
     opts: FitOptions,
     micro: int,
     mode: str,
+    depth: int | None = None,
 ) -> float | None:
-    """The peak bytes of one training step on `micro` blocks, or None if it ran out."""
+    """The peak bytes of one training step on `micro` blocks, or None if it ran out.
+
+    With `depth`, the step runs with the model's stack of repeated blocks replaced by `depth`
+    copies of its first block (built inside the probe, so that they count in its peak), and
+    None also when the model's forward does not run them all.
+    """
     device = next(model.parameters()).device
     x, y = blocks.take(slice(0, micro))
     probe_opts = dataclasses.replace(opts, activation_checkpointing=mode)
 
     def step() -> None:
+        restore = _deepen(model, depth) if depth else None
         lowered = low_weights.cast(model, probe_opts.weights)
         checkpointed = None
         try:
@@ -333,10 +315,12 @@ def _probe(
             if checkpointed is not None:
                 checkpointed.undo()
             lowered.undo()
+            if restore is not None:
+                restore()
 
     try:
         peak, _, _ = hardware.measure_memory(device, step, oom_first=True)
-    except (torch.OutOfMemoryError, hardware.WorkerKilled, MemoryError):
+    except (torch.OutOfMemoryError, hardware.WorkerKilled, MemoryError, _Unrun):
         peak = None
     finally:
         if device.type == "cuda":
@@ -344,3 +328,35 @@ def _probe(
             gc.collect()
             torch.cuda.empty_cache()
     return None if peak is None else peak * 2**20
+
+
+class _Unrun(RuntimeError):
+    """A deepened model's forward left some of its blocks out (it counts them from its config)."""
+
+
+def _deepen(model: nn.Module, depth: int) -> Callable[[], None]:
+    """Replace the model's repeated blocks by `depth` copies of its first; returns the undo.
+
+    The step that follows raises `_Unrun` (through a hook) unless every block ran.
+    """
+    found = repeated_blocks(model)
+    assert found is not None, "largest_depth checks for the blocks"
+    parent_name, _, name = found.path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    copies = [copy.deepcopy(found.blocks[0]) for _ in range(depth)]
+    ran: set[int] = set()
+    hooks = [b.register_forward_hook(lambda m, i, o: ran.add(id(m))) for b in copies]
+    setattr(parent, name, type(found.container)(copies))
+    hooks.append(model.register_forward_hook(
+        lambda m, i, o: None if len(ran) == depth else _raise_unrun(depth - len(ran))))  # fmt: skip
+
+    def undo() -> None:
+        for hook in hooks:
+            hook.remove()
+        setattr(parent, name, found.container)
+
+    return undo
+
+
+def _raise_unrun(missing: int) -> None:
+    raise _Unrun(f"{missing} of the added blocks did not run")

@@ -51,6 +51,7 @@ def test_the_lever_arms_train_alike_and_the_memory_verdict_names_the_cheapest():
         assert arm.batch_digest == report.arm("fp32").batch_digest
         assert arm.mem_mb is not None and arm.val_loss is not None
         assert arm.largest_batch is not None and arm.largest_batch >= 8
+        assert arm.largest_depth == 32  # 16 x its 2 blocks, the most tried: 4 GiB holds them
     levers = {a.precision: a.levers for a in report.arms}
     assert levers["bf16-true+sr+8bit"]["optimizer_impl"] == "stochastic rounding, 8-bit moments"
     assert levers["bf16-true+kahan"]["weights"] == "bf16" and levers["bf16"]["weights"] == "fp32"

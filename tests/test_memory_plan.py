@@ -88,7 +88,7 @@ def _big():
 
 def _peak(model, blocks, micro, mode="none", opts=None):
     prec = resolve("fp32", CPU)
-    return memory_plan._probe(model, blocks, prec, opts or FitOptions(), micro, mode)
+    return memory_plan.probe_step(model, blocks, prec, opts or FitOptions(), micro, mode)
 
 
 def test_the_plan_takes_the_largest_micro_batch_that_fits_and_accumulates_the_rest():
@@ -148,9 +148,9 @@ def test_on_a_simulated_gpu_an_out_of_memory_step_means_it_does_not_fit(monkeypa
         fake_measure.micro = micro
         return real_probe(model, blocks, prec, opts, micro, mode)
 
-    real_probe = memory_plan._probe
+    real_probe = memory_plan.probe_step
     monkeypatch.setattr(hardware, "measure_memory", fake_measure)
-    monkeypatch.setattr(memory_plan, "_probe", fake_probe)
+    monkeypatch.setattr(memory_plan, "probe_step", fake_probe)
     opts = FitOptions(batch_size=8, grad_accum=2, micro_batch="auto", memory_budget="1GiB")
     planned, record = memory_plan.plan(tiny_model(), pattern_blocks(32), resolve("fp32", CPU),
                                        opts)  # fmt: skip
@@ -303,7 +303,7 @@ def test_a_probe_run_in_the_process_as_on_cuda_leaves_the_model_as_it_was(monkey
     monkeypatch.setattr(hardware, "measure_memory", in_process)
     model = tiny_model(n_layer=2, n_embd=32)
     prec = resolve("bf16" if levers else "fp32", CPU)
-    peak = memory_plan._probe(model, pattern_blocks(16), prec, FitOptions(**levers), 4, "full")
+    peak = memory_plan.probe_step(model, pattern_blocks(16), prec, FitOptions(**levers), 4, "full")
     assert peak == 100.0 * 2**20
     assert as_the_run_starts(model) == as_the_run_starts(tiny_model(n_layer=2, n_embd=32))
     assert all(p.grad is None and p.dtype == torch.float32 for p in model.parameters())

@@ -271,7 +271,7 @@ def bench(
     rows, flops = figures.with_mfu(rows, model, train_b, device, batch_size, world_size)
     rows = figures.compare_to_fp32(rows, quality_tol)
     if memory_budget is not None:
-        rows = [figures.with_largest_batch(row, model, train_b, opts, memory_budget)
+        rows = [figures.with_largest(row, model, train_b, opts, memory_budget)
                 for row in rows]  # fmt: skip
     best, verdict = bench_verdict.verdict(rows, quality_tol)
     memory_verdict = bench_verdict.cheapest(rows, quality_tol, batch_size, memory_budget)

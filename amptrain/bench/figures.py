@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from amptrain import flops, hardware, memory_plan, tf32
+from amptrain import flops, hardware, largest, tf32
 from amptrain.bench import arms, ranks
 from amptrain.config import FitOptions
 from amptrain.data import Blocks
@@ -130,15 +130,20 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def with_largest_batch(
+def with_largest(
     row: ArmResult, model: nn.Module, train: Blocks, opts: dict[str, Any], budget: str
 ) -> ArmResult:
-    """`row` with the largest batch whose step of its arm fits `budget`."""
+    """`row` with the largest batch, and the most blocks at the benchmark's batch, that fit.
+
+    Each measured as a step of the row's arm within `budget` (`amptrain.largest`).
+    """
     if row.status != "ok" or arms.is_lora(row.precision):
         return row
     fit_opts = FitOptions(**{k: v for k, v in opts.items() if k != "max_steps"},
                           **arms.options_of(row.precision))  # fmt: skip
     prec = resolve(arms.autocast_of(row.precision), next(model.parameters()).device)
-    largest = memory_plan.largest_batch(copy.deepcopy(model), train, prec, fit_opts,
-                                        parse_size(budget))  # fmt: skip
-    return dataclasses.replace(row, largest_batch=largest)
+    size = parse_size(budget)
+    batch = largest.largest_batch(copy.deepcopy(model), train, prec, fit_opts, size)
+    depth = largest.largest_depth(copy.deepcopy(model), train, prec, fit_opts, size,
+                                  fit_opts.batch_size)  # fmt: skip
+    return dataclasses.replace(row, largest_batch=batch, largest_depth=depth)

@@ -22,7 +22,7 @@ CSV_FIELDS = (
     "quality_ok", "loss_scale", "skipped_steps", "scale_backoffs", "scale_growths",
     "achieved_tflops", "probe_tflops", "datasheet_tflops", "mfu_probe", "mfu_datasheet",
     "reason", "error", "device", "torch", "threads", "precisions", "processes", "strategy",
-    "largest_batch",
+    "largest_batch", "largest_depth",
 )  # fmt: skip
 
 
@@ -38,22 +38,22 @@ def _fmt(value: object, spec: str = ".3g", pct: bool = False) -> str:
 
 def _columns(a: ArmResult) -> list[str]:
     if a.status == "skipped":
-        return [a.precision, a.error or "skipped", *["-"] * 10]
+        return [a.precision, a.error or "skipped", *["-"] * 11]
     if a.status != "ok":
-        return [a.precision, f"{a.status.upper()}: {(a.error or '')[:80]}", *["-"] * 10]
+        return [a.precision, f"{a.status.upper()}: {(a.error or '')[:80]}", *["-"] * 11]
     spread = f"{a.step_ms_iqr[0]:.1f}-{a.step_ms_iqr[1]:.1f}"
     return [
         a.precision, f"{a.step_ms:.1f} ({spread})", f"{a.tokens_per_s:,.0f}",
         _fmt(a.speedup_vs_fp32, ".2f"), _fmt(a.mem_mb, ".0f"),
         _fmt(a.mem_reduction_vs_fp32, ".0%"), f"{a.val_loss:.4f}",
         _fmt(a.val_loss_rel_diff, pct=True), _fmt(a.quality_ok), _fmt(a.mfu_probe, ".1%"),
-        _scale_story(a), _fmt(a.largest_batch),
+        _scale_story(a), _fmt(a.largest_batch), _fmt(a.largest_depth),
     ]  # fmt: skip
 
 
 HEADERS = ["arm", "step ms, median (IQR)", "tokens/s", "speedup", "memory MB",
            "memory saved vs fp32", "val loss", "val loss vs fp32", "quality ok", "MFU (probe)",
-           "loss scale", "largest batch in budget"]  # fmt: skip
+           "loss scale", "largest batch in budget", "most blocks in budget"]  # fmt: skip
 
 
 def _scale_story(a: ArmResult) -> str:

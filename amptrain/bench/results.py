@@ -50,7 +50,10 @@ class ArmResult:
     levers: dict[str, Any] | None = None
     """What the arm's run used for memory (`fit`'s record): weights, optimizer, checkpointing."""
     largest_batch: int | None = None
-    """With a memory budget: the largest batch whose training step fits it (`memory_plan`)."""
+    """With a memory budget: the largest batch whose training step fits it (`largest`)."""
+    largest_depth: int | None = None
+    """With a memory budget: the most repeated blocks (copies of the model's first) whose step
+    at the benchmark's batch fits it, the model's width kept (`largest`)."""
 
 
 @dataclasses.dataclass(frozen=True)
