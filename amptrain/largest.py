@@ -17,8 +17,9 @@ from torch import nn
 from amptrain import data as data_mod
 from amptrain.blocks import repeated_blocks
 from amptrain.config import FitOptions
-from amptrain.memory_plan import probe_step, unprobed_bytes
+from amptrain.memory_plan import unprobed_bytes
 from amptrain.precision import Precision
+from amptrain.step_probe import probe_step
 
 DEPTH_FACTOR = 16
 """The deepest model tried has this many times the model's own blocks (the answer is then

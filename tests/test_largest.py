@@ -6,7 +6,7 @@ import torch
 from conftest import pattern_blocks, tiny_model
 from torch import nn
 
-from amptrain import largest, memory_plan
+from amptrain import largest, step_probe
 from amptrain.config import FitOptions
 from amptrain.precision import resolve
 
@@ -33,13 +33,13 @@ def test_the_deepest_model_is_searched_by_doubling_then_bisecting(monkeypatch):
 def test_a_deepened_model_runs_its_copies_and_is_given_back():
     model = tiny_model(n_layer=2, n_embd=32)
     blocks = model.blocks
-    undo = memory_plan._deepen(model, 5)
+    undo = step_probe.deepen(model, 5)
     assert len(model.blocks) == 5 and model.blocks[0] is not blocks[0]
     model(torch.zeros(2, 8, dtype=torch.long)).sum().backward()
     undo()
     assert model.blocks is blocks and not model.blocks[0]._forward_hooks
     prec, opts = resolve("fp32", CPU), FitOptions()
-    two, six = (memory_plan.probe_step(model, pattern_blocks(8), prec, opts, 4, "none", depth=d)
+    two, six = (step_probe.probe_step(model, pattern_blocks(8), prec, opts, 4, "none", depth=d)
                 for d in (2, 6))  # fmt: skip
     assert two is not None and six is not None and six > two  # four more blocks held
 
@@ -63,6 +63,6 @@ class _Counted(nn.Module):
 
 def test_a_model_that_leaves_added_blocks_out_has_no_depth_answer():
     prec, opts = resolve("fp32", CPU), FitOptions()
-    assert memory_plan.probe_step(_Counted(), pattern_blocks(8), prec, opts, 2, "none") is not None
-    assert memory_plan.probe_step(_Counted(), pattern_blocks(8), prec, opts, 2, "none",
+    assert step_probe.probe_step(_Counted(), pattern_blocks(8), prec, opts, 2, "none") is not None
+    assert step_probe.probe_step(_Counted(), pattern_blocks(8), prec, opts, 2, "none",
                                   depth=4) is None  # fmt: skip
