@@ -10,6 +10,7 @@ inside the probe. `amptrain bench --memory-budget` asks both of each arm.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from torch import nn
@@ -20,6 +21,8 @@ from amptrain.config import FitOptions
 from amptrain.memory_plan import unprobed_bytes
 from amptrain.precision import Precision
 from amptrain.step_probe import probe_step
+
+log = logging.getLogger("amptrain")
 
 DEPTH_FACTOR = 16
 """The deepest model tried has this many times the model's own blocks (the answer is then
@@ -47,15 +50,21 @@ def largest_depth(
     """The most repeated blocks whose step on `batch` blocks fits `budget` bytes.
 
     Up to `DEPTH_FACTOR` times the model's own depth. None when the model has no stack of
-    repeated blocks, when its forward does not run added blocks (one that counts its layers
-    from its config), or when two blocks do not fit.
+    repeated blocks, when two blocks do not fit, or when a deepened model does not train: its
+    forward leaves added blocks out (it counts its layers from its config) or fails (it
+    indexes them by a config's count); the reason is logged.
     """
     found = repeated_blocks(model)
     if found is None:
         return None
     fits = _fits(model, blocks, prec, opts, budget)
     most = DEPTH_FACTOR * len(found.blocks)
-    return _largest(lambda depth: fits(batch, depth), most, least=2)  # a stack is 2 or more
+    try:
+        return _largest(lambda depth: fits(batch, depth), most, least=2)  # a stack is 2 or more
+    except Exception as exc:  # noqa: BLE001 (any model's forward: the answer is "none")
+        log.warning("no deepest model of %s's shape: a deepened copy does not train (%s: %s)",
+                    type(model).__name__, type(exc).__name__, exc)  # fmt: skip
+        return None
 
 
 def _fits(

@@ -114,7 +114,9 @@ def _adamw_8bit(groups: list[dict], opts: FitOptions, sharded: bool) -> torch.op
     return optimizer
 
 
-STATE_FORMATS_CHANGED = {"torch-optimi AdamW, bf16 layers 2", "amptrain StochasticAdamW 2"}
+STATE_FORMATS_CHANGED = {"torch-optimi AdamW, bf16 layers 2",
+                         "amptrain StochasticAdamW 2, bf16 moments",
+                         "amptrain StochasticAdamW 2, 8-bit moments"}  # fmt: skip
 """The formats whose layout changed since checkpoints recorded none (biases now bf16 with bf16
 weights, 8-bit blocks along rows): a checkpoint without a format cannot hold them."""
 
@@ -125,12 +127,14 @@ def state_format(opts: FitOptions, sharded: bool) -> str:
     A checkpoint records it and a resume must match it: the formats hold different state
     (bitsandbytes' `state1`/`absmax1`, amptrain's `exp_avg` codes and row-wise maxima).
     """
+    ours = "amptrain StochasticAdamW 2, 8-bit moments"
     if opts.weights == "bf16":
         if opts.compensation == "sr":
-            return "amptrain StochasticAdamW 2"
+            return ours if opts.optimizer_state == "8bit" else (
+                "amptrain StochasticAdamW 2, bf16 moments")  # fmt: skip
         return "torch-optimi AdamW, bf16 layers 2"
     if opts.optimizer_state == "8bit":
-        return "amptrain StochasticAdamW 2" if sharded else "bitsandbytes AdamW8bit"
+        return ours if sharded else "bitsandbytes AdamW8bit"
     return "torch AdamW"
 
 

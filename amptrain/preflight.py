@@ -91,12 +91,13 @@ def check_state_format(resume: Checkpoint, opts: FitOptions, world_size: int) ->
         raise CheckpointError(f"{resume.path}'s optimizer state predates this amptrain's "
                               f"layout for it ({wanted}); start the run anew from its weights "
                               "(--init-from)")  # fmt: skip
-    how = ("resume with the strategy and number of processes it was written with"
-           if opts.optimizer_state == "8bit" and opts.weights == "fp32" else
-           "resume with the options it was written with")  # fmt: skip
-    raise CheckpointError(f"{resume.path}'s optimizer state is {saved}'s and this run's "
-                          f"optimizer is {wanted} (8-bit state is bitsandbytes' in one process "
-                          f"or under DDP, amptrain's on FSDP2's shards); {how}")  # fmt: skip
+    how = "resume with the options it was written with"
+    if opts.optimizer_state == "8bit" and opts.weights == "fp32":
+        how = ("8-bit state is bitsandbytes' in one process or under DDP, amptrain's on "
+               "FSDP2's shards: resume with the strategy and number of processes it was "
+               "written with")  # fmt: skip
+    raise CheckpointError(f"{resume.path}'s optimizer state was written by {saved} and this "
+                          f"run's optimizer is {wanted}; {how}")  # fmt: skip
 
 
 def check_weights(opts: FitOptions, prec: Precision) -> None:

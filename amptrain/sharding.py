@@ -170,7 +170,7 @@ def _unit(module: nn.Module, policy: Any) -> None:
              for p in m.parameters()}  # fmt: skip
     held = {}
     for name, param in module.named_parameters():
-        if id(param) not in inner and param.is_floating_point():
+        if id(param) not in inner and param.requires_grad:  # FSDP2 checks the trained ones
             held.setdefault(param.dtype, name)
     if len(held) > 1:
         said = ", ".join(f"{str(d)[6:]} ({n})" for d, n in held.items())

@@ -39,18 +39,21 @@ def probe_step(
     """The peak bytes of one training step on `micro` blocks, or None if it ran out.
 
     With `depth`, the step runs with the model's stack of repeated blocks replaced by `depth`
-    copies of its first block (built inside the probe, so that they count in its peak), and
-    None also when the model's forward does not run them all.
+    copies of its first block (built inside the probe, so that they count in its peak; on CPU
+    the model's own blocks are let go there).
+
+    Raises:
+        Unrun: With `depth`, when the model's forward does not run all the copies.
     """
     device = next(model.parameters()).device
     x, y = blocks.take(slice(0, micro))
     probe_opts = dataclasses.replace(opts, activation_checkpointing=mode)
 
     def step() -> None:
-        restore = deepen(model, depth) if depth else None
-        lowered = low_weights.cast(model, probe_opts.weights)
-        checkpointed = None
+        restore = lowered = checkpointed = None
         try:
+            restore = deepen(model, depth, keep=device.type != "cpu") if depth else None
+            lowered = low_weights.cast(model, probe_opts.weights)
             checkpointed = recompute.apply(model, mode)
             optimizer = make_optimizer(model, probe_opts)
             for group in optimizer.param_groups:
@@ -63,13 +66,14 @@ def probe_step(
         finally:
             if checkpointed is not None:
                 checkpointed.undo()
-            lowered.undo()
+            if lowered is not None:
+                lowered.undo()
             if restore is not None:
                 restore()
 
     try:
         peak, _, _ = hardware.measure_memory(device, step, oom_first=True)
-    except (torch.OutOfMemoryError, hardware.WorkerKilled, MemoryError, _Unrun):
+    except (torch.OutOfMemoryError, hardware.WorkerKilled, MemoryError):
         peak = None
     finally:
         if device.type == "cuda":
@@ -79,14 +83,16 @@ def probe_step(
     return None if peak is None else peak * 2**20
 
 
-class _Unrun(RuntimeError):
+class Unrun(RuntimeError):
     """A deepened model's forward left some of its blocks out (it counts them from its config)."""
 
 
-def deepen(model: nn.Module, depth: int) -> Callable[[], None]:
+def deepen(model: nn.Module, depth: int, keep: bool = True) -> Callable[[], None]:
     """Replace the model's repeated blocks by `depth` copies of its first; returns the undo.
 
-    The step that follows raises `_Unrun` (through a hook) unless every block ran.
+    The forward that follows raises `Unrun` (through a hook) unless every copy ran. With
+    `keep=False` (a forked probe, which ends after) the model's own blocks are let go and the
+    undo does not put them back.
     """
     found = repeated_blocks(model)
     assert found is not None, "largest_depth checks for the blocks"
@@ -95,17 +101,22 @@ def deepen(model: nn.Module, depth: int) -> Callable[[], None]:
     copies = [copy.deepcopy(found.blocks[0]) for _ in range(depth)]
     ran: set[int] = set()
     hooks = [b.register_forward_hook(lambda m, i, o: ran.add(id(m))) for b in copies]
-    setattr(parent, name, type(found.container)(copies))
+    stack = nn.Sequential(*copies) if isinstance(found.container, nn.Sequential) else (
+        nn.ModuleList(copies))  # fmt: skip
+    setattr(parent, name, stack)
+    original = found.container if keep else None
+    del found
     hooks.append(model.register_forward_hook(
         lambda m, i, o: None if len(ran) == depth else _raise_unrun(depth - len(ran))))  # fmt: skip
 
     def undo() -> None:
         for hook in hooks:
             hook.remove()
-        setattr(parent, name, found.container)
+        if original is not None:
+            setattr(parent, name, original)
 
     return undo
 
 
 def _raise_unrun(missing: int) -> None:
-    raise _Unrun(f"{missing} of the added blocks did not run")
+    raise Unrun(f"{missing} of the added blocks did not run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import pattern_blocks, tiny_model
 from torch import nn
@@ -64,5 +65,17 @@ class _Counted(nn.Module):
 def test_a_model_that_leaves_added_blocks_out_has_no_depth_answer():
     prec, opts = resolve("fp32", CPU), FitOptions()
     assert step_probe.probe_step(_Counted(), pattern_blocks(8), prec, opts, 2, "none") is not None
-    assert step_probe.probe_step(_Counted(), pattern_blocks(8), prec, opts, 2, "none",
-                                  depth=4) is None  # fmt: skip
+    with pytest.raises(step_probe.Unrun, match="2 of the added blocks did not run"):
+        step_probe.probe_step(_Counted(), pattern_blocks(8), prec, opts, 2, "none", depth=4)
+    assert largest.largest_depth(_Counted(), pattern_blocks(8), prec, opts, 2**30, 2) is None
+
+
+def test_blocks_in_a_sequential_deepen_as_a_sequential():
+    model = _Counted()
+    model.blocks = nn.Sequential(*model.blocks)
+    model.n_layer = 99
+    undo = step_probe.deepen(model, 3)
+    assert isinstance(model.blocks, nn.Sequential) and len(model.blocks) == 3
+    model(torch.zeros(1, 4, dtype=torch.long))
+    undo()
+    assert len(model.blocks) == 2

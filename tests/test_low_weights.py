@@ -185,9 +185,16 @@ def test_a_resume_needs_the_optimizer_state_format_it_was_written_in():
         check_state_format(older, sr, 1)
     check_state_format(SimpleNamespace(path="ckpt", trainer={}), FitOptions(), 1)  # unchanged
     sharded = SimpleNamespace(
-        path="ckpt", trainer={"optimizer_format": "amptrain StochasticAdamW 2"}
+        path="ckpt", trainer={"optimizer_format": "amptrain StochasticAdamW 2, 8-bit moments"}
     )
     check_state_format(sharded, FitOptions(strategy="fsdp", optimizer_state="8bit"), 2)
-    check_state_format(sharded, sr, 1)  # bf16 weights with SR: the same optimizer
+    sr8 = FitOptions(weights="bf16", compensation="sr", optimizer_state="8bit")
+    check_state_format(sharded, sr8, 1)  # bf16 weights with SR and 8-bit: the same state
+    with pytest.raises(
+        CheckpointError,
+        match="this run's optimizer is amptrain StochasticAdamW "
+        "2, bf16 moments; resume with the options",
+    ):
+        check_state_format(sharded, sr, 1)  # 8-bit codes are not bf16 moments
     with pytest.raises(CheckpointError, match="resume with the strategy and number of processes"):
         check_state_format(sharded, FitOptions(strategy="fsdp", optimizer_state="8bit"), 1)
