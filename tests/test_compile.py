@@ -216,25 +216,25 @@ def test_a_short_run_by_default_is_eager_with_its_reason(train_val):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_no_host_reads_on_non_logging_steps(monkeypatch, train_val, precision):
-    from amptrain import loop
+    from amptrain import stepping
 
     reads = HostReads(monkeypatch)
     per_step = []
-    original = loop.train_step
+    original = stepping.train_step
 
     def counted(*args, **kwargs):
         reads.on, reads.count = True, 0
         return original(*args, **kwargs)
 
-    add = loop.DeviceCounters.add
+    add = stepping.DeviceCounters.add
 
     def add_then_stop(self, out, step):
         add(self, out, step)
         per_step.append(reads.count)
         reads.on = False
 
-    monkeypatch.setattr(loop, "train_step", counted)
-    monkeypatch.setattr(loop.DeviceCounters, "add", add_then_stop)
+    monkeypatch.setattr(stepping, "train_step", counted)
+    monkeypatch.setattr(stepping.DeviceCounters, "add", add_then_stop)
     result = amptrain.fit(tiny_model(), train_val[0], precision=precision, max_steps=6,
                           batch_size=4, log_every=3, compile=False)  # fmt: skip
     assert len(per_step) == 6 and per_step == [0] * 6  # the step and its counters: no read

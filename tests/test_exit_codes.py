@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from amptrain import checkpoint, loop, run_opening, train
+from amptrain import checkpoint, run_opening, stepping, train
 from amptrain.cli import main
 from amptrain.errors import EXIT_CODES
 from amptrain.runs import final_files
@@ -34,14 +34,14 @@ def _train(corpus, out, *extra):
 
 
 def signal_at_step_end(monkeypatch, step, signum):
-    real = loop.emit
+    real = stepping.emit
 
     def emit(callbacks, hook, *args):
         real(callbacks, hook, *args)
         if hook == "on_step_end" and args[0].step == step:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(loop, "emit", emit)
+    monkeypatch.setattr(stepping, "emit", emit)
 
 
 def test_the_documented_table_lists_every_code_with_its_test():
@@ -203,14 +203,14 @@ def test_the_run_directory_removed_mid_run_stops_it_in_one_line(
     import shutil
 
     out = tmp_path / "runs"
-    real = loop.emit
+    real = stepping.emit
 
     def emit(callbacks, hook, state, *args):
         real(callbacks, hook, state, *args)
         if hook == "on_step_end" and state.step == 2:  # someone removes the folder
             shutil.rmtree(next(out.iterdir()))
 
-    monkeypatch.setattr(loop, "emit", emit)
+    monkeypatch.setattr(stepping, "emit", emit)
     assert _train(corpus, out, "--max-steps", "20", "--log-every", "1") == 3
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("amptrain:")]

@@ -16,7 +16,7 @@ from conftest import HostReads, pattern_blocks, tiny_model
 from spawning import spawn
 
 import amptrain
-from amptrain import loop, step_metrics
+from amptrain import step_metrics, stepping
 
 STEPS, LOG_EVERY = 7, 3
 QUIET = [1, 2, 4, 5]  # neither logging (3, 6), nor last (7), nor evaluation or checkpoint
@@ -24,7 +24,7 @@ QUIET = [1, 2, 4, 5]  # neither logging (3, 6), nor last (7), nor evaluation or 
 
 def _reads_per_iteration(monkeypatch=None, **fit_options) -> tuple[list[int], amptrain.FitResult]:
     reads, counts = HostReads(monkeypatch), []
-    step = loop.train_step
+    step = stepping.train_step
 
     def counted(*args, **kwargs):
         if reads.on:
@@ -33,9 +33,9 @@ def _reads_per_iteration(monkeypatch=None, **fit_options) -> tuple[list[int], am
         return step(*args, **kwargs)
 
     if monkeypatch is not None:
-        monkeypatch.setattr(loop, "train_step", counted)
+        monkeypatch.setattr(stepping, "train_step", counted)
     else:
-        loop.train_step = counted
+        stepping.train_step = counted
     result = amptrain.fit(tiny_model(), pattern_blocks(32), precision="fp32", batch_size=4,
                           max_steps=STEPS, log_every=LOG_EVERY, compile=False,
                           **fit_options)  # fmt: skip
@@ -70,7 +70,7 @@ def test_two_processes_read_nothing_on_a_step_that_does_not_log(tmp_path):
 def test_step_time_is_per_step_whatever_the_logging_interval(monkeypatch):
     clock = iter(range(0, 10_000, 2))  # every read of the loop's clock is 2 s later
     fake = lambda device: float(next(clock))  # noqa: E731
-    monkeypatch.setattr(loop, "device_clock", fake)  # the loop's reads and the logged step's
+    monkeypatch.setattr(stepping, "device_clock", fake)  # the loop's reads and the logged step's
     monkeypatch.setattr(step_metrics, "device_clock", fake)
     result = amptrain.fit(tiny_model(), pattern_blocks(32), precision="fp32", batch_size=4,
                           max_steps=20, log_every=10, compile=False)  # fmt: skip

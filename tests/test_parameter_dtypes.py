@@ -41,14 +41,14 @@ def test_a_bf16_hugging_face_checkpoint_trains_from_fp32_weights(tmp_path, corpu
 
 
 def test_a_run_that_fails_mid_way_has_its_fast_path_on_disk(tmp_path, corpus, monkeypatch):
-    from amptrain import loop
+    from amptrain import stepping
     from amptrain.config import FitOptions, TrainConfig
     from amptrain.train import run_training
 
     def fails(*args, **kwargs):
         raise RuntimeError("the machine went away")
 
-    monkeypatch.setattr(loop, "train_step", fails)
+    monkeypatch.setattr(stepping, "train_step", fails)
     cfg = TrainConfig(data=str(corpus), context=16, out=str(tmp_path / "runs"), precision="fp32",
                       model_kwargs={"n_layer": 1, "n_embd": 16, "n_head": 2},
                       fit=FitOptions(max_steps=3, batch_size=2))  # fmt: skip

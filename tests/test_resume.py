@@ -16,7 +16,7 @@ import torch
 from conftest import pattern_blocks, rewrite_manifest_entry, tiny_model
 
 import amptrain
-from amptrain import checkpoint, loop
+from amptrain import checkpoint, stepping
 from amptrain.capability import Capabilities
 from amptrain.checkpoint import CheckpointError
 from amptrain.cli import main
@@ -39,14 +39,14 @@ def corpus(tmp_path):
 
 def _sigterm_at(monkeypatch, step):
     """Send this process a real SIGTERM at the end of `step`, from inside the loop."""
-    original = loop.emit
+    original = stepping.emit
 
     def emit(callbacks, hook, *args):
         original(callbacks, hook, *args)
         if hook == "on_step_end" and args[0].step == step:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(loop, "emit", emit)
+    monkeypatch.setattr(stepping, "emit", emit)
 
 
 def _final_state(out):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_resume import assert_bitwise_equal
 
-from amptrain import checkpoint, loop
+from amptrain import checkpoint, stepping
 from amptrain.cli import main
 
 STEPS = 8
@@ -32,8 +32,8 @@ ARGS = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--
 
 # moment -> (what to hold open, which call of it, the step the checkpoint must hold)
 MOMENTS = {
-    "training step": ("amptrain.loop.train_step", 5, 5),  # the 5th step finishes, then stops
-    "evaluation": ("amptrain.loop.evaluate", 2, 4),  # the evaluation after step 4 is cut
+    "training step": ("amptrain.stepping.train_step", 5, 5),  # the 5th step finishes, then stops
+    "evaluation": ("amptrain.stepping.evaluate", 2, 4),  # the evaluation after step 4 is cut
     "checkpoint write": ("amptrain.checkpoint.write_file", 1, 3),  # the save of step 3 completes
     # step 6's metrics (8th record) are written; metrics.jsonl is the first sink of a run
     "logging": ("amptrain.metrics.sinks.JsonlSink.log", 8, 6),
@@ -159,7 +159,7 @@ def test_a_signal_during_evaluation_saves_the_step_and_owes_the_evaluation(
 
     The first evaluation (before step 1) is cut too: a step-0 checkpoint then owes it.
     """
-    real, calls = loop.evaluate, []
+    real, calls = stepping.evaluate, []
 
     def evaluate(*args, **kwargs):
         calls.append(1)
@@ -169,7 +169,7 @@ def test_a_signal_during_evaluation_saves_the_step_and_owes_the_evaluation(
             raise AssertionError("the evaluation was not cut short")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(stepping, "evaluate", evaluate)
     out = tmp_path / "runs"
     start = time.monotonic()
     assert main(["train", "--data", str(corpus), "--out", str(out), *ARGS]) == 143

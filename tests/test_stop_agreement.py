@@ -12,7 +12,7 @@ from conftest import pattern_blocks, tiny_model
 from spawning import spawn
 
 import amptrain
-from amptrain import distributed, interrupts, loop
+from amptrain import distributed, interrupts, loop, stepping
 from amptrain.callbacks import Callback
 from amptrain.errors import Interrupted
 from amptrain.metrics import MemorySink
@@ -37,7 +37,7 @@ def test_a_signal_during_the_agreement_waits_for_the_next_one(monkeypatch):
 
 
 def test_one_process_logs_the_step_a_signal_stopped(monkeypatch):
-    real, calls = loop.train_step, []
+    real, calls = stepping.train_step, []
 
     def step(*args, **kwargs):
         calls.append(1)
@@ -45,7 +45,7 @@ def test_one_process_logs_the_step_a_signal_stopped(monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)  # arrives during the step
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(stepping, "train_step", step)
     sink = MemorySink()
     with pytest.raises(Interrupted) as stopped:
         amptrain.fit(tiny_model(), pattern_blocks(32), precision="fp32", batch_size=4,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from amptrain import _imports, loop
+from amptrain import _imports, stepping
 from amptrain.cli import main
 
 SMALL = ["--max-steps", "3", "--batch-size", "4", "--context", "16", "--layers", "1",
@@ -28,13 +28,13 @@ SMALL = ["--max-steps", "3", "--batch-size", "4", "--context", "16", "--layers",
 @pytest.fixture
 def steps(monkeypatch):
     """The training steps taken in this process: the real step, counted."""
-    taken, real = [], loop.train_step
+    taken, real = [], stepping.train_step
 
     def counted(*args, **kwargs):
         taken.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", counted)
+    monkeypatch.setattr(stepping, "train_step", counted)
     return taken
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("wandb")
 from test_exit_codes import signal_at_step_end  # noqa: E402
 from test_wandb import wandb_env  # noqa: E402, F401
 
-from amptrain import loop  # noqa: E402
+from amptrain import stepping  # noqa: E402
 from amptrain.cli import main  # noqa: E402
 
 ARGS = ["--max-steps", "3", "--batch-size", "4", "--context", "16", "--layers", "1",
@@ -28,10 +28,10 @@ ARGS = ["--max-steps", "3", "--batch-size", "4", "--context", "16", "--layers", 
 
 @pytest.mark.slow
 def test_resume_with_wandb_continues_the_same_wandb_run(wandb_env, monkeypatch):  # noqa: F811
-    out, real_emit = wandb_env / "runs", loop.emit
+    out, real_emit = wandb_env / "runs", stepping.emit
     signal_at_step_end(monkeypatch, 1, signal.SIGTERM)
     assert main(["train", "--wandb", "resume-test", "--out", str(out), *ARGS]) == 143
-    monkeypatch.setattr(loop, "emit", real_emit)  # not undo(): W&B's settings must stay
+    monkeypatch.setattr(stepping, "emit", real_emit)  # not undo(): W&B's settings must stay
     (run,) = out.glob("train-*")
     run_id = json.loads((run / "wandb.json").read_text())["run_id"]
     assert main(["train", "--resume", "auto", "--wandb", "resume-test", "--out", str(out),
